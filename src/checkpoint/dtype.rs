@@ -1,0 +1,348 @@
+//! Element types weightdiff decodes, and their conversion to f32/f64.
+//!
+//! Bytes come straight from (possibly unaligned) mapped memory, so every decoder reads
+//! little-endian bytes with `from_le_bytes` on fixed-size chunks instead of casting the
+//! slice: no alignment assumption is ever made.
+
+use serde::Serialize;
+use std::fmt;
+use std::sync::OnceLock;
+
+/// A supported element type (SPEC §1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub enum DType {
+    F64,
+    F32,
+    F16,
+    BF16,
+    #[serde(rename = "F8_E4M3")]
+    F8E4M3,
+    #[serde(rename = "F8_E5M2")]
+    F8E5M2,
+    I64,
+    I32,
+    I16,
+    I8,
+    U64,
+    U32,
+    U16,
+    U8,
+    BOOL,
+}
+
+impl DType {
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            DType::F64 | DType::I64 | DType::U64 => 8,
+            DType::F32 | DType::I32 | DType::U32 => 4,
+            DType::F16 | DType::BF16 | DType::I16 | DType::U16 => 2,
+            DType::F8E4M3 | DType::F8E5M2 | DType::I8 | DType::U8 | DType::BOOL => 1,
+        }
+    }
+
+    /// The name used in safetensors headers.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DType::F64 => "F64",
+            DType::F32 => "F32",
+            DType::F16 => "F16",
+            DType::BF16 => "BF16",
+            DType::F8E4M3 => "F8_E4M3",
+            DType::F8E5M2 => "F8_E5M2",
+            DType::I64 => "I64",
+            DType::I32 => "I32",
+            DType::I16 => "I16",
+            DType::I8 => "I8",
+            DType::U64 => "U64",
+            DType::U32 => "U32",
+            DType::U16 => "U16",
+            DType::U8 => "U8",
+            DType::BOOL => "BOOL",
+        }
+    }
+
+    /// Floating-point types of at most 32 bits: their values, and the difference of two
+    /// of them, are handled in f32 by the fast kernel.
+    pub fn is_f32_domain(self) -> bool {
+        matches!(
+            self,
+            DType::F32 | DType::F16 | DType::BF16 | DType::F8E4M3 | DType::F8E5M2
+        )
+    }
+
+    /// Integer and bool tensors are compared exactly, value by value.
+    pub fn is_integer(self) -> bool {
+        !self.is_f32_domain() && self != DType::F64
+    }
+
+    /// Maps the safetensors crate's dtype; `Err` carries the name of an unsupported one.
+    pub fn from_safetensors(d: safetensors::Dtype) -> Result<Self, String> {
+        use safetensors::Dtype as S;
+        Ok(match d {
+            S::F64 => DType::F64,
+            S::F32 => DType::F32,
+            S::F16 => DType::F16,
+            S::BF16 => DType::BF16,
+            S::F8_E4M3 => DType::F8E4M3,
+            S::F8_E5M2 => DType::F8E5M2,
+            S::I64 => DType::I64,
+            S::I32 => DType::I32,
+            S::I16 => DType::I16,
+            S::I8 => DType::I8,
+            S::U64 => DType::U64,
+            S::U32 => DType::U32,
+            S::U16 => DType::U16,
+            S::U8 => DType::U8,
+            S::BOOL => DType::BOOL,
+            other => return Err(format!("{other:?}")),
+        })
+    }
+
+    /// The safetensors crate's dtype, for writing.
+    pub fn to_safetensors(self) -> safetensors::Dtype {
+        use safetensors::Dtype as S;
+        match self {
+            DType::F64 => S::F64,
+            DType::F32 => S::F32,
+            DType::F16 => S::F16,
+            DType::BF16 => S::BF16,
+            DType::F8E4M3 => S::F8_E4M3,
+            DType::F8E5M2 => S::F8_E5M2,
+            DType::I64 => S::I64,
+            DType::I32 => S::I32,
+            DType::I16 => S::I16,
+            DType::I8 => S::I8,
+            DType::U64 => S::U64,
+            DType::U32 => S::U32,
+            DType::U16 => S::U16,
+            DType::U8 => S::U8,
+            DType::BOOL => S::BOOL,
+        }
+    }
+}
+
+impl fmt::Display for DType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// bf16 → f32 is exact: bf16 is the upper half of an f32. A shift is branch-free and
+/// vectorizes, unlike a conversion that special-cases NaN.
+#[inline(always)]
+pub fn bf16_bits_to_f32(bits: u16) -> f32 {
+    f32::from_bits((bits as u32) << 16)
+}
+
+/// Decoding table for an 8-bit float format, built once.
+fn f8_table(cell: &'static OnceLock<[f32; 256]>, decode: fn(u8) -> f32) -> &'static [f32; 256] {
+    cell.get_or_init(|| std::array::from_fn(|i| decode(i as u8)))
+}
+
+/// F8_E4M3 ("fn" variant used by safetensors/PyTorch `float8_e4m3fn`): bias 7, no
+/// infinities, S.1111.111 is NaN, max finite 448.
+pub fn f8_e4m3_to_f32(bits: u8) -> f32 {
+    let sign = if bits & 0x80 != 0 { -1.0f32 } else { 1.0 };
+    let exp = ((bits >> 3) & 0x0F) as i32;
+    let man = (bits & 0x07) as f32;
+    if exp == 0x0F && bits & 0x07 == 0x07 {
+        return f32::NAN;
+    }
+    if exp == 0 {
+        sign * man / 8.0 * 2f32.powi(-6)
+    } else {
+        sign * (1.0 + man / 8.0) * 2f32.powi(exp - 7)
+    }
+}
+
+/// F8_E5M2 (`float8_e5m2`): IEEE-like, bias 15, with infinities and NaN.
+pub fn f8_e5m2_to_f32(bits: u8) -> f32 {
+    let sign = if bits & 0x80 != 0 { -1.0f32 } else { 1.0 };
+    let exp = ((bits >> 2) & 0x1F) as i32;
+    let man = (bits & 0x03) as f32;
+    if exp == 0x1F {
+        return if bits & 0x03 == 0 {
+            sign * f32::INFINITY
+        } else {
+            f32::NAN
+        };
+    }
+    if exp == 0 {
+        sign * man / 4.0 * 2f32.powi(-14)
+    } else {
+        sign * (1.0 + man / 4.0) * 2f32.powi(exp - 15)
+    }
+}
+
+static E4M3: OnceLock<[f32; 256]> = OnceLock::new();
+static E5M2: OnceLock<[f32; 256]> = OnceLock::new();
+
+/// The 256-entry decoding table of an 8-bit float type.
+pub fn f8_lut(d: DType) -> &'static [f32; 256] {
+    match d {
+        DType::F8E4M3 => f8_table(&E4M3, f8_e4m3_to_f32),
+        DType::F8E5M2 => f8_table(&E5M2, f8_e5m2_to_f32),
+        _ => panic!("f8_lut called with {d}"),
+    }
+}
+
+/// Decodes `out.len()` elements of an f32-domain dtype from `bytes` into `out`.
+///
+/// `bytes.len()` must be `out.len() * d.size()`.
+#[inline(always)]
+pub fn decode_f32(d: DType, bytes: &[u8], out: &mut [f32]) {
+    debug_assert_eq!(bytes.len(), out.len() * d.size());
+    match d {
+        DType::F32 => {
+            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+                *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+            }
+        }
+        DType::BF16 => {
+            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                *o = bf16_bits_to_f32(u16::from_le_bytes([c[0], c[1]]));
+            }
+        }
+        DType::F16 => {
+            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                *o = half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32();
+            }
+        }
+        DType::F8E4M3 | DType::F8E5M2 => {
+            let lut = f8_lut(d);
+            for (o, &b) in out.iter_mut().zip(bytes) {
+                *o = lut[b as usize];
+            }
+        }
+        _ => panic!("decode_f32 called with non-f32-domain dtype {d}"),
+    }
+}
+
+/// Decodes `out.len()` elements of any dtype into f64 (exact for every type except
+/// 64-bit integers beyond 2^53).
+#[inline(always)]
+pub fn decode_f64(d: DType, bytes: &[u8], out: &mut [f64]) {
+    debug_assert_eq!(bytes.len(), out.len() * d.size());
+    macro_rules! ints {
+        ($t:ty, $n:literal) => {
+            for (o, c) in out.iter_mut().zip(bytes.chunks_exact($n)) {
+                *o = <$t>::from_le_bytes(c.try_into().expect("chunk of exact size")) as f64;
+            }
+        };
+    }
+    match d {
+        DType::F64 => ints!(f64, 8),
+        DType::I64 => ints!(i64, 8),
+        DType::U64 => ints!(u64, 8),
+        DType::I32 => ints!(i32, 4),
+        DType::U32 => ints!(u32, 4),
+        DType::I16 => ints!(i16, 2),
+        DType::U16 => ints!(u16, 2),
+        DType::I8 => ints!(i8, 1),
+        DType::U8 => ints!(u8, 1),
+        DType::BOOL => {
+            for (o, &b) in out.iter_mut().zip(bytes) {
+                *o = if b != 0 { 1.0 } else { 0.0 };
+            }
+        }
+        _ => {
+            let mut tmp = [0f32; 256];
+            let sz = d.size();
+            for (o, c) in out.chunks_mut(256).zip(bytes.chunks(256 * sz)) {
+                let t = &mut tmp[..o.len()];
+                decode_f32(d, c, t);
+                for (x, y) in o.iter_mut().zip(t.iter()) {
+                    *x = *y as f64;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn same(a: f32, b: f32) -> bool {
+        (a.is_nan() && b.is_nan()) || a.to_bits() == b.to_bits()
+    }
+
+    #[test]
+    fn every_bf16_pattern_matches_half() {
+        for bits in 0..=u16::MAX {
+            let ours = bf16_bits_to_f32(bits);
+            let theirs = half::bf16::from_bits(bits).to_f32();
+            assert!(same(ours, theirs), "bf16 {bits:#06x}: {ours} vs {theirs}");
+            let mut out = [0f32; 1];
+            decode_f32(DType::BF16, &bits.to_le_bytes(), &mut out);
+            assert!(same(out[0], theirs));
+        }
+    }
+
+    #[test]
+    fn every_f16_pattern_matches_half() {
+        for bits in 0..=u16::MAX {
+            let mut out = [0f32; 1];
+            decode_f32(DType::F16, &bits.to_le_bytes(), &mut out);
+            let theirs = half::f16::from_bits(bits).to_f32();
+            assert!(same(out[0], theirs), "f16 {bits:#06x}");
+            let mut o64 = [0f64; 1];
+            decode_f64(DType::F16, &bits.to_le_bytes(), &mut o64);
+            assert!(same(o64[0] as f32, theirs));
+        }
+    }
+
+    /// Reference values from the OCP FP8 specification (E4M3FN and E5M2 tables).
+    #[test]
+    fn f8_patterns_match_reference_table() {
+        let e4m3 = [
+            (0x00u8, 0.0f32),
+            (0x01, 2f32.powi(-9)), // smallest subnormal
+            (0x07, 0.875 * 2f32.powi(-6)),
+            (0x08, 2f32.powi(-6)), // smallest normal
+            (0x38, 1.0),
+            (0x40, 2.0),
+            (0x7E, 448.0), // max finite
+            (0xB8, -1.0),
+            (0xFE, -448.0),
+        ];
+        for (b, v) in e4m3 {
+            assert_eq!(f8_lut(DType::F8E4M3)[b as usize], v, "e4m3 {b:#04x}");
+        }
+        assert!(f8_lut(DType::F8E4M3)[0x7F].is_nan());
+        assert!(f8_lut(DType::F8E4M3)[0xFF].is_nan());
+        let e5m2 = [
+            (0x00u8, 0.0f32),
+            (0x01, 2f32.powi(-16)),
+            (0x04, 2f32.powi(-14)),
+            (0x3C, 1.0),
+            (0x7B, 57344.0),
+            (0xBC, -1.0),
+        ];
+        for (b, v) in e5m2 {
+            assert_eq!(f8_lut(DType::F8E5M2)[b as usize], v, "e5m2 {b:#04x}");
+        }
+        assert_eq!(f8_lut(DType::F8E5M2)[0x7C], f32::INFINITY);
+        assert_eq!(f8_lut(DType::F8E5M2)[0xFC], f32::NEG_INFINITY);
+        assert!(f8_lut(DType::F8E5M2)[0x7D].is_nan());
+        // Every E5M2 pattern is the upper byte of the f16 with the same bits.
+        for b in 0..=255u8 {
+            let via_f16 = half::f16::from_bits((b as u16) << 8).to_f32();
+            assert!(same(f8_lut(DType::F8E5M2)[b as usize], via_f16), "{b:#04x}");
+        }
+    }
+
+    #[test]
+    fn integers_decode_exactly_from_unaligned_bytes() {
+        let mut bytes = vec![0xAAu8];
+        bytes.extend_from_slice(&(-5i32).to_le_bytes());
+        bytes.extend_from_slice(&(7i32).to_le_bytes());
+        let mut out = [0f64; 2];
+        decode_f64(DType::I32, &bytes[1..], &mut out);
+        assert_eq!(out, [-5.0, 7.0]);
+        let mut out = [0f64; 3];
+        decode_f64(DType::BOOL, &[0, 1, 2], &mut out);
+        assert_eq!(out, [0.0, 1.0, 1.0]);
+    }
+}

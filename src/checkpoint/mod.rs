@@ -1,0 +1,258 @@
+//! Reading checkpoints: resolving a model argument to its safetensors files,
+//! validating them, and giving windows onto tensor bytes.
+//!
+//! A model argument is a Hugging Face directory (`model.safetensors`, or shards named
+//! by `model.safetensors.index.json`, or loose `*.safetensors` when there is no index)
+//! or a single `.safetensors` file (SPEC §1). Nothing here loads tensor data: opening a
+//! checkpoint reads headers only.
+
+pub mod dtype;
+pub mod index;
+pub mod shard;
+
+use crate::error::{Error, Result};
+use dtype::DType;
+use shard::{Shard, Window};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// Largest `config.json` / index file we are willing to parse (they are a few KB to a
+/// few MB in practice; the bound keeps a hostile file from making us allocate freely).
+pub const MAX_JSON_FILE: u64 = 100_000_000;
+
+/// Where one tensor's bytes live.
+#[derive(Debug, Clone)]
+pub struct TensorEntry {
+    pub name: String,
+    /// `Err(name)` for a dtype weightdiff does not decode.
+    pub dtype: std::result::Result<DType, String>,
+    pub shape: Vec<usize>,
+    shard: usize,
+    offset: u64,
+    len: u64,
+}
+
+impl TensorEntry {
+    /// Number of elements.
+    pub fn numel(&self) -> u64 {
+        self.shape.iter().map(|&d| d as u64).product()
+    }
+    /// Bytes on disk.
+    pub fn nbytes(&self) -> u64 {
+        self.len
+    }
+    /// The dtype as written in the header.
+    pub fn dtype_name(&self) -> String {
+        match &self.dtype {
+            Ok(d) => d.as_str().to_string(),
+            Err(s) => s.clone(),
+        }
+    }
+}
+
+/// An opened model: its validated shards and the tensors they hold.
+#[derive(Debug)]
+pub struct Checkpoint {
+    /// The argument as given (for reports).
+    pub source: PathBuf,
+    /// `config.json`, when present.
+    pub config: Option<serde_json::Value>,
+    /// `generation_config.json`, when present.
+    pub generation_config: Option<serde_json::Value>,
+    shards: Vec<Shard>,
+    tensors: BTreeMap<String, TensorEntry>,
+    /// Tensors the index names that cannot be read (absent from their shard, …).
+    pub broken: BTreeMap<String, String>,
+    /// Problems that do not stop the run (tensor in a shard but not in the index, …).
+    pub warnings: Vec<String>,
+}
+
+impl Checkpoint {
+    /// Resolves and opens a model argument.
+    pub fn open(path: &Path) -> Result<Checkpoint> {
+        let meta = std::fs::metadata(path).map_err(|e| Error::io(path, "cannot open model", e))?;
+        if meta.is_file() {
+            let shard = Shard::open(path)?;
+            let mut ck = Checkpoint::empty(path);
+            ck.add_shard(shard, None);
+            return Ok(ck);
+        }
+        if !meta.is_dir() {
+            return Err(Error::NotAModel {
+                path: path.into(),
+                reason: "neither a file nor a directory".into(),
+            });
+        }
+        let mut ck = Checkpoint::empty(path);
+        ck.config = read_json_if_present(&path.join("config.json"))?;
+        ck.generation_config = read_json_if_present(&path.join("generation_config.json"))?;
+        let index_path = path.join("model.safetensors.index.json");
+        if index_path.exists() {
+            let index = index::Index::read(&index_path, path)?;
+            for file in index.files() {
+                let shard_path = path.join(file);
+                if !shard_path.is_file() {
+                    return Err(Error::InvalidIndex {
+                        path: index_path.clone(),
+                        reason: format!("shard `{file}` named by the index does not exist"),
+                    });
+                }
+                let shard = Shard::open(&shard_path)?;
+                ck.add_shard(shard, Some((&index, file)));
+            }
+            for (name, file) in &index.weight_map {
+                if !ck.tensors.contains_key(name) && !ck.broken.contains_key(name) {
+                    ck.broken.insert(
+                        name.clone(),
+                        format!(
+                            "{}: listed by the index but absent from this shard",
+                            path.join(file).display()
+                        ),
+                    );
+                }
+            }
+            return Ok(ck);
+        }
+        let mut files: Vec<PathBuf> = std::fs::read_dir(path)
+            .map_err(|e| Error::io(path, "cannot list directory", e))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "safetensors") && p.is_file())
+            .collect();
+        files.sort();
+        if files.is_empty() {
+            return Err(Error::NotAModel {
+                path: path.into(),
+                reason: "no model.safetensors, model.safetensors.index.json or *.safetensors file in this directory".into(),
+            });
+        }
+        for f in files {
+            let shard = Shard::open(&f)?;
+            ck.add_shard(shard, None);
+        }
+        Ok(ck)
+    }
+
+    fn empty(path: &Path) -> Checkpoint {
+        Checkpoint {
+            source: path.to_path_buf(),
+            config: None,
+            generation_config: None,
+            shards: Vec::new(),
+            tensors: BTreeMap::new(),
+            broken: BTreeMap::new(),
+            warnings: Vec::new(),
+        }
+    }
+
+    /// Registers a shard's tensors. With an index, only the tensors it assigns to this
+    /// file are taken (as `transformers` loads them); the others are reported.
+    fn add_shard(&mut self, shard: Shard, index: Option<(&index::Index, &str)>) {
+        let si = self.shards.len();
+        for t in shard.tensors() {
+            if let Some((idx, file)) = index {
+                match idx.weight_map.get(&t.name) {
+                    Some(f) if f == file => {}
+                    Some(f) => {
+                        self.warnings.push(format!(
+                            "{}: tensor `{}` is also in this shard but the index assigns it to `{f}`; ignored here",
+                            shard.path().display(),
+                            t.name
+                        ));
+                        continue;
+                    }
+                    None => {
+                        self.warnings.push(format!(
+                            "{}: tensor `{}` is in this shard but not in the index; ignored",
+                            shard.path().display(),
+                            t.name
+                        ));
+                        continue;
+                    }
+                }
+            }
+            if let Some(prev) = self.tensors.get(&t.name) {
+                self.warnings.push(format!(
+                    "{}: tensor `{}` also appears in {}; the first is used",
+                    shard.path().display(),
+                    t.name,
+                    self.shards[prev.shard].path().display()
+                ));
+                continue;
+            }
+            self.tensors.insert(
+                t.name.clone(),
+                TensorEntry {
+                    name: t.name.clone(),
+                    dtype: t.dtype.clone(),
+                    shape: t.shape.clone(),
+                    shard: si,
+                    offset: t.offset,
+                    len: t.len,
+                },
+            );
+        }
+        self.shards.push(shard);
+    }
+
+    /// All readable tensors, by name.
+    pub fn tensors(&self) -> &BTreeMap<String, TensorEntry> {
+        &self.tensors
+    }
+
+    /// Paths of the shard files.
+    pub fn shard_paths(&self) -> impl Iterator<Item = &Path> {
+        self.shards.iter().map(|s| s.path())
+    }
+
+    /// The file holding `entry`.
+    pub fn path_of(&self, entry: &TensorEntry) -> &Path {
+        self.shards[entry.shard].path()
+    }
+
+    /// Bytes `[start, start + len)` of `entry`'s data.
+    pub fn read(&self, entry: &TensorEntry, start: u64, len: u64) -> Result<Window> {
+        assert!(
+            start + len <= entry.len,
+            "window past the end of tensor data"
+        );
+        let shard = &self.shards[entry.shard];
+        shard
+            .window(entry.offset + start, len)
+            .map_err(|e| Error::Tensor {
+                path: shard.path().to_path_buf(),
+                tensor: entry.name.clone(),
+                reason: format!("cannot read data: {e}"),
+            })
+    }
+
+    /// Total bytes of tensor data.
+    pub fn total_bytes(&self) -> u64 {
+        self.tensors.values().map(|t| t.len).sum()
+    }
+}
+
+/// Reads a small JSON side file; `Ok(None)` when it does not exist.
+pub fn read_json_if_present(path: &Path) -> Result<Option<serde_json::Value>> {
+    if !path.exists() {
+        return Ok(None);
+    }
+    read_json(path).map(Some)
+}
+
+/// Reads a small JSON file, bounded by [`MAX_JSON_FILE`].
+pub fn read_json(path: &Path) -> Result<serde_json::Value> {
+    let len = std::fs::metadata(path)
+        .map_err(|e| Error::io(path, "cannot stat", e))?
+        .len();
+    if len > MAX_JSON_FILE {
+        return Err(Error::InvalidJson {
+            path: path.into(),
+            reason: format!("{len} bytes exceeds the {MAX_JSON_FILE}-byte limit"),
+        });
+    }
+    let text = std::fs::read(path).map_err(|e| Error::io(path, "cannot read", e))?;
+    serde_json::from_slice(&text).map_err(|e| Error::InvalidJson {
+        path: path.into(),
+        reason: e.to_string(),
+    })
+}

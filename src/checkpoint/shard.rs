@@ -1,0 +1,213 @@
+//! One `.safetensors` file: strict header validation, and windows onto its data.
+//!
+//! The header is validated exactly as the official implementation does (the
+//! `safetensors` crate's `Metadata` deserializer checks dtypes, contiguous
+//! non-overlapping offsets and shape × dtype = byte length; we add the header-length
+//! bound and require the data section to end exactly at the end of the file), but
+//! without mapping the file: only the header bytes are read.
+//!
+//! Tensor data is read in windows (see [`Shard::window`]): a window is mapped, used
+//! and unmapped, so resident memory stays bounded by the windows in flight, never by
+//! the model size. When mapping fails (some network filesystems), the window is read
+//! into a buffer instead.
+
+use crate::checkpoint::dtype::DType;
+use crate::error::{Error, Result};
+use memmap2::{Mmap, MmapOptions};
+use std::fs::File;
+use std::io::Read;
+use std::ops::Deref;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+/// The same bound the official implementation enforces (`MAX_HEADER_SIZE` in
+/// safetensors' `tensor.rs`): a header claiming more is rejected before allocating.
+pub const MAX_HEADER_SIZE: u64 = 100_000_000;
+
+/// Size of the little-endian u64 header length that opens every file.
+const N_LEN: u64 = 8;
+
+/// A tensor as described by a shard's header.
+#[derive(Debug, Clone)]
+pub struct ShardTensor {
+    pub name: String,
+    /// `Err(name)` for a dtype the format knows but weightdiff does not decode.
+    pub dtype: std::result::Result<DType, String>,
+    pub shape: Vec<usize>,
+    /// Absolute byte offset of the data in the file.
+    pub offset: u64,
+    /// Length of the data in bytes.
+    pub len: u64,
+}
+
+/// An open, validated safetensors file.
+#[derive(Debug)]
+pub struct Shard {
+    path: PathBuf,
+    file: File,
+    file_len: u64,
+    /// Tensors in offset order.
+    tensors: Vec<ShardTensor>,
+    /// `__metadata__` of the header, if any.
+    pub metadata: Option<std::collections::HashMap<String, String>>,
+}
+
+fn invalid(path: &Path, reason: impl Into<String>) -> Error {
+    Error::InvalidSafetensors {
+        path: path.to_path_buf(),
+        reason: reason.into(),
+    }
+}
+
+impl Shard {
+    /// Opens and validates `path`.
+    pub fn open(path: &Path) -> Result<Shard> {
+        let mut file = File::open(path).map_err(|e| Error::io(path, "cannot open", e))?;
+        let file_len = file
+            .metadata()
+            .map_err(|e| Error::io(path, "cannot stat", e))?
+            .len();
+        if file_len < N_LEN {
+            return Err(invalid(
+                path,
+                format!("file is {file_len} bytes, too short for the 8-byte header length"),
+            ));
+        }
+        let mut n_bytes = [0u8; N_LEN as usize];
+        file.read_exact(&mut n_bytes)
+            .map_err(|e| Error::io(path, "cannot read header length", e))?;
+        let n = u64::from_le_bytes(n_bytes);
+        if n > MAX_HEADER_SIZE {
+            return Err(invalid(
+                path,
+                format!("header length {n} exceeds the {MAX_HEADER_SIZE}-byte limit"),
+            ));
+        }
+        if n > file_len - N_LEN {
+            return Err(invalid(
+                path,
+                format!(
+                    "header length {n} runs past the end of the file ({file_len} bytes); the file may be truncated"
+                ),
+            ));
+        }
+        let mut header = vec![0u8; n as usize];
+        file.read_exact(&mut header)
+            .map_err(|e| Error::io(path, "cannot read header", e))?;
+        let text = std::str::from_utf8(&header)
+            .map_err(|e| invalid(path, format!("header is not valid UTF-8: {e}")))?;
+        let meta: safetensors::tensor::Metadata = serde_json::from_str(text).map_err(|e| {
+            invalid(
+                path,
+                format!("header is not a valid safetensors header: {e}"),
+            )
+        })?;
+        let data_start = N_LEN + n;
+        let data_len = meta.data_len() as u64;
+        if data_start + data_len != file_len {
+            return Err(invalid(
+                path,
+                format!(
+                    "tensor data ends at byte {} but the file has {file_len} bytes ({})",
+                    data_start + data_len,
+                    if data_start + data_len > file_len {
+                        "truncated"
+                    } else {
+                        "trailing bytes"
+                    }
+                ),
+            ));
+        }
+        let mut tensors: Vec<ShardTensor> = meta
+            .tensors()
+            .into_iter()
+            .map(|(name, info)| ShardTensor {
+                dtype: DType::from_safetensors(info.dtype),
+                shape: info.shape.clone(),
+                offset: data_start + info.data_offsets.0 as u64,
+                len: (info.data_offsets.1 - info.data_offsets.0) as u64,
+                name,
+            })
+            .collect();
+        tensors.sort_by_key(|t| t.offset);
+        Ok(Shard {
+            path: path.to_path_buf(),
+            file,
+            file_len,
+            tensors,
+            metadata: meta.metadata().clone(),
+        })
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The file's length when it was opened.
+    pub fn file_len(&self) -> u64 {
+        self.file_len
+    }
+
+    /// Tensors in offset order.
+    pub fn tensors(&self) -> &[ShardTensor] {
+        &self.tensors
+    }
+
+    /// Bytes `[offset, offset + len)` of the file.
+    ///
+    /// The file's current length is checked first: a shard truncated since it was
+    /// opened gives an error for the tensors it no longer holds instead of a SIGBUS.
+    pub fn window(&self, offset: u64, len: u64) -> std::io::Result<Window> {
+        if len == 0 {
+            return Ok(Window::Read(Vec::new()));
+        }
+        let now = self.file.metadata()?.len();
+        if now != self.file_len {
+            return Err(std::io::Error::other(format!(
+                "file changed size since it was opened ({} -> {now} bytes)",
+                self.file_len
+            )));
+        }
+        let end = offset.checked_add(len).filter(|&e| e <= self.file_len);
+        if end.is_none() {
+            return Err(std::io::Error::other("range past the end of the file"));
+        }
+        let len_usize = usize::try_from(len).map_err(std::io::Error::other)?;
+        // SAFETY: the mapping is read-only and private to this window. The file must not
+        // be truncated while the window is alive (that would raise SIGBUS); its length was
+        // re-checked just above, which leaves only the window of a concurrent truncation
+        // during this one read (see RELIABILITY notes in the README).
+        let mapped = unsafe {
+            MmapOptions::new()
+                .offset(offset)
+                .len(len_usize)
+                .populate()
+                .map(&self.file)
+        };
+        match mapped {
+            Ok(m) => Ok(Window::Mapped(m)),
+            Err(_) => {
+                let mut buf = vec![0u8; len_usize];
+                self.file.read_exact_at(&mut buf, offset)?;
+                Ok(Window::Read(buf))
+            }
+        }
+    }
+}
+
+/// A view of some bytes of a shard: mapped, or read into a buffer.
+pub enum Window {
+    Mapped(Mmap),
+    Read(Vec<u8>),
+}
+
+impl Deref for Window {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Window::Mapped(m) => m,
+            Window::Read(v) => v,
+        }
+    }
+}

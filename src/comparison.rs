@@ -1,0 +1,231 @@
+//! The results of a comparison: one set of types that feeds every report.
+//!
+//! Field names are exactly SPEC §4's JSON keys, so no report can rename one; a NOTE on
+//! a field means a renderer that lists fields by hand must be updated with it.
+
+use crate::kernels::Accum;
+use crate::pairing::{Mismatch, PrefixAlignment};
+use serde::Serialize;
+use std::collections::BTreeMap;
+
+/// Seconds.
+pub type Second = f64;
+
+/// Version of the JSON schemas written by this crate.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// Per-tensor metrics of SPEC §3.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct TensorMetrics {
+    /// Shape as stored in the base (the fine-tuned shape follows when it differs).
+    pub shape: Vec<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub finetuned_shape: Option<Vec<usize>>,
+    /// Base dtype (the fine-tuned dtype follows when it differs).
+    pub dtype: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub finetuned_dtype: Option<String>,
+    /// For a shape mismatch: the leading rows that were compared.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub compared_rows: Option<usize>,
+    /// Elements compared.
+    pub num_elements: u64,
+    /// Σ|d| / n over finite pairs.
+    pub mean_abs_diff: f64,
+    /// max |d| over finite pairs.
+    pub max_abs_diff: f64,
+    /// sqrt(Σd² / n).
+    pub rms_diff: f64,
+    /// sqrt(Σd²), the Frobenius norm of the delta.
+    pub l2_diff: f64,
+    /// sqrt(Σa²).
+    pub base_l2: f64,
+    /// sqrt(Σb²).
+    pub finetuned_l2: f64,
+    /// l2_diff / base_l2; null when base_l2 = 0 and the delta is not zero.
+    pub relative_diff: Option<f64>,
+    /// Why `relative_diff` or `cosine_similarity` is null.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+    /// Σab / (‖a‖‖b‖); null when either norm is zero.
+    pub cosine_similarity: Option<f64>,
+    /// #{|d| > threshold} / n.
+    pub changed_ratio: f64,
+    /// The stored bytes are equal.
+    pub identical: bool,
+    /// NaN values in either tensor.
+    pub nan_count: u64,
+    /// ±Inf values in either tensor.
+    pub inf_count: u64,
+    /// Seconds spent on this tensor, I/O included (summed over its parallel windows).
+    pub total_time: Second,
+    /// Seconds in the fast kernel.
+    pub compute_time: Second,
+    /// Seconds in the reference kernel (`--verify`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reference_time: Option<Second>,
+    /// reference_time / compute_time (`--verify`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub speedup: Option<f64>,
+}
+
+impl TensorMetrics {
+    /// A tensor is modified when any element changed by more than the threshold.
+    pub fn is_modified(&self) -> bool {
+        self.changed_ratio > 0.0
+    }
+}
+
+/// Derives the metrics from kernel sums. Shape, dtype and timing fields are filled by
+/// the caller.
+pub fn metrics_from_accum(acc: &Accum) -> TensorMetrics {
+    let n = acc.finite as f64;
+    let per = |s: f64| if acc.finite == 0 { 0.0 } else { s / n };
+    let l2_diff = acc.sum_d2.sqrt();
+    let base_l2 = acc.sum_a2.sqrt();
+    let finetuned_l2 = acc.sum_b2.sqrt();
+    let mut note = None;
+    let relative_diff = if base_l2 > 0.0 {
+        Some(l2_diff / base_l2)
+    } else if l2_diff == 0.0 {
+        Some(0.0)
+    } else {
+        note = Some("base tensor is all zeros: relative_diff is undefined".to_string());
+        None
+    };
+    let cosine_similarity = if base_l2 > 0.0 && finetuned_l2 > 0.0 {
+        Some((acc.sum_ab / (base_l2 * finetuned_l2)).clamp(-1.0, 1.0))
+    } else {
+        if note.is_none() {
+            note = Some("a tensor is all zeros: cosine_similarity is undefined".to_string());
+        }
+        None
+    };
+    TensorMetrics {
+        shape: Vec::new(),
+        finetuned_shape: None,
+        dtype: String::new(),
+        finetuned_dtype: None,
+        compared_rows: None,
+        num_elements: acc.count,
+        mean_abs_diff: per(acc.sum_abs_d),
+        max_abs_diff: acc.max_abs_d,
+        rms_diff: per(acc.sum_d2).sqrt(),
+        l2_diff,
+        base_l2,
+        finetuned_l2,
+        relative_diff,
+        note,
+        cosine_similarity,
+        changed_ratio: if acc.count == 0 {
+            0.0
+        } else {
+            acc.changed as f64 / acc.count as f64
+        },
+        identical: false,
+        nan_count: acc.nan,
+        inf_count: acc.inf,
+        total_time: 0.0,
+        compute_time: 0.0,
+        reference_time: None,
+        speedup: None,
+    }
+}
+
+/// A model's tensors as listed by its headers (no data).
+#[derive(Debug, Clone, Serialize)]
+pub struct TensorInfo {
+    pub name: String,
+    pub dtype: String,
+    pub shape: Vec<usize>,
+    pub nbytes: u64,
+}
+
+/// What the reports need to know about one model, without touching its files.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelInfo {
+    /// The model argument as given.
+    pub source: String,
+    /// Shard files.
+    pub files: Vec<String>,
+    pub config: Option<serde_json::Value>,
+    pub generation_config: Option<serde_json::Value>,
+    /// Readable tensors, in natural name order.
+    pub tensors: Vec<TensorInfo>,
+    /// Index or file problems that did not stop the run.
+    pub warnings: Vec<String>,
+}
+
+/// Whole-run figures (SPEC §4 `performance`).
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct Performance {
+    /// Wall-clock seconds of the comparison.
+    pub total_time: Second,
+    /// Mean of the per-tensor `total_time`.
+    pub avg_layer_time: Second,
+    /// Largest per-tensor `total_time`.
+    pub max_layer_time: Second,
+    /// The tensor with the largest `total_time`.
+    pub slowest_tensor: Option<String>,
+    /// Tensor bytes read from both models.
+    pub bytes_read: u64,
+    /// bytes_read / total_time, in GB/s (1e9 bytes).
+    pub throughput_gbps: f64,
+    /// Threads used.
+    pub threads: usize,
+    /// Σ compute_time (fast kernel).
+    pub compute_time: Second,
+    /// Σ reference_time, under `--verify`.
+    pub reference_time: Option<Second>,
+    /// reference_time / compute_time, under `--verify`.
+    pub speedup: Option<f64>,
+}
+
+/// Everything a comparison found; every report is rendered from this.
+#[derive(Debug, Clone)]
+pub struct Comparison {
+    pub base: ModelInfo,
+    pub finetuned: ModelInfo,
+    pub threshold: f64,
+    pub verify: bool,
+    /// Include/exclude filters as given, for the record.
+    pub filters: Vec<String>,
+    pub prefix: Option<PrefixAlignment>,
+    /// Compared tensors in natural name order.
+    pub results: Vec<(String, TensorMetrics)>,
+    pub only_in_base: Vec<String>,
+    pub only_in_finetuned: Vec<String>,
+    pub mismatches: Vec<Mismatch>,
+    /// Tensor name → why it could not be compared.
+    pub errors: BTreeMap<String, String>,
+    /// Tensors left out by `--include`/`--exclude`.
+    pub filtered_out: usize,
+    pub performance: Performance,
+    /// false when the run was interrupted before every tensor was compared.
+    pub complete: bool,
+}
+
+impl Comparison {
+    /// Names of modified tensors, in natural order.
+    pub fn modified(&self) -> Vec<&str> {
+        self.results
+            .iter()
+            .filter(|(_, m)| m.is_modified())
+            .map(|(n, _)| n.as_str())
+            .collect()
+    }
+
+    /// The `n` tensors with the largest relative diff (ties by name).
+    pub fn top_modified(&self, n: usize) -> Vec<(&str, &TensorMetrics)> {
+        let mut v: Vec<(&str, &TensorMetrics)> = self
+            .results
+            .iter()
+            .filter(|(_, m)| m.is_modified())
+            .map(|(k, m)| (k.as_str(), m))
+            .collect();
+        let key = |m: &TensorMetrics| m.relative_diff.unwrap_or(f64::INFINITY);
+        v.sort_by(|a, b| key(b.1).total_cmp(&key(a.1)).then(a.0.cmp(b.0)));
+        v.truncate(n);
+        v
+    }
+}

@@ -1,0 +1,71 @@
+//! The library's error type. Every variant names the file it concerns, and the tensor
+//! when there is one, so that a message printed at the CLI edge is enough to act on.
+
+use std::path::PathBuf;
+
+/// Convenience alias used throughout the library.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong while resolving, reading or comparing checkpoints,
+/// or while writing outputs.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// An I/O call on `path` failed.
+    #[error("{}: {action}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        action: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// A safetensors file failed validation (header, dtypes, offsets, sizes).
+    #[error("{}: invalid safetensors file: {reason}", path.display())]
+    InvalidSafetensors { path: PathBuf, reason: String },
+
+    /// `model.safetensors.index.json` is malformed or inconsistent with the shards.
+    #[error("{}: invalid index: {reason}", path.display())]
+    InvalidIndex { path: PathBuf, reason: String },
+
+    /// A JSON side file (`config.json`, …) could not be parsed.
+    #[error("{}: invalid JSON: {reason}", path.display())]
+    InvalidJson { path: PathBuf, reason: String },
+
+    /// The model argument does not point at anything weightdiff can read.
+    #[error("{}: {reason}", path.display())]
+    NotAModel { path: PathBuf, reason: String },
+
+    /// A tensor cannot be read or compared (unsupported dtype, file changed, …).
+    #[error("{}: tensor `{tensor}`: {reason}", path.display())]
+    Tensor {
+        path: PathBuf,
+        tensor: String,
+        reason: String,
+    },
+
+    /// The two kernels disagree on a tensor under `--verify`.
+    #[error(
+        "tensor `{tensor}`: fast and reference kernels disagree on {metric}: {fast} vs {reference}"
+    )]
+    VerifyMismatch {
+        tensor: String,
+        metric: &'static str,
+        fast: f64,
+        reference: f64,
+    },
+
+    /// An option value is unusable (bad regex, bad preset name, …).
+    #[error("invalid option: {0}")]
+    InvalidOption(String),
+}
+
+impl Error {
+    /// Builds an [`Error::Io`] for `path`.
+    pub fn io(path: impl Into<PathBuf>, action: &'static str, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            action,
+            source,
+        }
+    }
+}

@@ -1,0 +1,155 @@
+//! Difference kernels: from the raw bytes of a base and a fine-tuned tensor (or of a
+//! window of them) to the sums every metric of SPEC §3 is derived from.
+//!
+//! Two independent implementations compute the same [`Accum`]:
+//! - [`fast`]: decodes blocks of [`fast::BLOCK`] values into f32 (or f64 for F64 and
+//!   integer types), accumulates each block in f32 over 16 independent lanes (which the
+//!   compiler turns into SIMD; AVX2 is chosen at run time), and adds block totals in
+//!   f64. A block holding a non-finite value or overflowing f32 is redone element by
+//!   element in f64, so NaN/Inf are counted and excluded without a branch in the hot loop.
+//! - [`reference`]: one element at a time, decoded independently, summed in f64.
+//!
+//! `--verify` runs both and [`check_agreement`] compares them.
+//!
+//! Non-finite values: an element pair where either value is NaN or ±Inf is counted
+//! (`nan_count`/`inf_count` count values in both tensors) and left out of every sum,
+//! of the max and of the changed count; means divide by the number of finite pairs.
+
+pub mod fast;
+pub mod reference;
+
+use crate::checkpoint::dtype::DType;
+
+/// Running sums over element pairs (a = base, b = fine-tuned, d = b − a).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Accum {
+    /// Element pairs seen.
+    pub count: u64,
+    /// Pairs where both values are finite (the ones summed).
+    pub finite: u64,
+    /// Σ|d|
+    pub sum_abs_d: f64,
+    /// max |d|; computed at the kernel's working precision (f32 for ≤ 32-bit floats).
+    pub max_abs_d: f64,
+    /// Σd²
+    pub sum_d2: f64,
+    /// Σa²
+    pub sum_a2: f64,
+    /// Σb²
+    pub sum_b2: f64,
+    /// Σab
+    pub sum_ab: f64,
+    /// #{|d| > threshold}
+    pub changed: u64,
+    /// NaN values in a plus NaN values in b.
+    pub nan: u64,
+    /// ±Inf values in a plus ±Inf values in b.
+    pub inf: u64,
+}
+
+impl Accum {
+    /// Adds the sums of another part of the same tensor.
+    pub fn merge(&mut self, o: &Accum) {
+        self.count += o.count;
+        self.finite += o.finite;
+        self.sum_abs_d += o.sum_abs_d;
+        if o.max_abs_d > self.max_abs_d {
+            self.max_abs_d = o.max_abs_d;
+        }
+        self.sum_d2 += o.sum_d2;
+        self.sum_a2 += o.sum_a2;
+        self.sum_b2 += o.sum_b2;
+        self.sum_ab += o.sum_ab;
+        self.changed += o.changed;
+        self.nan += o.nan;
+        self.inf += o.inf;
+    }
+
+    /// Counts a non-finite pair (called by both kernels' careful paths).
+    fn count_nonfinite(&mut self, a: f64, b: f64) {
+        for v in [a, b] {
+            if v.is_nan() {
+                self.nan += 1;
+            } else if v.is_infinite() {
+                self.inf += 1;
+            }
+        }
+    }
+}
+
+/// Whether the pair is handled in the f32 domain (both floats of at most 32 bits).
+pub fn is_f32_domain(da: DType, db: DType) -> bool {
+    da.is_f32_domain() && db.is_f32_domain()
+}
+
+/// The largest f32 not above `t`: for an f32 value x, `x > floor32(t)` ⇔ `x > t`,
+/// so the f32 kernel counts exactly the elements the f64 definition counts.
+pub fn threshold_f32(t: f64) -> f32 {
+    let mut f = t as f32;
+    if f as f64 > t {
+        f = f.next_down();
+    }
+    f
+}
+
+/// Relative tolerance on sums between the two kernels (SPEC §3 `--verify`).
+pub const VERIFY_RTOL: f64 = 1e-6;
+
+/// Compares the fast kernel's sums with the reference kernel's: sums within
+/// [`VERIFY_RTOL`] relative, counts exact, max exact once the reference max is rounded
+/// to the fast kernel's working precision. Returns the first metric that disagrees.
+pub fn check_agreement(
+    fast: &Accum,
+    reference: &Accum,
+    f32_domain: bool,
+) -> Result<(), (&'static str, f64, f64)> {
+    let counts = [
+        ("count", fast.count, reference.count),
+        ("finite pairs", fast.finite, reference.finite),
+        ("changed count", fast.changed, reference.changed),
+        ("nan_count", fast.nan, reference.nan),
+        ("inf_count", fast.inf, reference.inf),
+    ];
+    for (name, f, r) in counts {
+        if f != r {
+            return Err((name, f as f64, r as f64));
+        }
+    }
+    let ref_max = if f32_domain {
+        reference.max_abs_d as f32 as f64
+    } else {
+        reference.max_abs_d
+    };
+    if fast.max_abs_d != ref_max {
+        return Err(("max_abs_diff", fast.max_abs_d, ref_max));
+    }
+    let sums = [
+        ("sum |d|", fast.sum_abs_d, reference.sum_abs_d),
+        ("sum d^2", fast.sum_d2, reference.sum_d2),
+        ("sum a^2", fast.sum_a2, reference.sum_a2),
+        ("sum b^2", fast.sum_b2, reference.sum_b2),
+        ("sum ab", fast.sum_ab, reference.sum_ab),
+    ];
+    for (name, f, r) in sums {
+        let scale = f.abs().max(r.abs());
+        if (f - r).abs() > VERIFY_RTOL * scale {
+            return Err((name, f, r));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn threshold_f32_is_exact_for_f32_values() {
+        for t in [1e-6, 0.1, 1.0 / 3.0, 1e-30, 0.0, 5.0] {
+            let f = threshold_f32(t);
+            assert!(f as f64 <= t);
+            let next = f.next_up();
+            assert!(next as f64 > t || next as f64 == t && f as f64 == t);
+        }
+    }
+}

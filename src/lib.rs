@@ -1,0 +1,50 @@
+//! weightdiff compares a base checkpoint with a fine-tuned one, tensor by tensor, and
+//! reports what the fine-tune changed.
+//!
+//! # Overview
+//!
+//! Data flows one way:
+//!
+//! ```text
+//! files ──checkpoint──▶ tensors ──pairing──▶ pairs ──kernels──▶ sums ──comparison──▶ metrics ──report──▶ files
+//! ```
+//!
+//! - [`checkpoint`]: resolves a model argument, validates safetensors headers and the
+//!   index, and hands out bounded windows onto tensor bytes (never a whole model).
+//! - [`pairing`]: pairs tensors by name, infers wrapping prefixes, reports one-sided
+//!   names and shape/dtype mismatches.
+//! - [`kernels`]: the fast SIMD-friendly kernel and the scalar f64 reference.
+//! - [`comparison`]: the result types every report is rendered from.
+//! - [`pipeline`]: ties them together in parallel with bounded memory.
+//! - [`report`]: one renderer per output file, and the atomic writer.
+//! - [`synthetic`]: builds checkpoint pairs with known edits (tests, demo, benchmarks).
+//!
+//! # Example
+//!
+//! ```
+//! use weightdiff::{Checkpoint, CompareOptions, pipeline, synthetic};
+//!
+//! let dir = tempfile::tempdir()?;
+//! let pair = synthetic::build_pair(&synthetic::demo_spec(), dir.path())?;
+//! let base = Checkpoint::open(&pair.base)?;
+//! let ft = Checkpoint::open(&pair.finetuned)?;
+//! let c = pipeline::compare(&base, &ft, &CompareOptions::default(), &pipeline::NoProgress)?;
+//! let modified: Vec<&str> = c.modified();
+//! assert_eq!(modified.len(), pair.edits.len());
+//! weightdiff::report::write_comparison_reports(&c, &dir.path().join("out"), 20)?;
+//! # Ok::<(), weightdiff::Error>(())
+//! ```
+
+pub mod checkpoint;
+pub mod comparison;
+pub mod error;
+pub mod kernels;
+pub mod pairing;
+pub mod pipeline;
+pub mod report;
+pub mod synthetic;
+
+pub use checkpoint::Checkpoint;
+pub use comparison::{Comparison, TensorMetrics};
+pub use error::{Error, Result};
+pub use pipeline::{CompareOptions, compare};

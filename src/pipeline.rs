@@ -1,0 +1,420 @@
+//! The pipeline: checkpoints → pairs → windows → kernels → a [`Comparison`].
+//!
+//! Every tensor pair is cut into windows of at most [`CompareOptions::window_bytes`]
+//! per side. Windows of all tensors are processed in parallel by a rayon pool; each
+//! window is mapped, reduced to an [`Accum`], and unmapped, so resident memory is
+//! bounded by `threads × 2 × window_bytes` whatever the model size. Window results are
+//! merged per tensor in window order, so the numbers do not depend on the thread count.
+//!
+//! A tensor that fails (unreadable bytes, unsupported dtype, `--verify` disagreement)
+//! gets an entry in `errors`; the others go on.
+
+use crate::checkpoint::Checkpoint;
+use crate::comparison::{
+    Comparison, ModelInfo, Performance, Second, TensorInfo, TensorMetrics, metrics_from_accum,
+};
+use crate::error::{Error, Result};
+use crate::kernels::{self, Accum};
+use crate::pairing::{self, TensorPair, natural_cmp};
+use rayon::prelude::*;
+use regex::Regex;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Instant;
+
+/// Default window: 8 MiB per side keeps mapping overhead under 1 % while two threads
+/// hold at most 32 MiB of mapped data.
+pub const DEFAULT_WINDOW_BYTES: u64 = 8 << 20;
+
+/// Options of a comparison (the library side of `weightdiff compare`'s flags).
+#[derive(Debug, Clone)]
+pub struct CompareOptions {
+    /// An element is changed when |d| > threshold.
+    pub threshold: f64,
+    /// Run the reference kernel too and check agreement.
+    pub verify: bool,
+    /// Only tensors whose (aligned) name matches.
+    pub include: Option<Regex>,
+    /// Leave out tensors whose name matches.
+    pub exclude: Option<Regex>,
+    /// Worker threads; `None` for all cores.
+    pub threads: Option<usize>,
+    /// Largest window read at once per side, in bytes.
+    pub window_bytes: u64,
+}
+
+impl Default for CompareOptions {
+    fn default() -> Self {
+        CompareOptions {
+            threshold: 1e-6,
+            verify: false,
+            include: None,
+            exclude: None,
+            threads: None,
+            window_bytes: DEFAULT_WINDOW_BYTES,
+        }
+    }
+}
+
+/// Progress as tensors complete.
+#[derive(Debug, Clone, Copy)]
+pub struct ProgressUpdate<'a> {
+    pub tensors_done: usize,
+    pub tensors_total: usize,
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+    /// The tensor that just completed.
+    pub tensor: &'a str,
+}
+
+/// Receives progress; called from worker threads.
+pub trait Progress: Sync {
+    fn update(&self, update: ProgressUpdate<'_>);
+}
+
+/// Ignores progress.
+pub struct NoProgress;
+impl Progress for NoProgress {
+    fn update(&self, _: ProgressUpdate<'_>) {}
+}
+
+/// Summarises a checkpoint's headers for the reports.
+pub fn model_info(ck: &Checkpoint) -> ModelInfo {
+    let mut tensors: Vec<TensorInfo> = ck
+        .tensors()
+        .values()
+        .map(|t| TensorInfo {
+            name: t.name.clone(),
+            dtype: t.dtype_name(),
+            shape: t.shape.clone(),
+            nbytes: t.nbytes(),
+        })
+        .collect();
+    tensors.sort_by(|a, b| natural_cmp(&a.name, &b.name));
+    let mut warnings = ck.warnings.clone();
+    warnings.extend(ck.broken.values().cloned());
+    ModelInfo {
+        source: ck.source.display().to_string(),
+        files: ck.shard_paths().map(|p| p.display().to_string()).collect(),
+        config: ck.config.clone(),
+        generation_config: ck.generation_config.clone(),
+        tensors,
+        warnings,
+    }
+}
+
+/// One window of one pair.
+struct Unit {
+    pair: usize,
+    /// First element.
+    start: u64,
+    /// Elements.
+    len: u64,
+}
+
+/// What a window produced.
+#[derive(Default)]
+struct UnitOut {
+    fast: Accum,
+    reference: Option<Accum>,
+    identical: bool,
+    total: Second,
+    compute: Second,
+    reference_time: Second,
+}
+
+/// Compares two opened checkpoints.
+pub fn compare(
+    base: &Checkpoint,
+    finetuned: &Checkpoint,
+    opts: &CompareOptions,
+    progress: &dyn Progress,
+) -> Result<Comparison> {
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(opts.threads.unwrap_or(0))
+        .build()
+        .map_err(|e| Error::InvalidOption(format!("cannot start worker threads: {e}")))?;
+    let threads = pool.current_num_threads();
+    pool.install(|| compare_in_pool(base, finetuned, opts, progress, threads))
+}
+
+fn compare_in_pool(
+    base: &Checkpoint,
+    finetuned: &Checkpoint,
+    opts: &CompareOptions,
+    progress: &dyn Progress,
+    threads: usize,
+) -> Result<Comparison> {
+    let t_start = Instant::now();
+    let paired = pairing::pair(base.tensors(), finetuned.tensors());
+    let mut errors: BTreeMap<String, String> = BTreeMap::new();
+    for (name, why) in base.broken.iter().chain(finetuned.broken.iter()) {
+        errors.insert(name.clone(), why.clone());
+    }
+
+    let selected = |name: &str| {
+        opts.include.as_ref().is_none_or(|r| r.is_match(name))
+            && !opts.exclude.as_ref().is_some_and(|r| r.is_match(name))
+    };
+    let mut filtered_out = 0;
+    let mut pairs: Vec<&TensorPair> = Vec::new();
+    for p in &paired.pairs {
+        if !selected(&p.name) {
+            filtered_out += 1;
+            continue;
+        }
+        match (&p.base.dtype, &p.finetuned.dtype) {
+            (Ok(_), Ok(_)) => pairs.push(p),
+            (Err(d), _) | (_, Err(d)) => {
+                let path = if p.base.dtype.is_err() {
+                    base.path_of(&p.base)
+                } else {
+                    finetuned.path_of(&p.finetuned)
+                };
+                errors.insert(
+                    p.name.clone(),
+                    format!("{}: unsupported dtype {d}", path.display()),
+                );
+            }
+        }
+    }
+
+    // Cut every pair into windows.
+    let mut units = Vec::new();
+    let mut pair_bytes = Vec::with_capacity(pairs.len());
+    for (i, p) in pairs.iter().enumerate() {
+        let n = compared_elements(p);
+        let (sa, sb) = sizes(p);
+        let per = (opts.window_bytes / sa.max(sb) as u64).max(1);
+        let mut start = 0;
+        while start < n {
+            let len = per.min(n - start);
+            units.push(Unit {
+                pair: i,
+                start,
+                len,
+            });
+            start += len;
+        }
+        if n == 0 {
+            units.push(Unit {
+                pair: i,
+                start: 0,
+                len: 0,
+            });
+        }
+        pair_bytes.push(n * (sa + sb) as u64);
+    }
+    let remaining: Vec<AtomicUsize> = pairs.iter().map(|_| AtomicUsize::new(0)).collect();
+    for u in &units {
+        remaining[u.pair].fetch_add(1, Ordering::Relaxed);
+    }
+    let done = AtomicUsize::new(0);
+    let bytes_done = AtomicU64::new(0);
+    let bytes_total: u64 = pair_bytes.iter().sum();
+
+    let outs: Vec<Result<UnitOut>> = units
+        .par_iter()
+        .map(|u| {
+            let p = pairs[u.pair];
+            let out = run_unit(base, finetuned, p, u, opts);
+            if remaining[u.pair].fetch_sub(1, Ordering::AcqRel) == 1 {
+                let d = done.fetch_add(1, Ordering::AcqRel) + 1;
+                let b =
+                    bytes_done.fetch_add(pair_bytes[u.pair], Ordering::AcqRel) + pair_bytes[u.pair];
+                progress.update(ProgressUpdate {
+                    tensors_done: d,
+                    tensors_total: pairs.len(),
+                    bytes_done: b,
+                    bytes_total,
+                    tensor: &p.name,
+                });
+            }
+            out
+        })
+        .collect();
+
+    // Merge windows per tensor, in window order.
+    let mut merged: Vec<Option<Result<UnitOut>>> = pairs.iter().map(|_| None).collect();
+    for (u, out) in units.iter().zip(outs) {
+        let slot = &mut merged[u.pair];
+        *slot = Some(match (slot.take(), out) {
+            (None, o) => o,
+            (Some(Err(e)), _) => Err(e),
+            (Some(Ok(_)), Err(e)) => Err(e),
+            (Some(Ok(mut acc)), Ok(o)) => {
+                acc.fast.merge(&o.fast);
+                if let (Some(r), Some(or)) = (acc.reference.as_mut(), o.reference.as_ref()) {
+                    r.merge(or);
+                }
+                acc.identical &= o.identical;
+                acc.total += o.total;
+                acc.compute += o.compute;
+                acc.reference_time += o.reference_time;
+                Ok(acc)
+            }
+        });
+    }
+
+    let mut results = Vec::new();
+    let mut bytes_read = 0;
+    for (p, out) in pairs.iter().zip(merged) {
+        let out = out.expect("every pair has at least one window");
+        match out.and_then(|o| finish_tensor(p, o, opts.verify)) {
+            Ok(m) => {
+                bytes_read += compared_elements(p) * {
+                    let (sa, sb) = sizes(p);
+                    (sa + sb) as u64
+                };
+                results.push((p.name.clone(), m));
+            }
+            Err(e) => {
+                errors.insert(p.name.clone(), e.to_string());
+            }
+        }
+    }
+
+    let wall = t_start.elapsed().as_secs_f64();
+    let performance = performance(&results, bytes_read, wall, threads, opts.verify);
+    let mut filters = Vec::new();
+    if let Some(r) = &opts.include {
+        filters.push(format!("include {}", r.as_str()));
+    }
+    if let Some(r) = &opts.exclude {
+        filters.push(format!("exclude {}", r.as_str()));
+    }
+    Ok(Comparison {
+        base: model_info(base),
+        finetuned: model_info(finetuned),
+        threshold: opts.threshold,
+        verify: opts.verify,
+        filters,
+        prefix: paired.prefix.clone(),
+        results,
+        only_in_base: paired.only_in_base.clone(),
+        only_in_finetuned: paired.only_in_finetuned.clone(),
+        mismatches: paired.mismatches.clone(),
+        errors,
+        filtered_out,
+        performance,
+        complete: true,
+    })
+}
+
+fn sizes(p: &TensorPair) -> (usize, usize) {
+    let da = p.base.dtype.as_ref().expect("dtype checked before cutting");
+    let db = p
+        .finetuned
+        .dtype
+        .as_ref()
+        .expect("dtype checked before cutting");
+    (da.size(), db.size())
+}
+
+/// Elements compared: all of them, or the leading rows both shapes share.
+fn compared_elements(p: &TensorPair) -> u64 {
+    match p.leading_rows {
+        Some(rows) => rows as u64 * p.base.shape[1..].iter().map(|&d| d as u64).product::<u64>(),
+        None => p.base.numel(),
+    }
+}
+
+fn run_unit(
+    base: &Checkpoint,
+    finetuned: &Checkpoint,
+    p: &TensorPair,
+    u: &Unit,
+    opts: &CompareOptions,
+) -> Result<UnitOut> {
+    let t0 = Instant::now();
+    let da = *p.base.dtype.as_ref().expect("checked");
+    let db = *p.finetuned.dtype.as_ref().expect("checked");
+    let (sa, sb) = (da.size() as u64, db.size() as u64);
+    let wa = base.read(&p.base, u.start * sa, u.len * sa)?;
+    let wb = finetuned.read(&p.finetuned, u.start * sb, u.len * sb)?;
+    let t1 = Instant::now();
+    let identical = da == db && wa[..] == wb[..];
+    let fast = if identical {
+        kernels::fast::identical(&wa, da)
+    } else {
+        kernels::fast::diff(&wa, da, &wb, db, opts.threshold)
+    };
+    let t2 = Instant::now();
+    let reference = opts
+        .verify
+        .then(|| kernels::reference::diff(&wa, da, &wb, db, opts.threshold));
+    let t3 = Instant::now();
+    Ok(UnitOut {
+        fast,
+        reference,
+        identical,
+        total: (t3 - t0).as_secs_f64(),
+        compute: (t2 - t1).as_secs_f64(),
+        reference_time: (t3 - t2).as_secs_f64(),
+    })
+}
+
+fn finish_tensor(p: &TensorPair, o: UnitOut, verify: bool) -> Result<TensorMetrics> {
+    let da = *p.base.dtype.as_ref().expect("checked");
+    let db = *p.finetuned.dtype.as_ref().expect("checked");
+    if let Some(r) = &o.reference {
+        kernels::check_agreement(&o.fast, r, kernels::is_f32_domain(da, db)).map_err(
+            |(metric, fast, reference)| Error::VerifyMismatch {
+                tensor: p.name.clone(),
+                metric,
+                fast,
+                reference,
+            },
+        )?;
+    }
+    let mut m = metrics_from_accum(&o.fast);
+    m.shape = p.base.shape.clone();
+    if p.finetuned.shape != p.base.shape {
+        m.finetuned_shape = Some(p.finetuned.shape.clone());
+    }
+    m.dtype = da.to_string();
+    if da != db {
+        m.finetuned_dtype = Some(db.to_string());
+    }
+    m.compared_rows = p.leading_rows;
+    m.identical = o.identical && p.leading_rows.is_none();
+    m.total_time = o.total;
+    m.compute_time = o.compute;
+    if verify {
+        m.reference_time = Some(o.reference_time);
+        m.speedup = (o.compute > 0.0).then(|| o.reference_time / o.compute);
+    }
+    Ok(m)
+}
+
+fn performance(
+    results: &[(String, TensorMetrics)],
+    bytes_read: u64,
+    wall: Second,
+    threads: usize,
+    verify: bool,
+) -> Performance {
+    let n = results.len().max(1) as f64;
+    let sum: f64 = results.iter().map(|(_, m)| m.total_time).sum();
+    let slowest = results
+        .iter()
+        .max_by(|a, b| a.1.total_time.total_cmp(&b.1.total_time));
+    let compute: f64 = results.iter().map(|(_, m)| m.compute_time).sum();
+    let reference: f64 = results.iter().filter_map(|(_, m)| m.reference_time).sum();
+    Performance {
+        total_time: wall,
+        avg_layer_time: sum / n,
+        max_layer_time: slowest.map_or(0.0, |s| s.1.total_time),
+        slowest_tensor: slowest.map(|s| s.0.clone()),
+        bytes_read,
+        throughput_gbps: if wall > 0.0 {
+            bytes_read as f64 / wall / 1e9
+        } else {
+            0.0
+        },
+        threads,
+        compute_time: compute,
+        reference_time: verify.then_some(reference),
+        speedup: (verify && compute > 0.0).then(|| reference / compute),
+    }
+}

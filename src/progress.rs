@@ -1,0 +1,74 @@
+//! Progress on stderr: an indicatif bar with ETA on a terminal, otherwise a plain line
+//! every 10 tensors with ETA (for logs of batch jobs, SPEC §5).
+
+use indicatif::{ProgressBar, ProgressStyle};
+use std::io::IsTerminal;
+use std::sync::Mutex;
+use std::time::Instant;
+use weightdiff::pipeline::{Progress, ProgressUpdate};
+
+/// Lines every this many tensors when stderr is not a terminal.
+const LINE_EVERY: usize = 10;
+
+pub enum Reporter {
+    Quiet,
+    Bar(Mutex<Option<ProgressBar>>),
+    Lines(Instant),
+}
+
+impl Reporter {
+    pub fn new(quiet: bool) -> Reporter {
+        if quiet {
+            Reporter::Quiet
+        } else if std::io::stderr().is_terminal() {
+            Reporter::Bar(Mutex::new(None))
+        } else {
+            Reporter::Lines(Instant::now())
+        }
+    }
+
+    pub fn finish(&self) {
+        if let Reporter::Bar(b) = self
+            && let Some(bar) = b.lock().expect("progress lock").take()
+        {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+impl Progress for Reporter {
+    fn update(&self, u: ProgressUpdate<'_>) {
+        match self {
+            Reporter::Quiet => {}
+            Reporter::Bar(b) => {
+                let mut b = b.lock().expect("progress lock");
+                let bar = b.get_or_insert_with(|| {
+                    let bar = ProgressBar::new(u.bytes_total);
+                    bar.set_style(
+                        ProgressStyle::with_template(
+                            "{bar:40} {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta} {msg}",
+                        )
+                        .expect("valid template"),
+                    );
+                    bar
+                });
+                bar.set_position(u.bytes_done);
+                bar.set_message(format!("{}/{} tensors", u.tensors_done, u.tensors_total));
+            }
+            Reporter::Lines(start) => {
+                if u.tensors_done.is_multiple_of(LINE_EVERY) || u.tensors_done == u.tensors_total {
+                    let el = start.elapsed().as_secs_f64();
+                    let eta = if u.bytes_done > 0 {
+                        el * (u.bytes_total - u.bytes_done) as f64 / u.bytes_done as f64
+                    } else {
+                        0.0
+                    };
+                    eprintln!(
+                        "[{}/{}] {:.1}s elapsed, ETA {:.1}s",
+                        u.tensors_done, u.tensors_total, el, eta
+                    );
+                }
+            }
+        }
+    }
+}

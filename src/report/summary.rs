@@ -1,0 +1,176 @@
+//! `comparison_report.txt`: what changed, where, how much, and what was written.
+
+use super::{fmt_bytes, fmt_opt};
+use crate::comparison::Comparison;
+use crate::pairing::{layer_index, module_type};
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::path::PathBuf;
+
+/// Renders `comparison_report.txt`.
+pub fn render(c: &Comparison, written: &[PathBuf], top: usize) -> String {
+    let mut s = String::new();
+    let w = &mut s;
+    let modified = c.modified();
+    let identical = c.results.iter().filter(|(_, m)| m.identical).count();
+    let _ = writeln!(w, "weightdiff comparison report");
+    let _ = writeln!(w, "============================\n");
+    let _ = writeln!(w, "Base:       {}", c.base.source);
+    let _ = writeln!(w, "Fine-tuned: {}", c.finetuned.source);
+    if !c.complete {
+        let _ = writeln!(
+            w,
+            "\nTHIS RUN DID NOT COMPLETE: the figures cover the tensors compared before it stopped."
+        );
+    }
+    let _ = writeln!(w, "\nWhat changed");
+    let _ = writeln!(w, "------------");
+    let _ = writeln!(
+        w,
+        "{} of {} compared tensors were modified (|d| > {:e} somewhere); {identical} are byte-identical.",
+        modified.len(),
+        c.results.len(),
+        c.threshold
+    );
+    let changed_params: u64 = c
+        .results
+        .iter()
+        .filter(|(_, m)| m.is_modified())
+        .map(|(_, m)| m.num_elements)
+        .sum();
+    let all_params: u64 = c.results.iter().map(|(_, m)| m.num_elements).sum();
+    if all_params > 0 {
+        let _ = writeln!(
+            w,
+            "Modified tensors hold {changed_params} of {all_params} compared parameters ({:.1} %).",
+            100.0 * changed_params as f64 / all_params as f64
+        );
+    }
+
+    // Where: by module type and by layer.
+    let mut by_module: BTreeMap<String, (usize, usize, f64)> = BTreeMap::new();
+    let mut by_layer: BTreeMap<usize, (usize, usize)> = BTreeMap::new();
+    for (name, m) in &c.results {
+        let e = by_module.entry(module_type(name)).or_default();
+        e.0 += 1;
+        if m.is_modified() {
+            e.1 += 1;
+            e.2 = e.2.max(m.relative_diff.unwrap_or(0.0));
+        }
+        if let Some(l) = layer_index(name) {
+            let e = by_layer.entry(l).or_default();
+            e.0 += 1;
+            e.1 += m.is_modified() as usize;
+        }
+    }
+    let _ = writeln!(
+        w,
+        "\nBy module type (modified / total, largest relative diff):"
+    );
+    for (module, (total, modn, maxrel)) in &by_module {
+        let _ = writeln!(w, "  {module:<28} {modn:>4} / {total:<4} {maxrel:.3e}");
+    }
+    if !by_layer.is_empty() {
+        let touched: Vec<String> = by_layer
+            .iter()
+            .filter(|(_, (_, m))| *m > 0)
+            .map(|(l, _)| l.to_string())
+            .collect();
+        let _ = writeln!(
+            w,
+            "\nLayers with modified tensors: {} of {}{}",
+            touched.len(),
+            by_layer.len(),
+            if touched.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", touched.join(", "))
+            }
+        );
+    }
+
+    let _ = writeln!(w, "\nMost modified (by relative diff)");
+    let _ = writeln!(w, "--------------------------------");
+    for (i, (name, m)) in c.top_modified(top).into_iter().enumerate() {
+        let _ = writeln!(
+            w,
+            "{:3}. {name}  rel {}  cos {}",
+            i + 1,
+            fmt_opt(m.relative_diff),
+            fmt_opt(m.cosine_similarity)
+        );
+    }
+    if modified.is_empty() {
+        let _ = writeln!(w, "(none)");
+    }
+
+    let _ = writeln!(w, "\nStructure");
+    let _ = writeln!(w, "---------");
+    let _ = writeln!(w, "Only in base: {}", list(&c.only_in_base));
+    let _ = writeln!(w, "Only in fine-tuned: {}", list(&c.only_in_finetuned));
+    for m in &c.mismatches {
+        let _ = writeln!(
+            w,
+            "{} mismatch: {} base {:?} {} vs fine-tuned {:?} {}; compared {}",
+            m.kind,
+            m.name,
+            m.base_shape,
+            m.base_dtype,
+            m.finetuned_shape,
+            m.finetuned_dtype,
+            m.compared
+        );
+    }
+    if let Some(p) = &c.prefix {
+        let _ = writeln!(
+            w,
+            "Names aligned by stripping `{}` from the {} side ({} more pairs).",
+            p.prefix,
+            if p.side == crate::pairing::Side::Base {
+                "base"
+            } else {
+                "fine-tuned"
+            },
+            p.pairs_gained
+        );
+    }
+
+    let _ = writeln!(w, "\nProblems");
+    let _ = writeln!(w, "--------");
+    if c.errors.is_empty() && c.base.warnings.is_empty() && c.finetuned.warnings.is_empty() {
+        let _ = writeln!(w, "none");
+    }
+    for (name, e) in &c.errors {
+        let _ = writeln!(w, "error: {name}: {e}");
+    }
+    for wn in c.base.warnings.iter().chain(&c.finetuned.warnings) {
+        let _ = writeln!(w, "warning: {wn}");
+    }
+
+    let p = &c.performance;
+    let _ = writeln!(w, "\nPerformance");
+    let _ = writeln!(w, "-----------");
+    let _ = writeln!(
+        w,
+        "{} read in {:.3}s ({:.2} GB/s, {} threads).",
+        fmt_bytes(p.bytes_read),
+        p.total_time,
+        p.throughput_gbps,
+        p.threads
+    );
+
+    let _ = writeln!(w, "\nOutputs");
+    let _ = writeln!(w, "-------");
+    for f in written {
+        let _ = writeln!(w, "{}", f.display());
+    }
+    s
+}
+
+fn list(v: &[String]) -> String {
+    if v.is_empty() {
+        "none".to_string()
+    } else {
+        format!("{} ({})", v.len(), v.join(", "))
+    }
+}
