@@ -32,7 +32,7 @@
 //! let modified: Vec<&str> = c.modified();
 //! assert_eq!(modified.len(), pair.edits.len());
 //! weightdiff::report::write_comparison_reports(&c, &dir.path().join("out"), 20)?;
-//! # Ok::<(), weightdiff::Error>(())
+//! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
 pub mod checkpoint;

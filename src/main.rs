@@ -65,6 +65,10 @@ fn run_compare(
     progress.finish();
     let written = report::write_comparison_reports(&c, out, top)
         .with_context(|| format!("cannot write reports into {}", out.display()))?;
+    // Tensor errors always reach stderr, whatever --quiet and --json say.
+    for (name, e) in &c.errors {
+        eprintln!("error: {name}: {e}");
+    }
     if display.json {
         print_json(&summary_json(&c, &written, top))?;
     } else if !display.quiet {
@@ -115,9 +119,6 @@ fn print_summary(c: &Comparison, out: &Path) {
         c.results.iter().filter(|(_, m)| m.identical).count(),
         c.errors.len()
     );
-    for (name, e) in &c.errors {
-        eprintln!("error: {name}: {e}");
-    }
     eprintln!("reports written to {}", out.display());
 }
 

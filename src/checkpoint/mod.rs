@@ -111,14 +111,19 @@ impl Checkpoint {
                     );
                 }
             }
+            for f in safetensors_files(path)? {
+                let named = f
+                    .strip_prefix(path)
+                    .ok()
+                    .and_then(|r| r.to_str())
+                    .is_some_and(|r| index.weight_map.values().any(|v| v == r));
+                if !named {
+                    ck.warnings.push(format!("{}: not named by the index; ignored", f.display()));
+                }
+            }
             return Ok(ck);
         }
-        let mut files: Vec<PathBuf> = std::fs::read_dir(path)
-            .map_err(|e| Error::io(path, "cannot list directory", e))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|x| x == "safetensors") && p.is_file())
-            .collect();
-        files.sort();
+        let files = safetensors_files(path)?;
         if files.is_empty() {
             return Err(Error::NotAModel {
                 path: path.into(),
@@ -229,6 +234,17 @@ impl Checkpoint {
     pub fn total_bytes(&self) -> u64 {
         self.tensors.values().map(|t| t.len).sum()
     }
+}
+
+/// The `*.safetensors` files directly inside `dir`, sorted.
+fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| Error::io(dir, "cannot list directory", e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors") && p.is_file())
+        .collect();
+    files.sort();
+    Ok(files)
 }
 
 /// Reads a small JSON side file; `Ok(None)` when it does not exist.

@@ -1,0 +1,43 @@
+//! Python's `safetensors` + `numpy` recompute our metrics from the same files, as an
+//! implementation independent of ours. `.ci/run` installs both; under CI a missing
+//! module fails the test instead of skipping it.
+
+use crate::common::*;
+use std::process::Command;
+
+fn python_ready() -> bool {
+    let ok = Command::new("python3")
+        .args(["-c", "import numpy, safetensors"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "python3 with numpy and safetensors is required in CI (see .ci/run)"
+        );
+        eprintln!("skipping interop test: python3 with numpy and safetensors not found");
+    }
+    ok
+}
+
+#[test]
+fn numpy_recomputes_the_reported_metrics() {
+    if !python_ready() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut spec = weightdiff::synthetic::demo_spec();
+    spec.dtype = weightdiff::checkpoint::dtype::DType::F16;
+    let pair = weightdiff::synthetic::build_pair(&spec, dir.path()).unwrap();
+    let out = dir.path().join("out");
+    weightdiff().args(["compare", "--quiet", "-o"]).arg(&out).arg(&pair.base).arg(&pair.finetuned).assert().success();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/check_metrics.py");
+    let status = Command::new("python3")
+        .arg(script)
+        .arg(&pair.base)
+        .arg(&pair.finetuned)
+        .arg(out.join("weight_differences.json"))
+        .status()
+        .unwrap();
+    assert!(status.success(), "numpy disagrees with weightdiff (see output above)");
+}

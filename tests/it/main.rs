@@ -1,0 +1,18 @@
+//! Integration tests, built as one binary (faster linking). Modules:
+//! - `common`: fixture writers (raw safetensors bytes, synthetic pairs) and the CLI helper
+//! - `kernels`: fast kernel vs reference on every dtype, awkward lengths, NaN/Inf
+//! - `metrics`: hand-computable tensors against the SPEC §3 definitions
+//! - `layouts`: one file, shards with index, shards without index give the same numbers
+//! - `pairing`: only-in, shape and dtype mismatches, prefix alignment
+//! - `bad_inputs`: the catalogue of malformed files, each a clean error naming the file
+//! - `outputs`: every report exists, parses, and matches the builder's ground truth
+//! - `interop`: Python's safetensors/numpy recompute our metrics independently
+
+mod bad_inputs;
+mod common;
+mod interop;
+mod kernels;
+mod layouts;
+mod metrics;
+mod outputs;
+mod pairing;
