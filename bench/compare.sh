@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# End-to-end benchmark of `weightdiff compare` (issue 2), all figures from one run:
+#   - a plain pass over the same files (cat > /dev/null): the physical limit here;
+#   - weightdiff compare (default options, all cores) and with --verify;
+#   - the Python baseline ../shared/bench/seed_compare.py, --no-numpy and default;
+#   - peak RSS (/usr/bin/time) on the pair and on a pair twice as large.
+# Page cache warm: every timed command is preceded by a cat of the pair's files.
+# Prints a Markdown table (medians) and the ratios the issue's targets are stated in.
+#
+# usage: bench/compare.sh [REPS] [WORKDIR]      (default 5 reps, /tmp/wd-bench)
+# Needs ../shared/bench (setup.sh makes the Python venv; the pairs are made once).
+set -euo pipefail
+REPS=${1:-5}
+WORK=${2:-/tmp/wd-bench}
+HERE=$(cd "$(dirname "$0")/.." && pwd)
+SHARED=${SHARED:-$HERE/../shared/bench}
+PY=$("$SHARED/setup.sh")
+mkdir -p "$WORK"
+cargo build --release --manifest-path "$HERE/Cargo.toml" >&2
+WD=$HERE/target/release/weightdiff
+
+make_pair() { # DIR EXTRA_ARGS...
+  local dir=$1; shift
+  [ -f "$dir/ft/model.safetensors.index.json" ] || "$PY" "$SHARED/make_pair.py" --preset qwen3-0.6b --out "$dir" --quiet "$@"
+}
+make_pair "$WORK/pair"
+make_pair "$WORK/pair2x" --layers 66
+
+warm() { cat "$1"/base/*.safetensors "$1"/ft/*.safetensors > /dev/null; }
+
+# run NAME PAIR CMD... : one timed run, appends "name seconds maxrss_kb" to results
+RESULTS=$WORK/results.txt
+: > "$RESULTS"
+run() {
+  local name=$1 pair=$2; shift 2
+  warm "$pair"
+  local t0 t1
+  t0=$(date +%s%N)
+  /usr/bin/time -f "%M" -o "$WORK/time.txt" "$@" > /dev/null 2> "$WORK/stderr.txt" || { cat "$WORK/stderr.txt" >&2; exit 1; }
+  t1=$(date +%s%N)
+  # wall time in ns resolution (time's %e has 10 ms), peak RSS in KiB from time's %M
+  echo "$name $(( t1 - t0 )) $(tail -n 1 "$WORK/time.txt")" >> "$RESULTS"
+}
+
+for i in $(seq "$REPS"); do
+  echo "rep $i/$REPS" >&2
+  run plain_pass "$WORK/pair" sh -c "cat $WORK/pair/base/*.safetensors $WORK/pair/ft/*.safetensors > /dev/null"
+  run weightdiff "$WORK/pair" "$WD" compare "$WORK/pair/base" "$WORK/pair/ft" -o "$WORK/out" --quiet
+  run weightdiff_verify "$WORK/pair" "$WD" compare "$WORK/pair/base" "$WORK/pair/ft" -o "$WORK/out-verify" --quiet --verify
+  run weightdiff_2x "$WORK/pair2x" "$WD" compare "$WORK/pair2x/base" "$WORK/pair2x/ft" -o "$WORK/out2x" --quiet
+  run plain_pass_2x "$WORK/pair2x" sh -c "cat $WORK/pair2x/base/*.safetensors $WORK/pair2x/ft/*.safetensors > /dev/null"
+done
+# The Python baseline is slow: fewer repetitions.
+for i in $(seq $(( (REPS + 1) / 2 ))); do
+  run python_no_numpy "$WORK/pair" "$PY" "$SHARED/seed_compare.py" "$WORK/pair/base" "$WORK/pair/ft" --out-dir "$WORK/seed" --no-numpy
+done
+run python_numpy "$WORK/pair" "$PY" "$SHARED/seed_compare.py" "$WORK/pair/base" "$WORK/pair/ft" --out-dir "$WORK/seed"
+
+python3 - "$RESULTS" <<'PY'
+import statistics, sys, collections
+rows = collections.defaultdict(list)
+for line in open(sys.argv[1]):
+    name, secs, kb = line.split()
+    rows[name].append((int(secs) / 1e9, int(kb)))
+med = {k: statistics.median(s for s, _ in v) for k, v in rows.items()}
+rss = {k: max(kb for _, kb in v) / 1024 for k, v in rows.items()}
+base = med["plain_pass"]
+print(f"| command | runs | median wall (s) | ratio to plain pass | peak RSS (MiB) |")
+print(f"| --- | --- | --- | --- | --- |")
+for k in ["plain_pass", "weightdiff", "weightdiff_verify", "python_no_numpy", "python_numpy", "plain_pass_2x", "weightdiff_2x"]:
+    if k in med:
+        ref = med["plain_pass_2x"] if k.endswith("2x") else base
+        print(f"| {k} | {len(rows[k])} | {med[k]:.3f} | {med[k] / ref:.2f}x | {rss[k]:.0f} |")
+print()
+print(f"weightdiff vs plain pass: {med['weightdiff'] / base:.2f}x (target <= 1.25x)")
+print(f"python --no-numpy / weightdiff: {med['python_no_numpy'] / med['weightdiff']:.1f}x faster (target >= 20x)")
+print(f"python (numpy) / weightdiff: {med['python_numpy'] / med['weightdiff']:.1f}x faster")
+print(f"python (numpy) / weightdiff --verify: {med['python_numpy'] / med['weightdiff_verify']:.1f}x faster")
+print(f"peak RSS weightdiff: {rss['weightdiff']:.0f} MiB; on the 2x pair: {rss['weightdiff_2x']:.0f} MiB "
+      f"({100 * (rss['weightdiff_2x'] / rss['weightdiff'] - 1):+.1f} %) (target <= 300 MiB, +-10 %)")
+PY
