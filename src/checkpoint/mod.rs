@@ -118,7 +118,8 @@ impl Checkpoint {
                     .and_then(|r| r.to_str())
                     .is_some_and(|r| index.weight_map.values().any(|v| v == r));
                 if !named {
-                    ck.warnings.push(format!("{}: not named by the index; ignored", f.display()));
+                    ck.warnings
+                        .push(format!("{}: not named by the index; ignored", f.display()));
                 }
             }
             return Ok(ck);

@@ -21,24 +21,90 @@ fn bad_files() -> Vec<(&'static str, Vec<u8>, &'static str)> {
         ("7 bytes", vec![1, 0, 0, 0, 0, 0, 0], "too short"),
         ("header length past the end", past_end, "runs past the end"),
         ("header claims more than 100 MB", huge, "exceeds"),
-        ("header not UTF-8", raw_file("{\"w?\":1}", &[]).into_iter().map(|b| if b == b'?' { 0xff } else { b }).collect(), "UTF-8"),
-        ("invalid JSON", raw_file("{\"w\": [", &[]), "not a valid safetensors header"),
-        ("unknown dtype", raw_file(r#"{"w":{"dtype":"F13","shape":[2],"data_offsets":[0,8]}}"#, &[0; 8]), "unknown variant"),
-        ("offsets past the end", raw_file(r#"{"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#, &[0; 4]), "truncated"),
-        ("overlapping offsets", raw_file(r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}}"#, &[0; 12]), "invalid offset"),
-        ("gap between tensors", raw_file(r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"b":{"dtype":"F32","shape":[1],"data_offsets":[8,12]}}"#, &[0; 12]), "invalid offset"),
-        ("trailing bytes", raw_file(GOOD_HEADER, &[0; 12]), "trailing bytes"),
-        ("shape x dtype != byte length", raw_file(r#"{"w":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}}"#, &[0; 8]), "header"),
-        ("shape product overflows", raw_file(r#"{"w":{"dtype":"F32","shape":[4294967296,4294967296,16],"data_offsets":[0,8]}}"#, &[0; 8]), "header"),
+        (
+            "header not UTF-8",
+            raw_file("{\"w?\":1}", &[])
+                .into_iter()
+                .map(|b| if b == b'?' { 0xff } else { b })
+                .collect(),
+            "UTF-8",
+        ),
+        (
+            "invalid JSON",
+            raw_file("{\"w\": [", &[]),
+            "not a valid safetensors header",
+        ),
+        (
+            "unknown dtype",
+            raw_file(
+                r#"{"w":{"dtype":"F13","shape":[2],"data_offsets":[0,8]}}"#,
+                &[0; 8],
+            ),
+            "unknown variant",
+        ),
+        (
+            "offsets past the end",
+            raw_file(
+                r#"{"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#,
+                &[0; 4],
+            ),
+            "truncated",
+        ),
+        (
+            "overlapping offsets",
+            raw_file(
+                r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}}"#,
+                &[0; 12],
+            ),
+            "invalid offset",
+        ),
+        (
+            "gap between tensors",
+            raw_file(
+                r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"b":{"dtype":"F32","shape":[1],"data_offsets":[8,12]}}"#,
+                &[0; 12],
+            ),
+            "invalid offset",
+        ),
+        (
+            "trailing bytes",
+            raw_file(GOOD_HEADER, &[0; 12]),
+            "trailing bytes",
+        ),
+        (
+            "shape x dtype != byte length",
+            raw_file(
+                r#"{"w":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}}"#,
+                &[0; 8],
+            ),
+            "header",
+        ),
+        (
+            "shape product overflows",
+            raw_file(
+                r#"{"w":{"dtype":"F32","shape":[4294967296,4294967296,16],"data_offsets":[0,8]}}"#,
+                &[0; 8],
+            ),
+            "header",
+        ),
     ]
 }
 
 fn assert_clean_failure(base: &Path, ft: &Path, code: i32, words: &str, case: &str) {
-    let out = weightdiff().args(["compare", "--quiet", "-o"]).arg(base.parent().unwrap().join("out")).arg(base).arg(ft).output().unwrap();
+    let out = weightdiff()
+        .args(["compare", "--quiet", "-o"])
+        .arg(base.parent().unwrap().join("out"))
+        .arg(base)
+        .arg(ft)
+        .output()
+        .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(code), "{case}: {stderr}");
     assert!(!stderr.contains("panicked"), "{case}: {stderr}");
-    assert!(stderr.to_lowercase().contains(&words.to_lowercase()), "{case}: expected `{words}` in: {stderr}");
+    assert!(
+        stderr.to_lowercase().contains(&words.to_lowercase()),
+        "{case}: expected `{words}` in: {stderr}"
+    );
 }
 
 #[test]
@@ -67,16 +133,31 @@ fn sharded_model(dir: &Path, index: &str) -> std::path::PathBuf {
 #[test]
 fn bad_indexes_give_exit_2_naming_the_index() {
     let cases = [
-        ("missing shard", r#"{"weight_map":{"w":"model-00002-of-00002.safetensors"}}"#, "does not exist"),
-        ("parent directory", r#"{"weight_map":{"w":"../x.safetensors"}}"#, "climbs out"),
-        ("absolute path", r#"{"weight_map":{"w":"/etc/passwd"}}"#, "absolute"),
+        (
+            "missing shard",
+            r#"{"weight_map":{"w":"model-00002-of-00002.safetensors"}}"#,
+            "does not exist",
+        ),
+        (
+            "parent directory",
+            r#"{"weight_map":{"w":"../x.safetensors"}}"#,
+            "climbs out",
+        ),
+        (
+            "absolute path",
+            r#"{"weight_map":{"w":"/etc/passwd"}}"#,
+            "absolute",
+        ),
         ("no weight_map", r#"{"metadata":{}}"#, "weight_map"),
         ("not JSON", "{", "invalid JSON"),
     ];
     for (case, index, words) in cases {
         let dir = tempfile::tempdir().unwrap();
         let base = sharded_model(&dir.path().join("base"), index);
-        let ft = write_file(&dir.path().join("ft.safetensors"), &[f32_tensor("w", &[2], &[0.0, 0.0])]);
+        let ft = write_file(
+            &dir.path().join("ft.safetensors"),
+            &[f32_tensor("w", &[2], &[0.0, 0.0])],
+        );
         assert_clean_failure(&base, &ft, 2, words, case);
         assert_clean_failure(&base, &ft, 2, "model.safetensors.index.json", case);
     }
@@ -90,22 +171,49 @@ fn a_tensor_listed_by_the_index_but_absent_from_its_shard_is_a_tensor_error() {
     let ft = sharded_model(&dir.path().join("ft"), index);
     assert_clean_failure(&base, &ft, 1, "absent from this shard", "ghost tensor");
     let wd = read_json(&dir.path().join("out/weight_differences.json"));
-    assert!(wd["errors"]["ghost"].as_str().unwrap().contains("model-00001-of-00001.safetensors"));
-    assert!(wd["all_differences"]["w"]["identical"].as_bool().unwrap(), "the good tensor is still compared");
+    assert!(
+        wd["errors"]["ghost"]
+            .as_str()
+            .unwrap()
+            .contains("model-00001-of-00001.safetensors")
+    );
+    assert!(
+        wd["all_differences"]["w"]["identical"].as_bool().unwrap(),
+        "the good tensor is still compared"
+    );
 }
 
 #[test]
 fn a_tensor_in_a_shard_but_not_in_the_index_is_a_warning() {
     let dir = tempfile::tempdir().unwrap();
     let base = dir.path().join("base");
-    write_file(&base.join("model-00001-of-00001.safetensors"), &[f32_tensor("w", &[2], &[0.0, 0.0]), f32_tensor("extra", &[1], &[1.0])]);
-    write_file(&base.join("stray.safetensors"), &[f32_tensor("s", &[1], &[1.0])]);
-    std::fs::write(base.join("model.safetensors.index.json"), r#"{"weight_map":{"w":"model-00001-of-00001.safetensors"}}"#).unwrap();
+    write_file(
+        &base.join("model-00001-of-00001.safetensors"),
+        &[
+            f32_tensor("w", &[2], &[0.0, 0.0]),
+            f32_tensor("extra", &[1], &[1.0]),
+        ],
+    );
+    write_file(
+        &base.join("stray.safetensors"),
+        &[f32_tensor("s", &[1], &[1.0])],
+    );
+    std::fs::write(
+        base.join("model.safetensors.index.json"),
+        r#"{"weight_map":{"w":"model-00001-of-00001.safetensors"}}"#,
+    )
+    .unwrap();
     let out = weightdiff().arg("inspect").arg(&base).output().unwrap();
     assert!(out.status.success());
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.contains("`extra` is in this shard but not in the index"), "{stdout}");
-    assert!(stdout.contains("stray.safetensors: not named by the index"), "{stdout}");
+    assert!(
+        stdout.contains("`extra` is in this shard but not in the index"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("stray.safetensors: not named by the index"),
+        "{stdout}"
+    );
     assert!(stdout.contains("tensors:    1"), "{stdout}");
 }
 
@@ -116,18 +224,38 @@ fn unsupported_dtype_is_a_tensor_error_and_the_rest_goes_on() {
     let bytes = raw_file(header, &[0u8; 16]);
     std::fs::write(dir.path().join("a.safetensors"), &bytes).unwrap();
     std::fs::write(dir.path().join("b.safetensors"), &bytes).unwrap();
-    assert_clean_failure(&dir.path().join("a.safetensors"), &dir.path().join("b.safetensors"), 1, "unsupported dtype", "C64");
+    assert_clean_failure(
+        &dir.path().join("a.safetensors"),
+        &dir.path().join("b.safetensors"),
+        1,
+        "unsupported dtype",
+        "C64",
+    );
 }
 
 #[test]
 fn missing_model_and_bad_flags_give_exit_2() {
     let dir = tempfile::tempdir().unwrap();
-    let ok = write_file(&dir.path().join("ok.safetensors"), &[f32_tensor("w", &[2], &[0.0, 0.0])]);
+    let ok = write_file(
+        &dir.path().join("ok.safetensors"),
+        &[f32_tensor("w", &[2], &[0.0, 0.0])],
+    );
     assert_clean_failure(&dir.path().join("nope"), &ok, 2, "nope", "missing model");
     let empty = dir.path().join("emptydir");
     std::fs::create_dir(&empty).unwrap();
     assert_clean_failure(&empty, &ok, 2, "no model.safetensors", "empty dir");
-    weightdiff().args(["compare", "--include", "("]).arg(&ok).arg(&ok).assert().code(2).stderr(predicates::str::contains("--include"));
-    weightdiff().args(["compare", "--threshold", "-1"]).arg(&ok).arg(&ok).assert().code(2);
+    weightdiff()
+        .args(["compare", "--include", "("])
+        .arg(&ok)
+        .arg(&ok)
+        .assert()
+        .code(2)
+        .stderr(predicates::str::contains("--include"));
+    weightdiff()
+        .args(["compare", "--threshold", "-1"])
+        .arg(&ok)
+        .arg(&ok)
+        .assert()
+        .code(2);
     weightdiff().args(["compare"]).assert().code(2);
 }

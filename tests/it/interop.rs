@@ -30,7 +30,13 @@ fn numpy_recomputes_the_reported_metrics() {
     spec.dtype = weightdiff::checkpoint::dtype::DType::F16;
     let pair = weightdiff::synthetic::build_pair(&spec, dir.path()).unwrap();
     let out = dir.path().join("out");
-    weightdiff().args(["compare", "--quiet", "-o"]).arg(&out).arg(&pair.base).arg(&pair.finetuned).assert().success();
+    weightdiff()
+        .args(["compare", "--quiet", "-o"])
+        .arg(&out)
+        .arg(&pair.base)
+        .arg(&pair.finetuned)
+        .assert()
+        .success();
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/check_metrics.py");
     let status = Command::new("python3")
         .arg(script)
@@ -39,5 +45,8 @@ fn numpy_recomputes_the_reported_metrics() {
         .arg(out.join("weight_differences.json"))
         .status()
         .unwrap();
-    assert!(status.success(), "numpy disagrees with weightdiff (see output above)");
+    assert!(
+        status.success(),
+        "numpy disagrees with weightdiff (see output above)"
+    );
 }

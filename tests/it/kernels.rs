@@ -6,7 +6,9 @@ use weightdiff::checkpoint::dtype::DType;
 use weightdiff::kernels::{check_agreement, fast, is_f32_domain, reference};
 use weightdiff::synthetic::encode;
 
-const LENGTHS: &[usize] = &[0, 1, 2, 15, 16, 17, 511, 1023, 1024, 1025, 4095, 4096, 4097, 10007];
+const LENGTHS: &[usize] = &[
+    0, 1, 2, 15, 16, 17, 511, 1023, 1024, 1025, 4095, 4096, 4097, 10007,
+];
 
 const FLOATS: &[DType] = &[DType::F32, DType::F16, DType::BF16, DType::F64];
 
@@ -16,17 +18,29 @@ fn bytes_of(d: DType, v: &[f64]) -> Vec<u8> {
             // Any byte pattern is a value; derive bytes from the values' bits.
             v.iter().map(|x| (x.to_bits() >> 40) as u8).collect()
         }
-        DType::I32 => v.iter().flat_map(|x| ((x * 1000.0) as i32).to_le_bytes()).collect(),
+        DType::I32 => v
+            .iter()
+            .flat_map(|x| ((x * 1000.0) as i32).to_le_bytes())
+            .collect(),
         DType::I8 => v.iter().map(|x| ((x * 100.0) as i8) as u8).collect(),
         DType::U8 | DType::BOOL => v.iter().map(|x| (x.abs() * 3.0) as u8).collect(),
-        DType::I64 => v.iter().flat_map(|x| ((x * 1e6) as i64).to_le_bytes()).collect(),
-        DType::I16 => v.iter().flat_map(|x| ((x * 1e3) as i16).to_le_bytes()).collect(),
+        DType::I64 => v
+            .iter()
+            .flat_map(|x| ((x * 1e6) as i64).to_le_bytes())
+            .collect(),
+        DType::I16 => v
+            .iter()
+            .flat_map(|x| ((x * 1e3) as i16).to_le_bytes())
+            .collect(),
         _ => encode(d, v),
     }
 }
 
 fn series(seed: u64, n: usize) -> Vec<f64> {
-    crate::common::values(seed, n).into_iter().map(f64::from).collect()
+    crate::common::values(seed, n)
+        .into_iter()
+        .map(f64::from)
+        .collect()
 }
 
 fn assert_agree(a: &[u8], da: DType, b: &[u8], db: DType, what: &str) {
@@ -57,7 +71,14 @@ fn fast_matches_reference_for_every_float_dtype_pair_and_length() {
 
 #[test]
 fn fast_matches_reference_for_integer_and_bool_tensors() {
-    for d in [DType::I8, DType::U8, DType::I16, DType::I32, DType::I64, DType::BOOL] {
+    for d in [
+        DType::I8,
+        DType::U8,
+        DType::I16,
+        DType::I32,
+        DType::I64,
+        DType::BOOL,
+    ] {
         for &n in LENGTHS {
             let (a, b) = (bytes_of(d, &series(1, n)), bytes_of(d, &series(2, n)));
             assert_agree(&a, d, &b, d, &format!("{d} n={n}"));
@@ -107,7 +128,11 @@ fn values_that_overflow_f32_squares_are_summed_in_f64() {
     assert_agree(&a, DType::F32, &b, DType::F32, "overflow");
     let f = fast::diff(&a, DType::F32, &b, DType::F32, 0.0);
     assert!(f.sum_d2.is_finite() && f.sum_d2 > 1e77);
-    assert_eq!(f.max_abs_d, f64::from(f32::INFINITY), "|d| overflows f32 at working precision");
+    assert_eq!(
+        f.max_abs_d,
+        f64::from(f32::INFINITY),
+        "|d| overflows f32 at working precision"
+    );
 }
 
 #[test]

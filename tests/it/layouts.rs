@@ -4,7 +4,11 @@
 use crate::common::*;
 use weightdiff::synthetic::{build_pair, demo_spec};
 
-fn compare_dir(base: &std::path::Path, ft: &std::path::Path, out: &std::path::Path) -> serde_json::Value {
+fn compare_dir(
+    base: &std::path::Path,
+    ft: &std::path::Path,
+    out: &std::path::Path,
+) -> serde_json::Value {
     weightdiff()
         .args(["compare", "--quiet", "-o"])
         .arg(out)
@@ -19,7 +23,11 @@ fn compare_dir(base: &std::path::Path, ft: &std::path::Path, out: &std::path::Pa
 fn single_file_sharded_and_unindexed_layouts_give_identical_numbers() {
     let dir = tempfile::tempdir().unwrap();
     let mut results = Vec::new();
-    for (label, shard, index) in [("single", None, true), ("indexed", Some(60_000), true), ("loose", Some(60_000), false)] {
+    for (label, shard, index) in [
+        ("single", None, true),
+        ("indexed", Some(60_000), true),
+        ("loose", Some(60_000), false),
+    ] {
         let mut spec = demo_spec();
         spec.max_shard_bytes = shard;
         spec.write_index = index;
@@ -27,10 +35,16 @@ fn single_file_sharded_and_unindexed_layouts_give_identical_numbers() {
         let files = std::fs::read_dir(&pair.base).unwrap().count();
         match label {
             "single" => assert!(pair.base.join("model.safetensors").exists()),
-            "indexed" => assert!(pair.base.join("model.safetensors.index.json").exists() && files > 3),
+            "indexed" => {
+                assert!(pair.base.join("model.safetensors.index.json").exists() && files > 3)
+            }
             _ => assert!(!pair.base.join("model.safetensors.index.json").exists() && files > 3),
         }
-        let wd = compare_dir(&pair.base, &pair.finetuned, &dir.path().join(format!("{label}-out")));
+        let wd = compare_dir(
+            &pair.base,
+            &pair.finetuned,
+            &dir.path().join(format!("{label}-out")),
+        );
         results.push(metrics_without_times(&wd));
     }
     assert!(!results[0].as_object().unwrap().is_empty());
@@ -47,9 +61,14 @@ fn a_single_safetensors_file_is_a_model_argument() {
         .arg(&pair.base)
         .assert()
         .success()
-        .stdout(predicates::str::contains("model.layers.1.mlp.down_proj.weight"))
+        .stdout(predicates::str::contains(
+            "model.layers.1.mlp.down_proj.weight",
+        ))
         .stdout(predicates::str::contains("parameters: 226688"));
-    let f = write_file(&dir.path().join("x.safetensors"), &[f32_tensor("a", &[2], &[1.0, 2.0])]);
+    let f = write_file(
+        &dir.path().join("x.safetensors"),
+        &[f32_tensor("a", &[2], &[1.0, 2.0])],
+    );
     weightdiff()
         .args(["inspect", "--json"])
         .arg(&f)

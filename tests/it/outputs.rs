@@ -10,26 +10,85 @@ fn compare_writes_every_report_and_finds_exactly_the_edited_tensors() {
     let dir = tempfile::tempdir().unwrap();
     let pair = build_pair(&demo_spec(), &dir.path().join("pair")).unwrap();
     let out = dir.path().join("out");
-    weightdiff().args(["compare", "--quiet", "--verify", "-o"]).arg(&out).arg(&pair.base).arg(&pair.finetuned).assert().success();
+    weightdiff()
+        .args(["compare", "--quiet", "--verify", "-o"])
+        .arg(&out)
+        .arg(&pair.base)
+        .arg(&pair.finetuned)
+        .assert()
+        .success();
 
     let wd = read_json(&out.join("weight_differences.json"));
-    for key in ["schema_version", "complete", "base", "finetuned", "threshold", "modified_layers", "all_differences", "only_in_base", "only_in_finetuned", "mismatches", "errors", "performance"] {
-        assert!(wd.get(key).is_some(), "weight_differences.json lacks `{key}`");
+    for key in [
+        "schema_version",
+        "complete",
+        "base",
+        "finetuned",
+        "threshold",
+        "modified_layers",
+        "all_differences",
+        "only_in_base",
+        "only_in_finetuned",
+        "mismatches",
+        "errors",
+        "performance",
+    ] {
+        assert!(
+            wd.get(key).is_some(),
+            "weight_differences.json lacks `{key}`"
+        );
     }
-    for key in ["total_time", "avg_layer_time", "max_layer_time", "bytes_read", "throughput_gbps", "layer_times"] {
-        assert!(wd["performance"].get(key).is_some(), "performance lacks `{key}`");
+    for key in [
+        "total_time",
+        "avg_layer_time",
+        "max_layer_time",
+        "bytes_read",
+        "throughput_gbps",
+        "layer_times",
+    ] {
+        assert!(
+            wd["performance"].get(key).is_some(),
+            "performance lacks `{key}`"
+        );
     }
     assert_eq!(wd["complete"], true);
-    let modified: BTreeSet<&str> = wd["modified_layers"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+    let modified: BTreeSet<&str> = wd["modified_layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
     let edited: BTreeSet<&str> = pair.edits.keys().map(String::as_str).collect();
     assert_eq!(modified, edited);
     let all = wd["all_differences"].as_object().unwrap();
     assert_eq!(all.len(), 25);
     for (name, m) in all {
-        for key in ["shape", "dtype", "mean_abs_diff", "max_abs_diff", "rms_diff", "l2_diff", "base_l2", "finetuned_l2", "relative_diff", "cosine_similarity", "changed_ratio", "identical", "nan_count", "inf_count", "total_time", "compute_time", "reference_time"] {
+        for key in [
+            "shape",
+            "dtype",
+            "mean_abs_diff",
+            "max_abs_diff",
+            "rms_diff",
+            "l2_diff",
+            "base_l2",
+            "finetuned_l2",
+            "relative_diff",
+            "cosine_similarity",
+            "changed_ratio",
+            "identical",
+            "nan_count",
+            "inf_count",
+            "total_time",
+            "compute_time",
+            "reference_time",
+        ] {
             assert!(m.get(key).is_some(), "{name} lacks `{key}`");
         }
-        assert_eq!(m["identical"].as_bool().unwrap(), !edited.contains(name.as_str()), "{name}");
+        assert_eq!(
+            m["identical"].as_bool().unwrap(),
+            !edited.contains(name.as_str()),
+            "{name}"
+        );
         assert!(wd["performance"]["layer_times"][name]["reference_time"].is_number());
     }
 
@@ -52,7 +111,11 @@ fn compare_writes_every_report_and_finds_exactly_the_edited_tensors() {
     let summary = std::fs::read_to_string(out.join("comparison_report.txt")).unwrap();
     assert!(summary.contains("8 of 25 compared tensors were modified"));
     // No temp files left behind.
-    let leftovers: Vec<_> = std::fs::read_dir(&out).unwrap().filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().ends_with(".tmp")).collect();
+    let leftovers: Vec<_> = std::fs::read_dir(&out)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
+        .collect();
     assert!(leftovers.is_empty());
 }
 
@@ -66,7 +129,13 @@ fn config_changes_are_reported() {
     cfg["use_cache"] = serde_json::json!(false);
     std::fs::write(&cfg_path, cfg.to_string()).unwrap();
     let out = dir.path().join("out");
-    weightdiff().args(["compare", "--quiet", "-o"]).arg(&out).arg(&pair.base).arg(&pair.finetuned).assert().success();
+    weightdiff()
+        .args(["compare", "--quiet", "-o"])
+        .arg(&out)
+        .arg(&pair.base)
+        .arg(&pair.finetuned)
+        .assert()
+        .success();
     let c = read_json(&out.join("config_comparison.json"));
     assert_eq!(c["config"]["changed"]["rope_theta"]["finetuned"], 500000);
     assert_eq!(c["config"]["only_in_finetuned"]["use_cache"], false);
@@ -75,9 +144,14 @@ fn config_changes_are_reported() {
 #[test]
 fn json_flag_prints_only_json_on_stdout() {
     let dir = tempfile::tempdir().unwrap();
-    let out = weightdiff().args(["demo", "--json", "-o"]).arg(dir.path()).output().unwrap();
+    let out = weightdiff()
+        .args(["demo", "--json", "-o"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
     assert!(out.status.success());
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("stdout is one JSON document");
+    let v: serde_json::Value =
+        serde_json::from_slice(&out.stdout).expect("stdout is one JSON document");
     assert_eq!(v["modified"], 8);
     assert_eq!(v["compared"], 25);
 }
@@ -87,9 +161,27 @@ fn include_and_exclude_filter_tensors() {
     let dir = tempfile::tempdir().unwrap();
     let pair = build_pair(&demo_spec(), &dir.path().join("pair")).unwrap();
     let out = dir.path().join("out");
-    weightdiff().args(["compare", "--quiet", "--include", r"layers\.0\.", "--exclude", "norm", "-o"]).arg(&out).arg(&pair.base).arg(&pair.finetuned).assert().success();
+    weightdiff()
+        .args([
+            "compare",
+            "--quiet",
+            "--include",
+            r"layers\.0\.",
+            "--exclude",
+            "norm",
+            "-o",
+        ])
+        .arg(&out)
+        .arg(&pair.base)
+        .arg(&pair.finetuned)
+        .assert()
+        .success();
     let wd = read_json(&out.join("weight_differences.json"));
     let names: Vec<&String> = wd["all_differences"].as_object().unwrap().keys().collect();
     assert_eq!(names.len(), 7, "{names:?}");
-    assert!(names.iter().all(|n| n.contains("layers.0.") && !n.contains("norm")));
+    assert!(
+        names
+            .iter()
+            .all(|n| n.contains("layers.0.") && !n.contains("norm"))
+    );
 }
