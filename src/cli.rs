@@ -19,6 +19,11 @@ pub enum Command {
         after_help = "Examples:\n  weightdiff compare ./Qwen3-0.6B ./my-finetune -o out\n  weightdiff compare base.safetensors ft.safetensors --verify --include 'layers\\.1[0-9]\\.'"
     )]
     Compare(CompareArgs),
+    /// Extract the fine-tune's change as a PEFT LoRA adapter directory.
+    #[command(
+        after_help = "Examples:\n  weightdiff extract-lora ./base ./ft -o adapter --rank 16\n  weightdiff extract-lora ./base ./ft -o adapter --energy 0.99 --max-rank 64 --modules q_proj,v_proj\n  weightdiff extract-lora ./base ./ft -o adapter --rank 32 --uniform-rank   # one alpha/r for vLLM, llama.cpp"
+    )]
+    ExtractLora(ExtractArgs),
     /// List a model's tensors, dtypes, shapes and parameter count.
     #[command(after_help = "Example:\n  weightdiff inspect ./Qwen3-0.6B")]
     Inspect {
@@ -66,8 +71,146 @@ pub struct CompareArgs {
     /// Worker threads (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Rank of the extracted LoRA (default 16).
+    #[arg(long, value_name = "R", conflicts_with = "lora_energy")]
+    pub lora_rank: Option<usize>,
+    /// Extract per module the smallest rank keeping this fraction of the delta's energy.
+    #[arg(long, value_name = "F")]
+    pub lora_energy: Option<f64>,
+    /// Skip the low-rank analysis and the LoRA extraction.
+    #[arg(long)]
+    pub no_lora: bool,
+    /// Seed of the randomized SVD.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
     #[command(flatten)]
     pub display: DisplayArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct ExtractArgs {
+    /// Base model: a Hugging Face directory or a .safetensors file.
+    pub base: PathBuf,
+    /// Fine-tuned model: a Hugging Face directory or a .safetensors file.
+    pub finetuned: PathBuf,
+    /// Adapter directory to write.
+    #[arg(short, long)]
+    pub output: PathBuf,
+    /// Fixed rank per module.
+    #[arg(long, conflicts_with_all = ["energy", "sv_ratio"])]
+    pub rank: Option<usize>,
+    /// Per module, the smallest rank keeping this fraction of ||delta||^2.
+    #[arg(long, value_name = "F", conflicts_with = "sv_ratio")]
+    pub energy: Option<f64>,
+    /// Per module, keep singular values >= sigma_1 / X.
+    #[arg(long, value_name = "X")]
+    pub sv_ratio: Option<f64>,
+    /// Upper bound on any module's rank.
+    #[arg(long)]
+    pub max_rank: Option<usize>,
+    /// Give every module exactly --rank (zero-padded), for runtimes with one alpha/r.
+    #[arg(long)]
+    pub uniform_rank: bool,
+    /// Leaf module names to extract, comma-separated (default: every changed matrix).
+    #[arg(long, value_delimiter = ',')]
+    pub modules: Option<Vec<String>>,
+    /// Only tensors whose name matches this regex.
+    #[arg(long, value_name = "RE")]
+    pub include: Option<String>,
+    /// Skip tensors whose name matches this regex.
+    #[arg(long, value_name = "RE")]
+    pub exclude: Option<String>,
+    /// Factor dtype (default: the base model's).
+    #[arg(long, value_parser = ["bf16", "f16", "f32"])]
+    pub dtype: Option<String>,
+    /// Leave changed 1-D tensors (norms, biases) out instead of saving them whole.
+    #[arg(long)]
+    pub skip_undecomposable: bool,
+    /// Seed of the randomized SVD.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Oversampling of the randomized SVD.
+    #[arg(long, default_value_t = 16)]
+    pub oversample: usize,
+    /// Power iterations of the randomized SVD.
+    #[arg(long, default_value_t = 2)]
+    pub power_iters: usize,
+    /// Worker threads (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    #[command(flatten)]
+    pub display: DisplayArgs,
+}
+
+fn regex_opt(s: &Option<String>, flag: &str) -> anyhow::Result<Option<regex::Regex>> {
+    s.as_deref()
+        .map(|p| {
+            regex::Regex::new(p).map_err(|e| anyhow::anyhow!("invalid {flag} regex `{p}`: {e}"))
+        })
+        .transpose()
+}
+
+fn check_fraction(v: Option<f64>, flag: &str) -> anyhow::Result<()> {
+    match v {
+        Some(f) if !(f > 0.0 && f <= 1.0) => anyhow::bail!("{flag} must be in (0, 1], got {f}"),
+        _ => Ok(()),
+    }
+}
+
+impl ExtractArgs {
+    /// Options of the diff that finds the changed tensors, and of the LoRA stage.
+    pub fn options(
+        &self,
+    ) -> anyhow::Result<(
+        weightdiff::CompareOptions,
+        weightdiff::pipeline::LoraOptions,
+    )> {
+        use weightdiff::checkpoint::dtype::DType;
+        use weightdiff::lowrank::{LowRankOptions, RankRule};
+        check_fraction(self.energy, "--energy")?;
+        if let Some(x) = self.sv_ratio
+            && (x.is_nan() || x < 1.0)
+        {
+            anyhow::bail!("--sv-ratio must be >= 1, got {x}");
+        }
+        let rule = match (self.rank, self.energy, self.sv_ratio) {
+            (Some(0), _, _) => anyhow::bail!("--rank must be at least 1"),
+            (Some(r), _, _) => RankRule::Fixed { rank: r },
+            (_, Some(f), _) => RankRule::Energy { fraction: f },
+            (_, _, Some(x)) => RankRule::SvRatio { ratio: x },
+            _ => RankRule::Fixed { rank: 16 },
+        };
+        if self.uniform_rank && !matches!(rule, RankRule::Fixed { .. }) {
+            anyhow::bail!("--uniform-rank needs a fixed --rank, not --energy or --sv-ratio");
+        }
+        let compare = weightdiff::CompareOptions {
+            include: regex_opt(&self.include, "--include")?,
+            exclude: regex_opt(&self.exclude, "--exclude")?,
+            threads: self.threads,
+            ..Default::default()
+        };
+        let lora = weightdiff::pipeline::LoraOptions {
+            lowrank: LowRankOptions {
+                rank_rule: rule,
+                max_rank: self.max_rank,
+                seed: self.seed,
+                oversample: self.oversample,
+                power_iters: self.power_iters,
+                ..Default::default()
+            },
+            extract: true,
+            modules: self.modules.clone(),
+            dtype: self.dtype.as_deref().map(|d| match d {
+                "bf16" => DType::BF16,
+                "f16" => DType::F16,
+                _ => DType::F32,
+            }),
+            uniform_rank: self.uniform_rank,
+            skip_undecomposable: self.skip_undecomposable,
+            threads: self.threads,
+        };
+        Ok((compare, lora))
+    }
 }
 
 #[derive(Debug, Args, Clone, Copy)]
@@ -81,16 +224,34 @@ pub struct DisplayArgs {
 }
 
 impl CompareArgs {
+    /// The LoRA stage's options, `None` under `--no-lora`.
+    pub fn lora_options(&self) -> anyhow::Result<Option<weightdiff::pipeline::LoraOptions>> {
+        use weightdiff::lowrank::{LowRankOptions, RankRule};
+        if self.no_lora {
+            return Ok(None);
+        }
+        check_fraction(self.lora_energy, "--lora-energy")?;
+        let rule = match (self.lora_rank, self.lora_energy) {
+            (Some(0), _) => anyhow::bail!("--lora-rank must be at least 1"),
+            (Some(r), _) => RankRule::Fixed { rank: r },
+            (_, Some(f)) => RankRule::Energy { fraction: f },
+            _ => RankRule::Fixed { rank: 16 },
+        };
+        Ok(Some(weightdiff::pipeline::LoraOptions {
+            lowrank: LowRankOptions {
+                rank_rule: rule,
+                seed: self.seed,
+                ..Default::default()
+            },
+            extract: true,
+            threads: self.threads,
+            ..Default::default()
+        }))
+    }
+
     /// Library options from the flags.
     pub fn options(&self) -> anyhow::Result<weightdiff::CompareOptions> {
-        let re = |s: &Option<String>, flag: &str| -> anyhow::Result<Option<regex::Regex>> {
-            s.as_deref()
-                .map(|p| {
-                    regex::Regex::new(p)
-                        .map_err(|e| anyhow::anyhow!("invalid {flag} regex `{p}`: {e}"))
-                })
-                .transpose()
-        };
+        let re = regex_opt;
         if !(self.threshold >= 0.0 && self.threshold.is_finite()) {
             anyhow::bail!(
                 "--threshold must be a finite number >= 0, got {}",

@@ -203,6 +203,8 @@ pub struct Comparison {
     pub performance: Performance,
     /// false when the run was interrupted before every tensor was compared.
     pub complete: bool,
+    /// The low-rank stage, when it ran.
+    pub lora: Option<LoraReport>,
 }
 
 impl Comparison {
@@ -228,4 +230,63 @@ impl Comparison {
         v.truncate(n);
         v
     }
+}
+
+/// How an extracted module is stored in the adapter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ModuleKind {
+    /// `lora_A.weight` [r, in], `lora_B.weight` [out, r].
+    Linear,
+    /// `lora_embedding_A` [r, vocab], `lora_embedding_B` [hidden, r].
+    Embedding,
+}
+
+/// One module's extracted LoRA.
+#[derive(Debug, Clone)]
+pub struct ExtractedModule {
+    /// Tensor name (aligned).
+    pub tensor: String,
+    /// Module path (the tensor name without `.weight`).
+    pub module: String,
+    pub kind: ModuleKind,
+    pub factors: crate::lowrank::extract::Factors,
+}
+
+/// A tensor saved whole through PEFT's `modules_to_save` (changed 1-D tensors).
+#[derive(Debug, Clone)]
+pub struct SavedTensor {
+    /// Key in the adapter file.
+    pub key: String,
+    pub dtype: crate::checkpoint::dtype::DType,
+    pub shape: Vec<usize>,
+    /// Fine-tuned bytes, as stored.
+    pub bytes: Vec<u8>,
+}
+
+/// Everything the low-rank stage found; the LoRA reports and the adapter are rendered
+/// from it.
+#[derive(Debug, Clone)]
+pub struct LoraReport {
+    pub options: crate::lowrank::LowRankOptions,
+    /// Storage dtype of the factors as asked (`None`: each base tensor's).
+    pub dtype: Option<crate::checkpoint::dtype::DType>,
+    /// Every module padded or cut to one rank (`--uniform-rank`).
+    pub uniform_rank: Option<usize>,
+    /// `base_model_name_or_path` of the adapter config.
+    pub base_model: String,
+    /// Analysed 2-D deltas, natural order.
+    pub spectra: Vec<(String, crate::lowrank::TensorSpectrum)>,
+    pub verdict: crate::lowrank::detect::Verdict,
+    /// Extracted modules, natural order (empty when only analysing).
+    pub extracted: Vec<ExtractedModule>,
+    /// Module paths saved whole, and their tensors.
+    pub modules_to_save: Vec<String>,
+    pub saved: Vec<SavedTensor>,
+    /// Changed tensors left out of the adapter, with the reason.
+    pub skipped: Vec<(String, String)>,
+    /// Tensors whose analysis failed.
+    pub errors: BTreeMap<String, String>,
+    /// Wall-clock seconds of the stage.
+    pub total_time: Second,
 }

@@ -39,9 +39,11 @@ pub mod checkpoint;
 pub mod comparison;
 pub mod error;
 pub mod kernels;
+pub mod lowrank;
 pub mod pairing;
 pub mod pipeline;
 pub mod report;
+pub mod rng;
 pub mod synthetic;
 
 pub use checkpoint::Checkpoint;

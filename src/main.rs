@@ -36,6 +36,7 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Compare(args) => compare(&args),
+        Command::ExtractLora(args) => extract_lora(&args),
         Command::Inspect { model, json } => inspect(&model, json),
         Command::Demo { output, display } => demo(&output, display),
     }
@@ -47,22 +48,41 @@ fn open(path: &Path, role: &str) -> anyhow::Result<Checkpoint> {
 
 fn compare(args: &CompareArgs) -> anyhow::Result<ExitCode> {
     let opts = args.options()?;
+    let lora = args.lora_options()?;
     let base = open(&args.base, "base")?;
     let ft = open(&args.finetuned, "fine-tuned")?;
-    run_compare(&base, &ft, &opts, &args.output, args.top, args.display)
+    run_compare(
+        &base,
+        &ft,
+        &opts,
+        lora.as_ref(),
+        &args.output,
+        args.top,
+        args.display,
+    )
 }
 
 fn run_compare(
     base: &Checkpoint,
     ft: &Checkpoint,
     opts: &weightdiff::CompareOptions,
+    lora: Option<&pipeline::LoraOptions>,
     out: &Path,
     top: usize,
     display: DisplayArgs,
 ) -> anyhow::Result<ExitCode> {
     let progress = progress::Reporter::new(display.quiet);
-    let c = pipeline::compare(base, ft, opts, &progress)?;
+    let mut c = pipeline::compare(base, ft, opts, &progress)?;
     progress.finish();
+    if let Some(lo) = lora {
+        if !display.quiet && !display.json {
+            eprintln!(
+                "analysing {} modified tensors for low rank...",
+                c.modified().len()
+            );
+        }
+        c.lora = Some(pipeline::analyze_lora(base, ft, &c, lo)?);
+    }
     let written = report::write_comparison_reports(&c, out, top)
         .with_context(|| format!("cannot write reports into {}", out.display()))?;
     // Tensor errors always reach stderr, whatever --quiet and --json say.
@@ -74,7 +94,8 @@ fn run_compare(
     } else if !display.quiet {
         print_summary(&c, out);
     }
-    Ok(if c.errors.is_empty() {
+    let lora_errors = c.lora.as_ref().is_some_and(|l| !l.errors.is_empty());
+    Ok(if c.errors.is_empty() && !lora_errors {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(EXIT_TENSOR_ERRORS)
@@ -90,6 +111,7 @@ fn print_json(v: &serde_json::Value) -> anyhow::Result<()> {
 
 fn summary_json(c: &Comparison, written: &[PathBuf], top: usize) -> serde_json::Value {
     serde_json::json!({
+        "verdict": c.lora.as_ref().map(|l| &l.verdict),
         "base": c.base.source,
         "finetuned": c.finetuned.source,
         "compared": c.results.len(),
@@ -119,6 +141,21 @@ fn print_summary(c: &Comparison, out: &Path) {
         c.results.iter().filter(|(_, m)| m.identical).count(),
         c.errors.len()
     );
+    if let Some(l) = &c.lora {
+        let v = &l.verdict;
+        eprintln!(
+            "verdict: {}{}{} (confidence {:.2}); {} modules extracted",
+            v.kind,
+            v.rank.map_or(String::new(), |r| format!(", rank {r}")),
+            if v.target_modules.is_empty() {
+                String::new()
+            } else {
+                format!(" on {}", v.target_modules.join(", "))
+            },
+            v.confidence,
+            l.extracted.len()
+        );
+    }
     eprintln!("reports written to {}", out.display());
 }
 
@@ -178,7 +215,15 @@ fn demo(out: &Path, display: DisplayArgs) -> anyhow::Result<ExitCode> {
         verify: true,
         ..Default::default()
     };
-    let code = run_compare(&base, &ft, &opts, &reports, 20, display)?;
+    let lora = pipeline::LoraOptions {
+        extract: true,
+        lowrank: weightdiff::lowrank::LowRankOptions {
+            rank_rule: weightdiff::lowrank::RankRule::Fixed { rank: 4 },
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let code = run_compare(&base, &ft, &opts, Some(&lora), &reports, 20, display)?;
     if !display.quiet && !display.json {
         eprintln!(
             "start with {}",
@@ -186,4 +231,67 @@ fn demo(out: &Path, display: DisplayArgs) -> anyhow::Result<ExitCode> {
         );
     }
     Ok(code)
+}
+
+fn extract_lora(args: &cli::ExtractArgs) -> anyhow::Result<ExitCode> {
+    let (opts, lora_opts) = args.options()?;
+    let base = open(&args.base, "base")?;
+    let ft = open(&args.finetuned, "fine-tuned")?;
+    let progress = progress::Reporter::new(args.display.quiet);
+    let c = pipeline::compare(&base, &ft, &opts, &progress)?;
+    progress.finish();
+    let lora = pipeline::analyze_lora(&base, &ft, &c, &lora_opts)?;
+    let out = &args.output;
+    let (mut written, verification) = report::lora::write_adapter(&lora, out, None)
+        .with_context(|| format!("cannot write the adapter into {}", out.display()))?;
+    for (name, body) in [
+        (
+            report::lora::LORA_METADATA_JSON,
+            report::lora::metadata(&lora, &verification),
+        ),
+        (
+            report::lora::LORA_ANALYSIS_JSON,
+            report::lora::analysis(&lora),
+        ),
+    ] {
+        let p = out.join(name);
+        report::write_atomic(&p, &report::to_json(&body))?;
+        written.push(p);
+    }
+    for (name, e) in c.errors.iter().chain(&lora.errors) {
+        eprintln!("error: {name}: {e}");
+    }
+    let mean = if lora.extracted.is_empty() {
+        0.0
+    } else {
+        lora.extracted
+            .iter()
+            .map(|e| e.factors.residual_stored)
+            .sum::<f64>()
+            / lora.extracted.len() as f64
+    };
+    if args.display.json {
+        print_json(&serde_json::json!({
+            "verdict": lora.verdict,
+            "modules": lora.extracted.len(),
+            "default_rank": report::adapter::default_rank(&lora),
+            "mean_residual": mean,
+            "modules_to_save": lora.modules_to_save,
+            "skipped": lora.skipped.len(),
+            "outputs": written,
+        }))?;
+    } else if !args.display.quiet {
+        eprintln!(
+            "extracted {} modules (default rank {}), mean relative error {mean:.3e}; {} changed tensors not extracted",
+            lora.extracted.len(),
+            report::adapter::default_rank(&lora),
+            lora.skipped.len()
+        );
+        eprintln!("adapter written to {}", out.display());
+    }
+    Ok(if c.errors.is_empty() && lora.errors.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_TENSOR_ERRORS)
+    })
 }

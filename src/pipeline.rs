@@ -10,11 +10,16 @@
 //! gets an entry in `errors`; the others go on.
 
 use crate::checkpoint::Checkpoint;
+use crate::checkpoint::dtype::{DType, decode_f64};
 use crate::comparison::{
-    Comparison, ModelInfo, Performance, Second, TensorInfo, TensorMetrics, metrics_from_accum,
+    Comparison, ExtractedModule, LoraReport, ModelInfo, ModuleKind, Performance, SavedTensor,
+    Second, TensorInfo, TensorMetrics, metrics_from_accum,
 };
 use crate::error::{Error, Result};
 use crate::kernels::{self, Accum};
+use crate::lowrank::detect::{Evidence, verdict};
+use crate::lowrank::extract::{Factors, Target};
+use crate::lowrank::{self, DeltaRows, LowRankOptions, RankRule, TensorSpectrum};
 use crate::pairing::{self, TensorPair, natural_cmp};
 use rayon::prelude::*;
 use regex::Regex;
@@ -298,6 +303,7 @@ fn compare_in_pool(
         filtered_out,
         performance,
         complete: true,
+        lora: None,
     })
 }
 
@@ -417,4 +423,317 @@ fn performance(
         reference_time: verify.then_some(reference),
         speedup: (verify && compute > 0.0).then(|| reference / compute),
     }
+}
+
+/// Module types stored as embeddings (PEFT's `lora_embedding_A/B`), not as linears.
+pub const EMBEDDING_MODULES: &[&str] = &[
+    "embed_tokens",
+    "wte",
+    "word_embeddings",
+    "embed_in",
+    "tok_embeddings",
+];
+
+/// Options of the low-rank stage (`compare` without `--no-lora`, and `extract-lora`).
+#[derive(Debug, Clone, Default)]
+pub struct LoraOptions {
+    pub lowrank: LowRankOptions,
+    /// Extract factors; when false the deltas are only analysed.
+    pub extract: bool,
+    /// Leaf module names to extract (`None`: every changed matrix).
+    pub modules: Option<Vec<String>>,
+    /// Storage dtype of the factors (`None`: the base tensor's, F32 for non-16-bit bases).
+    pub dtype: Option<DType>,
+    /// Give every module exactly the fixed rank of the rank rule.
+    pub uniform_rank: bool,
+    /// Leave changed 1-D tensors out of the adapter (with a note) instead of saving them
+    /// whole through `modules_to_save`.
+    pub skip_undecomposable: bool,
+    /// Worker threads; `None` for all cores.
+    pub threads: Option<usize>,
+}
+
+/// Δ rows of a pair, decoded from mapped windows of both checkpoints.
+struct PairDelta<'a> {
+    base: &'a Checkpoint,
+    finetuned: &'a Checkpoint,
+    pair: &'a TensorPair,
+    m: usize,
+    n: usize,
+}
+
+/// Stored mantissa bits and smallest normal exponent of a float dtype, for the rounding
+/// error of a stored value: ulp(x) = 2^(max(⌊log₂|x|⌋, e_min) − bits).
+fn rounding_model(d: DType) -> Option<(i32, i32)> {
+    match d {
+        DType::BF16 => Some((7, -126)),
+        DType::F16 => Some((10, -14)),
+        DType::F32 => Some((23, -126)),
+        DType::F64 => Some((52, -1022)),
+        DType::F8E4M3 => Some((3, -6)),
+        DType::F8E5M2 => Some((2, -14)),
+        _ => None,
+    }
+}
+
+impl DeltaRows for PairDelta<'_> {
+    fn nrows(&self) -> usize {
+        self.m
+    }
+    fn ncols(&self) -> usize {
+        self.n
+    }
+    fn read_rows(&self, r0: usize, r1: usize, out: &mut [f64]) -> Result<(f64, f64)> {
+        let da = *self.pair.base.dtype.as_ref().expect("checked");
+        let db = *self.pair.finetuned.dtype.as_ref().expect("checked");
+        let (start, len) = ((r0 * self.n) as u64, ((r1 - r0) * self.n) as u64);
+        let (sa, sb) = (da.size() as u64, db.size() as u64);
+        let wa = self.base.read(&self.pair.base, start * sa, len * sa)?;
+        let wb = self
+            .finetuned
+            .read(&self.pair.finetuned, start * sb, len * sb)?;
+        decode_f64(da, &wa, out);
+        let (bits, emin) = rounding_model(db).unwrap_or((52, -1022));
+        let mut tmp = [0f64; 1024];
+        let (mut f2, mut var) = (0.0, 0.0);
+        for (o, c) in out.chunks_mut(1024).zip(wb.chunks(1024 * sb as usize)) {
+            let t = &mut tmp[..o.len()];
+            decode_f64(db, c, t);
+            for (x, &y) in o.iter_mut().zip(t.iter()) {
+                let d = y - *x;
+                // Non-finite values cannot be decomposed; treat them as no change.
+                *x = if d.is_finite() { d } else { 0.0 };
+                f2 += *x * *x;
+                let e = ((((y.to_bits() >> 52) & 0x7ff) as i32) - 1023).max(emin) - bits;
+                // (2^e)² / 12, built from the exponent bits.
+                var += f64::from_bits(((2 * e + 1023).max(1) as u64) << 52) / 12.0;
+            }
+        }
+        Ok((f2, var))
+    }
+}
+
+/// Runs the low-rank stage over the modified tensors of a comparison.
+pub fn analyze_lora(
+    base: &Checkpoint,
+    finetuned: &Checkpoint,
+    c: &Comparison,
+    opts: &LoraOptions,
+) -> Result<LoraReport> {
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(opts.threads.unwrap_or(0))
+        .build()
+        .map_err(|e| Error::InvalidOption(format!("cannot start worker threads: {e}")))?;
+    // Tensors run in parallel; each one's linear algebra stays on its thread.
+    faer::set_global_parallelism(faer::Par::Seq);
+    pool.install(|| analyze_lora_in_pool(base, finetuned, c, opts))
+}
+
+fn analyze_lora_in_pool(
+    base: &Checkpoint,
+    finetuned: &Checkpoint,
+    c: &Comparison,
+    opts: &LoraOptions,
+) -> Result<LoraReport> {
+    let t0 = Instant::now();
+    let paired = pairing::pair(base.tensors(), finetuned.tensors());
+    let by_name: BTreeMap<&str, &TensorPair> =
+        paired.pairs.iter().map(|p| (p.name.as_str(), p)).collect();
+    let uniform_rank = match (opts.uniform_rank, opts.lowrank.rank_rule) {
+        (false, _) => None,
+        (true, RankRule::Fixed { rank }) => Some(rank),
+        (true, _) => {
+            return Err(Error::InvalidOption(
+                "--uniform-rank needs a fixed rank (--rank), not an energy or ratio rule".into(),
+            ));
+        }
+    };
+    let mut skipped = Vec::new();
+    let mut matrices: Vec<(&TensorPair, Option<Target>)> = Vec::new();
+    let mut vectors: Vec<&TensorPair> = Vec::new();
+    for (name, m) in c.results.iter().filter(|(_, m)| m.is_modified()) {
+        let p = by_name[name.as_str()];
+        let da = *p.base.dtype.as_ref().expect("compared tensors have dtypes");
+        let db = *p
+            .finetuned
+            .dtype
+            .as_ref()
+            .expect("compared tensors have dtypes");
+        if m.compared_rows.is_some() {
+            skipped.push((
+                name.clone(),
+                "shape changed (resized): the delta of the new rows has no base; not extracted"
+                    .into(),
+            ));
+        } else if da.is_integer() || db.is_integer() {
+            skipped.push((name.clone(), "integer tensor: not decomposable".into()));
+        } else if p.base.shape.len() == 2 {
+            let module = pairing::module_type(name);
+            let wanted =
+                opts.extract && opts.modules.as_ref().is_none_or(|ms| ms.contains(&module));
+            let dtype = opts
+                .dtype
+                .unwrap_or(if matches!(da, DType::BF16 | DType::F16) {
+                    da
+                } else {
+                    DType::F32
+                });
+            matrices.push((
+                p,
+                wanted.then_some(Target {
+                    dtype,
+                    uniform_rank,
+                }),
+            ));
+        } else if p.base.shape.len() <= 1 {
+            vectors.push(p);
+        } else {
+            skipped.push((
+                name.clone(),
+                format!(
+                    "{}-D tensor: not decomposable as a LoRA",
+                    p.base.shape.len()
+                ),
+            ));
+        }
+    }
+
+    let outs: Vec<Result<(TensorSpectrum, Option<Factors>)>> = matrices
+        .par_iter()
+        .map(|(p, target)| {
+            let src = PairDelta {
+                base,
+                finetuned,
+                pair: p,
+                m: p.base.shape[0],
+                n: p.base.shape[1],
+            };
+            lowrank::analyze(&src, &p.name, &opts.lowrank, *target)
+        })
+        .collect();
+
+    let mut spectra = Vec::new();
+    let mut extracted = Vec::new();
+    let mut errors = BTreeMap::new();
+    for ((p, _), out) in matrices.iter().zip(outs) {
+        match out {
+            Ok((spectrum, factors)) => {
+                spectra.push((p.name.clone(), spectrum));
+                if let Some(factors) = factors {
+                    let module = p
+                        .name
+                        .strip_suffix(".weight")
+                        .unwrap_or(&p.name)
+                        .to_string();
+                    let kind =
+                        if EMBEDDING_MODULES.contains(&pairing::module_type(&p.name).as_str()) {
+                            ModuleKind::Embedding
+                        } else {
+                            ModuleKind::Linear
+                        };
+                    extracted.push(ExtractedModule {
+                        tensor: p.name.clone(),
+                        module,
+                        kind,
+                        factors,
+                    });
+                }
+            }
+            Err(e) => {
+                errors.insert(p.name.clone(), e.to_string());
+            }
+        }
+    }
+
+    // Changed 1-D tensors: saved whole with their module, unless that module is a LoRA.
+    let lora_modules: std::collections::BTreeSet<&str> =
+        extracted.iter().map(|e| e.module.as_str()).collect();
+    let mut modules_to_save: Vec<String> = Vec::new();
+    let mut saved = Vec::new();
+    if opts.extract {
+        for p in &vectors {
+            let module = p.name.rsplit_once('.').map_or("", |(m, _)| m).to_string();
+            if opts.skip_undecomposable {
+                skipped.push((
+                    p.name.clone(),
+                    "1-D tensor left out (--skip-undecomposable)".into(),
+                ));
+            } else if lora_modules.contains(module.as_str()) {
+                skipped.push((p.name.clone(), "1-D tensor of a module extracted as a LoRA: PEFT cannot also save that module whole".into()));
+            } else if module.is_empty() {
+                skipped.push((
+                    p.name.clone(),
+                    "top-level tensor without a module: not representable in PEFT".into(),
+                ));
+            } else if !modules_to_save.contains(&module) {
+                modules_to_save.push(module);
+            }
+        }
+        for module in &modules_to_save {
+            let prefix = format!("{module}.");
+            for p in paired.pairs.iter().filter(|p| {
+                p.name
+                    .strip_prefix(&prefix)
+                    .is_some_and(|r| !r.contains('.'))
+            }) {
+                let bytes = finetuned
+                    .read(&p.finetuned, 0, p.finetuned.nbytes())?
+                    .to_vec();
+                saved.push(SavedTensor {
+                    key: format!("base_model.model.{}", p.name),
+                    dtype: *p
+                        .finetuned
+                        .dtype
+                        .as_ref()
+                        .map_err(|d| Error::InvalidOption(format!("unsupported dtype {d}")))?,
+                    shape: p.finetuned.shape.clone(),
+                    bytes,
+                });
+            }
+        }
+    } else {
+        skipped.extend(vectors.iter().map(|p| {
+            (
+                p.name.clone(),
+                "1-D tensor: analysed as changed, not decomposable".to_string(),
+            )
+        }));
+    }
+
+    let detected: BTreeMap<&str, Option<usize>> = spectra
+        .iter()
+        .map(|(n, s)| (n.as_str(), s.detected_rank))
+        .collect();
+    let modules: Vec<String> = c
+        .results
+        .iter()
+        .filter(|(_, m)| m.is_modified())
+        .map(|(n, _)| pairing::module_type(n))
+        .collect();
+    let evidence: Vec<Evidence> = c
+        .results
+        .iter()
+        .filter(|(_, m)| m.is_modified())
+        .zip(&modules)
+        .map(|((n, m), module)| Evidence {
+            module,
+            is_matrix: m.shape.len() == 2,
+            detected_rank: detected.get(n.as_str()).copied().flatten(),
+        })
+        .collect();
+    let verdict = verdict(&evidence);
+    Ok(LoraReport {
+        options: opts.lowrank.clone(),
+        dtype: opts.dtype,
+        uniform_rank,
+        base_model: c.base.source.clone(),
+        spectra,
+        verdict,
+        extracted,
+        modules_to_save,
+        saved,
+        skipped,
+        errors,
+        total_time: t0.elapsed().as_secs_f64(),
+    })
 }

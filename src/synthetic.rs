@@ -17,6 +17,7 @@
 use crate::checkpoint::dtype::DType;
 use crate::error::{Error, Result};
 use crate::report::write_atomic;
+pub use crate::rng::Gaussian;
 use regex::Regex;
 use safetensors::View;
 use serde_json::json;
@@ -245,7 +246,7 @@ fn edit_of(spec: &PairSpec, name: &str, kind: Kind) -> Option<Edit> {
             (Some(ls), Some(i)) => ls.contains(&i),
             (Some(_), None) => false,
         };
-        if kind == Kind::Linear && layer_ok && l.modules.contains(&module) {
+        if kind != Kind::Norm && layer_ok && l.modules.contains(&module) {
             return Some(Edit::Lora { rank: l.rank });
         }
     }
@@ -372,6 +373,11 @@ pub fn tensor_bytes(
     let n: usize = shape.iter().product();
     let mut values = base_values(spec.seed, name, n, kind);
     if finetuned {
+        // Edits apply to the stored base, as a merge does on a loaded checkpoint: the
+        // delta then carries one rounding (of the fine-tuned value), not two.
+        for v in &mut values {
+            *v = crate::lowrank::extract::round_to(spec.dtype, *v);
+        }
         match edit_of(spec, name, kind) {
             Some(Edit::Lora { .. }) => {
                 let l = spec.lora.as_ref().expect("lora edit implies lora spec");
@@ -438,53 +444,6 @@ pub fn encode(dtype: DType, values: &[f64]) -> Vec<u8> {
         }
     }
     out
-}
-
-/// Standard normal values from SplitMix64 + Box–Muller, seeded by (seed, name, salt).
-pub struct Gaussian {
-    state: u64,
-    spare: Option<f64>,
-}
-
-impl Gaussian {
-    pub fn new(seed: u64, name: &str, salt: &str) -> Gaussian {
-        // FNV-1a over salt and name, mixed with the seed.
-        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-        for b in salt.bytes().chain([0u8]).chain(name.bytes()) {
-            h ^= b as u64;
-            h = h.wrapping_mul(0x0100_0000_01b3);
-        }
-        Gaussian {
-            state: h ^ seed.wrapping_mul(0x9E37_79B9_7F4A_7C15),
-            spare: None,
-        }
-    }
-
-    fn next_u64(&mut self) -> u64 {
-        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in (0, 1].
-    fn uniform(&mut self) -> f64 {
-        ((self.next_u64() >> 11) as f64 + 1.0) / (1u64 << 53) as f64
-    }
-
-    /// The next standard normal value.
-    #[allow(clippy::should_implement_trait)]
-    pub fn next(&mut self) -> f64 {
-        if let Some(s) = self.spare.take() {
-            return s;
-        }
-        let (u, v) = (self.uniform(), self.uniform());
-        let r = (-2.0 * u.ln()).sqrt();
-        let t = std::f64::consts::TAU * v;
-        self.spare = Some(r * t.sin());
-        r * t.cos()
-    }
 }
 
 /// The pair `weightdiff demo` builds: the `tiny` preset in bf16, sharded with an index,

@@ -1,9 +1,11 @@
 //! Reports: one module per output file, each a pure renderer from a [`Comparison`] to
 //! bytes, and one writer that puts bytes on disk atomically.
 
+pub mod adapter;
 pub mod architecture;
 pub mod config;
 pub mod json;
+pub mod lora;
 pub mod summary;
 pub mod text;
 
@@ -57,6 +59,9 @@ pub fn write_comparison_reports(c: &Comparison, dir: &Path, top: usize) -> Resul
         let path = dir.join(name);
         write_atomic(&path, &bytes)?;
         written.push(path);
+    }
+    if let Some(lora) = &c.lora {
+        written.extend(lora::write_lora_outputs(lora, dir)?);
     }
     // The summary lists the files written, itself included.
     let summary_path = dir.join(COMPARISON_REPORT_TXT);

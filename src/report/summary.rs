@@ -89,6 +89,62 @@ pub fn render(c: &Comparison, written: &[PathBuf], top: usize) -> String {
         );
     }
 
+    if let Some(l) = &c.lora {
+        let v = &l.verdict;
+        let _ = writeln!(w, "\nLoRA verdict");
+        let _ = writeln!(w, "------------");
+        let what = match v.kind {
+            "merged_lora" => format!(
+                "a merged LoRA of rank {} on {}",
+                v.rank.map_or("?".to_string(), |r| r.to_string()),
+                v.target_modules.join(", ")
+            ),
+            "full_finetune" => "a full fine-tune (the deltas are not low-rank)".to_string(),
+            "mixed" => format!(
+                "mixed: low-rank deltas (rank {}) on {}, other changes elsewhere",
+                v.rank.map_or("?".to_string(), |r| r.to_string()),
+                v.target_modules.join(", ")
+            ),
+            _ => "unchanged".to_string(),
+        };
+        let _ = writeln!(
+            w,
+            "The fine-tune looks like {what} (confidence {:.2}).",
+            v.confidence
+        );
+        let low = l
+            .spectra
+            .iter()
+            .filter(|(_, s)| s.detected_rank.is_some())
+            .count();
+        let _ = writeln!(
+            w,
+            "{low} of {} analysed matrices have a clear rank cliff above the storage rounding floor.",
+            l.spectra.len()
+        );
+        if !l.extracted.is_empty() {
+            let mean: f64 = l
+                .extracted
+                .iter()
+                .map(|e| e.factors.residual_stored)
+                .sum::<f64>()
+                / l.extracted.len() as f64;
+            let _ = writeln!(
+                w,
+                "Extracted {} modules as a PEFT adapter (default rank {}), mean relative reconstruction error {:.3e}.",
+                l.extracted.len(),
+                crate::report::adapter::default_rank(l),
+                mean
+            );
+        }
+        for (n, why) in &l.skipped {
+            let _ = writeln!(w, "not extracted: {n}: {why}");
+        }
+        for (n, e) in &l.errors {
+            let _ = writeln!(w, "analysis error: {n}: {e}");
+        }
+    }
+
     let _ = writeln!(w, "\nMost modified (by relative diff)");
     let _ = writeln!(w, "--------------------------------");
     for (i, (name, m)) in c.top_modified(top).into_iter().enumerate() {

@@ -1,0 +1,193 @@
+//! Merged-LoRA detection: is a delta low-rank, and of which rank?
+//!
+//! A LoRA of rank r merged into a weight and stored in a low-precision dtype leaves
+//! Δ = BA + E, where E is the rounding error of the stored fine-tuned values. BA has r
+//! non-zero singular values; E is close to an i.i.d. matrix whose entries are uniform
+//! in ±ulp/2, so its largest singular value is about σ_E = s·(√m + √n) with
+//! s² = mean(ulp²/12) (the Marchenko–Pastur edge). The spectrum of Δ therefore shows a
+//! cliff: r values clearly above σ_E, then values at or below it.
+//!
+//! The rule: count the singular values above [`FLOOR_MARGIN`]·σ_E; that count r is the
+//! detected rank when it is below the number of values computed and the cliff is sharp,
+//! σ_r / σ_{r+1} ≥ [`MIN_GAP`]. Otherwise the delta is not low-rank within the analysed
+//! range (`detected_rank: null`).
+
+use serde::Serialize;
+use std::collections::BTreeMap;
+
+/// Singular values up to this multiple of the predicted rounding floor still count as
+/// noise: the Marchenko–Pastur edge is an expectation, and rounding errors are not
+/// exactly i.i.d. (they scale with each weight's magnitude).
+pub const FLOOR_MARGIN: f64 = 1.5;
+/// The smallest ratio σ_r / σ_{r+1} accepted as a rank cliff.
+pub const MIN_GAP: f64 = 2.0;
+
+/// Predicted top singular value of the rounding noise of an m × n delta whose
+/// elements' squared rounding errors sum to `rounding_var_sum`.
+pub fn noise_floor(m: usize, n: usize, rounding_var_sum: f64) -> f64 {
+    let count = (m * n).max(1) as f64;
+    (rounding_var_sum / count).sqrt() * ((m as f64).sqrt() + (n as f64).sqrt())
+}
+
+/// The evidence for one tensor.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Detection {
+    pub detected_rank: Option<usize>,
+    /// σ_r / σ_{r+1} at the detected cliff (or at the last value above the floor).
+    pub gap_ratio: Option<f64>,
+}
+
+/// Applies the rule of the module docs to singular values `s` (non-increasing).
+pub fn detect(s: &[f64], floor: f64) -> Detection {
+    let tau = FLOOR_MARGIN * floor;
+    let r = s.iter().take_while(|&&x| x > tau).count();
+    if r == 0 || r >= s.len() {
+        return Detection {
+            detected_rank: None,
+            gap_ratio: None,
+        };
+    }
+    let gap = if s[r] > 0.0 {
+        s[r - 1] / s[r]
+    } else {
+        f64::INFINITY
+    };
+    Detection {
+        detected_rank: (gap >= MIN_GAP).then_some(r),
+        gap_ratio: Some(gap),
+    }
+}
+
+/// The overall verdict of `lora_analysis.json`.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Verdict {
+    /// `merged_lora`, `full_finetune`, `unchanged` or `mixed`.
+    pub kind: &'static str,
+    /// The LoRA rank (the most common detected rank), for `merged_lora` and `mixed`.
+    pub rank: Option<usize>,
+    /// Leaf module names whose deltas are low-rank.
+    pub target_modules: Vec<String>,
+    /// Share of the modified tensors consistent with the verdict, in [0, 1].
+    pub confidence: f64,
+}
+
+/// A modified tensor as the verdict sees it.
+pub struct Evidence<'a> {
+    pub module: &'a str,
+    /// 2-D tensors can be low-rank; others (norms, biases) cannot.
+    pub is_matrix: bool,
+    pub detected_rank: Option<usize>,
+}
+
+/// Share of modified matrices that must be low-rank for `merged_lora` (and at most
+/// 1 − this share for `full_finetune`).
+pub const VERDICT_SHARE: f64 = 0.9;
+
+/// Decides the verdict from the modified tensors.
+pub fn verdict(modified: &[Evidence<'_>]) -> Verdict {
+    if modified.is_empty() {
+        return Verdict {
+            kind: "unchanged",
+            rank: None,
+            target_modules: Vec::new(),
+            confidence: 1.0,
+        };
+    }
+    let matrices: Vec<&Evidence> = modified.iter().filter(|e| e.is_matrix).collect();
+    let low: Vec<&Evidence> = matrices
+        .iter()
+        .copied()
+        .filter(|e| e.detected_rank.is_some())
+        .collect();
+    let others = modified.len() - matrices.len();
+    let mut ranks: BTreeMap<usize, usize> = BTreeMap::new();
+    for e in &low {
+        *ranks.entry(e.detected_rank.expect("filtered")).or_default() += 1;
+    }
+    // Most common rank; ties go to the larger rank.
+    let mode = ranks
+        .iter()
+        .max_by_key(|(r, c)| (**c, **r))
+        .map(|(r, _)| *r);
+    let mut modules: Vec<String> = low.iter().map(|e| e.module.to_string()).collect();
+    modules.sort();
+    modules.dedup();
+    let share = if matrices.is_empty() {
+        0.0
+    } else {
+        low.len() as f64 / matrices.len() as f64
+    };
+    if !matrices.is_empty() && share >= VERDICT_SHARE && others == 0 {
+        let agree = mode.map_or(0, |r| ranks[&r]) as f64 / modified.len() as f64;
+        Verdict {
+            kind: "merged_lora",
+            rank: mode,
+            target_modules: modules,
+            confidence: agree,
+        }
+    } else if share <= 1.0 - VERDICT_SHARE {
+        let consistent = (matrices.len() - low.len() + others) as f64 / modified.len() as f64;
+        Verdict {
+            kind: "full_finetune",
+            rank: None,
+            target_modules: Vec::new(),
+            confidence: consistent,
+        }
+    } else {
+        Verdict {
+            kind: "mixed",
+            rank: mode,
+            target_modules: modules,
+            confidence: share.max(1.0 - share),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cliff_above_the_floor_is_a_rank() {
+        let s = [10.0, 9.0, 8.0, 7.0, 0.011, 0.010, 0.009];
+        assert_eq!(detect(&s, 0.01).detected_rank, Some(4));
+        // A flat spectrum above the floor is not low-rank in the analysed range.
+        assert_eq!(detect(&[5.0, 4.9, 4.8], 0.01).detected_rank, None);
+        // A shallow step is not a cliff.
+        assert_eq!(detect(&[1.0, 0.9, 0.02, 0.014, 0.01], 0.01).detected_rank, None);
+        // Noise only.
+        assert_eq!(detect(&[0.012, 0.01], 0.01).detected_rank, None);
+    }
+
+    #[test]
+    fn verdict_names_the_rank_and_modules() {
+        let ev = |m: &'static str, r| Evidence {
+            module: m,
+            is_matrix: true,
+            detected_rank: r,
+        };
+        let v = verdict(&[
+            ev("q_proj", Some(8)),
+            ev("v_proj", Some(8)),
+            ev("q_proj", Some(8)),
+        ]);
+        assert_eq!((v.kind, v.rank), ("merged_lora", Some(8)));
+        assert_eq!(v.target_modules, ["q_proj", "v_proj"]);
+        assert_eq!(v.confidence, 1.0);
+        assert_eq!(
+            verdict(&[ev("q_proj", None), ev("up_proj", None)]).kind,
+            "full_finetune"
+        );
+        assert_eq!(
+            verdict(&[ev("q_proj", Some(4)), ev("up_proj", None)]).kind,
+            "mixed"
+        );
+        assert_eq!(verdict(&[]).kind, "unchanged");
+        let norm = Evidence {
+            module: "norm",
+            is_matrix: false,
+            detected_rank: None,
+        };
+        assert_eq!(verdict(&[ev("q_proj", Some(4)), norm]).kind, "mixed");
+    }
+}
