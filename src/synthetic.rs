@@ -150,7 +150,8 @@ pub struct LoraEdit {
     pub modules: Vec<String>,
     /// Expected ‖ΔW‖ / ‖W‖ of each edited tensor.
     pub delta_rel: f64,
-    /// Only layers in this set, when given.
+    /// Only layers in this set, when given (tensors outside the layers, such as the
+    /// embeddings, are edited when their module is listed).
     pub layers: Option<Vec<usize>>,
 }
 
@@ -244,7 +245,8 @@ fn edit_of(spec: &PairSpec, name: &str, kind: Kind) -> Option<Edit> {
         let layer_ok = match (&l.layers, crate::pairing::layer_index(name)) {
             (None, _) => true,
             (Some(ls), Some(i)) => ls.contains(&i),
-            (Some(_), None) => false,
+            // Embeddings and the head belong to no layer: the module list decides.
+            (Some(_), None) => true,
         };
         if kind != Kind::Norm && layer_ok && l.modules.contains(&module) {
             return Some(Edit::Lora { rank: l.rank });

@@ -154,7 +154,10 @@ mod tests {
         // A flat spectrum above the floor is not low-rank in the analysed range.
         assert_eq!(detect(&[5.0, 4.9, 4.8], 0.01).detected_rank, None);
         // A shallow step is not a cliff.
-        assert_eq!(detect(&[1.0, 0.9, 0.02, 0.014, 0.01], 0.01).detected_rank, None);
+        assert_eq!(
+            detect(&[1.0, 0.9, 0.02, 0.014, 0.01], 0.01).detected_rank,
+            None
+        );
         // Noise only.
         assert_eq!(detect(&[0.012, 0.01], 0.01).detected_rank, None);
     }

@@ -5,7 +5,7 @@
 use crate::common::*;
 use std::process::Command;
 
-fn python_ready() -> bool {
+pub fn python_ready() -> bool {
     let ok = Command::new("python3")
         .args(["-c", "import numpy, safetensors"])
         .status()

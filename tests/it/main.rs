@@ -6,6 +6,7 @@
 //! - `pairing`: only-in, shape and dtype mismatches, prefix alignment
 //! - `bad_inputs`: the catalogue of malformed files, each a clean error naming the file
 //! - `outputs`: every report exists, parses, and matches the builder's ground truth
+//! - `lora`: rank detection, verdicts, extraction fidelity, PEFT keys, determinism
 //! - `interop`: Python's safetensors/numpy recompute our metrics independently
 
 mod bad_inputs;
@@ -13,6 +14,7 @@ mod common;
 mod interop;
 mod kernels;
 mod layouts;
+mod lora;
 mod metrics;
 mod outputs;
 mod pairing;

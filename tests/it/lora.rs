@@ -1,0 +1,440 @@
+//! Low-rank analysis and LoRA extraction on builder pairs with known LoRA ranks.
+
+use crate::common::*;
+use std::collections::BTreeSet;
+use weightdiff::checkpoint::dtype::DType;
+use weightdiff::lowrank::{LowRankOptions, RankRule};
+use weightdiff::pipeline::{LoraOptions, NoProgress, analyze_lora};
+use weightdiff::synthetic::{BuiltPair, LoraEdit, ModelShape, NoiseEdit, PairSpec, build_pair};
+use weightdiff::{Checkpoint, CompareOptions, compare};
+
+/// A small Llama-style model, big enough for rank 16 to be well below every dimension.
+fn shape() -> ModelShape {
+    ModelShape {
+        hidden_size: 128,
+        intermediate_size: 256,
+        num_hidden_layers: 2,
+        num_attention_heads: 4,
+        num_key_value_heads: 2,
+        head_dim: 32,
+        vocab_size: 300,
+        tie_word_embeddings: false,
+    }
+}
+
+fn lora_pair(dir: &std::path::Path, rank: usize, modules: &[&str], dtype: DType) -> BuiltPair {
+    let spec = PairSpec {
+        shape: shape(),
+        dtype,
+        lora: Some(LoraEdit {
+            rank,
+            alpha: 2.0 * rank as f64,
+            modules: modules.iter().map(|s| s.to_string()).collect(),
+            delta_rel: 0.05,
+            layers: None,
+        }),
+        ..PairSpec::tiny()
+    };
+    build_pair(&spec, dir).unwrap()
+}
+
+fn run(pair: &BuiltPair, lora: &LoraOptions) -> weightdiff::Comparison {
+    let b = Checkpoint::open(&pair.base).unwrap();
+    let f = Checkpoint::open(&pair.finetuned).unwrap();
+    let mut c = compare(&b, &f, &CompareOptions::default(), &NoProgress).unwrap();
+    c.lora = Some(analyze_lora(&b, &f, &c, lora).unwrap());
+    c
+}
+
+fn extract(rank: usize, dtype: Option<DType>) -> LoraOptions {
+    LoraOptions {
+        extract: true,
+        dtype,
+        lowrank: LowRankOptions {
+            rank_rule: RankRule::Fixed { rank },
+            ..Default::default()
+        },
+        ..Default::default()
+    }
+}
+
+const ATTN: &[&str] = &["q_proj", "k_proj", "v_proj", "o_proj"];
+const ALL: &[&str] = &[
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
+
+#[test]
+fn detects_the_planted_rank_on_every_targeted_tensor() {
+    for (rank, modules, dtype) in [
+        (4, ATTN, DType::BF16),
+        (8, ALL, DType::BF16),
+        (16, ATTN, DType::F32),
+        (8, ALL, DType::F16),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let pair = lora_pair(dir.path(), rank, modules, dtype);
+        let c = run(&pair, &LoraOptions::default());
+        let l = c.lora.as_ref().unwrap();
+        let analysed: BTreeSet<&str> = l.spectra.iter().map(|(n, _)| n.as_str()).collect();
+        let edited: BTreeSet<&str> = pair.edits.keys().map(String::as_str).collect();
+        assert_eq!(
+            analysed, edited,
+            "only edited tensors are modified and analysed"
+        );
+        for (name, s) in &l.spectra {
+            assert_eq!(
+                s.detected_rank,
+                Some(rank),
+                "{name} ({dtype}, r={rank}): σ={:?} floor {}",
+                &s.singular_values[..rank + 2],
+                s.noise_floor
+            );
+        }
+        assert_eq!(l.verdict.kind, "merged_lora");
+        assert_eq!(l.verdict.rank, Some(rank));
+        let mut want: Vec<&str> = modules.to_vec();
+        want.sort();
+        assert_eq!(l.verdict.target_modules, want);
+        assert!(l.verdict.confidence > 0.99);
+    }
+}
+
+#[test]
+fn a_dense_noise_finetune_is_a_full_finetune() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = PairSpec {
+        shape: shape(),
+        noise: Some(NoiseEdit {
+            pattern: regex::Regex::new(r"proj\.weight$").unwrap(),
+            rel: 0.05,
+        }),
+        ..PairSpec::tiny()
+    };
+    let pair = build_pair(&spec, dir.path()).unwrap();
+    let c = run(&pair, &LoraOptions::default());
+    let l = c.lora.unwrap();
+    assert_eq!(l.verdict.kind, "full_finetune");
+    assert!(l.spectra.iter().all(|(_, s)| s.detected_rank.is_none()));
+}
+
+#[test]
+fn extraction_reconstructs_to_the_storage_noise() {
+    // f32 pair, f32 factors: the residual is f32 rounding.
+    let dir = tempfile::tempdir().unwrap();
+    let pair = lora_pair(dir.path(), 8, ATTN, DType::F32);
+    let c = run(&pair, &extract(8, Some(DType::F32)));
+    let l = c.lora.as_ref().unwrap();
+    assert_eq!(l.extracted.len(), 8);
+    for e in &l.extracted {
+        assert!(
+            e.factors.residual_stored < 1e-4,
+            "{}: {}",
+            e.module,
+            e.factors.residual_stored
+        );
+        assert_eq!(e.factors.rank, 8);
+    }
+    // bf16 pair: the residual is the rounding noise the detector predicts.
+    let dir = tempfile::tempdir().unwrap();
+    let pair = lora_pair(dir.path(), 8, ATTN, DType::BF16);
+    let c = run(&pair, &extract(16, None));
+    let l = c.lora.as_ref().unwrap();
+    for e in &l.extracted {
+        let s = &l.spectra.iter().find(|(n, _)| n == &e.tensor).unwrap().1;
+        let (m, n) = (s.shape[0] as f64, s.shape[1] as f64);
+        // floor = σ·(√m + √n) for element noise σ; the whole noise has norm σ·√(mn).
+        let noise_rel = s.noise_floor / (m.sqrt() + n.sqrt()) * (m * n).sqrt() / s.frobenius_norm;
+        assert!(
+            e.factors.residual_stored <= 1.05 * noise_rel,
+            "{}: {} vs predicted {noise_rel}",
+            e.module,
+            e.factors.residual_stored
+        );
+        // Extracting 16 components of a rank-8 delta also removes the 8 largest noise
+        // directions, so the residual may sit somewhat below the whole noise.
+        assert!(
+            e.factors.residual_stored >= 0.5 * noise_rel,
+            "{}: {} vs predicted {noise_rel}",
+            e.module,
+            e.factors.residual_stored
+        );
+        assert!(e.factors.residual_stored >= e.factors.residual * (1.0 - 1e-9));
+    }
+}
+
+#[test]
+fn streamed_and_in_memory_deltas_give_the_same_factors() {
+    let dir = tempfile::tempdir().unwrap();
+    let pair = lora_pair(dir.path(), 4, &["q_proj"], DType::BF16);
+    let a = run(&pair, &extract(4, Some(DType::F32)));
+    let mut streamed = extract(4, Some(DType::F32));
+    streamed.lowrank.dense_budget_bytes = 0;
+    streamed.lowrank.block_bytes = 8 * 128 * 10; // 10 rows per block
+    let b = run(&pair, &streamed);
+    let (la, lb) = (a.lora.unwrap(), b.lora.unwrap());
+    assert!(lb.spectra.iter().all(|(_, s)| s.path == "streamed"));
+    assert!(la.spectra.iter().all(|(_, s)| s.path == "in_memory"));
+    for (x, y) in la.extracted.iter().zip(&lb.extracted) {
+        assert!((x.factors.residual - y.factors.residual).abs() < 1e-9);
+        let prod = |f: &weightdiff::lowrank::extract::Factors, i: usize, j: usize| {
+            (0..f.rank)
+                .map(|t| f.b[i * f.rank + t] * f.a[t * f.n + j])
+                .sum::<f64>()
+        };
+        for (i, j) in [(0, 0), (5, 17), (127, 127)] {
+            assert!((prod(&x.factors, i, j) - prod(&y.factors, i, j)).abs() < 1e-9);
+        }
+    }
+}
+
+fn extract_cli(pair: &BuiltPair, out: &std::path::Path, extra: &[&str]) {
+    weightdiff()
+        .args(["extract-lora", "--quiet", "-o"])
+        .arg(out)
+        .arg(&pair.base)
+        .arg(&pair.finetuned)
+        .args(extra)
+        .assert()
+        .success();
+}
+
+#[test]
+fn same_inputs_and_seed_give_a_byte_identical_adapter() {
+    let dir = tempfile::tempdir().unwrap();
+    let pair = lora_pair(&dir.path().join("pair"), 4, ATTN, DType::BF16);
+    let (a, b, c) = (
+        dir.path().join("a"),
+        dir.path().join("b"),
+        dir.path().join("c"),
+    );
+    extract_cli(&pair, &a, &["--rank", "4", "--seed", "7"]);
+    extract_cli(&pair, &b, &["--rank", "4", "--seed", "7", "--threads", "1"]);
+    extract_cli(&pair, &c, &["--rank", "4", "--seed", "8"]);
+    for f in ["adapter_model.safetensors", "adapter_config.json"] {
+        assert_eq!(
+            std::fs::read(a.join(f)).unwrap(),
+            std::fs::read(b.join(f)).unwrap(),
+            "{f}"
+        );
+    }
+    // Another seed gives another sketch; the subspace (and the error) is the same.
+    assert_ne!(
+        std::fs::read(a.join("adapter_model.safetensors")).unwrap(),
+        std::fs::read(c.join("adapter_model.safetensors")).unwrap()
+    );
+}
+
+#[test]
+fn adapter_has_peft_keys_shapes_and_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = PairSpec {
+        shape: shape(),
+        lora: Some(LoraEdit {
+            rank: 4,
+            alpha: 8.0,
+            modules: vec!["q_proj".into(), "embed_tokens".into(), "lm_head".into()],
+            delta_rel: 0.05,
+            layers: Some(vec![1]),
+        }),
+        noise: Some(NoiseEdit {
+            pattern: regex::Regex::new(r"^model\.norm\.weight$").unwrap(),
+            rel: 0.01,
+        }),
+        ..PairSpec::tiny()
+    };
+    let pair = build_pair(&spec, &dir.path().join("pair")).unwrap();
+    let out = dir.path().join("adapter");
+    extract_cli(&pair, &out, &["--rank", "4"]);
+    let ck = Checkpoint::open(&out.join("adapter_model.safetensors")).unwrap();
+    let keys: BTreeSet<(&str, Vec<usize>)> = ck
+        .tensors()
+        .values()
+        .map(|t| (t.name.as_str(), t.shape.clone()))
+        .collect();
+    let want: BTreeSet<(&str, Vec<usize>)> = [
+        ("base_model.model.lm_head.lora_A.weight", vec![4, 128]),
+        ("base_model.model.lm_head.lora_B.weight", vec![300, 4]),
+        (
+            "base_model.model.model.embed_tokens.lora_embedding_A",
+            vec![4, 300],
+        ),
+        (
+            "base_model.model.model.embed_tokens.lora_embedding_B",
+            vec![128, 4],
+        ),
+        (
+            "base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight",
+            vec![4, 128],
+        ),
+        (
+            "base_model.model.model.layers.1.self_attn.q_proj.lora_B.weight",
+            vec![128, 4],
+        ),
+        ("base_model.model.model.norm.weight", vec![128]),
+    ]
+    .into_iter()
+    .collect();
+    assert_eq!(keys, want);
+    let cfg = read_json(&out.join("adapter_config.json"));
+    assert_eq!(cfg["peft_type"], "LORA");
+    assert_eq!(cfg["r"], 4);
+    assert_eq!(cfg["lora_alpha"], 4);
+    assert_eq!(
+        cfg["target_modules"],
+        serde_json::json!(["embed_tokens", "lm_head", "q_proj"])
+    );
+    assert_eq!(cfg["modules_to_save"], serde_json::json!(["model.norm"]));
+    let meta = read_json(&out.join("lora_metadata.json"));
+    assert_eq!(meta["verification"]["reloaded"], true);
+    assert_eq!(meta["verification"]["tensors_checked"], 7);
+    assert!(
+        meta["modules"]["model.embed_tokens"]["residual_stored"]
+            .as_f64()
+            .unwrap()
+            < 0.2
+    );
+    let analysis = read_json(&out.join("lora_analysis.json"));
+    assert_eq!(
+        analysis["verdict"]["kind"], "mixed",
+        "a norm changed besides the LoRA"
+    );
+    assert!(analysis["layers"]["1"]["low_rank"].as_u64().unwrap() == 1);
+}
+
+#[test]
+fn energy_ratio_and_uniform_rank_rules_pick_the_documented_ranks() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = PairSpec {
+        shape: shape(),
+        lora: Some(LoraEdit {
+            rank: 6,
+            alpha: 12.0,
+            modules: vec!["q_proj".into()],
+            delta_rel: 0.05,
+            layers: Some(vec![0]),
+        }),
+        ..PairSpec::tiny()
+    };
+    let pair = build_pair(&spec, &dir.path().join("pair")).unwrap();
+    let out = dir.path().join("energy");
+    extract_cli(&pair, &out, &["--energy", "0.99"]);
+    let meta = read_json(&out.join("lora_metadata.json"));
+    assert_eq!(
+        meta["modules"]["model.layers.0.self_attn.q_proj"]["rank"],
+        6
+    );
+    let out = dir.path().join("uniform");
+    extract_cli(&pair, &out, &["--rank", "12", "--uniform-rank"]);
+    let ck = Checkpoint::open(&out.join("adapter_model.safetensors")).unwrap();
+    assert_eq!(
+        ck.tensors()["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"].shape,
+        vec![12, 128]
+    );
+    // The sv-ratio rule keeps the planted rank; --modules limits what is extracted.
+    let pair2 = lora_pair(
+        &dir.path().join("pair2"),
+        8,
+        &["q_proj", "v_proj"],
+        DType::BF16,
+    );
+    let out = dir.path().join("ratio");
+    extract_cli(
+        &pair2,
+        &out,
+        &[
+            "--sv-ratio",
+            "1000",
+            "--max-rank",
+            "8",
+            "--modules",
+            "q_proj",
+        ],
+    );
+    let cfg = read_json(&out.join("adapter_config.json"));
+    assert_eq!(cfg["target_modules"], serde_json::json!(["q_proj"]));
+    assert_eq!(cfg["r"], 8);
+    weightdiff()
+        .args(["extract-lora", "-o"])
+        .arg(dir.path().join("x"))
+        .arg(&pair.base)
+        .arg(&pair.finetuned)
+        .args(["--energy", "0.9", "--uniform-rank"])
+        .assert()
+        .code(2);
+}
+
+#[test]
+fn rank_pattern_keys_are_escaped_full_module_paths() {
+    let dir = tempfile::tempdir().unwrap();
+    // v_proj is 64 x 128: a fixed rank of 100 is capped at 64 there, 100 elsewhere.
+    let pair = lora_pair(
+        &dir.path().join("pair"),
+        4,
+        &["q_proj", "v_proj"],
+        DType::F32,
+    );
+    let out = dir.path().join("a");
+    extract_cli(&pair, &out, &["--rank", "100"]);
+    let cfg = read_json(&out.join("adapter_config.json"));
+    assert_eq!(cfg["r"], 100);
+    assert_eq!(
+        cfg["rank_pattern"][r"model\.layers\.0\.self_attn\.v_proj"],
+        64
+    );
+    assert_eq!(
+        cfg["alpha_pattern"][r"model\.layers\.0\.self_attn\.v_proj"],
+        64
+    );
+}
+
+#[test]
+fn numpy_rebuilds_the_finetune_from_base_plus_adapter() {
+    if !crate::interop::python_ready() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let spec = PairSpec {
+        shape: shape(),
+        lora: Some(LoraEdit {
+            rank: 8,
+            alpha: 16.0,
+            modules: vec!["q_proj".into(), "v_proj".into(), "embed_tokens".into()],
+            delta_rel: 0.05,
+            layers: None,
+        }),
+        noise: Some(NoiseEdit {
+            pattern: regex::Regex::new(r"layers\.0\.input_layernorm\.weight$").unwrap(),
+            rel: 0.01,
+        }),
+        dtype: DType::F32,
+        ..PairSpec::tiny()
+    };
+    let pair = build_pair(&spec, &dir.path().join("pair")).unwrap();
+    let out = dir.path().join("cmp");
+    weightdiff()
+        .args(["compare", "--quiet", "--lora-rank", "8", "-o"])
+        .arg(&out)
+        .arg(&pair.base)
+        .arg(&pair.finetuned)
+        .assert()
+        .success();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/check_adapter.py");
+    let status = std::process::Command::new("python3")
+        .arg(script)
+        .arg(&pair.base)
+        .arg(&pair.finetuned)
+        .arg(out.join("lora_adapter"))
+        .arg(out.join("lora_metadata.json"))
+        .status()
+        .unwrap();
+    assert!(
+        status.success(),
+        "numpy reconstruction disagrees (see output above)"
+    );
+}
