@@ -135,6 +135,9 @@ pub struct ExtractArgs {
     /// Power iterations of the randomized SVD.
     #[arg(long, default_value_t = 2)]
     pub power_iters: usize,
+    /// Singular values computed per tensor for the spectrum and rank detection.
+    #[arg(long, default_value_t = 64)]
+    pub analysis_rank: usize,
     /// Worker threads (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
@@ -196,6 +199,7 @@ impl ExtractArgs {
                 seed: self.seed,
                 oversample: self.oversample,
                 power_iters: self.power_iters,
+                analysis_rank: self.analysis_rank,
                 ..Default::default()
             },
             extract: true,

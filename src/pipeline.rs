@@ -505,11 +505,12 @@ impl DeltaRows for PairDelta<'_> {
                 *x = if d.is_finite() { d } else { 0.0 };
                 f2 += *x * *x;
                 let e = ((((y.to_bits() >> 52) & 0x7ff) as i32) - 1023).max(emin) - bits;
-                // (2^e)² / 12, built from the exponent bits.
-                var += f64::from_bits(((2 * e + 1023).max(1) as u64) << 52) / 12.0;
+                // ulp² = (2^e)², built from the exponent bits.
+                var += f64::from_bits(((2 * e + 1023).max(1) as u64) << 52);
             }
         }
-        Ok((f2, var))
+        // A rounding error uniform in ±ulp/2 has variance ulp²/12.
+        Ok((f2, var / 12.0))
     }
 }
 

@@ -7,7 +7,7 @@
 //! sides keeps the two factors at similar magnitudes, which matters once they are
 //! rounded to bf16.
 
-use super::rsvd::Decomposition;
+use super::rsvd::{Decomposition, InMemoryDelta};
 use super::{DeltaRows, LowRankOptions, RankRule};
 use crate::checkpoint::dtype::DType;
 use crate::error::Result;
@@ -98,7 +98,15 @@ pub fn factors(
     let residual = super::residual(&d.s, k, d.frob2);
     let bq: Vec<f64> = b.iter().map(|&x| round_to(target.dtype, x)).collect();
     let aq: Vec<f64> = a.iter().map(|&x| round_to(target.dtype, x)).collect();
-    let residual_stored = stored_residual(src, &bq, &aq, rank, opts.block_bytes, d.frob2)?;
+    let residual_stored = stored_residual(
+        src,
+        d.delta.as_ref(),
+        &bq,
+        &aq,
+        rank,
+        opts.block_bytes,
+        d.frob2,
+    )?;
     Ok(Factors {
         rank,
         b,
@@ -111,9 +119,11 @@ pub fn factors(
     })
 }
 
-/// ‖Δ − B·A‖_F / ‖Δ‖_F, streaming Δ by row blocks.
+/// ‖Δ − B·A‖_F / ‖Δ‖_F, from Δ in memory when the decomposition kept it, else streaming
+/// Δ by row blocks.
 pub fn stored_residual(
     src: &dyn DeltaRows,
+    held: Option<&InMemoryDelta>,
     b: &[f64],
     a: &[f64],
     rank: usize,
@@ -125,21 +135,39 @@ pub fn stored_residual(
         return Ok(0.0);
     }
     let block_rows = (block_bytes / (8 * n)).max(1);
-    let mut buf = vec![0f64; block_rows * n];
+    let mut buf = if held.is_some() {
+        Vec::new()
+    } else {
+        vec![0f64; block_rows * n]
+    };
     let amat = faer::MatRef::from_row_major_slice(a, rank, n);
     let mut err2 = 0.0;
     let mut r0 = 0;
     while r0 < m {
         let r1 = (r0 + block_rows).min(m);
-        let rows = &mut buf[..(r1 - r0) * n];
-        src.read_rows(r0, r1, rows)?;
-        let bblk = faer::MatRef::from_row_major_slice(&b[r0 * rank..r1 * rank], r1 - r0, rank);
-        let approx = bblk * amat;
-        for i in 0..r1 - r0 {
-            for j in 0..n {
-                let e = rows[i * n + j] - approx[(i, j)];
-                err2 += e * e;
+        let rows: &[f64] = match held {
+            Some(d) => d.rows(r0, r1),
+            None => {
+                let rows = &mut buf[..(r1 - r0) * n];
+                src.read_rows(r0, r1, rows)?;
+                rows
             }
+        };
+        let bblk = faer::MatRef::from_row_major_slice(&b[r0 * rank..r1 * rank], r1 - r0, rank);
+        // (B·A)ᵀ = Aᵀ·Bᵀ is column-major n × rows, i.e. row-major rows × n like `rows`,
+        // so both are walked contiguously.
+        let approx_t = amat.transpose() * bblk.transpose();
+        for (i, row) in rows.chunks_exact(n).enumerate() {
+            let col = approx_t
+                .col(i)
+                .try_as_col_major()
+                .expect("a fresh matrix has unit row stride")
+                .as_slice();
+            err2 += row
+                .iter()
+                .zip(col)
+                .map(|(d, p)| (d - p) * (d - p))
+                .sum::<f64>();
         }
         r0 = r1;
     }

@@ -42,11 +42,32 @@ pub struct Decomposition {
     pub method: &'static str,
     /// `"in_memory"` or `"streamed"`.
     pub path: &'static str,
+    /// Δ itself when it was held in memory, for the residual check to reuse.
+    pub delta: Option<InMemoryDelta>,
+}
+
+/// Δ held in memory as the row-major buffer it was decoded into; faer reads it through a
+/// strided view, so it is never copied into another layout.
+pub struct InMemoryDelta {
+    buf: Vec<f64>,
+    m: usize,
+    n: usize,
+}
+
+impl InMemoryDelta {
+    /// Δ as an m × n matrix view.
+    pub fn view(&self) -> MatRef<'_, f64> {
+        MatRef::from_row_major_slice(&self.buf, self.m, self.n)
+    }
+    /// Rows `r0..r1`, row-major.
+    pub fn rows(&self, r0: usize, r1: usize) -> &[f64] {
+        &self.buf[r0 * self.n..r1 * self.n]
+    }
 }
 
 /// Δ as the products need it.
 enum Operator<'a> {
-    InMemory(Mat<f64>),
+    InMemory(InMemoryDelta),
     Streamed {
         src: &'a dyn DeltaRows,
         block_rows: usize,
@@ -64,7 +85,7 @@ impl Operator<'_> {
     /// Δ · x (m × l).
     fn mul(&self, x: MatRef<'_, f64>, stats: &mut ReadStats) -> Result<Mat<f64>> {
         match self {
-            Operator::InMemory(d) => Ok(d * x),
+            Operator::InMemory(d) => Ok(d.view() * x),
             Operator::Streamed { src, block_rows } => {
                 let (m, n) = (src.nrows(), src.ncols());
                 let mut y = Mat::<f64>::zeros(m, x.ncols());
@@ -95,7 +116,7 @@ impl Operator<'_> {
     /// Δᵀ · q (n × l).
     fn tmul(&self, q: MatRef<'_, f64>) -> Result<Mat<f64>> {
         match self {
-            Operator::InMemory(d) => Ok(d.transpose() * q),
+            Operator::InMemory(d) => Ok(d.view().transpose() * q),
             Operator::Streamed { src, block_rows } => {
                 let (m, n) = (src.nrows(), src.ncols());
                 let mut z = Mat::<f64>::zeros(n, q.ncols());
@@ -122,8 +143,8 @@ impl Operator<'_> {
     }
 }
 
-/// Reads all of Δ into memory (column-major faer matrix) with its statistics.
-fn load(src: &dyn DeltaRows) -> Result<(Mat<f64>, ReadStats)> {
+/// Reads all of Δ into memory with its statistics.
+fn load(src: &dyn DeltaRows) -> Result<(InMemoryDelta, ReadStats)> {
     let (m, n) = (src.nrows(), src.ncols());
     let mut buf = vec![0f64; m * n];
     let (frob2, rounding_var_sum) = if m * n == 0 {
@@ -131,9 +152,8 @@ fn load(src: &dyn DeltaRows) -> Result<(Mat<f64>, ReadStats)> {
     } else {
         src.read_rows(0, m, &mut buf)?
     };
-    let d = MatRef::from_row_major_slice(&buf, m, n).to_owned();
     Ok((
-        d,
+        InMemoryDelta { buf, m, n },
         ReadStats {
             frob2,
             rounding_var_sum,
@@ -158,17 +178,10 @@ pub fn decompose(
     let l = (k + opts.oversample).min(min_dim);
     let fits = m.saturating_mul(n).saturating_mul(8) <= opts.dense_budget_bytes;
     if l >= min_dim || min_dim == 0 {
-        // Exact: the sketch would be as large as the matrix.
+        // Exact: the sketch would be as large as the matrix. Δ is small in one dimension
+        // here (min(m, n) ≤ k + oversample), so holding it costs O((m + n)·l) anyway.
         let (d, st) = load(src)?;
-        return exact(
-            d,
-            st,
-            if fits {
-                "in_memory"
-            } else {
-                "in_memory_over_budget"
-            },
-        );
+        return exact(name, d, st);
     }
     let (op, mut stats, path) = if fits {
         let (d, st) = load(src)?;
@@ -196,15 +209,7 @@ pub fn decompose(
     let q = orthonormal(&y);
     // B = QᵀΔ = (ΔᵀQ)ᵀ
     let bt = op.tmul(q.as_ref())?;
-    let svd = bt
-        .transpose()
-        .to_owned()
-        .thin_svd()
-        .map_err(|e| crate::error::Error::Tensor {
-            path: Default::default(),
-            tensor: name.to_string(),
-            reason: format!("SVD did not converge: {e:?}"),
-        })?;
+    let svd = bt.transpose().thin_svd().map_err(|e| svd_failed(name, e))?;
     let u = &q * svd.U();
     let s: Vec<f64> = svd.S().column_vector().iter().copied().collect();
     Ok(Decomposition {
@@ -215,35 +220,42 @@ pub fn decompose(
         rounding_var_sum: stats.rounding_var_sum,
         method: "randomized",
         path,
+        delta: match op {
+            Operator::InMemory(d) => Some(d),
+            Operator::Streamed { .. } => None,
+        },
     })
 }
 
-fn exact(d: Mat<f64>, st: ReadStats, path: &'static str) -> Result<Decomposition> {
-    let (m, n) = (d.nrows(), d.ncols());
-    if m.min(n) == 0 {
-        return Ok(Decomposition {
-            u: Mat::zeros(m, 0),
-            s: Vec::new(),
-            v: Mat::zeros(n, 0),
-            frob2: st.frob2,
-            rounding_var_sum: st.rounding_var_sum,
-            method: "exact",
-            path,
-        });
-    }
-    let svd = d.thin_svd().map_err(|e| crate::error::Error::Tensor {
+fn svd_failed(name: &str, e: faer::linalg::svd::SvdError) -> crate::error::Error {
+    crate::error::Error::Tensor {
         path: Default::default(),
-        tensor: String::new(),
-        reason: format!("SVD did not converge: {e:?}"),
-    })?;
+        tensor: name.to_string(),
+        reason: format!("the SVD did not converge ({e:?})"),
+    }
+}
+
+fn exact(name: &str, d: InMemoryDelta, st: ReadStats) -> Result<Decomposition> {
+    let (m, n) = (d.m, d.n);
+    let (u, s, v) = if m.min(n) == 0 {
+        (Mat::zeros(m, 0), Vec::new(), Mat::zeros(n, 0))
+    } else {
+        let svd = d.view().thin_svd().map_err(|e| svd_failed(name, e))?;
+        (
+            svd.U().to_owned(),
+            svd.S().column_vector().iter().copied().collect(),
+            svd.V().to_owned(),
+        )
+    };
     Ok(Decomposition {
-        u: svd.U().to_owned(),
-        s: svd.S().column_vector().iter().copied().collect(),
-        v: svd.V().to_owned(),
+        u,
+        s,
+        v,
         frob2: st.frob2,
         rounding_var_sum: st.rounding_var_sum,
         method: "exact",
-        path,
+        path: "in_memory",
+        delta: Some(d),
     })
 }
 
