@@ -83,6 +83,9 @@ pub struct CompareArgs {
     /// Seed of the randomized SVD.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Continue an interrupted run from the journal in the output directory.
+    #[arg(long)]
+    pub resume: bool,
     #[command(flatten)]
     pub display: DisplayArgs,
 }
@@ -271,6 +274,8 @@ impl CompareArgs {
             include: re(&self.include, "--include")?,
             exclude: re(&self.exclude, "--exclude")?,
             threads: self.threads,
+            journal_dir: Some(self.output.clone()),
+            resume: self.resume,
             ..Default::default()
         })
     }

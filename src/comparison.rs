@@ -5,7 +5,7 @@
 
 use crate::kernels::Accum;
 use crate::pairing::{Mismatch, PrefixAlignment};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 /// Seconds.
@@ -15,7 +15,7 @@ pub type Second = f64;
 pub const SCHEMA_VERSION: u32 = 1;
 
 /// Per-tensor metrics of SPEC §3.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct TensorMetrics {
     /// Shape as stored in the base (the fine-tuned shape follows when it differs).
     pub shape: Vec<usize>,

@@ -54,6 +54,14 @@ pub enum Error {
         reference: f64,
     },
 
+    /// The run was asked to stop (SIGINT/SIGTERM) before this work started.
+    #[error("cancelled")]
+    Cancelled,
+
+    /// Another run holds the output directory's lock.
+    #[error("{}: another weightdiff run is writing into this directory (it holds {})", dir.display(), lock.display())]
+    Locked { dir: PathBuf, lock: PathBuf },
+
     /// An option value is unusable (bad regex, bad preset name, …).
     #[error("invalid option: {0}")]
     InvalidOption(String),

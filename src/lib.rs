@@ -38,6 +38,7 @@
 pub mod checkpoint;
 pub mod comparison;
 pub mod error;
+pub mod journal;
 pub mod kernels;
 pub mod lowrank;
 pub mod pairing;

@@ -9,12 +9,51 @@ use cli::{Cli, Command, CompareArgs, DisplayArgs};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use weightdiff::{Checkpoint, Comparison, pipeline, report, synthetic};
 
 /// Exit status when some tensors failed but the run finished (SPEC §5).
 const EXIT_TENSOR_ERRORS: u8 = 1;
 /// Exit status for unusable arguments or unreadable models (SPEC §5).
 const EXIT_UNUSABLE: u8 = 2;
+/// Exit statuses after a clean stop on SIGINT / SIGTERM (128 + signal number).
+const EXIT_SIGINT: u8 = 130;
+const EXIT_SIGTERM: u8 = 143;
+
+/// Which stop signal arrived; the pipeline watches `cancel`.
+struct Signals {
+    cancel: Arc<AtomicBool>,
+    term: Arc<AtomicBool>,
+}
+
+/// SIGINT and SIGTERM ask the run to stop cleanly (finish the outputs, mark them
+/// incomplete); a second one while stopping ends the process at once.
+fn install_signals() -> anyhow::Result<Signals> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    use signal_hook::flag;
+    let cancel = Arc::new(AtomicBool::new(false));
+    let term = Arc::new(AtomicBool::new(false));
+    for (sig, code) in [(SIGINT, EXIT_SIGINT), (SIGTERM, EXIT_SIGTERM)] {
+        // Registered before the flag setter: it sees the flag as the previous signal left it.
+        flag::register_conditional_shutdown(sig, code as i32, cancel.clone())?;
+        flag::register(sig, cancel.clone())?;
+    }
+    flag::register(SIGTERM, term.clone())?;
+    Ok(Signals { cancel, term })
+}
+
+impl Signals {
+    fn stop_code(&self) -> Option<ExitCode> {
+        self.cancel.load(Ordering::Relaxed).then(|| {
+            ExitCode::from(if self.term.load(Ordering::Relaxed) {
+                EXIT_SIGTERM
+            } else {
+                EXIT_SIGINT
+            })
+        })
+    }
+}
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -47,19 +86,33 @@ fn open(path: &Path, role: &str) -> anyhow::Result<Checkpoint> {
 }
 
 fn compare(args: &CompareArgs) -> anyhow::Result<ExitCode> {
-    let opts = args.options()?;
+    let mut opts = args.options()?;
     let lora = args.lora_options()?;
     let base = open(&args.base, "base")?;
     let ft = open(&args.finetuned, "fine-tuned")?;
-    run_compare(
+    let _lock = report::lock_output_dir(&args.output)?;
+    let signals = install_signals()?;
+    opts.cancel = Some(signals.cancel.clone());
+    let out = &args.output;
+    let code = run_compare(
         &base,
         &ft,
         &opts,
         lora.as_ref(),
-        &args.output,
+        out,
         args.top,
         args.display,
-    )
+    )?;
+    if let Some(stop) = signals.stop_code() {
+        eprintln!(
+            "stopped: the reports in {} cover the tensors compared so far (complete: false); run again with --resume to finish",
+            out.display()
+        );
+        return Ok(stop);
+    }
+    // Finished: the reports are the record now, the journal has done its job.
+    weightdiff::journal::remove(out)?;
+    Ok(code)
 }
 
 fn run_compare(
@@ -74,7 +127,7 @@ fn run_compare(
     let progress = progress::Reporter::new(display.quiet);
     let mut c = pipeline::compare(base, ft, opts, &progress)?;
     progress.finish();
-    if let Some(lo) = lora {
+    if let Some(lo) = lora.filter(|_| c.complete) {
         if !display.quiet && !display.json {
             eprintln!(
                 "analysing {} modified tensors for low rank...",
@@ -237,6 +290,7 @@ fn extract_lora(args: &cli::ExtractArgs) -> anyhow::Result<ExitCode> {
     let (opts, lora_opts) = args.options()?;
     let base = open(&args.base, "base")?;
     let ft = open(&args.finetuned, "fine-tuned")?;
+    let _lock = report::lock_output_dir(&args.output)?;
     let progress = progress::Reporter::new(args.display.quiet);
     let c = pipeline::compare(&base, &ft, &opts, &progress)?;
     progress.finish();

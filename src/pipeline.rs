@@ -16,6 +16,7 @@ use crate::comparison::{
     Second, TensorInfo, TensorMetrics, metrics_from_accum,
 };
 use crate::error::{Error, Result};
+use crate::journal::{Fingerprint, Journal};
 use crate::kernels::{self, Accum};
 use crate::lowrank::detect::{Evidence, verdict};
 use crate::lowrank::extract::{Factors, Target};
@@ -24,7 +25,9 @@ use crate::pairing::{self, TensorPair, natural_cmp};
 use rayon::prelude::*;
 use regex::Regex;
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 /// Default window: 8 MiB per side keeps mapping overhead under 1 % while two threads
@@ -46,6 +49,13 @@ pub struct CompareOptions {
     pub threads: Option<usize>,
     /// Largest window read at once per side, in bytes.
     pub window_bytes: u64,
+    /// Keep a journal of finished tensors in this directory (the output directory).
+    pub journal_dir: Option<PathBuf>,
+    /// Continue from the journal in `journal_dir` instead of starting over.
+    pub resume: bool,
+    /// Set (by a signal handler) to stop: windows not yet started are skipped and the
+    /// comparison comes back with `complete: false`.
+    pub cancel: Option<Arc<AtomicBool>>,
 }
 
 impl Default for CompareOptions {
@@ -57,6 +67,9 @@ impl Default for CompareOptions {
             exclude: None,
             threads: None,
             window_bytes: DEFAULT_WINDOW_BYTES,
+            journal_dir: None,
+            resume: false,
+            cancel: None,
         }
     }
 }
@@ -111,6 +124,8 @@ pub fn model_info(ck: &Checkpoint) -> ModelInfo {
 /// One window of one pair.
 struct Unit {
     pair: usize,
+    /// Position among its pair's windows.
+    idx: usize,
     /// First element.
     start: u64,
     /// Elements.
@@ -184,95 +199,128 @@ fn compare_in_pool(
         }
     }
 
+    // A resumed run takes the results its journal holds and computes the rest.
+    let (journal, recovered) = match &opts.journal_dir {
+        None => (None, BTreeMap::new()),
+        Some(dir) => {
+            let fp = fingerprint(base, finetuned, opts);
+            let (j, done) = if opts.resume {
+                Journal::resume(dir, &fp)?
+            } else {
+                (Journal::create(dir, &fp)?, BTreeMap::new())
+            };
+            (Some(Mutex::new(j)), done)
+        }
+    };
+    let selected_pairs = pairs;
+    let pairs: Vec<&TensorPair> = selected_pairs
+        .iter()
+        .copied()
+        .filter(|p| !recovered.contains_key(&p.name))
+        .collect();
+
     // Cut every pair into windows.
     let mut units = Vec::new();
+    let mut per_pair = Vec::with_capacity(pairs.len());
     let mut pair_bytes = Vec::with_capacity(pairs.len());
     for (i, p) in pairs.iter().enumerate() {
         let n = compared_elements(p);
         let (sa, sb) = sizes(p);
         let per = (opts.window_bytes / sa.max(sb) as u64).max(1);
+        let first = units.len();
         let mut start = 0;
-        while start < n {
+        while start < n || (n == 0 && start == 0 && units.len() == first) {
             let len = per.min(n - start);
             units.push(Unit {
                 pair: i,
+                idx: units.len() - first,
                 start,
                 len,
             });
             start += len;
+            if n == 0 {
+                break;
+            }
         }
-        if n == 0 {
-            units.push(Unit {
-                pair: i,
-                start: 0,
-                len: 0,
-            });
-        }
+        per_pair.push(units.len() - first);
         pair_bytes.push(n * (sa + sb) as u64);
     }
-    let remaining: Vec<AtomicUsize> = pairs.iter().map(|_| AtomicUsize::new(0)).collect();
-    for u in &units {
-        remaining[u.pair].fetch_add(1, Ordering::Relaxed);
-    }
-    let done = AtomicUsize::new(0);
+    let remaining: Vec<AtomicUsize> = per_pair.iter().map(|&k| AtomicUsize::new(k)).collect();
+    let slots: Vec<Mutex<Vec<Option<Result<UnitOut>>>>> = per_pair
+        .iter()
+        .map(|&k| Mutex::new((0..k).map(|_| None).collect()))
+        .collect();
+    let finals: Vec<Mutex<Option<Result<TensorMetrics>>>> =
+        pairs.iter().map(|_| Mutex::new(None)).collect();
+    let journal_failure: Mutex<Option<Error>> = Mutex::new(None);
+    let done = AtomicUsize::new(recovered.len());
     let bytes_done = AtomicU64::new(0);
     let bytes_total: u64 = pair_bytes.iter().sum();
+    let cancelled = || {
+        opts.cancel
+            .as_ref()
+            .is_some_and(|c| c.load(Ordering::Relaxed))
+    };
 
-    let outs: Vec<Result<UnitOut>> = units
-        .par_iter()
-        .map(|u| {
-            let p = pairs[u.pair];
-            let out = run_unit(base, finetuned, p, u, opts);
-            if remaining[u.pair].fetch_sub(1, Ordering::AcqRel) == 1 {
-                let d = done.fetch_add(1, Ordering::AcqRel) + 1;
-                let b =
-                    bytes_done.fetch_add(pair_bytes[u.pair], Ordering::AcqRel) + pair_bytes[u.pair];
-                progress.update(ProgressUpdate {
-                    tensors_done: d,
-                    tensors_total: pairs.len(),
-                    bytes_done: b,
-                    bytes_total,
-                    tensor: &p.name,
-                });
-            }
-            out
-        })
-        .collect();
-
-    // Merge windows per tensor, in window order.
-    let mut merged: Vec<Option<Result<UnitOut>>> = pairs.iter().map(|_| None).collect();
-    for (u, out) in units.iter().zip(outs) {
-        let slot = &mut merged[u.pair];
-        *slot = Some(match (slot.take(), out) {
-            (None, o) => o,
-            (Some(Err(e)), _) => Err(e),
-            (Some(Ok(_)), Err(e)) => Err(e),
-            (Some(Ok(mut acc)), Ok(o)) => {
-                acc.fast.merge(&o.fast);
-                if let (Some(r), Some(or)) = (acc.reference.as_mut(), o.reference.as_ref()) {
-                    r.merge(or);
-                }
-                acc.identical &= o.identical;
-                acc.total += o.total;
-                acc.compute += o.compute;
-                acc.reference_time += o.reference_time;
-                Ok(acc)
-            }
+    units.par_iter().for_each(|u| {
+        let p = pairs[u.pair];
+        let out = if cancelled() {
+            Err(Error::Cancelled)
+        } else {
+            run_unit(base, finetuned, p, u, opts)
+        };
+        lock(&slots[u.pair])[u.idx] = Some(out);
+        if remaining[u.pair].fetch_sub(1, Ordering::AcqRel) != 1 {
+            return;
+        }
+        // The last window of this tensor: merge its windows in order and finish it.
+        let outs = std::mem::take(&mut *lock(&slots[u.pair]));
+        let result = merge_units(outs).and_then(|o| finish_tensor(p, o, opts.verify));
+        if let (Ok(m), Some(j)) = (&result, &journal)
+            && let Err(e) = lock(j).record(&p.name, m)
+        {
+            lock(&journal_failure).get_or_insert(e);
+        }
+        *lock(&finals[u.pair]) = Some(result);
+        let d = done.fetch_add(1, Ordering::AcqRel) + 1;
+        let b = bytes_done.fetch_add(pair_bytes[u.pair], Ordering::AcqRel) + pair_bytes[u.pair];
+        progress.update(ProgressUpdate {
+            tensors_done: d,
+            tensors_total: selected_pairs.len(),
+            bytes_done: b,
+            bytes_total,
+            tensor: &p.name,
         });
+    });
+    if let Some(e) = journal_failure
+        .into_inner()
+        .unwrap_or_else(|p| p.into_inner())
+    {
+        return Err(e);
+    }
+    if let Some(j) = &journal {
+        lock(j).sync()?;
     }
 
+    // Assemble in pair order: journaled results, then this run's.
+    let mut finals = finals
+        .into_iter()
+        .map(|m| m.into_inner().unwrap_or_else(|p| p.into_inner()));
     let mut results = Vec::new();
     let mut bytes_read = 0;
-    for (p, out) in pairs.iter().zip(merged) {
-        let out = out.expect("every pair has at least one window");
-        match out.and_then(|o| finish_tensor(p, o, opts.verify)) {
+    let mut complete = true;
+    for p in &selected_pairs {
+        if let Some(m) = recovered.get(&p.name) {
+            results.push((p.name.clone(), m.clone()));
+            continue;
+        }
+        match finals.next().flatten().expect("every pair was finished") {
             Ok(m) => {
-                bytes_read += compared_elements(p) * {
-                    let (sa, sb) = sizes(p);
-                    (sa + sb) as u64
-                };
+                let (sa, sb) = sizes(p);
+                bytes_read += compared_elements(p) * (sa + sb) as u64;
                 results.push((p.name.clone(), m));
             }
+            Err(Error::Cancelled) => complete = false,
             Err(e) => {
                 errors.insert(p.name.clone(), e.to_string());
             }
@@ -302,9 +350,72 @@ fn compare_in_pool(
         errors,
         filtered_out,
         performance,
-        complete: true,
+        complete,
         lora: None,
     })
+}
+
+/// Locks a mutex, taking the data even if another worker panicked while holding it.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Merges a tensor's window results in window order (so sums do not depend on which
+/// thread finished first); the first error wins.
+fn merge_units(outs: Vec<Option<Result<UnitOut>>>) -> Result<UnitOut> {
+    let mut acc: Option<UnitOut> = None;
+    for o in outs {
+        let o = o.expect("every window reported")?;
+        acc = Some(match acc {
+            None => o,
+            Some(mut a) => {
+                a.fast.merge(&o.fast);
+                if let (Some(r), Some(or)) = (a.reference.as_mut(), o.reference.as_ref()) {
+                    r.merge(or);
+                }
+                a.identical &= o.identical;
+                a.total += o.total;
+                a.compute += o.compute;
+                a.reference_time += o.reference_time;
+                a
+            }
+        });
+    }
+    Ok(acc.expect("a tensor has at least one window"))
+}
+
+/// What identifies a run for `--resume`: every input file with its size and
+/// modification time, and the options that change results.
+pub fn fingerprint(
+    base: &Checkpoint,
+    finetuned: &Checkpoint,
+    opts: &CompareOptions,
+) -> Fingerprint {
+    let mut d = String::new();
+    for (role, ck) in [("base", base), ("finetuned", finetuned)] {
+        d.push_str(&format!("{role}={} [", ck.source.display()));
+        for p in ck.shard_paths() {
+            let (len, mtime) = std::fs::metadata(p)
+                .map(|m| {
+                    let t = m
+                        .modified()
+                        .ok()
+                        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok());
+                    (m.len(), t.map_or(0, |t| t.as_nanos()))
+                })
+                .unwrap_or((0, 0));
+            d.push_str(&format!("{}:{len}:{mtime} ", p.display()));
+        }
+        d.push_str("] ");
+    }
+    d.push_str(&format!(
+        "threshold={:e} verify={} include={} exclude={}",
+        opts.threshold,
+        opts.verify,
+        opts.include.as_ref().map_or("", |r| r.as_str()),
+        opts.exclude.as_ref().map_or("", |r| r.as_str())
+    ));
+    Fingerprint::new(d)
 }
 
 fn sizes(p: &TensorPair) -> (usize, usize) {

@@ -97,6 +97,7 @@ impl Checkpoint {
                         reason: format!("shard `{file}` named by the index does not exist"),
                     });
                 }
+                check_inside(path, &shard_path)?;
                 let shard = Shard::open(&shard_path)?;
                 ck.add_shard(shard, Some((&index, file)));
             }
@@ -132,6 +133,7 @@ impl Checkpoint {
             });
         }
         for f in files {
+            check_inside(path, &f)?;
             let shard = Shard::open(&f)?;
             ck.add_shard(shard, None);
         }
@@ -235,6 +237,42 @@ impl Checkpoint {
     pub fn total_bytes(&self) -> u64 {
         self.tensors.values().map(|t| t.len).sum()
     }
+}
+
+/// A shard must resolve (after `..` and symlinks) to a file inside the model directory,
+/// so a planted symlink cannot make us read elsewhere. The one exception is the Hugging
+/// Face cache layout, where `models--ORG--NAME/snapshots/REV/` holds symlinks into
+/// `models--ORG--NAME/blobs/`.
+fn check_inside(dir: &Path, file: &Path) -> Result<()> {
+    let canon = |p: &Path| {
+        p.canonicalize()
+            .map_err(|e| Error::io(p, "cannot resolve path", e))
+    };
+    let (cdir, cfile) = (canon(dir)?, canon(file)?);
+    if cfile.starts_with(&cdir) {
+        return Ok(());
+    }
+    let repo = cdir
+        .parent()
+        .filter(|p| p.file_name().is_some_and(|n| n == "snapshots"))
+        .and_then(Path::parent);
+    if let Some(repo) = repo
+        && repo
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with("models--"))
+        && cfile.starts_with(repo.join("blobs"))
+    {
+        return Ok(());
+    }
+    Err(Error::NotAModel {
+        path: file.to_path_buf(),
+        reason: format!(
+            "resolves to {}, outside the model directory {}; refusing to read it",
+            cfile.display(),
+            cdir.display()
+        ),
+    })
 }
 
 /// The `*.safetensors` files directly inside `dir`, sorted.

@@ -144,8 +144,7 @@ pub fn write_adapter(
     adapter_dir: &Path,
     also: Option<&Path>,
 ) -> Result<(Vec<PathBuf>, Value)> {
-    std::fs::create_dir_all(adapter_dir)
-        .map_err(|e| Error::io(adapter_dir, "cannot create adapter directory", e))?;
+    super::create_output_dir(adapter_dir)?;
     let tensors = adapter::tensors(r);
     let bytes = adapter::safetensors_bytes(&tensors);
     let model = adapter_dir.join(ADAPTER_MODEL);

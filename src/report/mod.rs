@@ -21,6 +21,57 @@ pub const CONFIG_COMPARISON_JSON: &str = "config_comparison.json";
 pub const ARCHITECTURE_COMPARISON_JSON: &str = "architecture_comparison.json";
 pub const COMPARISON_REPORT_TXT: &str = "comparison_report.txt";
 
+/// Name of the lock file that keeps two runs from writing into one output directory.
+pub const LOCK_FILE: &str = ".weightdiff.lock";
+
+/// An exclusive lock on an output directory, held until dropped (or the process ends:
+/// the OS releases it even after SIGKILL, so a crashed run never leaves a stale lock).
+pub struct OutputLock {
+    _file: std::fs::File,
+}
+
+/// Creates `dir` if needed and locks it for this run; a second run is refused with
+/// [`Error::Locked`] rather than interleaving its files with ours.
+pub fn lock_output_dir(dir: &Path) -> Result<OutputLock> {
+    std::fs::create_dir_all(dir)
+        .map_err(|e| Error::io(dir, "cannot create output directory", e))?;
+    let path = dir.join(LOCK_FILE);
+    refuse_symlink(&path)?;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| Error::io(&path, "cannot open lock file", e))?;
+    match file.try_lock() {
+        Ok(()) => Ok(OutputLock { _file: file }),
+        Err(std::fs::TryLockError::WouldBlock) => Err(Error::Locked {
+            dir: dir.to_path_buf(),
+            lock: path,
+        }),
+        Err(std::fs::TryLockError::Error(e)) => Err(Error::io(&path, "cannot lock", e)),
+    }
+}
+
+/// Refuses a path that is a symbolic link: outputs never follow a link planted in the
+/// output directory to somewhere else.
+pub fn refuse_symlink(path: &Path) -> Result<()> {
+    if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink()) {
+        return Err(Error::io(
+            path,
+            "refusing to write through a symbolic link",
+            std::io::Error::other("the path is a symlink"),
+        ));
+    }
+    Ok(())
+}
+
+/// Creates an output subdirectory, refusing a symlink in its place.
+pub fn create_output_dir(dir: &Path) -> Result<()> {
+    refuse_symlink(dir)?;
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, "cannot create directory", e))
+}
+
 /// Writes `bytes` to `path` atomically: a temp file in the same directory, flushed to
 /// disk, then renamed over `path`. A reader (or a run killed half-way) sees either the
 /// old file or the whole new one, never a truncated one, because rename within a
@@ -35,8 +86,14 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     tmp.write_all(bytes)
         .and_then(|_| tmp.as_file().sync_all())
         .map_err(|e| Error::io(path, "cannot write", e))?;
+    // rename replaces a symlink at `path` itself rather than writing through it.
     tmp.persist(path)
         .map_err(|e| Error::io(path, "cannot rename into place", e.error))?;
+    // Make the rename itself durable; best effort (some filesystems refuse fsync on a
+    // directory, and the file's own data is already on disk).
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
     Ok(())
 }
 

@@ -2,11 +2,13 @@
 //! - `common`: fixture writers (raw safetensors bytes, synthetic pairs) and the CLI helper
 //! - `kernels`: fast kernel vs reference on every dtype, awkward lengths, NaN/Inf
 //! - `metrics`: hand-computable tensors against the SPEC §3 definitions
+//! - `mutations`: proptest over mutated checkpoints: clean errors or unchanged results
 //! - `layouts`: one file, shards with index, shards without index give the same numbers
 //! - `pairing`: only-in, shape and dtype mismatches, prefix alignment
 //! - `bad_inputs`: the catalogue of malformed files, each a clean error naming the file
 //! - `outputs`: every report exists, parses, and matches the builder's ground truth
 //! - `lora`: rank detection, verdicts, extraction fidelity, PEFT keys, determinism
+//! - `reliability`: files changing mid-run, resume after SIGTERM/SIGKILL, locks, full disk, symlinks
 //! - `interop`: Python's safetensors/numpy recompute our metrics independently
 
 mod bad_inputs;
@@ -16,5 +18,7 @@ mod kernels;
 mod layouts;
 mod lora;
 mod metrics;
+mod mutations;
 mod outputs;
 mod pairing;
+mod reliability;
