@@ -17,6 +17,8 @@
 //! - [`comparison`]: the result types every report is rendered from.
 //! - [`pipeline`]: ties them together in parallel with bounded memory.
 //! - [`report`]: one renderer per output file, and the atomic writer.
+//! - [`lowrank`]: randomized SVD, merged-LoRA detection and LoRA factors.
+//! - [`journal`]: per-tensor results on disk, so a killed run can resume.
 //! - [`synthetic`]: builds checkpoint pairs with known edits (tests, demo, benchmarks).
 //!
 //! # Example
