@@ -94,3 +94,38 @@ pub fn metrics_without_times(wd: &Value) -> Value {
     }
     all
 }
+
+/// Writes `base` and `ft` as single files and compares them through the library.
+pub fn compare_files(
+    base: &[T],
+    ft: &[T],
+    opts: &weightdiff::CompareOptions,
+) -> weightdiff::Comparison {
+    let dir = tempfile::tempdir().unwrap();
+    let b = write_file(&dir.path().join("base.safetensors"), base);
+    let f = write_file(&dir.path().join("ft.safetensors"), ft);
+    let (b, f) = (
+        weightdiff::Checkpoint::open(&b).unwrap(),
+        weightdiff::Checkpoint::open(&f).unwrap(),
+    );
+    weightdiff::compare(&b, &f, opts, &weightdiff::pipeline::NoProgress).unwrap()
+}
+
+/// A comparison's results with the timing fields zeroed, for comparing runs.
+pub fn results_without_times(
+    c: &weightdiff::Comparison,
+) -> Vec<(String, weightdiff::TensorMetrics)> {
+    c.results
+        .iter()
+        .map(|(n, m)| {
+            let m = weightdiff::TensorMetrics {
+                total_time: 0.0,
+                compute_time: 0.0,
+                reference_time: None,
+                speedup: None,
+                ..m.clone()
+            };
+            (n.clone(), m)
+        })
+        .collect()
+}

@@ -4,11 +4,7 @@ use crate::common::*;
 use weightdiff::{Checkpoint, CompareOptions, compare, pipeline::NoProgress};
 
 fn run(base: &[T], ft: &[T], opts: &CompareOptions) -> weightdiff::Comparison {
-    let dir = tempfile::tempdir().unwrap();
-    let b = write_file(&dir.path().join("base.safetensors"), base);
-    let f = write_file(&dir.path().join("ft.safetensors"), ft);
-    let (b, f) = (Checkpoint::open(&b).unwrap(), Checkpoint::open(&f).unwrap());
-    compare(&b, &f, opts, &NoProgress).unwrap()
+    compare_files(base, ft, opts)
 }
 
 fn close(a: f64, b: f64) -> bool {
@@ -140,16 +136,5 @@ fn results_do_not_depend_on_thread_count() {
     };
     let one = compare(&b, &f, &opts(1), &NoProgress).unwrap();
     let four = compare(&b, &f, &opts(4), &NoProgress).unwrap();
-    let strip = |c: &weightdiff::Comparison| {
-        c.results
-            .iter()
-            .map(|(n, m)| {
-                let mut m = m.clone();
-                m.total_time = 0.0;
-                m.compute_time = 0.0;
-                (n.clone(), m)
-            })
-            .collect::<Vec<_>>()
-    };
-    assert_eq!(strip(&one), strip(&four));
+    assert_eq!(results_without_times(&one), results_without_times(&four));
 }

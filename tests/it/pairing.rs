@@ -1,23 +1,17 @@
 //! Pairing cases of SPEC §2 through the library API.
 
 use crate::common::*;
-use weightdiff::{Checkpoint, CompareOptions, compare, pipeline::NoProgress};
+use weightdiff::CompareOptions;
 
 fn run(base: &[T], ft: &[T]) -> weightdiff::Comparison {
-    let dir = tempfile::tempdir().unwrap();
-    let b = write_file(&dir.path().join("b.safetensors"), base);
-    let f = write_file(&dir.path().join("f.safetensors"), ft);
-    let opts = CompareOptions {
-        verify: true,
-        ..Default::default()
-    };
-    compare(
-        &Checkpoint::open(&b).unwrap(),
-        &Checkpoint::open(&f).unwrap(),
-        &opts,
-        &NoProgress,
+    compare_files(
+        base,
+        ft,
+        &CompareOptions {
+            verify: true,
+            ..Default::default()
+        },
     )
-    .unwrap()
 }
 
 #[test]

@@ -17,18 +17,6 @@ fn many_tensor_pair(dir: &Path) -> weightdiff::synthetic::BuiltPair {
     build_pair(&spec, dir).unwrap()
 }
 
-fn strip_times(c: &weightdiff::Comparison) -> Vec<(String, weightdiff::TensorMetrics)> {
-    c.results
-        .iter()
-        .map(|(n, m)| {
-            let mut m = m.clone();
-            m.total_time = 0.0;
-            m.compute_time = 0.0;
-            (n.clone(), m)
-        })
-        .collect()
-}
-
 /// Calls a closure when the k-th tensor completes.
 struct After<F: Fn() + Sync> {
     k: usize,
@@ -147,7 +135,10 @@ fn a_cancelled_run_resumes_to_the_same_results() {
             "{n} comes from the journal, timings included"
         );
     }
-    let (r, f) = (strip_times(&resumed), strip_times(&full));
+    let (r, f) = (
+        results_without_times(&resumed),
+        results_without_times(&full),
+    );
     assert_eq!(r.len(), f.len());
     for (a, b) in r.iter().zip(&f) {
         assert_eq!(a, b, "{} differs after resume", a.0);
