@@ -86,6 +86,10 @@ pub struct CompareArgs {
     /// Continue an interrupted run from the journal in the output directory.
     #[arg(long)]
     pub resume: bool,
+    /// Read with positioned reads instead of memory maps (no SIGBUS if a file is
+    /// truncated mid-read; slower on a warm cache).
+    #[arg(long)]
+    pub no_mmap: bool,
     #[command(flatten)]
     pub display: DisplayArgs,
 }
@@ -141,6 +145,9 @@ pub struct ExtractArgs {
     /// Singular values computed per tensor for the spectrum and rank detection.
     #[arg(long, default_value_t = 64)]
     pub analysis_rank: usize,
+    /// Read with positioned reads instead of memory maps.
+    #[arg(long)]
+    pub no_mmap: bool,
     /// Worker threads (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,

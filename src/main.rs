@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use weightdiff::checkpoint::shard::ReadMode;
 use weightdiff::{Checkpoint, Comparison, pipeline, report, synthetic};
 
 /// Exit status when some tensors failed but the run finished (SPEC §5).
@@ -85,11 +86,19 @@ fn open(path: &Path, role: &str) -> anyhow::Result<Checkpoint> {
     Checkpoint::open(path).with_context(|| format!("cannot read the {role} model"))
 }
 
+fn open_pair(base: &Path, ft: &Path, no_mmap: bool) -> anyhow::Result<(Checkpoint, Checkpoint)> {
+    let (mut b, mut f) = (open(base, "base")?, open(ft, "fine-tuned")?);
+    if no_mmap {
+        b.read_mode = ReadMode::Pread;
+        f.read_mode = ReadMode::Pread;
+    }
+    Ok((b, f))
+}
+
 fn compare(args: &CompareArgs) -> anyhow::Result<ExitCode> {
     let mut opts = args.options()?;
     let lora = args.lora_options()?;
-    let base = open(&args.base, "base")?;
-    let ft = open(&args.finetuned, "fine-tuned")?;
+    let (base, ft) = open_pair(&args.base, &args.finetuned, args.no_mmap)?;
     let _lock = report::lock_output_dir(&args.output)?;
     let signals = install_signals()?;
     opts.cancel = Some(signals.cancel.clone());
@@ -288,8 +297,7 @@ fn demo(out: &Path, display: DisplayArgs) -> anyhow::Result<ExitCode> {
 
 fn extract_lora(args: &cli::ExtractArgs) -> anyhow::Result<ExitCode> {
     let (opts, lora_opts) = args.options()?;
-    let base = open(&args.base, "base")?;
-    let ft = open(&args.finetuned, "fine-tuned")?;
+    let (base, ft) = open_pair(&args.base, &args.finetuned, args.no_mmap)?;
     let _lock = report::lock_output_dir(&args.output)?;
     let progress = progress::Reporter::new(args.display.quiet);
     let c = pipeline::compare(&base, &ft, &opts, &progress)?;

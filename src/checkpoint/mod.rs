@@ -12,7 +12,7 @@ pub mod shard;
 
 use crate::error::{Error, Result};
 use dtype::DType;
-use shard::{Shard, Window};
+use shard::{ReadMode, Shard, Window};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -65,6 +65,8 @@ pub struct Checkpoint {
     pub broken: BTreeMap<String, String>,
     /// Problems that do not stop the run (tensor in a shard but not in the index, …).
     pub warnings: Vec<String>,
+    /// How [`Checkpoint::read`] gets bytes.
+    pub read_mode: ReadMode,
 }
 
 impl Checkpoint {
@@ -149,6 +151,7 @@ impl Checkpoint {
             tensors: BTreeMap::new(),
             broken: BTreeMap::new(),
             warnings: Vec::new(),
+            read_mode: ReadMode::default(),
         }
     }
 
@@ -225,7 +228,7 @@ impl Checkpoint {
         );
         let shard = &self.shards[entry.shard];
         shard
-            .window(entry.offset + start, len)
+            .window(entry.offset + start, len, self.read_mode)
             .map_err(|e| Error::Tensor {
                 path: shard.path().to_path_buf(),
                 tensor: entry.name.clone(),

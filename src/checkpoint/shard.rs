@@ -158,7 +158,7 @@ impl Shard {
     ///
     /// The file's current length is checked first: a shard truncated since it was
     /// opened gives an error for the tensors it no longer holds instead of a SIGBUS.
-    pub fn window(&self, offset: u64, len: u64) -> std::io::Result<Window> {
+    pub fn window(&self, offset: u64, len: u64, mode: ReadMode) -> std::io::Result<Window> {
         if len == 0 {
             return Ok(Window::Read(Vec::new()));
         }
@@ -174,10 +174,18 @@ impl Shard {
             return Err(std::io::Error::other("range past the end of the file"));
         }
         let len_usize = usize::try_from(len).map_err(std::io::Error::other)?;
+        let read = || -> std::io::Result<Window> {
+            let mut buf = vec![0u8; len_usize];
+            self.file.read_exact_at(&mut buf, offset)?;
+            Ok(Window::Read(buf))
+        };
+        if mode == ReadMode::Pread {
+            return read();
+        }
         // SAFETY: the mapping is read-only and private to this window. The file must not
         // be truncated while the window is alive (that would raise SIGBUS); its length was
         // re-checked just above, which leaves only the window of a concurrent truncation
-        // during this one read (see RELIABILITY notes in the README).
+        // during this one read (RELIABILITY.md).
         let mapped = unsafe {
             MmapOptions::new()
                 .offset(offset)
@@ -187,13 +195,21 @@ impl Shard {
         };
         match mapped {
             Ok(m) => Ok(Window::Mapped(m)),
-            Err(_) => {
-                let mut buf = vec![0u8; len_usize];
-                self.file.read_exact_at(&mut buf, offset)?;
-                Ok(Window::Read(buf))
-            }
+            Err(_) => read(),
         }
     }
+}
+
+/// How tensor bytes are read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ReadMode {
+    /// Map each window (fastest on a warm page cache; see RELIABILITY.md for the SIGBUS
+    /// window it leaves if a file is truncated during a read).
+    #[default]
+    Mmap,
+    /// Positioned reads into a buffer: no SIGBUS whatever happens to the file, at a cost
+    /// in throughput (BENCHMARKS.md).
+    Pread,
 }
 
 /// A view of some bytes of a shard: mapped, or read into a buffer.

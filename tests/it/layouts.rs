@@ -76,3 +76,24 @@ fn a_single_safetensors_file_is_a_model_argument() {
         .success()
         .stdout(predicates::str::contains("\"parameter_count\": 2"));
 }
+
+#[test]
+fn positioned_reads_give_the_same_numbers_as_mapped_windows() {
+    use weightdiff::checkpoint::shard::ReadMode;
+    let dir = tempfile::tempdir().unwrap();
+    let pair = build_pair(&demo_spec(), dir.path()).unwrap();
+    let run = |mode| {
+        let mut b = weightdiff::Checkpoint::open(&pair.base).unwrap();
+        let mut f = weightdiff::Checkpoint::open(&pair.finetuned).unwrap();
+        b.read_mode = mode;
+        f.read_mode = mode;
+        let opts = weightdiff::CompareOptions {
+            window_bytes: 5000,
+            ..Default::default()
+        };
+        results_without_times(
+            &weightdiff::compare(&b, &f, &opts, &weightdiff::pipeline::NoProgress).unwrap(),
+        )
+    };
+    assert_eq!(run(ReadMode::Mmap), run(ReadMode::Pread));
+}
