@@ -62,48 +62,34 @@ fn diff_generic(a: &[u8], da: DType, b: &[u8], db: DType, threshold: f64) -> Acc
     }
 }
 
-/// Walks a window pair in blocks of `B` values decoded by `decode`, handing each pair
-/// of blocks to `f`. Generic so that each use is inlined into the caller's target
-/// features (the decoders vectorize only there).
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn for_each_block<T: Copy + Default, const B: usize>(
-    a: &[u8],
-    da: DType,
-    b: &[u8],
-    db: DType,
-    decode: impl Fn(DType, &[u8], &mut [T]),
-    mut f: impl FnMut(&[T], &[T]),
-) {
-    let (sa, sb) = (da.size(), db.size());
-    let n = a.len() / sa;
-    let mut xa = [T::default(); B];
-    let mut xb = [T::default(); B];
-    let mut start = 0;
-    while start < n {
-        let k = B.min(n - start);
-        decode(da, &a[start * sa..(start + k) * sa], &mut xa[..k]);
-        decode(db, &b[start * sb..(start + k) * sb], &mut xb[..k]);
-        f(&xa[..k], &xb[..k]);
-        start += k;
-    }
-}
-
+// diff_f32 and diff_f64 walk their blocks with the same loop written out twice. A shared
+// closure-taking block walker measured 20 % slower in the kernel on the qwen3-0.6b pair
+// (0.18 s -> 0.22 s summed kernel time, 5 alternating runs): the accumulators stopped
+// living in registers. Keep the loops inline.
 #[inline(always)]
 fn diff_f32(a: &[u8], da: DType, b: &[u8], db: DType, threshold: f64) -> Accum {
     let thr = threshold_f32(threshold);
+    let (sa, sb) = (da.size(), db.size());
+    let n = a.len() / sa;
+    let mut xa = [0f32; BLOCK];
+    let mut xb = [0f32; BLOCK];
     let mut acc = Accum {
-        count: (a.len() / da.size()) as u64,
+        count: n as u64,
         ..Accum::default()
     };
-    for_each_block::<f32, BLOCK>(a, da, b, db, decode_f32, |xa, xb| {
-        let s = block_sums_f32(xa, xb, thr);
+    let mut start = 0;
+    while start < n {
+        let k = BLOCK.min(n - start);
+        decode_f32(da, &a[start * sa..(start + k) * sa], &mut xa[..k]);
+        decode_f32(db, &b[start * sb..(start + k) * sb], &mut xb[..k]);
+        let s = block_sums_f32(&xa[..k], &xb[..k], thr);
         if s.is_finite() {
-            s.add_to(&mut acc, xa.len());
+            s.add_to(&mut acc, k);
         } else {
-            careful_f32(xa, xb, threshold, &mut acc);
+            careful_f32(&xa[..k], &xb[..k], threshold, &mut acc);
         }
-    });
+        start += k;
+    }
     acc
 }
 
@@ -226,12 +212,21 @@ fn careful_f32(xa: &[f32], xb: &[f32], threshold: f64, acc: &mut Accum) {
 /// F64, integer, bool and mixed pairs: the same structure in f64.
 #[inline(always)]
 fn diff_f64(a: &[u8], da: DType, b: &[u8], db: DType, threshold: f64) -> Accum {
+    const B64: usize = 512;
+    let (sa, sb) = (da.size(), db.size());
+    let n = a.len() / sa;
+    let mut xa = [0f64; B64];
+    let mut xb = [0f64; B64];
     let mut acc = Accum {
-        count: (a.len() / da.size()) as u64,
+        count: n as u64,
         ..Accum::default()
     };
-    for_each_block::<f64, 512>(a, da, b, db, decode_f64, |xa, xb| {
-        for (&x, &y) in xa.iter().zip(xb) {
+    let mut start = 0;
+    while start < n {
+        let k = B64.min(n - start);
+        decode_f64(da, &a[start * sa..(start + k) * sa], &mut xa[..k]);
+        decode_f64(db, &b[start * sb..(start + k) * sb], &mut xb[..k]);
+        for (&x, &y) in xa[..k].iter().zip(&xb[..k]) {
             if !(x.is_finite() && y.is_finite()) {
                 acc.count_nonfinite(x, y);
                 continue;
@@ -249,7 +244,8 @@ fn diff_f64(a: &[u8], da: DType, b: &[u8], db: DType, threshold: f64) -> Accum {
             }
             acc.changed += (ad > threshold) as u64;
         }
-    });
+        start += k;
+    }
     acc
 }
 
