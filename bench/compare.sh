@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # End-to-end benchmark of the comparison engine (issue 2), all figures from one run:
 #   - a plain pass over the same files (cat > /dev/null): the physical limit here;
-#   - weightdiff compare --no-lora (the diff, all cores), with --verify, and with
-#     --no-mmap (positioned reads instead of mappings, RELIABILITY.md);
+#   - weightdiff compare --no-lora (the diff, all cores, positioned reads), with --verify,
+#     and with --mmap (mapped windows instead of reads, RELIABILITY.md);
 #   - the Python baseline ../shared/bench/seed_compare.py, --no-numpy and default;
 #   - peak RSS (/usr/bin/time) on the pair and on a pair twice as large.
 # Page cache warm: every timed command is preceded by a cat of the pair's files.
@@ -48,7 +48,7 @@ for i in $(seq "$REPS"); do
   run plain_pass "$WORK/pair" sh -c "cat $WORK/pair/base/*.safetensors $WORK/pair/ft/*.safetensors > /dev/null"
   run weightdiff "$WORK/pair" "$WD" compare "$WORK/pair/base" "$WORK/pair/ft" -o "$WORK/out" --quiet --no-lora
   run weightdiff_verify "$WORK/pair" "$WD" compare "$WORK/pair/base" "$WORK/pair/ft" -o "$WORK/out-verify" --quiet --no-lora --verify
-  run weightdiff_pread "$WORK/pair" "$WD" compare "$WORK/pair/base" "$WORK/pair/ft" -o "$WORK/out-pread" --quiet --no-lora --no-mmap
+  run weightdiff_mmap "$WORK/pair" "$WD" compare "$WORK/pair/base" "$WORK/pair/ft" -o "$WORK/out-mmap" --quiet --no-lora --mmap
   run weightdiff_2x "$WORK/pair2x" "$WD" compare "$WORK/pair2x/base" "$WORK/pair2x/ft" -o "$WORK/out2x" --quiet --no-lora
   run plain_pass_2x "$WORK/pair2x" sh -c "cat $WORK/pair2x/base/*.safetensors $WORK/pair2x/ft/*.safetensors > /dev/null"
 done
@@ -69,7 +69,7 @@ rss = {k: max(kb for _, kb in v) / 1024 for k, v in rows.items()}
 base = med["plain_pass"]
 print(f"| command | runs | median wall (s) | ratio to plain pass | peak RSS (MiB) |")
 print(f"| --- | --- | --- | --- | --- |")
-for k in ["plain_pass", "weightdiff", "weightdiff_verify", "weightdiff_pread", "python_no_numpy", "python_numpy", "plain_pass_2x", "weightdiff_2x"]:
+for k in ["plain_pass", "weightdiff", "weightdiff_verify", "weightdiff_mmap", "python_no_numpy", "python_numpy", "plain_pass_2x", "weightdiff_2x"]:
     if k in med:
         ref = med["plain_pass_2x"] if k.endswith("2x") else base
         print(f"| {k} | {len(rows[k])} | {med[k]:.3f} | {med[k] / ref:.2f}x | {rss[k]:.0f} |")
@@ -78,7 +78,7 @@ print(f"weightdiff vs plain pass: {med['weightdiff'] / base:.2f}x (target <= 1.2
 print(f"python --no-numpy / weightdiff: {med['python_no_numpy'] / med['weightdiff']:.1f}x faster (target >= 20x)")
 print(f"python (numpy) / weightdiff: {med['python_numpy'] / med['weightdiff']:.1f}x faster")
 print(f"python (numpy) / weightdiff --verify: {med['python_numpy'] / med['weightdiff_verify']:.1f}x faster")
-print(f"positioned reads (--no-mmap) / mapped windows: {med['weightdiff_pread'] / med['weightdiff']:.2f}x the time")
+print(f"mapped windows (--mmap) / positioned reads (default): {med['weightdiff_mmap'] / med['weightdiff']:.2f}x the time")
 print(f"peak RSS weightdiff: {rss['weightdiff']:.0f} MiB; on the 2x pair: {rss['weightdiff_2x']:.0f} MiB "
       f"({100 * (rss['weightdiff_2x'] / rss['weightdiff'] - 1):+.1f} %) (target <= 300 MiB, +-10 %)")
 PY

@@ -86,10 +86,10 @@ pub struct CompareArgs {
     /// Continue an interrupted run from the journal in the output directory.
     #[arg(long)]
     pub resume: bool,
-    /// Read with positioned reads instead of memory maps (no SIGBUS if a file is
-    /// truncated mid-read; slower on a warm cache).
+    /// Read through memory maps instead of positioned reads (a shard truncated during a
+    /// read can then kill the process with SIGBUS).
     #[arg(long)]
-    pub no_mmap: bool,
+    pub mmap: bool,
     #[command(flatten)]
     pub display: DisplayArgs,
 }
@@ -145,9 +145,9 @@ pub struct ExtractArgs {
     /// Singular values computed per tensor for the spectrum and rank detection.
     #[arg(long, default_value_t = 64)]
     pub analysis_rank: usize,
-    /// Read with positioned reads instead of memory maps.
+    /// Read through memory maps instead of positioned reads.
     #[arg(long)]
-    pub no_mmap: bool,
+    pub mmap: bool,
     /// Worker threads (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,

@@ -86,11 +86,11 @@ fn open(path: &Path, role: &str) -> anyhow::Result<Checkpoint> {
     Checkpoint::open(path).with_context(|| format!("cannot read the {role} model"))
 }
 
-fn open_pair(base: &Path, ft: &Path, no_mmap: bool) -> anyhow::Result<(Checkpoint, Checkpoint)> {
+fn open_pair(base: &Path, ft: &Path, mmap: bool) -> anyhow::Result<(Checkpoint, Checkpoint)> {
     let (mut b, mut f) = (open(base, "base")?, open(ft, "fine-tuned")?);
-    if no_mmap {
-        b.read_mode = ReadMode::Pread;
-        f.read_mode = ReadMode::Pread;
+    if mmap {
+        b.read_mode = ReadMode::Mmap;
+        f.read_mode = ReadMode::Mmap;
     }
     Ok((b, f))
 }
@@ -98,7 +98,7 @@ fn open_pair(base: &Path, ft: &Path, no_mmap: bool) -> anyhow::Result<(Checkpoin
 fn compare(args: &CompareArgs) -> anyhow::Result<ExitCode> {
     let mut opts = args.options()?;
     let lora = args.lora_options()?;
-    let (base, ft) = open_pair(&args.base, &args.finetuned, args.no_mmap)?;
+    let (base, ft) = open_pair(&args.base, &args.finetuned, args.mmap)?;
     let _lock = report::lock_output_dir(&args.output)?;
     let signals = install_signals()?;
     opts.cancel = Some(signals.cancel.clone());
@@ -297,7 +297,7 @@ fn demo(out: &Path, display: DisplayArgs) -> anyhow::Result<ExitCode> {
 
 fn extract_lora(args: &cli::ExtractArgs) -> anyhow::Result<ExitCode> {
     let (opts, lora_opts) = args.options()?;
-    let (base, ft) = open_pair(&args.base, &args.finetuned, args.no_mmap)?;
+    let (base, ft) = open_pair(&args.base, &args.finetuned, args.mmap)?;
     let _lock = report::lock_output_dir(&args.output)?;
     let progress = progress::Reporter::new(args.display.quiet);
     let c = pipeline::compare(&base, &ft, &opts, &progress)?;

@@ -2,7 +2,7 @@
 //!
 //! Every tensor pair is cut into windows of at most [`CompareOptions::window_bytes`]
 //! per side. Windows of all tensors are processed in parallel by a rayon pool; each
-//! window is mapped, reduced to an [`Accum`], and unmapped, so resident memory is
+//! window is read, reduced to an [`Accum`], and dropped, so resident memory is
 //! bounded by `threads × 2 × window_bytes` whatever the model size. Window results are
 //! merged per tensor in window order, so the numbers do not depend on the thread count.
 //!
@@ -31,7 +31,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 /// Default window: 8 MiB per side keeps mapping overhead under 1 % while two threads
-/// hold at most 32 MiB of mapped data.
+/// hold at most 32 MiB of tensor data.
 pub const DEFAULT_WINDOW_BYTES: u64 = 8 << 20;
 
 /// Options of a comparison (the library side of `weightdiff compare`'s flags).
@@ -564,7 +564,7 @@ pub struct LoraOptions {
     pub threads: Option<usize>,
 }
 
-/// Δ rows of a pair, decoded from mapped windows of both checkpoints.
+/// Δ rows of a pair, decoded from windows of both checkpoints.
 struct PairDelta<'a> {
     base: &'a Checkpoint,
     finetuned: &'a Checkpoint,

@@ -6,10 +6,9 @@
 //! bound and require the data section to end exactly at the end of the file), but
 //! without mapping the file: only the header bytes are read.
 //!
-//! Tensor data is read in windows (see [`Shard::window`]): a window is mapped, used
-//! and unmapped, so resident memory stays bounded by the windows in flight, never by
-//! the model size. When mapping fails (some network filesystems), the window is read
-//! into a buffer instead.
+//! Tensor data is read in windows (see [`Shard::window`]): a window is read (or mapped),
+//! used and dropped, so resident memory stays bounded by the windows in flight, never by
+//! the model size.
 
 use crate::checkpoint::dtype::DType;
 use crate::error::{Error, Result};
@@ -203,13 +202,13 @@ impl Shard {
 /// How tensor bytes are read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum ReadMode {
-    /// Map each window (fastest on a warm page cache; see RELIABILITY.md for the SIGBUS
-    /// window it leaves if a file is truncated during a read).
+    /// Positioned reads into a buffer (the default): a file truncated mid-run gives an
+    /// error for the tensors it no longer holds, never a SIGBUS. Measured as fast as
+    /// mapping on a warm cache here (BENCHMARKS.md, RELIABILITY.md).
     #[default]
-    Mmap,
-    /// Positioned reads into a buffer: no SIGBUS whatever happens to the file, at a cost
-    /// in throughput (BENCHMARKS.md).
     Pread,
+    /// Map each window (`--mmap`). Leaves a SIGBUS window if a file shrinks during a read.
+    Mmap,
 }
 
 /// A view of some bytes of a shard: mapped, or read into a buffer.

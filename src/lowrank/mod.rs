@@ -1,7 +1,7 @@
 //! Low-rank analysis of deltas: spectra, merged-LoRA detection, and LoRA factors.
 //!
 //! The module sees Δ only through [`DeltaRows`], which hands out decoded rows; where
-//! those rows come from (mapped checkpoint windows) is the pipeline's business.
+//! those rows come from (checkpoint windows) is the pipeline's business.
 
 pub mod detect;
 pub mod extract;
