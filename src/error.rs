@@ -43,6 +43,10 @@ pub enum Error {
         reason: String,
     },
 
+    /// A numerical routine failed on a tensor (an SVD that did not converge).
+    #[error("tensor `{tensor}`: {reason}")]
+    Numerical { tensor: String, reason: String },
+
     /// The two kernels disagree on a tensor under `--verify`.
     #[error(
         "tensor `{tensor}`: fast and reference kernels disagree on {metric}: {fast} vs {reference}"

@@ -228,19 +228,15 @@ fn compare_in_pool(
         let (sa, sb) = sizes(p);
         let per = (opts.window_bytes / sa.max(sb) as u64).max(1);
         let first = units.len();
-        let mut start = 0;
-        while start < n || (n == 0 && start == 0 && units.len() == first) {
-            let len = per.min(n - start);
+        // A tensor with no elements still gets one (empty) window, so it is reported.
+        for idx in 0..n.div_ceil(per).max(1) {
+            let start = idx * per;
             units.push(Unit {
                 pair: i,
-                idx: units.len() - first,
+                idx: idx as usize,
                 start,
-                len,
+                len: per.min(n - start),
             });
-            start += len;
-            if n == 0 {
-                break;
-            }
         }
         per_pair.push(units.len() - first);
         pair_bytes.push(n * (sa + sb) as u64);

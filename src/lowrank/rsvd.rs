@@ -228,8 +228,7 @@ pub fn decompose(
 }
 
 fn svd_failed(name: &str, e: faer::linalg::svd::SvdError) -> crate::error::Error {
-    crate::error::Error::Tensor {
-        path: Default::default(),
+    crate::error::Error::Numerical {
         tensor: name.to_string(),
         reason: format!("the SVD did not converge ({e:?})"),
     }
