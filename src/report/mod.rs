@@ -134,9 +134,22 @@ pub fn to_json(v: &serde_json::Value) -> Vec<u8> {
     s
 }
 
-/// `1.234e-5`-style formatting of an optional number, `n/a` for none.
+/// Scientific notation as C, Python and NumPy print it (`1.234560e-05`, `0.000000e+00`),
+/// so text reports line up with the ones users already have; Rust's `{:e}` writes `e-5`.
+pub(crate) fn sci(x: f64, digits: usize) -> String {
+    let s = format!("{x:.digits$e}");
+    match s.split_once('e') {
+        Some((mantissa, exp)) => {
+            let e: i32 = exp.parse().expect("Rust writes an integer exponent");
+            format!("{mantissa}e{}{:02}", if e < 0 { '-' } else { '+' }, e.abs())
+        }
+        None => s, // NaN, inf
+    }
+}
+
+/// [`sci`] with 6 digits for an optional number, `n/a` for none.
 pub(crate) fn fmt_opt(v: Option<f64>) -> String {
-    v.map_or_else(|| "n/a".to_string(), |x| format!("{x:.6e}"))
+    v.map_or_else(|| "n/a".to_string(), |x| sci(x, 6))
 }
 
 /// Human size with binary units.
@@ -152,5 +165,19 @@ pub(crate) fn fmt_bytes(b: u64) -> String {
         format!("{b} B")
     } else {
         format!("{v:.2} {}", UNITS[u])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sci;
+
+    #[test]
+    fn scientific_notation_matches_c_and_python() {
+        assert_eq!(sci(0.0, 6), "0.000000e+00");
+        assert_eq!(sci(1.23456e-5, 6), "1.234560e-05");
+        assert_eq!(sci(-2.5e120, 3), "-2.500e+120");
+        assert_eq!(sci(1e-6, 0), "1e-06");
+        assert_eq!(sci(f64::INFINITY, 6), "inf");
     }
 }

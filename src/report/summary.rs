@@ -1,6 +1,6 @@
 //! `comparison_report.txt`: what changed, where, how much, and what was written.
 
-use super::{fmt_bytes, fmt_opt};
+use super::{fmt_bytes, fmt_opt, sci};
 use crate::comparison::Comparison;
 use crate::pairing::{layer_index, module_type};
 use std::collections::BTreeMap;
@@ -27,10 +27,10 @@ pub fn render(c: &Comparison, written: &[PathBuf], top: usize) -> String {
     let _ = writeln!(w, "------------");
     let _ = writeln!(
         w,
-        "{} of {} compared tensors were modified (|d| > {:e} somewhere); {identical} are byte-identical.",
+        "{} of {} compared tensors were modified (|d| > {} somewhere); {identical} are byte-identical.",
         modified.len(),
         c.results.len(),
-        c.threshold
+        sci(c.threshold, 1)
     );
     let changed_params: u64 = c
         .results
@@ -68,7 +68,11 @@ pub fn render(c: &Comparison, written: &[PathBuf], top: usize) -> String {
         "\nBy module type (modified / total, largest relative diff):"
     );
     for (module, (total, modn, maxrel)) in &by_module {
-        let _ = writeln!(w, "  {module:<28} {modn:>4} / {total:<4} {maxrel:.3e}");
+        let _ = writeln!(
+            w,
+            "  {module:<28} {modn:>4} / {total:<4} {}",
+            sci(*maxrel, 3)
+        );
     }
     if !by_layer.is_empty() {
         let touched: Vec<String> = by_layer
@@ -131,10 +135,10 @@ pub fn render(c: &Comparison, written: &[PathBuf], top: usize) -> String {
                 / l.extracted.len() as f64;
             let _ = writeln!(
                 w,
-                "Extracted {} modules as a PEFT adapter (default rank {}), mean relative reconstruction error {:.3e}.",
+                "Extracted {} modules as a PEFT adapter (default rank {}), mean relative reconstruction error {}.",
                 l.extracted.len(),
                 crate::report::adapter::default_rank(l),
-                mean
+                sci(mean, 3)
             );
         }
         for (n, why) in &l.skipped {

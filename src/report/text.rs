@@ -1,7 +1,7 @@
 //! `difference.txt`: the layer-by-layer analysis, in the layout of the Python script
 //! it replaces (header, one block per tensor, PERFORMANCE SUMMARY, TOP N MOST MODIFIED).
 
-use super::{fmt_bytes, fmt_opt};
+use super::{fmt_bytes, fmt_opt, sci};
 use crate::comparison::Comparison;
 use std::fmt::Write;
 
@@ -17,7 +17,7 @@ pub fn render(c: &Comparison, top: usize) -> String {
     let _ = writeln!(w, "{RULE}");
     let _ = writeln!(w, "Base model:       {}", c.base.source);
     let _ = writeln!(w, "Fine-tuned model: {}", c.finetuned.source);
-    let _ = writeln!(w, "Threshold:        {:e}", c.threshold);
+    let _ = writeln!(w, "Threshold:        {}", sci(c.threshold, 1));
     let _ = writeln!(
         w,
         "Tensors compared: {} ({modified} modified, {identical} byte-identical, {} failed)",
@@ -79,12 +79,12 @@ pub fn render(c: &Comparison, top: usize) -> String {
             );
         }
         let _ = writeln!(w, "  Identical: {}", if m.identical { "yes" } else { "no" });
-        let _ = writeln!(w, "  Mean abs diff: {:.6e}", m.mean_abs_diff);
-        let _ = writeln!(w, "  Max abs diff: {:.6e}", m.max_abs_diff);
-        let _ = writeln!(w, "  RMS diff: {:.6e}", m.rms_diff);
-        let _ = writeln!(w, "  L2 diff: {:.6e}", m.l2_diff);
-        let _ = writeln!(w, "  Base L2: {:.6e}", m.base_l2);
-        let _ = writeln!(w, "  Fine-tuned L2: {:.6e}", m.finetuned_l2);
+        let _ = writeln!(w, "  Mean abs diff: {}", sci(m.mean_abs_diff, 6));
+        let _ = writeln!(w, "  Max abs diff: {}", sci(m.max_abs_diff, 6));
+        let _ = writeln!(w, "  RMS diff: {}", sci(m.rms_diff, 6));
+        let _ = writeln!(w, "  L2 diff: {}", sci(m.l2_diff, 6));
+        let _ = writeln!(w, "  Base L2: {}", sci(m.base_l2, 6));
+        let _ = writeln!(w, "  Fine-tuned L2: {}", sci(m.finetuned_l2, 6));
         let _ = writeln!(w, "  Relative diff: {}", fmt_opt(m.relative_diff));
         let _ = writeln!(w, "  Cosine similarity: {}", fmt_opt(m.cosine_similarity));
         let _ = writeln!(w, "  Changed ratio: {:.6}", m.changed_ratio);
@@ -153,11 +153,11 @@ pub fn render(c: &Comparison, top: usize) -> String {
     for (i, (name, m)) in c.top_modified(top).into_iter().enumerate() {
         let _ = writeln!(
             w,
-            "{:3}. {name}: rel={} mean_abs={:.3e} max_abs={:.3e} changed={:.4}",
+            "{:3}. {name}: rel={} mean_abs={} max_abs={} changed={:.4}",
             i + 1,
             fmt_opt(m.relative_diff),
-            m.mean_abs_diff,
-            m.max_abs_diff,
+            sci(m.mean_abs_diff, 3),
+            sci(m.max_abs_diff, 3),
             m.changed_ratio
         );
     }
