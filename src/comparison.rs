@@ -133,7 +133,7 @@ pub fn metrics_from_accum(acc: &Accum) -> TensorMetrics {
 }
 
 /// A model's tensors as listed by its headers (no data).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TensorInfo {
     pub name: String,
     pub dtype: String,
@@ -142,7 +142,7 @@ pub struct TensorInfo {
 }
 
 /// What the reports need to know about one model, without touching its files.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ModelInfo {
     /// The model argument as given.
     pub source: String,
@@ -157,7 +157,7 @@ pub struct ModelInfo {
 }
 
 /// Whole-run figures (SPEC §4 `performance`).
-#[derive(Debug, Clone, Serialize, Default)]
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
 pub struct Performance {
     /// Wall-clock seconds of the comparison.
     pub total_time: Second,
@@ -233,7 +233,7 @@ impl Comparison {
 }
 
 /// How an extracted module is stored in the adapter.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ModuleKind {
     /// `lora_A.weight` [r, in], `lora_B.weight` [out, r].

@@ -6,12 +6,12 @@
 //! inferred from the names, stripped from that side, and reported.
 
 use crate::checkpoint::TensorEntry;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::cmp::Ordering;
 use std::collections::{BTreeMap, HashMap};
 
 /// Which checkpoint a prefix was stripped from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Side {
     Base,
@@ -19,7 +19,7 @@ pub enum Side {
 }
 
 /// A prefix stripped from one side to align names.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PrefixAlignment {
     pub side: Side,
     pub prefix: String,
@@ -40,11 +40,11 @@ pub struct TensorPair {
 }
 
 /// A pair whose shapes or dtypes differ.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Mismatch {
     pub name: String,
     /// `"shape"` or `"dtype"`.
-    pub kind: &'static str,
+    pub kind: String,
     pub base_shape: Vec<usize>,
     pub finetuned_shape: Vec<usize>,
     pub base_dtype: String,
@@ -141,7 +141,7 @@ fn mismatch(
 ) -> Mismatch {
     Mismatch {
         name: name.to_string(),
-        kind,
+        kind: kind.to_string(),
         base_shape: be.shape.clone(),
         finetuned_shape: fe.shape.clone(),
         base_dtype: be.dtype_name(),

@@ -753,42 +753,30 @@ fn analyze_lora_in_pool(
         }
     }
 
-    // Changed 1-D tensors: saved whole with their module, unless that module is a LoRA.
-    let lora_modules: std::collections::BTreeSet<&str> =
-        extracted.iter().map(|e| e.module.as_str()).collect();
-    let mut modules_to_save: Vec<String> = Vec::new();
-    let mut saved = Vec::new();
-    if opts.extract {
-        for p in &vectors {
-            let module = p.name.rsplit_once('.').map_or("", |(m, _)| m).to_string();
-            if opts.skip_undecomposable {
-                skipped.push((
-                    p.name.clone(),
-                    "1-D tensor left out (--skip-undecomposable)".into(),
-                ));
-            } else if lora_modules.contains(module.as_str()) {
-                skipped.push((p.name.clone(), "1-D tensor of a module extracted as a LoRA: PEFT cannot also save that module whole".into()));
-            } else if module.is_empty() {
-                skipped.push((
-                    p.name.clone(),
-                    "top-level tensor without a module: not representable in PEFT".into(),
-                ));
-            } else if !modules_to_save.contains(&module) {
-                modules_to_save.push(module);
-            }
-        }
-        for module in &modules_to_save {
+    // Changed 1-D tensors: candidates for saving whole with their module. Whether a
+    // module is saved depends on every tensor (is it extracted as a LoRA somewhere?), so
+    // it is decided in `assemble_lora`, which a merge of shards runs too.
+    let mut candidates: Vec<SavedTensor> = Vec::new();
+    if opts.extract && !opts.skip_undecomposable {
+        for v in &vectors {
+            let Some((module, _)) = v.name.rsplit_once('.') else {
+                continue;
+            };
             let prefix = format!("{module}.");
             for p in paired.pairs.iter().filter(|p| {
                 p.name
                     .strip_prefix(&prefix)
                     .is_some_and(|r| !r.contains('.'))
             }) {
+                let key = format!("base_model.model.{}", p.name);
+                if candidates.iter().any(|c| c.key == key) {
+                    continue;
+                }
                 let bytes = finetuned
                     .read(&p.finetuned, 0, p.finetuned.nbytes())?
                     .to_vec();
-                saved.push(SavedTensor {
-                    key: format!("base_model.model.{}", p.name),
+                candidates.push(SavedTensor {
+                    key,
                     dtype: *p
                         .finetuned
                         .dtype
@@ -799,29 +787,120 @@ fn analyze_lora_in_pool(
                 });
             }
         }
-    } else {
-        skipped.extend(vectors.iter().map(|p| {
-            (
-                p.name.clone(),
-                "1-D tensor: analysed as changed, not decomposable".to_string(),
-            )
-        }));
     }
+    let parts = LoraParts {
+        spectra,
+        extracted,
+        vectors: vectors.iter().map(|p| p.name.clone()).collect(),
+        candidates,
+        skipped,
+        errors,
+        total_time: t0.elapsed().as_secs_f64(),
+    };
+    Ok(assemble_lora(c, opts, uniform_rank, parts))
+}
 
-    let detected: BTreeMap<&str, Option<usize>> = spectra
+/// What the low-rank stage computed for some tensors, before the decisions that need all
+/// of them (which modules are saved whole, the verdict). A shard stores this; a merge
+/// concatenates the shards' parts and assembles them as a single run would.
+#[derive(Debug, Clone, Default)]
+pub struct LoraParts {
+    pub spectra: Vec<(String, TensorSpectrum)>,
+    pub extracted: Vec<ExtractedModule>,
+    /// Changed 1-D tensors.
+    pub vectors: Vec<String>,
+    /// Fine-tuned tensors of the vectors' modules, in case those are saved whole.
+    pub candidates: Vec<SavedTensor>,
+    pub skipped: Vec<(String, String)>,
+    pub errors: BTreeMap<String, String>,
+    pub total_time: Second,
+}
+
+impl LoraParts {
+    /// Adds another shard's parts.
+    pub fn extend(&mut self, o: LoraParts) {
+        self.spectra.extend(o.spectra);
+        self.extracted.extend(o.extracted);
+        self.vectors.extend(o.vectors);
+        for c in o.candidates {
+            if !self.candidates.iter().any(|x| x.key == c.key) {
+                self.candidates.push(c);
+            }
+        }
+        self.skipped.extend(o.skipped);
+        self.errors.extend(o.errors);
+        self.total_time += o.total_time;
+    }
+}
+
+/// Turns parts into the report: natural order everywhere, `modules_to_save` decided over
+/// all tensors, the verdict computed from the comparison and the spectra.
+pub fn assemble_lora(
+    c: &Comparison,
+    opts: &LoraOptions,
+    uniform_rank: Option<usize>,
+    mut parts: LoraParts,
+) -> LoraReport {
+    parts.spectra.sort_by(|a, b| natural_cmp(&a.0, &b.0));
+    parts
+        .extracted
+        .sort_by(|a, b| natural_cmp(&a.tensor, &b.tensor));
+    parts.vectors.sort_by(|a, b| natural_cmp(a, b));
+    let lora_modules: std::collections::BTreeSet<&str> =
+        parts.extracted.iter().map(|e| e.module.as_str()).collect();
+    let mut modules_to_save: Vec<String> = Vec::new();
+    let mut skipped = parts.skipped;
+    for v in &parts.vectors {
+        let module = v.rsplit_once('.').map_or("", |(m, _)| m).to_string();
+        let why = if !opts.extract {
+            "1-D tensor: analysed as changed, not decomposable"
+        } else if opts.skip_undecomposable {
+            "1-D tensor left out (--skip-undecomposable)"
+        } else if lora_modules.contains(module.as_str()) {
+            "1-D tensor of a module extracted as a LoRA: PEFT cannot also save that module whole"
+        } else if module.is_empty() {
+            "top-level tensor without a module: not representable in PEFT"
+        } else {
+            if !modules_to_save.contains(&module) {
+                modules_to_save.push(module);
+            }
+            continue;
+        };
+        skipped.push((v.clone(), why.to_string()));
+    }
+    skipped.sort_by(|a, b| natural_cmp(&a.0, &b.0));
+    let mut saved: Vec<SavedTensor> = parts
+        .candidates
+        .into_iter()
+        .filter(|t| {
+            modules_to_save.iter().any(|m| {
+                t.key
+                    .strip_prefix("base_model.model.")
+                    .and_then(|k| k.strip_prefix(m.as_str()))
+                    .and_then(|r| r.strip_prefix('.'))
+                    .is_some_and(|r| !r.contains('.'))
+            })
+        })
+        .collect();
+    saved.sort_by(|a, b| a.key.cmp(&b.key));
+
+    let detected: BTreeMap<&str, Option<usize>> = parts
+        .spectra
         .iter()
         .map(|(n, s)| (n.as_str(), s.detected_rank))
         .collect();
-    let modules: Vec<String> = c
+    let modified: Vec<(&String, &TensorMetrics)> = c
         .results
         .iter()
         .filter(|(_, m)| m.is_modified())
+        .map(|(n, m)| (n, m))
+        .collect();
+    let modules: Vec<String> = modified
+        .iter()
         .map(|(n, _)| pairing::module_type(n))
         .collect();
-    let evidence: Vec<Evidence> = c
-        .results
+    let evidence: Vec<Evidence> = modified
         .iter()
-        .filter(|(_, m)| m.is_modified())
         .zip(&modules)
         .map(|((n, m), module)| Evidence {
             module,
@@ -829,19 +908,18 @@ fn analyze_lora_in_pool(
             detected_rank: detected.get(n.as_str()).copied().flatten(),
         })
         .collect();
-    let verdict = verdict(&evidence);
-    Ok(LoraReport {
+    LoraReport {
         options: opts.lowrank.clone(),
         dtype: opts.dtype,
         uniform_rank,
         base_model: c.base.source.clone(),
-        spectra,
-        verdict,
-        extracted,
+        verdict: verdict(&evidence),
+        spectra: parts.spectra,
+        extracted: parts.extracted,
         modules_to_save,
         saved,
         skipped,
-        errors,
-        total_time: t0.elapsed().as_secs_f64(),
-    })
+        errors: parts.errors,
+        total_time: parts.total_time,
+    }
 }

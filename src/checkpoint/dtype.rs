@@ -4,12 +4,12 @@
 //! little-endian bytes with `from_le_bytes` on fixed-size chunks instead of casting the
 //! slice: no alignment assumption is ever made.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::sync::OnceLock;
 
 /// A supported element type (SPEC §1).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum DType {
     F64,
     F32,

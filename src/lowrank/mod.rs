@@ -8,7 +8,7 @@ pub mod extract;
 pub mod rsvd;
 
 use crate::error::Result;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 /// Rows of a delta Δ = finetuned − base (m × n), decoded to f64.
@@ -24,7 +24,7 @@ pub trait DeltaRows: Sync {
 }
 
 /// How many components to extract per tensor.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "rule", rename_all = "snake_case")]
 pub enum RankRule {
     /// Exactly this rank (capped by the matrix size).
@@ -36,7 +36,7 @@ pub enum RankRule {
 }
 
 /// Options of the analysis and extraction.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LowRankOptions {
     /// Singular values computed per tensor for the analysis (the spectrum, detection).
     pub analysis_rank: usize,
@@ -74,7 +74,7 @@ impl Default for LowRankOptions {
 pub const CANDIDATE_RANKS: &[usize] = &[1, 8, 16, 32, 64, 128, 256, 320, 512];
 
 /// The spectrum of one delta (`lora_analysis.json` → `tensors`).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TensorSpectrum {
     pub shape: [usize; 2],
     /// Top singular values (up to `analysis_rank`), non-increasing.
@@ -94,9 +94,9 @@ pub struct TensorSpectrum {
     /// Relative residual sqrt(1 − Σ_{i≤k}σᵢ²/‖Δ‖²_F) at each candidate rank k computed.
     pub residuals: BTreeMap<usize, f64>,
     /// `randomized` or `exact`.
-    pub method: &'static str,
+    pub method: String,
     /// `in_memory` or `streamed`.
-    pub path: &'static str,
+    pub path: String,
     /// Seconds.
     pub time: f64,
 }
@@ -158,8 +158,8 @@ pub fn analyze(
         gap_ratio: det.gap_ratio,
         frobenius_norm: frob2.sqrt(),
         residuals,
-        method: d.method,
-        path: d.path,
+        method: d.method.to_string(),
+        path: d.path.to_string(),
         time: t0.elapsed().as_secs_f64(),
     };
     Ok((spectrum, factors))
