@@ -24,6 +24,23 @@ pub enum Command {
         after_help = "Examples:\n  weightdiff extract-lora ./base ./ft -o adapter --rank 16\n  weightdiff extract-lora ./base ./ft -o adapter --energy 0.99 --max-rank 64 --modules q_proj,v_proj\n  weightdiff extract-lora ./base ./ft -o adapter --rank 32 --uniform-rank   # one alpha/r for vLLM, llama.cpp"
     )]
     ExtractLora(ExtractArgs),
+    /// Combine the parts written by `compare --shard I/N` into the outputs of one run.
+    #[command(
+        after_help = "Example (3 SLURM array tasks, then one merge job):\n  weightdiff compare ./base ./ft --shard $SLURM_ARRAY_TASK_ID/3 -o parts/$SLURM_ARRAY_TASK_ID\n  weightdiff merge parts/0 parts/1 parts/2 -o out"
+    )]
+    Merge {
+        /// Part directories, one per shard.
+        #[arg(required = true)]
+        parts: Vec<PathBuf>,
+        /// Output directory.
+        #[arg(short, long, default_value = "model_comparison")]
+        output: PathBuf,
+        /// Length of the most-modified lists.
+        #[arg(long, default_value_t = 20)]
+        top: usize,
+        #[command(flatten)]
+        display: DisplayArgs,
+    },
     /// List a model's tensors, dtypes, shapes and parameter count.
     #[command(after_help = "Example:\n  weightdiff inspect ./Qwen3-0.6B")]
     Inspect {
@@ -86,6 +103,10 @@ pub struct CompareArgs {
     /// Continue an interrupted run from the journal in the output directory.
     #[arg(long)]
     pub resume: bool,
+    /// Compare only shard I of N (0 <= I < N, balanced by bytes) and write a part for
+    /// `weightdiff merge` instead of the reports.
+    #[arg(long, value_name = "I/N")]
+    pub shard: Option<weightdiff::shards::Shard>,
     /// Read through memory maps instead of positioned reads (a shard truncated during a
     /// read can then kill the process with SIGBUS).
     #[arg(long)]
@@ -283,6 +304,7 @@ impl CompareArgs {
             threads: self.threads,
             journal_dir: Some(self.output.clone()),
             resume: self.resume,
+            shard: self.shard,
             ..Default::default()
         })
     }

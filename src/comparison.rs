@@ -182,7 +182,7 @@ pub struct Performance {
 }
 
 /// Everything a comparison found; every report is rendered from this.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Comparison {
     pub base: ModelInfo,
     pub finetuned: ModelInfo,
@@ -203,7 +203,8 @@ pub struct Comparison {
     pub performance: Performance,
     /// false when the run was interrupted before every tensor was compared.
     pub complete: bool,
-    /// The low-rank stage, when it ran.
+    /// The low-rank stage, when it ran (not serialized: shard parts store its inputs).
+    #[serde(skip)]
     pub lora: Option<LoraReport>,
 }
 

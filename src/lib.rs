@@ -47,6 +47,7 @@ pub mod pairing;
 pub mod pipeline;
 pub mod report;
 pub mod rng;
+pub mod shards;
 pub mod synthetic;
 
 pub use checkpoint::Checkpoint;

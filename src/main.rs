@@ -77,6 +77,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Compare(args) => compare(&args),
         Command::ExtractLora(args) => extract_lora(&args),
+        Command::Merge {
+            parts,
+            output,
+            top,
+            display,
+        } => merge(&parts, &output, top, display),
         Command::Inspect { model, json } => inspect(&model, json),
         Command::Demo { output, display } => demo(&output, display),
     }
@@ -103,6 +109,18 @@ fn compare(args: &CompareArgs) -> anyhow::Result<ExitCode> {
     let signals = install_signals()?;
     opts.cancel = Some(signals.cancel.clone());
     let out = &args.output;
+    if let Some(shard) = args.shard {
+        return compare_shard(
+            &base,
+            &ft,
+            &opts,
+            lora.as_ref(),
+            out,
+            shard,
+            &signals,
+            args.display,
+        );
+    }
     let code = run_compare(
         &base,
         &ft,
@@ -352,6 +370,88 @@ fn extract_lora(args: &cli::ExtractArgs) -> anyhow::Result<ExitCode> {
         eprintln!("adapter written to {}", out.display());
     }
     Ok(if c.errors.is_empty() && lora.errors.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_TENSOR_ERRORS)
+    })
+}
+
+/// `compare --shard I/N`: this shard's tensors, written as a part for `merge`.
+#[allow(clippy::too_many_arguments)]
+fn compare_shard(
+    base: &Checkpoint,
+    ft: &Checkpoint,
+    opts: &weightdiff::CompareOptions,
+    lora: Option<&pipeline::LoraOptions>,
+    out: &Path,
+    shard: weightdiff::shards::Shard,
+    signals: &Signals,
+    display: DisplayArgs,
+) -> anyhow::Result<ExitCode> {
+    let progress = progress::Reporter::new(display.quiet);
+    let c = pipeline::compare(base, ft, opts, &progress)?;
+    progress.finish();
+    if let Some(stop) = signals.stop_code() {
+        eprintln!("stopped: run again with --resume to finish shard {shard}");
+        return Ok(stop);
+    }
+    let parts = lora
+        .map(|lo| pipeline::analyze_lora_parts(base, ft, &c, lo))
+        .transpose()?;
+    // Parts of one job must agree on inputs and options, whatever their shard.
+    let fp = pipeline::fingerprint(
+        base,
+        ft,
+        &weightdiff::CompareOptions {
+            shard: None,
+            ..opts.clone()
+        },
+    );
+    let written = weightdiff::shards::write_part(out, shard, &fp, &c, lora.zip(parts.as_ref()))?;
+    weightdiff::journal::remove(out)?;
+    for (name, e) in &c.errors {
+        eprintln!("error: {name}: {e}");
+    }
+    if display.json {
+        print_json(&serde_json::json!({
+            "shard": shard.to_string(),
+            "compared": c.results.len(),
+            "outputs": written,
+        }))?;
+    } else if !display.quiet {
+        eprintln!(
+            "shard {shard}: compared {} tensors; part written to {} (combine with `weightdiff merge`)",
+            c.results.len(),
+            out.display()
+        );
+    }
+    Ok(if c.errors.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_TENSOR_ERRORS)
+    })
+}
+
+fn merge(
+    parts: &[PathBuf],
+    out: &Path,
+    top: usize,
+    display: DisplayArgs,
+) -> anyhow::Result<ExitCode> {
+    let _lock = report::lock_output_dir(out)?;
+    let c = weightdiff::shards::merge(parts)?;
+    let written = report::write_comparison_reports(&c, out, top)
+        .with_context(|| format!("cannot write reports into {}", out.display()))?;
+    for (name, e) in &c.errors {
+        eprintln!("error: {name}: {e}");
+    }
+    if display.json {
+        print_json(&summary_json(&c, &written, top))?;
+    } else if !display.quiet {
+        print_summary(&c, out);
+    }
+    let lora_errors = c.lora.as_ref().is_some_and(|l| !l.errors.is_empty());
+    Ok(if c.errors.is_empty() && !lora_errors {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(EXIT_TENSOR_ERRORS)

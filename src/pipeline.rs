@@ -22,6 +22,7 @@ use crate::lowrank::detect::{Evidence, verdict};
 use crate::lowrank::extract::{Factors, Target};
 use crate::lowrank::{self, DeltaRows, LowRankOptions, RankRule, TensorSpectrum};
 use crate::pairing::{self, TensorPair, natural_cmp};
+use crate::shards::Shard;
 use rayon::prelude::*;
 use regex::Regex;
 use std::collections::BTreeMap;
@@ -56,6 +57,8 @@ pub struct CompareOptions {
     /// Set (by a signal handler) to stop: windows not yet started are skipped and the
     /// comparison comes back with `complete: false`.
     pub cancel: Option<Arc<AtomicBool>>,
+    /// Compare only this shard's share of the pairs (`--shard I/N`).
+    pub shard: Option<Shard>,
 }
 
 impl Default for CompareOptions {
@@ -70,6 +73,7 @@ impl Default for CompareOptions {
             journal_dir: None,
             resume: false,
             cancel: None,
+            shard: None,
         }
     }
 }
@@ -197,6 +201,24 @@ fn compare_in_pool(
                 );
             }
         }
+    }
+
+    // A shard keeps its share of the pairs (module `shards` says how it is chosen).
+    if let Some(sh) = opts.shard {
+        let items: Vec<(&str, u64)> = pairs
+            .iter()
+            .map(|p| {
+                let (sa, sb) = sizes(p);
+                (p.name.as_str(), compared_elements(p) * (sa + sb) as u64)
+            })
+            .collect();
+        let owner = crate::shards::assign(&items, sh.count);
+        pairs = pairs
+            .into_iter()
+            .zip(owner)
+            .filter(|(_, o)| *o == sh.index)
+            .map(|(p, _)| p)
+            .collect();
     }
 
     // A resumed run takes the results its journal holds and computes the rest.
@@ -404,6 +426,9 @@ pub fn fingerprint(
         }
         d.push_str("] ");
     }
+    if let Some(sh) = opts.shard {
+        d.push_str(&format!("shard={sh} "));
+    }
     d.push_str(&format!(
         "threshold={:e} verify={} include={} exclude={}",
         opts.threshold,
@@ -500,7 +525,7 @@ fn finish_tensor(p: &TensorPair, o: UnitOut, verify: bool) -> Result<TensorMetri
     Ok(m)
 }
 
-fn performance(
+pub(crate) fn performance(
     results: &[(String, TensorMetrics)],
     bytes_read: u64,
     wall: Second,
@@ -542,7 +567,7 @@ pub const EMBEDDING_MODULES: &[&str] = &[
 ];
 
 /// Options of the low-rank stage (`compare` without `--no-lora`, and `extract-lora`).
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct LoraOptions {
     pub lowrank: LowRankOptions,
     /// Extract factors; when false the deltas are only analysed.
@@ -628,34 +653,49 @@ pub fn analyze_lora(
     c: &Comparison,
     opts: &LoraOptions,
 ) -> Result<LoraReport> {
+    let parts = analyze_lora_parts(base, finetuned, c, opts)?;
+    Ok(assemble_lora(c, opts, parts))
+}
+
+/// The per-tensor half of [`analyze_lora`], for a shard's part.
+pub fn analyze_lora_parts(
+    base: &Checkpoint,
+    finetuned: &Checkpoint,
+    c: &Comparison,
+    opts: &LoraOptions,
+) -> Result<LoraParts> {
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(opts.threads.unwrap_or(0))
         .build()
         .map_err(|e| Error::InvalidOption(format!("cannot start worker threads: {e}")))?;
     // Tensors run in parallel; each one's linear algebra stays on its thread.
     faer::set_global_parallelism(faer::Par::Seq);
-    pool.install(|| analyze_lora_in_pool(base, finetuned, c, opts))
+    pool.install(|| lora_parts(base, finetuned, c, opts))
 }
 
-fn analyze_lora_in_pool(
+/// `--uniform-rank` as a rank, checked against the rank rule.
+pub fn uniform_rank(opts: &LoraOptions) -> Result<Option<usize>> {
+    match (opts.uniform_rank, opts.lowrank.rank_rule) {
+        (false, _) => Ok(None),
+        (true, RankRule::Fixed { rank }) => Ok(Some(rank)),
+        (true, _) => Err(Error::InvalidOption(
+            "--uniform-rank needs a fixed rank (--rank), not an energy or ratio rule".into(),
+        )),
+    }
+}
+
+/// The per-tensor work of the low-rank stage (run in the caller's thread pool).
+pub fn lora_parts(
     base: &Checkpoint,
     finetuned: &Checkpoint,
     c: &Comparison,
     opts: &LoraOptions,
-) -> Result<LoraReport> {
+) -> Result<LoraParts> {
     let t0 = Instant::now();
     let paired = pairing::pair(base.tensors(), finetuned.tensors());
     let by_name: BTreeMap<&str, &TensorPair> =
         paired.pairs.iter().map(|p| (p.name.as_str(), p)).collect();
-    let uniform_rank = match (opts.uniform_rank, opts.lowrank.rank_rule) {
-        (false, _) => None,
-        (true, RankRule::Fixed { rank }) => Some(rank),
-        (true, _) => {
-            return Err(Error::InvalidOption(
-                "--uniform-rank needs a fixed rank (--rank), not an energy or ratio rule".into(),
-            ));
-        }
-    };
+    let uniform_rank = uniform_rank(opts)?;
     let mut skipped = Vec::new();
     let mut matrices: Vec<(&TensorPair, Option<Target>)> = Vec::new();
     let mut vectors: Vec<&TensorPair> = Vec::new();
@@ -797,7 +837,7 @@ fn analyze_lora_in_pool(
         errors,
         total_time: t0.elapsed().as_secs_f64(),
     };
-    Ok(assemble_lora(c, opts, uniform_rank, parts))
+    Ok(parts)
 }
 
 /// What the low-rank stage computed for some tensors, before the decisions that need all
@@ -835,12 +875,7 @@ impl LoraParts {
 
 /// Turns parts into the report: natural order everywhere, `modules_to_save` decided over
 /// all tensors, the verdict computed from the comparison and the spectra.
-pub fn assemble_lora(
-    c: &Comparison,
-    opts: &LoraOptions,
-    uniform_rank: Option<usize>,
-    mut parts: LoraParts,
-) -> LoraReport {
+pub fn assemble_lora(c: &Comparison, opts: &LoraOptions, mut parts: LoraParts) -> LoraReport {
     parts.spectra.sort_by(|a, b| natural_cmp(&a.0, &b.0));
     parts
         .extracted
@@ -911,7 +946,7 @@ pub fn assemble_lora(
     LoraReport {
         options: opts.lowrank.clone(),
         dtype: opts.dtype,
-        uniform_rank,
+        uniform_rank: uniform_rank(opts).ok().flatten(),
         base_model: c.base.source.clone(),
         verdict: verdict(&evidence),
         spectra: parts.spectra,

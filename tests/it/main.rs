@@ -9,6 +9,7 @@
 //! - `outputs`: every report exists, parses, and matches the builder's ground truth
 //! - `lora`: rank detection, verdicts, extraction fidelity, PEFT keys, determinism
 //! - `reliability`: files changing mid-run, resume after SIGTERM/SIGKILL, locks, full disk, symlinks
+//! - `shards`: `compare --shard I/N` + `merge` equal a single run; bad part sets refused
 //! - `interop`: Python's safetensors/numpy recompute our metrics independently
 
 mod bad_inputs;
@@ -22,3 +23,4 @@ mod mutations;
 mod outputs;
 mod pairing;
 mod reliability;
+mod shards;

@@ -1,0 +1,430 @@
+//! Splitting one comparison across processes (`compare --shard I/N`) and merging the
+//! parts (`merge`) into exactly the outputs a single run writes.
+//!
+//! Assignment: pairs are sorted by size (bytes of both sides, largest first) then name,
+//! and each goes to the shard with the fewest bytes so far (ties to the lower index).
+//! This balances bytes, and depends only on names and sizes, never on the order of the
+//! index or the files. A part is `part.json` (the comparison of its tensors, the
+//! low-rank parts, a fingerprint of inputs and options) plus `part.safetensors` (LoRA
+//! factors in f64 and tensors that may be saved whole).
+
+use crate::checkpoint::dtype::DType;
+use crate::comparison::{Comparison, ExtractedModule, ModuleKind, SCHEMA_VERSION, SavedTensor};
+use crate::error::{Error, Result};
+use crate::lowrank::extract::Factors;
+use crate::pipeline::{LoraOptions, LoraParts};
+use crate::report::adapter::{AdapterTensor, safetensors_bytes};
+use crate::report::{to_json, write_atomic};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// File names of a part.
+pub const PART_JSON: &str = "part.json";
+pub const PART_TENSORS: &str = "part.safetensors";
+
+/// Shard `index` (0-based) of `count`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Shard {
+    pub index: usize,
+    pub count: usize,
+}
+
+impl std::str::FromStr for Shard {
+    type Err = String;
+    /// Parses `I/N` with 0 ≤ I < N (SLURM's `--array=0-(N-1)` task ids).
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let (i, n) = s
+            .split_once('/')
+            .ok_or_else(|| format!("`{s}` is not I/N"))?;
+        let index: usize = i
+            .trim()
+            .parse()
+            .map_err(|_| format!("`{i}` is not a shard index"))?;
+        let count: usize = n
+            .trim()
+            .parse()
+            .map_err(|_| format!("`{n}` is not a shard count"))?;
+        if count == 0 || index >= count {
+            return Err(format!("shard {index}/{count}: need 0 <= I < N"));
+        }
+        Ok(Shard { index, count })
+    }
+}
+
+impl std::fmt::Display for Shard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.index, self.count)
+    }
+}
+
+/// The shard of each item, given (name, bytes), by the rule of the module docs.
+pub fn assign(items: &[(&str, u64)], count: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..items.len()).collect();
+    order.sort_by(|&a, &b| items[b].1.cmp(&items[a].1).then(items[a].0.cmp(items[b].0)));
+    let mut load = vec![0u64; count];
+    let mut out = vec![0; items.len()];
+    for i in order {
+        let s = (0..count)
+            .min_by_key(|&s| (load[s], s))
+            .expect("count >= 1");
+        load[s] += items[i].1;
+        out[i] = s;
+    }
+    out
+}
+
+#[derive(Serialize, Deserialize)]
+struct ExtractedMeta {
+    tensor: String,
+    module: String,
+    kind: ModuleKind,
+    rank: usize,
+    m: usize,
+    n: usize,
+    dtype: DType,
+    residual: f64,
+    residual_stored: f64,
+}
+
+#[derive(Serialize, Deserialize)]
+struct SavedMeta {
+    key: String,
+    dtype: DType,
+    shape: Vec<usize>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct LoraPart {
+    options: LoraOptions,
+    spectra: Vec<(String, crate::lowrank::TensorSpectrum)>,
+    extracted: Vec<ExtractedMeta>,
+    vectors: Vec<String>,
+    candidates: Vec<SavedMeta>,
+    skipped: Vec<(String, String)>,
+    errors: BTreeMap<String, String>,
+    total_time: f64,
+}
+
+#[derive(Serialize, Deserialize)]
+struct PartFile {
+    schema_version: u32,
+    shard: Shard,
+    /// Fingerprint of the inputs and the options that change results (not the shard).
+    fingerprint: String,
+    description: String,
+    comparison: Comparison,
+    lora: Option<LoraPart>,
+}
+
+fn f64_tensor(key: String, shape: Vec<usize>, v: &[f64]) -> AdapterTensor {
+    AdapterTensor {
+        key,
+        dtype: DType::F64,
+        shape,
+        bytes: v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+    }
+}
+
+/// Writes a shard's part into `dir`.
+pub fn write_part(
+    dir: &Path,
+    shard: Shard,
+    fingerprint: &crate::journal::Fingerprint,
+    c: &Comparison,
+    lora: Option<(&LoraOptions, &LoraParts)>,
+) -> Result<Vec<PathBuf>> {
+    crate::report::create_output_dir(dir)?;
+    let mut tensors = Vec::new();
+    let lora = lora.map(|(opts, p)| {
+        for e in &p.extracted {
+            let f = &e.factors;
+            tensors.push(f64_tensor(
+                format!("A/{}", e.tensor),
+                vec![f.rank, f.n],
+                &f.a,
+            ));
+            tensors.push(f64_tensor(
+                format!("B/{}", e.tensor),
+                vec![f.m, f.rank],
+                &f.b,
+            ));
+        }
+        for t in &p.candidates {
+            tensors.push(AdapterTensor {
+                key: format!("saved/{}", t.key),
+                dtype: t.dtype,
+                shape: t.shape.clone(),
+                bytes: t.bytes.clone(),
+            });
+        }
+        LoraPart {
+            options: opts.clone(),
+            spectra: p.spectra.clone(),
+            extracted: p
+                .extracted
+                .iter()
+                .map(|e| ExtractedMeta {
+                    tensor: e.tensor.clone(),
+                    module: e.module.clone(),
+                    kind: e.kind,
+                    rank: e.factors.rank,
+                    m: e.factors.m,
+                    n: e.factors.n,
+                    dtype: e.factors.dtype,
+                    residual: e.factors.residual,
+                    residual_stored: e.factors.residual_stored,
+                })
+                .collect(),
+            vectors: p.vectors.clone(),
+            candidates: p
+                .candidates
+                .iter()
+                .map(|t| SavedMeta {
+                    key: t.key.clone(),
+                    dtype: t.dtype,
+                    shape: t.shape.clone(),
+                })
+                .collect(),
+            skipped: p.skipped.clone(),
+            errors: p.errors.clone(),
+            total_time: p.total_time,
+        }
+    });
+    tensors.sort_by(|a, b| a.key.cmp(&b.key));
+    let part = PartFile {
+        schema_version: SCHEMA_VERSION,
+        shard,
+        fingerprint: fingerprint.hash.clone(),
+        description: fingerprint.description.clone(),
+        comparison: c.clone(),
+        lora,
+    };
+    let tpath = dir.join(PART_TENSORS);
+    write_atomic(&tpath, &safetensors_bytes(&tensors))?;
+    let jpath = dir.join(PART_JSON);
+    let json = serde_json::to_value(&part)
+        .map_err(|e| Error::InvalidOption(format!("cannot serialize part: {e}")))?;
+    write_atomic(&jpath, &to_json(&json))?;
+    Ok(vec![jpath, tpath])
+}
+
+fn read_f64(ck: &crate::Checkpoint, key: &str, len: usize, part: &Path) -> Result<Vec<f64>> {
+    let bad = |why: String| Error::InvalidOption(format!("{}: {why}", part.display()));
+    let e = ck
+        .tensors()
+        .get(key)
+        .ok_or_else(|| bad(format!("`{key}` missing from {PART_TENSORS}")))?;
+    if e.dtype.as_ref().ok() != Some(&DType::F64) || e.numel() as usize != len {
+        return Err(bad(format!("`{key}` has the wrong dtype or size")));
+    }
+    let w = ck.read(e, 0, e.nbytes())?;
+    Ok(w.chunks_exact(8)
+        .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")))
+        .collect())
+}
+
+/// One part read back.
+struct Part {
+    dir: PathBuf,
+    file: PartFile,
+    lora: Option<(LoraOptions, LoraParts)>,
+}
+
+fn read_part(dir: &Path) -> Result<Part> {
+    let jpath = dir.join(PART_JSON);
+    let value = crate::checkpoint::read_json(&jpath)?;
+    let file: PartFile = serde_json::from_value(value).map_err(|e| Error::InvalidJson {
+        path: jpath.clone(),
+        reason: format!("not a weightdiff part: {e}"),
+    })?;
+    let lora = match &file.lora {
+        None => None,
+        Some(l) => {
+            let ck = crate::Checkpoint::open(&dir.join(PART_TENSORS))?;
+            let mut extracted = Vec::new();
+            for e in &l.extracted {
+                let a = read_f64(&ck, &format!("A/{}", e.tensor), e.rank * e.n, dir)?;
+                let b = read_f64(&ck, &format!("B/{}", e.tensor), e.m * e.rank, dir)?;
+                extracted.push(ExtractedModule {
+                    tensor: e.tensor.clone(),
+                    module: e.module.clone(),
+                    kind: e.kind,
+                    factors: Factors {
+                        rank: e.rank,
+                        b,
+                        a,
+                        m: e.m,
+                        n: e.n,
+                        dtype: e.dtype,
+                        residual: e.residual,
+                        residual_stored: e.residual_stored,
+                    },
+                });
+            }
+            let mut candidates = Vec::new();
+            for t in &l.candidates {
+                let key = format!("saved/{}", t.key);
+                let entry = ck.tensors().get(&key).ok_or_else(|| {
+                    Error::InvalidOption(format!("{}: `{key}` missing", dir.display()))
+                })?;
+                candidates.push(SavedTensor {
+                    key: t.key.clone(),
+                    dtype: t.dtype,
+                    shape: t.shape.clone(),
+                    bytes: ck.read(entry, 0, entry.nbytes())?.to_vec(),
+                });
+            }
+            let parts = LoraParts {
+                spectra: l.spectra.clone(),
+                extracted,
+                vectors: l.vectors.clone(),
+                candidates,
+                skipped: l.skipped.clone(),
+                errors: l.errors.clone(),
+                total_time: l.total_time,
+            };
+            Some((l.options.clone(), parts))
+        }
+    };
+    Ok(Part {
+        dir: dir.to_path_buf(),
+        file,
+        lora,
+    })
+}
+
+/// Reads and checks the parts, and combines them into the comparison (with its LoRA
+/// report) that a single run over all tensors produces.
+pub fn merge(dirs: &[PathBuf]) -> Result<Comparison> {
+    let refuse = |why: String| Error::InvalidOption(format!("cannot merge: {why}"));
+    if dirs.is_empty() {
+        return Err(refuse("no part directories given".into()));
+    }
+    let parts = dirs
+        .iter()
+        .map(|d| read_part(d))
+        .collect::<Result<Vec<_>>>()?;
+    let first = &parts[0];
+    let count = first.file.shard.count;
+    let mut seen: BTreeMap<usize, &Path> = BTreeMap::new();
+    for p in &parts {
+        if p.file.fingerprint != first.file.fingerprint {
+            return Err(refuse(format!(
+                "{} was made from other inputs or options than {}.\n  {}: {}\n  {}: {}",
+                p.dir.display(),
+                first.dir.display(),
+                first.dir.display(),
+                first.file.description,
+                p.dir.display(),
+                p.file.description
+            )));
+        }
+        if p.file.shard.count != count {
+            return Err(refuse(format!(
+                "{} is shard {} but {} is shard {}",
+                p.dir.display(),
+                p.file.shard,
+                first.dir.display(),
+                first.file.shard
+            )));
+        }
+        let lo = |x: &Part| {
+            x.lora
+                .as_ref()
+                .map(|(o, _)| serde_json::to_string(o).unwrap_or_default())
+        };
+        if lo(p) != lo(first) {
+            return Err(refuse(format!(
+                "{} and {} were run with different LoRA options",
+                p.dir.display(),
+                first.dir.display()
+            )));
+        }
+        if let Some(other) = seen.insert(p.file.shard.index, &p.dir) {
+            return Err(refuse(format!(
+                "shard {} appears twice ({} and {})",
+                p.file.shard,
+                other.display(),
+                p.dir.display()
+            )));
+        }
+    }
+    let missing: Vec<String> = (0..count)
+        .filter(|i| !seen.contains_key(i))
+        .map(|i| format!("{i}/{count}"))
+        .collect();
+    if !missing.is_empty() {
+        return Err(refuse(format!("missing shard(s) {}", missing.join(", "))));
+    }
+
+    let mut c = first.file.comparison.clone();
+    c.results.clear();
+    c.errors.clear();
+    c.complete = true;
+    let mut wall: f64 = 0.0;
+    let mut bytes = 0;
+    let mut lora: Option<(LoraOptions, LoraParts)> = None;
+    for p in parts {
+        let pc = p.file.comparison;
+        c.results.extend(pc.results);
+        c.errors.extend(pc.errors);
+        c.complete &= pc.complete;
+        wall = wall.max(pc.performance.total_time);
+        bytes += pc.performance.bytes_read;
+        if let Some((o, lp)) = p.lora {
+            match &mut lora {
+                None => lora = Some((o, lp)),
+                Some((_, acc)) => acc.extend(lp),
+            }
+        }
+    }
+    c.results
+        .sort_by(|a, b| crate::pairing::natural_cmp(&a.0, &b.0));
+    c.performance =
+        crate::pipeline::performance(&c.results, bytes, wall, c.performance.threads, c.verify);
+    if let Some((opts, lp)) = lora {
+        c.lora = Some(crate::pipeline::assemble_lora(&c, &opts, lp));
+    }
+    Ok(c)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn assignment_balances_bytes_and_ignores_input_order() {
+        let items = [("a", 100), ("b", 60), ("c", 50), ("d", 40), ("e", 10)];
+        let s = assign(&items, 2);
+        let load = |k| {
+            items
+                .iter()
+                .zip(&s)
+                .filter(|(_, x)| **x == k)
+                .map(|(i, _)| i.1)
+                .sum::<u64>()
+        };
+        assert_eq!((load(0), load(1)), (140, 120));
+        let mut rev = items;
+        rev.reverse();
+        let r = assign(&rev, 2);
+        for (i, item) in items.iter().enumerate() {
+            let j = rev.iter().position(|x| x.0 == item.0).unwrap();
+            assert_eq!(s[i], r[j], "{}", item.0);
+        }
+        assert_eq!(
+            assign(&items, 9).iter().filter(|&&x| x >= 5).count(),
+            0,
+            "more shards than items: some stay empty"
+        );
+    }
+
+    #[test]
+    fn shard_specs_parse() {
+        assert_eq!("2/3".parse::<Shard>(), Ok(Shard { index: 2, count: 3 }));
+        assert!("3/3".parse::<Shard>().is_err());
+        assert!("0/0".parse::<Shard>().is_err());
+        assert!("x".parse::<Shard>().is_err());
+    }
+}
