@@ -66,6 +66,10 @@ pub enum Error {
     #[error("{}: another weightdiff run is writing into this directory (it holds {})", dir.display(), lock.display())]
     Locked { dir: PathBuf, lock: PathBuf },
 
+    /// An error already rendered to text (shared by several tensors that met it).
+    #[error("{0}")]
+    Message(String),
+
     /// An option value is unusable (bad regex, bad preset name, …).
     #[error("invalid option: {0}")]
     InvalidOption(String),

@@ -127,8 +127,9 @@ pub fn model_info(ck: &Checkpoint) -> ModelInfo {
 
 /// One window of one pair.
 struct Unit {
-    pair: usize,
-    /// Position among its pair's windows.
+    /// The group of jobs sharing this base tensor.
+    group: usize,
+    /// Position among the group's windows.
     idx: usize,
     /// First element.
     start: u64,
@@ -154,6 +155,24 @@ pub fn compare(
     opts: &CompareOptions,
     progress: &dyn Progress,
 ) -> Result<Comparison> {
+    let mut v = compare_many(base, &[finetuned], opts, progress)?;
+    Ok(v.pop().expect("one comparison per fine-tuned model"))
+}
+
+/// Compares several fine-tuned checkpoints with one base, reading each base window once
+/// for all of them. Returns one comparison per fine-tuned model, in the order given.
+/// The journal (`--resume`) and `--shard` take a single fine-tuned model.
+pub fn compare_many(
+    base: &Checkpoint,
+    finetuned: &[&Checkpoint],
+    opts: &CompareOptions,
+    progress: &dyn Progress,
+) -> Result<Vec<Comparison>> {
+    if finetuned.len() != 1 && (opts.journal_dir.is_some() || opts.shard.is_some()) {
+        return Err(Error::InvalidOption(
+            "--resume and --shard work with one fine-tuned model at a time".into(),
+        ));
+    }
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(opts.threads.unwrap_or(0))
         .build()
@@ -162,38 +181,50 @@ pub fn compare(
     pool.install(|| compare_in_pool(base, finetuned, opts, progress, threads))
 }
 
-fn compare_in_pool(
-    base: &Checkpoint,
-    finetuned: &Checkpoint,
-    opts: &CompareOptions,
-    progress: &dyn Progress,
-    threads: usize,
-) -> Result<Comparison> {
-    let t_start = Instant::now();
-    let paired = pairing::pair(base.tensors(), finetuned.tensors());
+/// What one fine-tuned model contributes before the work starts.
+struct Side {
+    paired: pairing::Pairing,
+    errors: BTreeMap<String, String>,
+    filtered_out: usize,
+    /// Indices into `paired.pairs` of the pairs to compare (selected, decodable, this shard's).
+    selected: Vec<usize>,
+    /// Results a resumed run takes from its journal.
+    recovered: BTreeMap<String, TensorMetrics>,
+}
+
+/// One pair of one fine-tuned model to compare.
+struct Job {
+    ft: usize,
+    pair: usize,
+    /// Windows of this job.
+    windows: usize,
+    bytes: u64,
+}
+
+fn prepare_side(base: &Checkpoint, ft: &Checkpoint, opts: &CompareOptions) -> Side {
+    let paired = pairing::pair(base.tensors(), ft.tensors());
     let mut errors: BTreeMap<String, String> = BTreeMap::new();
-    for (name, why) in base.broken.iter().chain(finetuned.broken.iter()) {
+    for (name, why) in base.broken.iter().chain(ft.broken.iter()) {
         errors.insert(name.clone(), why.clone());
     }
-
-    let selected = |name: &str| {
+    let wanted = |name: &str| {
         opts.include.as_ref().is_none_or(|r| r.is_match(name))
             && !opts.exclude.as_ref().is_some_and(|r| r.is_match(name))
     };
     let mut filtered_out = 0;
-    let mut pairs: Vec<&TensorPair> = Vec::new();
-    for p in &paired.pairs {
-        if !selected(&p.name) {
+    let mut selected = Vec::new();
+    for (i, p) in paired.pairs.iter().enumerate() {
+        if !wanted(&p.name) {
             filtered_out += 1;
             continue;
         }
         match (&p.base.dtype, &p.finetuned.dtype) {
-            (Ok(_), Ok(_)) => pairs.push(p),
+            (Ok(_), Ok(_)) => selected.push(i),
             (Err(d), _) | (_, Err(d)) => {
                 let path = if p.base.dtype.is_err() {
                     base.path_of(&p.base)
                 } else {
-                    finetuned.path_of(&p.finetuned)
+                    ft.path_of(&p.finetuned)
                 };
                 errors.insert(
                     p.name.clone(),
@@ -202,78 +233,124 @@ fn compare_in_pool(
             }
         }
     }
-
     // A shard keeps its share of the pairs (module `shards` says how it is chosen).
     if let Some(sh) = opts.shard {
-        let items: Vec<(&str, u64)> = pairs
+        let items: Vec<(&str, u64)> = selected
             .iter()
-            .map(|p| {
+            .map(|&i| {
+                let p = &paired.pairs[i];
                 let (sa, sb) = sizes(p);
                 (p.name.as_str(), compared_elements(p) * (sa + sb) as u64)
             })
             .collect();
         let owner = crate::shards::assign(&items, sh.count);
-        pairs = pairs
+        selected = selected
             .into_iter()
             .zip(owner)
             .filter(|(_, o)| *o == sh.index)
-            .map(|(p, _)| p)
+            .map(|(i, _)| i)
             .collect();
     }
+    Side {
+        paired,
+        errors,
+        filtered_out,
+        selected,
+        recovered: BTreeMap::new(),
+    }
+}
+
+fn compare_in_pool(
+    base: &Checkpoint,
+    fts: &[&Checkpoint],
+    opts: &CompareOptions,
+    progress: &dyn Progress,
+    threads: usize,
+) -> Result<Vec<Comparison>> {
+    let t_start = Instant::now();
+    let mut sides: Vec<Side> = fts.iter().map(|ft| prepare_side(base, ft, opts)).collect();
 
     // A resumed run takes the results its journal holds and computes the rest.
-    let (journal, recovered) = match &opts.journal_dir {
-        None => (None, BTreeMap::new()),
+    let journal = match &opts.journal_dir {
+        None => None,
         Some(dir) => {
-            let fp = fingerprint(base, finetuned, opts);
+            let fp = fingerprint(base, fts[0], opts);
             let (j, done) = if opts.resume {
                 Journal::resume(dir, &fp)?
             } else {
                 (Journal::create(dir, &fp)?, BTreeMap::new())
             };
-            (Some(Mutex::new(j)), done)
+            sides[0].recovered = done;
+            Some(Mutex::new(j))
         }
     };
-    let selected_pairs = pairs;
-    let pairs: Vec<&TensorPair> = selected_pairs
-        .iter()
-        .copied()
-        .filter(|p| !recovered.contains_key(&p.name))
-        .collect();
 
-    // Cut every pair into windows.
-    let mut units = Vec::new();
-    let mut per_pair = Vec::with_capacity(pairs.len());
-    let mut pair_bytes = Vec::with_capacity(pairs.len());
-    for (i, p) in pairs.iter().enumerate() {
-        let n = compared_elements(p);
-        let (sa, sb) = sizes(p);
-        let per = (opts.window_bytes / sa.max(sb) as u64).max(1);
-        let first = units.len();
-        // A tensor with no elements still gets one (empty) window, so it is reported.
-        for idx in 0..n.div_ceil(per).max(1) {
-            let start = idx * per;
-            units.push(Unit {
+    // Jobs grouped by base tensor, so that each base window is read once for all of them.
+    let mut jobs: Vec<Job> = Vec::new();
+    let mut groups: Vec<Vec<usize>> = Vec::new();
+    let mut group_of: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    for (f, side) in sides.iter().enumerate() {
+        for &i in &side.selected {
+            let p = &side.paired.pairs[i];
+            if side.recovered.contains_key(&p.name) {
+                continue;
+            }
+            let g = *group_of.entry(p.base.name.as_str()).or_insert_with(|| {
+                groups.push(Vec::new());
+                groups.len() - 1
+            });
+            groups[g].push(jobs.len());
+            let (sa, sb) = sizes(p);
+            jobs.push(Job {
+                ft: f,
                 pair: i,
-                idx: idx as usize,
-                start,
-                len: per.min(n - start),
+                windows: 0,
+                bytes: compared_elements(p) * (sa + sb) as u64,
             });
         }
-        per_pair.push(units.len() - first);
-        pair_bytes.push(n * (sa + sb) as u64);
     }
-    let remaining: Vec<AtomicUsize> = per_pair.iter().map(|&k| AtomicUsize::new(k)).collect();
-    let slots: Vec<Mutex<Vec<Option<Result<UnitOut>>>>> = per_pair
+    let pair_of = |j: &Job| &sides[j.ft].paired.pairs[j.pair];
+    // Cut every group into windows sized for the widest dtype among its pairs.
+    let mut units = Vec::new();
+    for (g, members) in groups.iter().enumerate() {
+        let sa = sizes(pair_of(&jobs[members[0]])).0;
+        let sb = members
+            .iter()
+            .map(|&j| sizes(pair_of(&jobs[j])).1)
+            .max()
+            .expect("non-empty group");
+        let per = (opts.window_bytes / sa.max(sb) as u64).max(1);
+        let n_max = members
+            .iter()
+            .map(|&j| compared_elements(pair_of(&jobs[j])))
+            .max()
+            .expect("non-empty");
+        // A tensor with no elements still gets one (empty) window, so it is reported.
+        for idx in 0..n_max.div_ceil(per).max(1) {
+            units.push(Unit {
+                group: g,
+                idx: idx as usize,
+                start: idx * per,
+                len: per,
+            });
+        }
+        for &j in members {
+            jobs[j].windows = compared_elements(pair_of(&jobs[j])).div_ceil(per).max(1) as usize;
+        }
+    }
+    let remaining: Vec<AtomicUsize> = jobs.iter().map(|j| AtomicUsize::new(j.windows)).collect();
+    let slots: Vec<Mutex<Vec<Option<Result<UnitOut>>>>> = jobs
         .iter()
-        .map(|&k| Mutex::new((0..k).map(|_| None).collect()))
+        .map(|j| Mutex::new((0..j.windows).map(|_| None).collect()))
         .collect();
     let finals: Vec<Mutex<Option<Result<TensorMetrics>>>> =
-        pairs.iter().map(|_| Mutex::new(None)).collect();
+        jobs.iter().map(|_| Mutex::new(None)).collect();
     let journal_failure: Mutex<Option<Error>> = Mutex::new(None);
-    let done = AtomicUsize::new(recovered.len());
+    let recovered_total: usize = sides.iter().map(|s| s.recovered.len()).sum();
+    let done = AtomicUsize::new(recovered_total);
     let bytes_done = AtomicU64::new(0);
-    let bytes_total: u64 = pair_bytes.iter().sum();
+    let bytes_total: u64 = jobs.iter().map(|j| j.bytes).sum();
+    let tensors_total = jobs.len() + recovered_total;
     let cancelled = || {
         opts.cancel
             .as_ref()
@@ -281,34 +358,34 @@ fn compare_in_pool(
     };
 
     units.par_iter().for_each(|u| {
-        let p = pairs[u.pair];
-        let out = if cancelled() {
-            Err(Error::Cancelled)
-        } else {
-            run_unit(base, finetuned, p, u, opts)
-        };
-        lock(&slots[u.pair])[u.idx] = Some(out);
-        if remaining[u.pair].fetch_sub(1, Ordering::AcqRel) != 1 {
-            return;
+        let members = &groups[u.group];
+        let outs = run_group_unit(base, fts, &sides, &jobs, members, u, opts, cancelled());
+        for (&j, out) in members.iter().zip(outs) {
+            let Some(out) = out else { continue };
+            lock(&slots[j])[u.idx] = Some(out);
+            if remaining[j].fetch_sub(1, Ordering::AcqRel) != 1 {
+                continue;
+            }
+            // The last window of this job: merge its windows in order and finish it.
+            let p = pair_of(&jobs[j]);
+            let outs = std::mem::take(&mut *lock(&slots[j]));
+            let result = merge_units(outs).and_then(|o| finish_tensor(p, o, opts.verify));
+            if let (Ok(m), Some(jr)) = (&result, &journal)
+                && let Err(e) = lock(jr).record(&p.name, m)
+            {
+                lock(&journal_failure).get_or_insert(e);
+            }
+            *lock(&finals[j]) = Some(result);
+            let d = done.fetch_add(1, Ordering::AcqRel) + 1;
+            let b = bytes_done.fetch_add(jobs[j].bytes, Ordering::AcqRel) + jobs[j].bytes;
+            progress.update(ProgressUpdate {
+                tensors_done: d,
+                tensors_total,
+                bytes_done: b,
+                bytes_total,
+                tensor: &p.name,
+            });
         }
-        // The last window of this tensor: merge its windows in order and finish it.
-        let outs = std::mem::take(&mut *lock(&slots[u.pair]));
-        let result = merge_units(outs).and_then(|o| finish_tensor(p, o, opts.verify));
-        if let (Ok(m), Some(j)) = (&result, &journal)
-            && let Err(e) = lock(j).record(&p.name, m)
-        {
-            lock(&journal_failure).get_or_insert(e);
-        }
-        *lock(&finals[u.pair]) = Some(result);
-        let d = done.fetch_add(1, Ordering::AcqRel) + 1;
-        let b = bytes_done.fetch_add(pair_bytes[u.pair], Ordering::AcqRel) + pair_bytes[u.pair];
-        progress.update(ProgressUpdate {
-            tensors_done: d,
-            tensors_total: selected_pairs.len(),
-            bytes_done: b,
-            bytes_total,
-            tensor: &p.name,
-        });
     });
     if let Some(e) = journal_failure
         .into_inner()
@@ -316,37 +393,20 @@ fn compare_in_pool(
     {
         return Err(e);
     }
-    if let Some(j) = &journal {
-        lock(j).sync()?;
+    if let Some(jr) = &journal {
+        lock(jr).sync()?;
     }
 
-    // Assemble in pair order: journaled results, then this run's.
-    let mut finals = finals
+    // Assemble each comparison in pair order: journaled results, then this run's.
+    let mut finals: Vec<Option<Result<TensorMetrics>>> = finals
         .into_iter()
-        .map(|m| m.into_inner().unwrap_or_else(|p| p.into_inner()));
-    let mut results = Vec::new();
-    let mut bytes_read = 0;
-    let mut complete = true;
-    for p in &selected_pairs {
-        if let Some(m) = recovered.get(&p.name) {
-            results.push((p.name.clone(), m.clone()));
-            continue;
-        }
-        match finals.next().flatten().expect("every pair was finished") {
-            Ok(m) => {
-                let (sa, sb) = sizes(p);
-                bytes_read += compared_elements(p) * (sa + sb) as u64;
-                results.push((p.name.clone(), m));
-            }
-            Err(Error::Cancelled) => complete = false,
-            Err(e) => {
-                errors.insert(p.name.clone(), e.to_string());
-            }
-        }
+        .map(|m| m.into_inner().unwrap_or_else(|p| p.into_inner()))
+        .collect();
+    let mut job_of: BTreeMap<(usize, usize), usize> = BTreeMap::new();
+    for (j, job) in jobs.iter().enumerate() {
+        job_of.insert((job.ft, job.pair), j);
     }
-
     let wall = t_start.elapsed().as_secs_f64();
-    let performance = performance(&results, bytes_read, wall, threads, opts.verify);
     let mut filters = Vec::new();
     if let Some(r) = &opts.include {
         filters.push(format!("include {}", r.as_str()));
@@ -354,23 +414,56 @@ fn compare_in_pool(
     if let Some(r) = &opts.exclude {
         filters.push(format!("exclude {}", r.as_str()));
     }
-    Ok(Comparison {
-        base: model_info(base),
-        finetuned: model_info(finetuned),
-        threshold: opts.threshold,
-        verify: opts.verify,
-        filters,
-        prefix: paired.prefix.clone(),
-        results,
-        only_in_base: paired.only_in_base.clone(),
-        only_in_finetuned: paired.only_in_finetuned.clone(),
-        mismatches: paired.mismatches.clone(),
-        errors,
-        filtered_out,
-        performance,
-        complete,
-        lora: None,
-    })
+    let mut out = Vec::new();
+    for (f, side) in sides.into_iter().enumerate() {
+        let Side {
+            paired,
+            mut errors,
+            filtered_out,
+            selected,
+            recovered,
+        } = side;
+        let mut results = Vec::new();
+        let mut bytes_read = 0;
+        let mut complete = true;
+        for &i in &selected {
+            let p = &paired.pairs[i];
+            if let Some(m) = recovered.get(&p.name) {
+                results.push((p.name.clone(), m.clone()));
+                continue;
+            }
+            let j = job_of[&(f, i)];
+            match finals[j].take().expect("every job was finished") {
+                Ok(m) => {
+                    bytes_read += jobs[j].bytes;
+                    results.push((p.name.clone(), m));
+                }
+                Err(Error::Cancelled) => complete = false,
+                Err(e) => {
+                    errors.insert(p.name.clone(), e.to_string());
+                }
+            }
+        }
+        let performance = performance(&results, bytes_read, wall, threads, opts.verify);
+        out.push(Comparison {
+            base: model_info(base),
+            finetuned: model_info(fts[f]),
+            threshold: opts.threshold,
+            verify: opts.verify,
+            filters: filters.clone(),
+            prefix: paired.prefix.clone(),
+            results,
+            only_in_base: paired.only_in_base,
+            only_in_finetuned: paired.only_in_finetuned,
+            mismatches: paired.mismatches,
+            errors,
+            filtered_out,
+            performance,
+            complete,
+            lora: None,
+        });
+    }
+    Ok(out)
 }
 
 /// Locks a mutex, taking the data even if another worker panicked while holding it.
@@ -457,30 +550,99 @@ fn compared_elements(p: &TensorPair) -> u64 {
     }
 }
 
-fn run_unit(
+/// Runs one window of a group: reads the base window once, then compares it with the
+/// same window of every job (fine-tuned model) of the group that reaches this far.
+/// Returns, per member, `None` when the job has no such window.
+#[allow(clippy::too_many_arguments)]
+fn run_group_unit(
     base: &Checkpoint,
+    fts: &[&Checkpoint],
+    sides: &[Side],
+    jobs: &[Job],
+    members: &[usize],
+    u: &Unit,
+    opts: &CompareOptions,
+    cancelled: bool,
+) -> Vec<Option<Result<UnitOut>>> {
+    let pair = |j: usize| &sides[jobs[j].ft].paired.pairs[jobs[j].pair];
+    let in_window = |j: usize| u.idx < jobs[j].windows;
+    // Elements of this window that job j compares (its tensor may be shorter: resized rows).
+    let len_of = |j: usize| {
+        compared_elements(pair(j))
+            .saturating_sub(u.start)
+            .min(u.len)
+    };
+    if cancelled {
+        return members
+            .iter()
+            .map(|&j| in_window(j).then_some(Err(Error::Cancelled)))
+            .collect();
+    }
+    let t0 = Instant::now();
+    let first = pair(members[0]);
+    let da = *first.base.dtype.as_ref().expect("checked");
+    let sa = da.size() as u64;
+    let len = members
+        .iter()
+        .filter(|&&j| in_window(j))
+        .map(|&j| len_of(j))
+        .max()
+        .unwrap_or(0);
+    let wa = match base.read(&first.base, u.start * sa, len * sa) {
+        Ok(w) => w,
+        Err(e) => {
+            let msg = e.to_string();
+            return members
+                .iter()
+                .map(|&j| in_window(j).then(|| Err(Error::Message(msg.clone()))))
+                .collect();
+        }
+    };
+    let base_time = t0.elapsed().as_secs_f64();
+    members
+        .iter()
+        .map(|&j| {
+            if !in_window(j) {
+                return None;
+            }
+            let p = pair(j);
+            let n = len_of(j);
+            let wa = &wa[..(n * sa) as usize];
+            Some(
+                compare_window(fts[jobs[j].ft], p, wa, u.start, n, opts).map(|mut o| {
+                    o.total += base_time;
+                    o
+                }),
+            )
+        })
+        .collect()
+}
+
+/// Compares a base window (already read) with the same elements of the fine-tuned tensor.
+fn compare_window(
     finetuned: &Checkpoint,
     p: &TensorPair,
-    u: &Unit,
+    wa: &[u8],
+    start: u64,
+    len: u64,
     opts: &CompareOptions,
 ) -> Result<UnitOut> {
     let t0 = Instant::now();
     let da = *p.base.dtype.as_ref().expect("checked");
     let db = *p.finetuned.dtype.as_ref().expect("checked");
-    let (sa, sb) = (da.size() as u64, db.size() as u64);
-    let wa = base.read(&p.base, u.start * sa, u.len * sa)?;
-    let wb = finetuned.read(&p.finetuned, u.start * sb, u.len * sb)?;
+    let sb = db.size() as u64;
+    let wb = finetuned.read(&p.finetuned, start * sb, len * sb)?;
     let t1 = Instant::now();
     let identical = da == db && wa[..] == wb[..];
     let fast = if identical {
-        kernels::fast::identical(&wa, da)
+        kernels::fast::identical(wa, da)
     } else {
-        kernels::fast::diff(&wa, da, &wb, db, opts.threshold)
+        kernels::fast::diff(wa, da, &wb, db, opts.threshold)
     };
     let t2 = Instant::now();
     let reference = opts
         .verify
-        .then(|| kernels::reference::diff(&wa, da, &wb, db, opts.threshold));
+        .then(|| kernels::reference::diff(wa, da, &wb, db, opts.threshold));
     let t3 = Instant::now();
     Ok(UnitOut {
         fast,
