@@ -65,8 +65,10 @@ pub enum Command {
 pub struct CompareArgs {
     /// Base model: a Hugging Face directory or a .safetensors file.
     pub base: PathBuf,
-    /// Fine-tuned model: a Hugging Face directory or a .safetensors file.
-    pub finetuned: PathBuf,
+    /// Fine-tuned model(s). With several, each gets its own directory under the output
+    /// directory, plus trajectory.json across them; each base tensor is read once.
+    #[arg(required = true, num_args = 1..)]
+    pub finetuned: Vec<PathBuf>,
     /// Output directory.
     #[arg(short, long, default_value = "model_comparison")]
     pub output: PathBuf,

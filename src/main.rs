@@ -104,7 +104,13 @@ fn open_pair(base: &Path, ft: &Path, mmap: bool) -> anyhow::Result<(Checkpoint, 
 fn compare(args: &CompareArgs) -> anyhow::Result<ExitCode> {
     let mut opts = args.options()?;
     let lora = args.lora_options()?;
-    let (base, ft) = open_pair(&args.base, &args.finetuned, args.mmap)?;
+    if args.finetuned.len() > 1 {
+        if args.shard.is_some() || args.resume {
+            anyhow::bail!("--shard and --resume take one fine-tuned model");
+        }
+        return compare_trajectory(args, opts, lora.as_ref());
+    }
+    let (base, ft) = open_pair(&args.base, &args.finetuned[0], args.mmap)?;
     let _lock = report::lock_output_dir(&args.output)?;
     let signals = install_signals()?;
     opts.cancel = Some(signals.cancel.clone());
@@ -456,4 +462,94 @@ fn merge(
     } else {
         ExitCode::from(EXIT_TENSOR_ERRORS)
     })
+}
+
+/// `compare BASE FT1 FT2 …`: one pass over the base for all fine-tuned models, a report
+/// directory per model and `trajectory.json` across them.
+fn compare_trajectory(
+    args: &CompareArgs,
+    mut opts: weightdiff::CompareOptions,
+    lora: Option<&pipeline::LoraOptions>,
+) -> anyhow::Result<ExitCode> {
+    let mut base = open(&args.base, "base")?;
+    let mut fts = Vec::new();
+    for p in &args.finetuned {
+        let mut ck = open(p, "fine-tuned")?;
+        if args.mmap {
+            ck.read_mode = ReadMode::Mmap;
+        }
+        fts.push(ck);
+    }
+    if args.mmap {
+        base.read_mode = ReadMode::Mmap;
+    }
+    let out = &args.output;
+    let _lock = report::lock_output_dir(out)?;
+    let signals = install_signals()?;
+    opts.cancel = Some(signals.cancel.clone());
+    opts.journal_dir = None;
+    let refs: Vec<&Checkpoint> = fts.iter().collect();
+    let progress = progress::Reporter::new(args.display.quiet);
+    let mut cs = pipeline::compare_many(&base, &refs, &opts, &progress)?;
+    progress.finish();
+    let labels = trajectory_labels(&args.finetuned);
+    let mut failed = false;
+    for ((c, ft), label) in cs.iter_mut().zip(&fts).zip(&labels) {
+        if let Some(lo) = lora.filter(|_| c.complete) {
+            c.lora = Some(pipeline::analyze_lora(&base, ft, c, lo)?);
+        }
+        let dir = out.join(label);
+        report::write_comparison_reports(c, &dir, args.top)
+            .with_context(|| format!("cannot write reports into {}", dir.display()))?;
+        for (name, e) in &c.errors {
+            eprintln!("error: {label}: {name}: {e}");
+        }
+        failed |= !c.errors.is_empty() || c.lora.as_ref().is_some_and(|l| !l.errors.is_empty());
+    }
+    report::write_atomic(
+        &out.join("trajectory.json"),
+        &report::to_json(&report::trajectory::render(&cs)),
+    )?;
+    let table = report::trajectory::render_text(&cs);
+    report::write_atomic(&out.join("trajectory.txt"), table.as_bytes())?;
+    if args.display.json {
+        print_json(&report::trajectory::render(&cs)["overall"])?;
+    } else if !args.display.quiet {
+        eprint!("{table}");
+        eprintln!(
+            "reports written to {} (one directory per fine-tuned model, trajectory.json)",
+            out.display()
+        );
+    }
+    if let Some(stop) = signals.stop_code() {
+        return Ok(stop);
+    }
+    Ok(if failed {
+        ExitCode::from(EXIT_TENSOR_ERRORS)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+/// A directory name per fine-tuned model: its last path component, made unique.
+fn trajectory_labels(paths: &[PathBuf]) -> Vec<String> {
+    let mut labels: Vec<String> = Vec::new();
+    for (i, p) in paths.iter().enumerate() {
+        let stem = p
+            .file_name()
+            .map(|n| {
+                n.to_string_lossy()
+                    .trim_end_matches(".safetensors")
+                    .to_string()
+            })
+            .filter(|n| !n.is_empty() && n != "." && n != "..")
+            .unwrap_or_else(|| format!("finetuned-{}", i + 1));
+        let label = if labels.contains(&stem) {
+            format!("{}-{stem}", i + 1)
+        } else {
+            stem
+        };
+        labels.push(label);
+    }
+    labels
 }

@@ -8,6 +8,7 @@ pub mod json;
 pub mod lora;
 pub mod summary;
 pub mod text;
+pub mod trajectory;
 
 use crate::comparison::Comparison;
 use crate::error::{Error, Result};

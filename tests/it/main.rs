@@ -10,6 +10,7 @@
 //! - `lora`: rank detection, verdicts, extraction fidelity, PEFT keys, determinism
 //! - `reliability`: files changing mid-run, resume after SIGTERM/SIGKILL, locks, full disk, symlinks
 //! - `shards`: `compare --shard I/N` + `merge` equal a single run; bad part sets refused
+//! - `trajectory`: several fine-tuned models against one base
 //! - `interop`: Python's safetensors/numpy recompute our metrics independently
 
 mod bad_inputs;
@@ -24,3 +25,4 @@ mod outputs;
 mod pairing;
 mod reliability;
 mod shards;
+mod trajectory;
