@@ -169,16 +169,26 @@ fn run_compare(
         }
         c.lora = Some(pipeline::analyze_lora(base, ft, &c, lo)?);
     }
-    let written = report::write_comparison_reports(&c, out, top)
+    write_reports(&c, out, top, display)
+}
+
+/// Writes every report of `c`, tells the user, and picks the exit status (SPEC §5).
+fn write_reports(
+    c: &Comparison,
+    out: &Path,
+    top: usize,
+    display: DisplayArgs,
+) -> anyhow::Result<ExitCode> {
+    let written = report::write_comparison_reports(c, out, top)
         .with_context(|| format!("cannot write reports into {}", out.display()))?;
     // Tensor errors always reach stderr, whatever --quiet and --json say.
     for (name, e) in &c.errors {
         eprintln!("error: {name}: {e}");
     }
     if display.json {
-        print_json(&summary_json(&c, &written, top))?;
+        print_json(&summary_json(c, &written, top))?;
     } else if !display.quiet {
-        print_summary(&c, out);
+        print_summary(c, out);
     }
     let lora_errors = c.lora.as_ref().is_some_and(|l| !l.errors.is_empty());
     Ok(if c.errors.is_empty() && !lora_errors {
@@ -446,22 +456,7 @@ fn merge(
 ) -> anyhow::Result<ExitCode> {
     let _lock = report::lock_output_dir(out)?;
     let c = weightdiff::shards::merge(parts)?;
-    let written = report::write_comparison_reports(&c, out, top)
-        .with_context(|| format!("cannot write reports into {}", out.display()))?;
-    for (name, e) in &c.errors {
-        eprintln!("error: {name}: {e}");
-    }
-    if display.json {
-        print_json(&summary_json(&c, &written, top))?;
-    } else if !display.quiet {
-        print_summary(&c, out);
-    }
-    let lora_errors = c.lora.as_ref().is_some_and(|l| !l.errors.is_empty());
-    Ok(if c.errors.is_empty() && !lora_errors {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(EXIT_TENSOR_ERRORS)
-    })
+    write_reports(&c, out, top, display)
 }
 
 /// `compare BASE FT1 FT2 …`: one pass over the base for all fine-tuned models, a report
