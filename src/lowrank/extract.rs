@@ -8,7 +8,7 @@
 //! rounded to bf16.
 
 use super::rsvd::{Decomposition, InMemoryDelta};
-use super::{DeltaRows, LowRankOptions, RankRule};
+use super::{DeltaRows, LowRankOptions, RankRule, for_each_row_block};
 use crate::checkpoint::dtype::DType;
 use crate::error::Result;
 
@@ -135,25 +135,11 @@ pub fn stored_residual(
         return Ok(0.0);
     }
     let block_rows = (block_bytes / (8 * n)).max(1);
-    let mut buf = if held.is_some() {
-        Vec::new()
-    } else {
-        vec![0f64; block_rows * n]
-    };
     let amat = faer::MatRef::from_row_major_slice(a, rank, n);
     let mut err2 = 0.0;
-    let mut r0 = 0;
-    while r0 < m {
-        let r1 = (r0 + block_rows).min(m);
-        let rows: &[f64] = match held {
-            Some(d) => d.rows(r0, r1),
-            None => {
-                let rows = &mut buf[..(r1 - r0) * n];
-                src.read_rows(r0, r1, rows)?;
-                rows
-            }
-        };
-        let bblk = faer::MatRef::from_row_major_slice(&b[r0 * rank..r1 * rank], r1 - r0, rank);
+    let mut add_block = |r0: usize, rows: &[f64]| {
+        let k = rows.len() / n;
+        let bblk = faer::MatRef::from_row_major_slice(&b[r0 * rank..(r0 + k) * rank], k, rank);
         // (B·A)ᵀ = Aᵀ·Bᵀ is column-major n × rows, i.e. row-major rows × n like `rows`,
         // so both are walked contiguously.
         let approx_t = amat.transpose() * bblk.transpose();
@@ -169,7 +155,14 @@ pub fn stored_residual(
                 .map(|(d, p)| (d - p) * (d - p))
                 .sum::<f64>();
         }
-        r0 = r1;
+    };
+    match held {
+        Some(d) => {
+            for r0 in (0..m).step_by(block_rows) {
+                add_block(r0, d.rows(r0, (r0 + block_rows).min(m)));
+            }
+        }
+        None => for_each_row_block(src, block_rows, |r0, rows, _| add_block(r0, rows))?,
     }
     Ok((err2 / frob2).sqrt())
 }

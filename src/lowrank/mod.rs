@@ -23,6 +23,29 @@ pub trait DeltaRows: Sync {
     fn read_rows(&self, r0: usize, r1: usize, out: &mut [f64]) -> Result<(f64, f64)>;
 }
 
+/// Streams Δ in blocks of at most `block_rows` rows (one reused buffer) and calls
+/// `f(first_row, rows, (Σ Δ², Σ rounding variance))` on each block, in row order, with
+/// the rows row-major. Every streamed pass over Δ (the sketch products, the residual
+/// check) goes through here.
+pub(crate) fn for_each_row_block(
+    src: &dyn DeltaRows,
+    block_rows: usize,
+    mut f: impl FnMut(usize, &[f64], (f64, f64)),
+) -> Result<()> {
+    let (m, n) = (src.nrows(), src.ncols());
+    let block_rows = block_rows.max(1);
+    let mut buf = vec![0f64; block_rows.min(m) * n];
+    let mut r0 = 0;
+    while r0 < m {
+        let r1 = (r0 + block_rows).min(m);
+        let rows = &mut buf[..(r1 - r0) * n];
+        let stats = src.read_rows(r0, r1, rows)?;
+        f(r0, rows, stats);
+        r0 = r1;
+    }
+    Ok(())
+}
+
 /// How many components to extract per tensor.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "rule", rename_all = "snake_case")]

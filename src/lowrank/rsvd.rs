@@ -20,7 +20,7 @@
 //! When l reaches min(m, n) the randomized method buys nothing and the exact thin SVD of
 //! Δ is computed instead.
 
-use super::{DeltaRows, LowRankOptions};
+use super::{DeltaRows, LowRankOptions, for_each_row_block};
 use crate::error::Result;
 use crate::rng::Gaussian;
 use faer::linalg::matmul::matmul;
@@ -89,25 +89,20 @@ impl Operator<'_> {
             Operator::Streamed { src, block_rows } => {
                 let (m, n) = (src.nrows(), src.ncols());
                 let mut y = Mat::<f64>::zeros(m, x.ncols());
-                let mut buf = vec![0f64; block_rows * n];
-                let mut r0 = 0;
-                while r0 < m {
-                    let r1 = (r0 + block_rows).min(m);
-                    let rows = &mut buf[..(r1 - r0) * n];
-                    let s = src.read_rows(r0, r1, rows)?;
-                    stats.frob2 += s.0;
-                    stats.rounding_var_sum += s.1;
-                    let blk = MatRef::from_row_major_slice(rows, r1 - r0, n);
+                for_each_row_block(*src, *block_rows, |r0, rows, (f2, var)| {
+                    let blk = MatRef::from_row_major_slice(rows, rows.len() / n, n);
+                    stats.frob2 += f2;
+                    stats.rounding_var_sum += var;
+                    let rows = blk.nrows();
                     matmul(
-                        y.as_mut().subrows_mut(r0, r1 - r0),
+                        y.as_mut().subrows_mut(r0, rows),
                         Accum::Replace,
                         blk,
                         x,
                         1.0,
                         Par::Seq,
                     );
-                    r0 = r1;
-                }
+                })?;
                 Ok(y)
             }
         }
@@ -118,25 +113,20 @@ impl Operator<'_> {
         match self {
             Operator::InMemory(d) => Ok(d.view().transpose() * q),
             Operator::Streamed { src, block_rows } => {
-                let (m, n) = (src.nrows(), src.ncols());
+                let n = src.ncols();
                 let mut z = Mat::<f64>::zeros(n, q.ncols());
-                let mut buf = vec![0f64; block_rows * n];
-                let mut r0 = 0;
-                while r0 < m {
-                    let r1 = (r0 + block_rows).min(m);
-                    let rows = &mut buf[..(r1 - r0) * n];
-                    src.read_rows(r0, r1, rows)?;
-                    let blk = MatRef::from_row_major_slice(rows, r1 - r0, n);
+                for_each_row_block(*src, *block_rows, |r0, rows, _| {
+                    let blk = MatRef::from_row_major_slice(rows, rows.len() / n, n);
+                    let rows = blk.nrows();
                     matmul(
                         z.as_mut(),
                         Accum::Add,
                         blk.transpose(),
-                        q.subrows(r0, r1 - r0),
+                        q.subrows(r0, rows),
                         1.0,
                         Par::Seq,
                     );
-                    r0 = r1;
-                }
+                })?;
                 Ok(z)
             }
         }
