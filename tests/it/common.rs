@@ -11,6 +11,20 @@ pub fn weightdiff() -> Command {
     Command::cargo_bin("weightdiff").expect("binary built")
 }
 
+/// `weightdiff compare --quiet -o OUT BASE FT`; further flags can be appended.
+pub fn compare_cli(
+    out: impl AsRef<std::ffi::OsStr>,
+    base: impl AsRef<std::ffi::OsStr>,
+    ft: impl AsRef<std::ffi::OsStr>,
+) -> Command {
+    let mut c = weightdiff();
+    c.args(["compare", "--quiet", "-o"])
+        .arg(out)
+        .arg(base)
+        .arg(ft);
+    c
+}
+
 /// Bytes of a safetensors file from a raw header string and a data section.
 pub fn raw_file(header: &str, data: &[u8]) -> Vec<u8> {
     let mut v = (header.len() as u64).to_le_bytes().to_vec();

@@ -30,11 +30,7 @@ fn numpy_recomputes_the_reported_metrics() {
     spec.dtype = weightdiff::checkpoint::dtype::DType::F16;
     let pair = weightdiff::synthetic::build_pair(&spec, dir.path()).unwrap();
     let out = dir.path().join("out");
-    weightdiff()
-        .args(["compare", "--quiet", "-o"])
-        .arg(&out)
-        .arg(&pair.base)
-        .arg(&pair.finetuned)
+    compare_cli(&out, &pair.base, &pair.finetuned)
         .assert()
         .success();
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/check_metrics.py");

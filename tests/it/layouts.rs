@@ -9,13 +9,7 @@ fn compare_dir(
     ft: &std::path::Path,
     out: &std::path::Path,
 ) -> serde_json::Value {
-    weightdiff()
-        .args(["compare", "--quiet", "-o"])
-        .arg(out)
-        .arg(base)
-        .arg(ft)
-        .assert()
-        .success();
+    compare_cli(out, base, ft).assert().success();
     read_json(&out.join("weight_differences.json"))
 }
 

@@ -129,11 +129,7 @@ fn config_changes_are_reported() {
     cfg["use_cache"] = serde_json::json!(false);
     std::fs::write(&cfg_path, cfg.to_string()).unwrap();
     let out = dir.path().join("out");
-    weightdiff()
-        .args(["compare", "--quiet", "-o"])
-        .arg(&out)
-        .arg(&pair.base)
-        .arg(&pair.finetuned)
+    compare_cli(&out, &pair.base, &pair.finetuned)
         .assert()
         .success();
     let c = read_json(&out.join("config_comparison.json"));

@@ -313,11 +313,7 @@ fn a_second_run_into_the_same_directory_is_refused() {
             "another weightdiff run is writing into this directory",
         ));
     drop(_held);
-    weightdiff()
-        .args(["compare", "--quiet", "-o"])
-        .arg(&out)
-        .arg(&pair.base)
-        .arg(&pair.finetuned)
+    compare_cli(&out, &pair.base, &pair.finetuned)
         .assert()
         .success();
 }
@@ -349,11 +345,7 @@ fn planted_symlinks_in_the_output_directory_are_not_followed() {
     let elsewhere = dir.path().join("elsewhere");
     std::fs::create_dir_all(&elsewhere).unwrap();
     std::os::unix::fs::symlink(&elsewhere, out.join("lora_adapter")).unwrap();
-    weightdiff()
-        .args(["compare", "--quiet", "-o"])
-        .arg(&out)
-        .arg(&pair.base)
-        .arg(&pair.finetuned)
+    compare_cli(&out, &pair.base, &pair.finetuned)
         .assert()
         .code(2)
         .stderr(predicates::str::contains("symbolic link"));

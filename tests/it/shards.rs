@@ -39,11 +39,7 @@ fn text_without_timings(p: &Path) -> Vec<String> {
 }
 
 fn run(args: &[&str], pair: &weightdiff::synthetic::BuiltPair, out: &Path) {
-    weightdiff()
-        .args(["compare", "--quiet", "-o"])
-        .arg(out)
-        .arg(&pair.base)
-        .arg(&pair.finetuned)
+    compare_cli(out, &pair.base, &pair.finetuned)
         .args(args)
         .assert()
         .success();

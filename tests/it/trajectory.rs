@@ -36,11 +36,7 @@ fn several_finetunes_get_their_own_reports_and_a_trajectory() {
     let labels = ["finetuned", "2-finetuned", "3-finetuned"];
     for (label, pair) in labels.iter().zip(&fts) {
         let single = dir.path().join(format!("single-{label}"));
-        weightdiff()
-            .args(["compare", "--quiet", "-o"])
-            .arg(&single)
-            .arg(base)
-            .arg(&pair.finetuned)
+        compare_cli(&single, base, &pair.finetuned)
             .assert()
             .success();
         let a = read_json(&out.join(label).join("weight_differences.json"));
