@@ -92,13 +92,20 @@ fn open(path: &Path, role: &str) -> anyhow::Result<Checkpoint> {
     Checkpoint::open(path).with_context(|| format!("cannot read the {role} model"))
 }
 
-fn open_pair(base: &Path, ft: &Path, mmap: bool) -> anyhow::Result<(Checkpoint, Checkpoint)> {
-    let (mut b, mut f) = (open(base, "base")?, open(ft, "fine-tuned")?);
+/// Opens a model, reading it through memory maps under `--mmap`.
+fn open_with(path: &Path, role: &str, mmap: bool) -> anyhow::Result<Checkpoint> {
+    let mut ck = open(path, role)?;
     if mmap {
-        b.read_mode = ReadMode::Mmap;
-        f.read_mode = ReadMode::Mmap;
+        ck.read_mode = ReadMode::Mmap;
     }
-    Ok((b, f))
+    Ok(ck)
+}
+
+fn open_pair(base: &Path, ft: &Path, mmap: bool) -> anyhow::Result<(Checkpoint, Checkpoint)> {
+    Ok((
+        open_with(base, "base", mmap)?,
+        open_with(ft, "fine-tuned", mmap)?,
+    ))
 }
 
 fn compare(args: &CompareArgs) -> anyhow::Result<ExitCode> {
@@ -466,18 +473,12 @@ fn compare_trajectory(
     mut opts: weightdiff::CompareOptions,
     lora: Option<&pipeline::LoraOptions>,
 ) -> anyhow::Result<ExitCode> {
-    let mut base = open(&args.base, "base")?;
-    let mut fts = Vec::new();
-    for p in &args.finetuned {
-        let mut ck = open(p, "fine-tuned")?;
-        if args.mmap {
-            ck.read_mode = ReadMode::Mmap;
-        }
-        fts.push(ck);
-    }
-    if args.mmap {
-        base.read_mode = ReadMode::Mmap;
-    }
+    let base = open_with(&args.base, "base", args.mmap)?;
+    let fts = args
+        .finetuned
+        .iter()
+        .map(|p| open_with(p, "fine-tuned", args.mmap))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let out = &args.output;
     let _lock = report::lock_output_dir(out)?;
     let signals = install_signals()?;
