@@ -10,6 +10,9 @@ use std::path::PathBuf;
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+    /// More log lines on stderr: -v info, -vv debug, -vvv trace (RUST_LOG overrides).
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
 }
 
 #[derive(Debug, Subcommand)]
@@ -49,6 +52,29 @@ pub enum Command {
         /// Print JSON on stdout instead of a table.
         #[arg(long)]
         json: bool,
+    },
+    /// Render report.html, difference.txt and comparison_report.txt again from the JSON
+    /// reports in a compare output directory.
+    #[command(
+        after_help = "Examples:\n  weightdiff report model_comparison\n  weightdiff report model_comparison --top 50   # longer most-modified lists"
+    )]
+    Report {
+        /// Output directory of `weightdiff compare`.
+        dir: PathBuf,
+        /// Length of the most-modified lists.
+        #[arg(long, default_value_t = 20)]
+        top: usize,
+        #[command(flatten)]
+        display: DisplayArgs,
+    },
+    /// Print a shell completion script on stdout.
+    #[command(
+        after_help = "Examples:\n  weightdiff completions bash > ~/.local/share/bash-completion/completions/weightdiff\n  weightdiff completions zsh > ~/.zfunc/_weightdiff\n  weightdiff completions fish > ~/.config/fish/completions/weightdiff.fish"
+    )]
+    Completions {
+        /// Shell to complete for.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
     },
     /// Build a small synthetic base/fine-tuned pair and compare it.
     #[command(after_help = "Example:\n  weightdiff demo -o weightdiff-demo")]

@@ -56,8 +56,45 @@ impl Signals {
     }
 }
 
+/// Colour on stderr only for a terminal, and never when `NO_COLOR` is set to anything
+/// non-empty (<https://no-color.org>).
+fn use_color() -> bool {
+    use std::io::IsTerminal;
+    std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()) && std::io::stderr().is_terminal()
+}
+
+/// Log lines on stderr through `tracing`: warnings by default, `-v` info, `-vv` debug,
+/// `-vvv` trace; a `RUST_LOG` filter, when set, wins.
+fn init_logging(verbose: u8) {
+    use tracing_subscriber::EnvFilter;
+    let level = match verbose {
+        0 => "warn",
+        1 => "info",
+        2 => "debug",
+        _ => "trace",
+    };
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new(format!("weightdiff={level}")));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(use_color())
+        .with_target(false)
+        .try_init();
+}
+
+/// `error:` in bold red when colour is on.
+fn error_label() -> &'static str {
+    if use_color() {
+        "\x1b[1;31merror:\x1b[0m"
+    } else {
+        "error:"
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    init_logging(cli.verbose);
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
@@ -67,7 +104,7 @@ fn main() -> ExitCode {
             {
                 return ExitCode::SUCCESS;
             }
-            eprintln!("error: {e:#}");
+            eprintln!("{} {e:#}", error_label());
             ExitCode::from(EXIT_UNUSABLE)
         }
     }
@@ -85,6 +122,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => merge(&parts, &output, top, display),
         Command::Inspect { model, json } => inspect(&model, json),
         Command::Demo { output, display } => demo(&output, display),
+        Command::Report { dir, top, display } => regenerate_reports(&dir, top, display),
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            let mut cmd = Cli::command();
+            // Into a buffer first: the generator panics on a closed stdout.
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut cmd, "weightdiff", &mut script);
+            std::io::stdout().write_all(&script)?;
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 
@@ -190,7 +237,7 @@ fn write_reports(
         .with_context(|| format!("cannot write reports into {}", out.display()))?;
     // Tensor errors always reach stderr, whatever --quiet and --json say.
     for (name, e) in &c.errors {
-        eprintln!("error: {name}: {e}");
+        eprintln!("{} {name}: {e}", error_label());
     }
     if display.json {
         print_json(&summary_json(c, &written, top))?;
@@ -336,6 +383,20 @@ fn demo(out: &Path, display: DisplayArgs) -> anyhow::Result<ExitCode> {
     Ok(code)
 }
 
+fn regenerate_reports(dir: &Path, top: usize, display: DisplayArgs) -> anyhow::Result<ExitCode> {
+    let _lock = report::lock_output_dir(dir)?;
+    let written = report::regenerate(dir, top)
+        .with_context(|| format!("cannot regenerate the reports in {}", dir.display()))?;
+    if display.json {
+        print_json(&serde_json::json!({ "outputs": written }))?;
+    } else if !display.quiet {
+        for p in &written {
+            eprintln!("wrote {}", p.display());
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 fn extract_lora(args: &cli::ExtractArgs) -> anyhow::Result<ExitCode> {
     let (opts, lora_opts) = args.options()?;
     let (base, ft) = open_pair(&args.base, &args.finetuned, args.mmap)?;
@@ -362,7 +423,7 @@ fn extract_lora(args: &cli::ExtractArgs) -> anyhow::Result<ExitCode> {
         written.push(p);
     }
     for (name, e) in c.errors.iter().chain(&lora.errors) {
-        eprintln!("error: {name}: {e}");
+        eprintln!("{} {name}: {e}", error_label());
     }
     let mean = if lora.extracted.is_empty() {
         0.0
@@ -433,7 +494,7 @@ fn compare_shard(
     let written = weightdiff::shards::write_part(out, shard, &fp, &c, lora.zip(parts.as_ref()))?;
     weightdiff::journal::remove(out)?;
     for (name, e) in &c.errors {
-        eprintln!("error: {name}: {e}");
+        eprintln!("{} {name}: {e}", error_label());
     }
     if display.json {
         print_json(&serde_json::json!({
@@ -498,7 +559,7 @@ fn compare_trajectory(
         report::write_comparison_reports(c, &dir, args.top)
             .with_context(|| format!("cannot write reports into {}", dir.display()))?;
         for (name, e) in &c.errors {
-            eprintln!("error: {label}: {name}: {e}");
+            eprintln!("{} {label}: {name}: {e}", error_label());
         }
         failed |= !c.errors.is_empty() || c.lora.as_ref().is_some_and(|l| !l.errors.is_empty());
     }

@@ -309,6 +309,12 @@ fn compare_in_pool(
             });
         }
     }
+    tracing::info!(
+        tensors = jobs.len(),
+        bytes = jobs.iter().map(|j| j.bytes).sum::<u64>(),
+        threads,
+        "comparing"
+    );
     let pair_of = |j: &Job| &sides[j.ft].paired.pairs[j.pair];
     // Cut every group into windows sized for the widest dtype among its pairs.
     let mut units = Vec::new();
@@ -370,6 +376,15 @@ fn compare_in_pool(
             let p = pair_of(&jobs[j]);
             let outs = std::mem::take(&mut *lock(&slots[j]));
             let result = merge_units(outs).and_then(|o| finish_tensor(p, o, opts.verify));
+            match &result {
+                Ok(m) => tracing::debug!(
+                    tensor = %p.name,
+                    relative_diff = ?m.relative_diff,
+                    seconds = m.total_time,
+                    "compared"
+                ),
+                Err(e) => tracing::warn!(tensor = %p.name, "{e}"),
+            }
             if let (Ok(m), Some(jr)) = (&result, &journal)
                 && let Err(e) = lock(jr).record(&p.name, m)
             {
@@ -908,6 +923,11 @@ pub fn lora_parts(
         }
     }
 
+    tracing::info!(
+        matrices = matrices.len(),
+        vectors = vectors.len(),
+        "low-rank analysis"
+    );
     let outs: Vec<Result<(TensorSpectrum, Option<Factors>)>> = matrices
         .par_iter()
         .map(|(p, target)| {
@@ -928,6 +948,13 @@ pub fn lora_parts(
     for ((p, _), out) in matrices.iter().zip(outs) {
         match out {
             Ok((spectrum, factors)) => {
+                tracing::debug!(
+                    tensor = %p.name,
+                    detected_rank = ?spectrum.detected_rank,
+                    method = %spectrum.method,
+                    seconds = spectrum.time,
+                    "low-rank analysis"
+                );
                 spectra.push((p.name.clone(), spectrum));
                 if let Some(factors) = factors {
                     let module = p

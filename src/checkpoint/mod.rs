@@ -72,6 +72,17 @@ pub struct Checkpoint {
 impl Checkpoint {
     /// Resolves and opens a model argument.
     pub fn open(path: &Path) -> Result<Checkpoint> {
+        let ck = Self::open_local(path)?;
+        tracing::info!(
+            model = %path.display(),
+            files = ck.shards.len(),
+            tensors = ck.tensors().len(),
+            "opened checkpoint"
+        );
+        Ok(ck)
+    }
+
+    fn open_local(path: &Path) -> Result<Checkpoint> {
         let meta = std::fs::metadata(path).map_err(|e| Error::io(path, "cannot open model", e))?;
         if meta.is_file() {
             let shard = Shard::open(path)?;
