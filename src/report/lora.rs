@@ -46,6 +46,23 @@ fn aggregate<'a>(items: impl Iterator<Item = &'a TensorSpectrum>) -> Value {
     })
 }
 
+fn skipped(r: &LoraReport) -> Vec<Value> {
+    r.skipped
+        .iter()
+        .map(|(n, why)| json!({"tensor": n, "reason": why}))
+        .collect()
+}
+
+/// The LoRA stage as the summary and HTML reports read it: the JSON documents written
+/// to disk, so that `weightdiff report DIR` renders exactly what `compare` rendered.
+#[derive(Debug, Clone)]
+pub struct LoraDocs {
+    /// `lora_analysis.json`.
+    pub analysis: Value,
+    /// `lora_metadata.json`, when factors were extracted.
+    pub metadata: Option<Value>,
+}
+
 /// Renders `lora_analysis.json`.
 pub fn analysis(r: &LoraReport) -> Value {
     let mut tensors = Map::new();
@@ -81,6 +98,7 @@ pub fn analysis(r: &LoraReport) -> Value {
         "tensors": tensors,
         "modules": modules,
         "layers": layers,
+        "skipped": skipped(r),
         "errors": r.errors,
     })
 }
@@ -128,7 +146,8 @@ pub fn metadata(r: &LoraReport, verification: &Value) -> Value {
         "modules": modules,
         "mean_residual_stored": if residuals.is_empty() { None } else { Some(residuals.iter().sum::<f64>() / residuals.len() as f64) },
         "modules_to_save": r.modules_to_save,
-        "skipped": r.skipped.iter().map(|(n, why)| json!({"tensor": n, "reason": why})).collect::<Vec<_>>(),
+        "default_rank": adapter::default_rank(r),
+        "skipped": skipped(r),
         "errors": r.errors,
         "verification": verification,
         "timings": {"total_time": r.total_time},
@@ -194,20 +213,27 @@ fn verify(path: &Path, expected: &[adapter::AdapterTensor]) -> Result<Value> {
 }
 
 /// Writes every LoRA output of `compare` into `dir`: the analysis, and when factors were
-/// extracted, the weights, the adapter directory and the metadata.
-pub fn write_lora_outputs(r: &LoraReport, dir: &Path) -> Result<Vec<PathBuf>> {
+/// extracted, the weights, the adapter directory and the metadata. Returns the paths
+/// and the documents written.
+pub fn write_lora_outputs(r: &LoraReport, dir: &Path) -> Result<(Vec<PathBuf>, LoraDocs)> {
     let mut written = Vec::new();
     let path = dir.join(LORA_ANALYSIS_JSON);
-    write_atomic(&path, &to_json(&analysis(r)))?;
+    let mut docs = LoraDocs {
+        analysis: analysis(r),
+        metadata: None,
+    };
+    write_atomic(&path, &to_json(&docs.analysis))?;
     written.push(path);
     if r.extracted.is_empty() && r.saved.is_empty() {
-        return Ok(written);
+        return Ok((written, docs));
     }
     let weights = dir.join(EXTRACTED_WEIGHTS);
     let (adapter_files, verification) = write_adapter(r, &dir.join(ADAPTER_DIR), Some(&weights))?;
     written.extend(adapter_files);
     let meta = dir.join(LORA_METADATA_JSON);
-    write_atomic(&meta, &to_json(&metadata(r, &verification)))?;
+    let m = metadata(r, &verification);
+    write_atomic(&meta, &to_json(&m))?;
+    docs.metadata = Some(m);
     written.push(meta);
-    Ok(written)
+    Ok((written, docs))
 }

@@ -4,6 +4,7 @@
 pub mod adapter;
 pub mod architecture;
 pub mod config;
+pub mod html;
 pub mod json;
 pub mod lora;
 pub mod summary;
@@ -82,6 +83,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let mut tmp = tempfile::Builder::new()
         .prefix(".weightdiff-")
         .suffix(".tmp")
+        .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644))
         .tempfile_in(dir)
         .map_err(|e| Error::io(dir, "cannot create a temporary file", e))?;
     tmp.write_all(bytes)
@@ -118,13 +120,91 @@ pub fn write_comparison_reports(c: &Comparison, dir: &Path, top: usize) -> Resul
         write_atomic(&path, &bytes)?;
         written.push(path);
     }
-    if let Some(lora) = &c.lora {
-        written.extend(lora::write_lora_outputs(lora, dir)?);
-    }
-    // The summary lists the files written, itself included.
+    let docs = match &c.lora {
+        Some(lora) => {
+            let (files, docs) = lora::write_lora_outputs(lora, dir)?;
+            written.extend(files);
+            Some(docs)
+        }
+        None => None,
+    };
+    written.extend(write_pages(c, docs.as_ref(), dir, top, written.clone())?);
+    Ok(written)
+}
+
+/// Writes the reports rendered for people — `report.html` and `comparison_report.txt`,
+/// which lists `written` plus both of them — and returns their paths.
+fn write_pages(
+    c: &Comparison,
+    docs: Option<&lora::LoraDocs>,
+    dir: &Path,
+    top: usize,
+    mut written: Vec<PathBuf>,
+) -> Result<Vec<PathBuf>> {
+    let html_path = dir.join(html::REPORT_HTML);
+    write_atomic(&html_path, html::render(c, docs, top).as_bytes())?;
     let summary_path = dir.join(COMPARISON_REPORT_TXT);
+    written.push(html_path.clone());
     written.push(summary_path.clone());
-    write_atomic(&summary_path, summary::render(c, &written, top).as_bytes())?;
+    write_atomic(
+        &summary_path,
+        summary::render(c, docs, &written, top).as_bytes(),
+    )?;
+    Ok(vec![html_path, summary_path])
+}
+
+/// `weightdiff report DIR`: renders `difference.txt`, `report.html` and
+/// `comparison_report.txt` again from the JSON reports in `dir` (after an upgrade, or
+/// when they were deleted to save space). Returns the paths written.
+pub fn regenerate(dir: &Path, top: usize) -> Result<Vec<PathBuf>> {
+    let read = |name: &str| -> Result<Option<serde_json::Value>> {
+        let path = dir.join(name);
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(Error::io(&path, "cannot read", e)),
+        };
+        serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| Error::InvalidJson {
+                path: path.clone(),
+                reason: e.to_string(),
+            })
+    };
+    let wd_path = dir.join(WEIGHT_DIFFERENCES_JSON);
+    let wd = read(WEIGHT_DIFFERENCES_JSON)?.ok_or_else(|| Error::NotAModel {
+        path: dir.to_path_buf(),
+        reason: format!(
+            "no {WEIGHT_DIFFERENCES_JSON} here: not the output directory of `weightdiff compare`"
+        ),
+    })?;
+    let c = json::parse(&wd, &wd_path)?;
+    let docs = match read(lora::LORA_ANALYSIS_JSON)? {
+        Some(analysis) => Some(lora::LoraDocs {
+            analysis,
+            metadata: read(lora::LORA_METADATA_JSON)?,
+        }),
+        None => None,
+    };
+    let diff = dir.join(DIFFERENCE_TXT);
+    write_atomic(&diff, text::render(&c, top).as_bytes())?;
+    // The files a `compare` run writes, in its order, as far as they are still here.
+    let present: Vec<PathBuf> = [
+        DIFFERENCE_TXT,
+        WEIGHT_DIFFERENCES_JSON,
+        CONFIG_COMPARISON_JSON,
+        ARCHITECTURE_COMPARISON_JSON,
+        lora::LORA_ANALYSIS_JSON,
+        lora::EXTRACTED_WEIGHTS,
+    ]
+    .iter()
+    .map(|n| dir.join(n))
+    .chain([lora::ADAPTER_MODEL, lora::ADAPTER_CONFIG].map(|n| dir.join(lora::ADAPTER_DIR).join(n)))
+    .chain([dir.join(lora::LORA_METADATA_JSON)])
+    .filter(|p| p.exists())
+    .collect();
+    let mut written = vec![diff];
+    written.extend(write_pages(&c, docs.as_ref(), dir, top, present)?);
     Ok(written)
 }
 

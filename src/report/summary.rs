@@ -1,5 +1,6 @@
 //! `comparison_report.txt`: what changed, where, how much, and what was written.
 
+use super::lora::LoraDocs;
 use super::{fmt_bytes, fmt_opt, sci};
 use crate::comparison::Comparison;
 use crate::pairing::{layer_index, module_type};
@@ -8,7 +9,8 @@ use std::fmt::Write;
 use std::path::PathBuf;
 
 /// Renders `comparison_report.txt`.
-pub fn render(c: &Comparison, written: &[PathBuf], top: usize) -> String {
+/// `lora` holds the LoRA stage's documents when it ran.
+pub fn render(c: &Comparison, lora: Option<&LoraDocs>, written: &[PathBuf], top: usize) -> String {
     let mut s = String::new();
     let w = &mut s;
     let modified = c.modified();
@@ -93,60 +95,8 @@ pub fn render(c: &Comparison, written: &[PathBuf], top: usize) -> String {
         );
     }
 
-    if let Some(l) = &c.lora {
-        let v = &l.verdict;
-        let _ = writeln!(w, "\nLoRA verdict");
-        let _ = writeln!(w, "------------");
-        let what = match v.kind {
-            "merged_lora" => format!(
-                "a merged LoRA of rank {} on {}",
-                v.rank.map_or("?".to_string(), |r| r.to_string()),
-                v.target_modules.join(", ")
-            ),
-            "full_finetune" => "a full fine-tune (the deltas are not low-rank)".to_string(),
-            "mixed" => format!(
-                "mixed: low-rank deltas (rank {}) on {}, other changes elsewhere",
-                v.rank.map_or("?".to_string(), |r| r.to_string()),
-                v.target_modules.join(", ")
-            ),
-            _ => "unchanged".to_string(),
-        };
-        let _ = writeln!(
-            w,
-            "The fine-tune looks like {what} (confidence {:.2}).",
-            v.confidence
-        );
-        let low = l
-            .spectra
-            .iter()
-            .filter(|(_, s)| s.detected_rank.is_some())
-            .count();
-        let _ = writeln!(
-            w,
-            "{low} of {} analysed matrices have a clear rank cliff above the storage rounding floor.",
-            l.spectra.len()
-        );
-        if !l.extracted.is_empty() {
-            let mean: f64 = l
-                .extracted
-                .iter()
-                .map(|e| e.factors.residual_stored)
-                .sum::<f64>()
-                / l.extracted.len() as f64;
-            let _ = writeln!(
-                w,
-                "Extracted {} modules as a PEFT adapter (default rank {}), mean relative reconstruction error {}.",
-                l.extracted.len(),
-                crate::report::adapter::default_rank(l),
-                sci(mean, 3)
-            );
-        }
-        for (n, why) in &l.skipped {
-            let _ = writeln!(w, "not extracted: {n}: {why}");
-        }
-        for (n, e) in &l.errors {
-            let _ = writeln!(w, "analysis error: {n}: {e}");
-        }
+    if let Some(docs) = lora {
+        lora_section(w, docs);
     }
 
     let _ = writeln!(w, "\nMost modified (by relative diff)");
@@ -232,5 +182,73 @@ fn list(v: &[String]) -> String {
         "none".to_string()
     } else {
         format!("{} ({})", v.len(), v.join(", "))
+    }
+}
+
+/// The verdict in words, from `lora_analysis.json`'s `verdict`.
+pub(crate) fn verdict_sentence(v: &serde_json::Value) -> String {
+    let rank = v["rank"]
+        .as_u64()
+        .map_or("?".to_string(), |r| r.to_string());
+    let modules = v["target_modules"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|m| m.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        })
+        .unwrap_or_default();
+    let what = match v["kind"].as_str().unwrap_or("") {
+        "merged_lora" => format!("a merged LoRA of rank {rank} on {modules}"),
+        "full_finetune" => "a full fine-tune (the deltas are not low-rank)".to_string(),
+        "mixed" => {
+            format!("mixed: low-rank deltas (rank {rank}) on {modules}, other changes elsewhere")
+        }
+        _ => "unchanged".to_string(),
+    };
+    format!(
+        "The fine-tune looks like {what} (confidence {:.2}).",
+        v["confidence"].as_f64().unwrap_or(0.0)
+    )
+}
+
+fn lora_section(w: &mut String, docs: &LoraDocs) {
+    let a = &docs.analysis;
+    let _ = writeln!(w, "\nLoRA verdict");
+    let _ = writeln!(w, "------------");
+    let _ = writeln!(w, "{}", verdict_sentence(&a["verdict"]));
+    let empty = serde_json::Map::new();
+    let tensors = a["tensors"].as_object().unwrap_or(&empty);
+    let low = tensors
+        .values()
+        .filter(|s| s["detected_rank"].is_u64())
+        .count();
+    let _ = writeln!(
+        w,
+        "{low} of {} analysed matrices have a clear rank cliff above the storage rounding floor.",
+        tensors.len()
+    );
+    if let Some(m) = &docs.metadata {
+        let modules = m["modules"].as_object().map_or(0, |o| o.len());
+        if modules > 0 {
+            let _ = writeln!(
+                w,
+                "Extracted {modules} modules as a PEFT adapter (default rank {}), mean relative reconstruction error {}.",
+                m["default_rank"],
+                sci(m["mean_residual_stored"].as_f64().unwrap_or(0.0), 3)
+            );
+        }
+    }
+    for s in a["skipped"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            w,
+            "not extracted: {}: {}",
+            s["tensor"].as_str().unwrap_or("?"),
+            s["reason"].as_str().unwrap_or("?")
+        );
+    }
+    for (n, e) in a["errors"].as_object().into_iter().flatten() {
+        let _ = writeln!(w, "analysis error: {n}: {}", e.as_str().unwrap_or("?"));
     }
 }

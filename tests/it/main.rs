@@ -11,10 +11,14 @@
 //! - `reliability`: files changing mid-run, resume after SIGTERM/SIGKILL, locks, full disk, symlinks
 //! - `shards`: `compare --shard I/N` + `merge` equal a single run; bad part sets refused
 //! - `trajectory`: several fine-tuned models against one base
+//! - `html`: report.html's content, `weightdiff report`, headless Chromium
+//! - `conventions`: help examples, completions, --json, -v/-vv, NO_COLOR
 //! - `interop`: Python's safetensors/numpy recompute our metrics independently
 
 mod bad_inputs;
 mod common;
+mod conventions;
+mod html;
 mod interop;
 mod kernels;
 mod layouts;

@@ -1,0 +1,686 @@
+//! `report.html`: one self-contained page (SPEC §4). Everything is inline — styles, the
+//! SVG figures drawn here, and a few lines of script for sorting and filtering the
+//! table — so the page opens from a cluster's scratch directory with no network. The
+//! figures are static SVG: the page reads fine with scripts disabled.
+
+use super::lora::LoraDocs;
+use super::summary::verdict_sentence;
+use super::{fmt_bytes, sci};
+use crate::comparison::{Comparison, TensorMetrics};
+use crate::pairing::{layer_index, module_type};
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::fmt::Write;
+
+pub const REPORT_HTML: &str = "report.html";
+
+/// Spectra drawn: the most modified tensors that were analysed.
+const SPECTRA: usize = 6;
+
+/// Renders `report.html`; `lora` holds the LoRA stage's documents when it ran.
+pub fn render(c: &Comparison, lora: Option<&LoraDocs>, top: usize) -> String {
+    let mut s = String::with_capacity(64 * 1024 + c.results.len() * 400);
+    let title = format!(
+        "weightdiff: {} vs {}",
+        short(&c.base.source),
+        short(&c.finetuned.source)
+    );
+    let _ = write!(
+        s,
+        "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n\
+         <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n\
+         <title>{}</title>\n<style>{STYLE}</style>\n</head>\n<body>\n",
+        esc(&title)
+    );
+    let _ = writeln!(s, "<h1>weightdiff report</h1>");
+    summary(&mut s, c, lora);
+    let _ = writeln!(
+        s,
+        "<h2 id=\"heatmap-title\">Relative diff by layer and module</h2>"
+    );
+    heatmap(&mut s, c);
+    if let Some(docs) = lora {
+        spectra(&mut s, c, docs);
+    }
+    table(&mut s, c, lora, top);
+    let _ = write!(s, "<script>{SCRIPT}</script>\n</body>\n</html>\n");
+    s
+}
+
+fn summary(s: &mut String, c: &Comparison, lora: Option<&LoraDocs>) {
+    let modified = c.modified().len();
+    let identical = c.results.iter().filter(|(_, m)| m.identical).count();
+    let all: u64 = c.results.iter().map(|(_, m)| m.num_elements).sum();
+    let changed: u64 = c
+        .results
+        .iter()
+        .filter(|(_, m)| m.is_modified())
+        .map(|(_, m)| m.num_elements)
+        .sum();
+    let _ = writeln!(
+        s,
+        "<p class=\"models\"><b>Base</b> <code>{}</code><br><b>Fine-tuned</b> <code>{}</code></p>",
+        esc(&c.base.source),
+        esc(&c.finetuned.source)
+    );
+    if !c.complete {
+        let _ = writeln!(
+            s,
+            "<p class=\"warn\">This run did not complete: the figures cover the tensors compared before it stopped.</p>"
+        );
+    }
+    let p = &c.performance;
+    let cards = [
+        ("compared tensors", c.results.len().to_string()),
+        ("modified", modified.to_string()),
+        ("byte-identical", identical.to_string()),
+        (
+            "parameters in modified tensors",
+            if all > 0 {
+                format!("{:.1} %", 100.0 * changed as f64 / all as f64)
+            } else {
+                "n/a".into()
+            },
+        ),
+        ("errors", c.errors.len().to_string()),
+        (
+            "read",
+            format!(
+                "{} in {:.2} s ({:.2} GB/s)",
+                fmt_bytes(p.bytes_read),
+                p.total_time,
+                p.throughput_gbps
+            ),
+        ),
+    ];
+    let _ = writeln!(s, "<div class=\"cards\" id=\"summary\">");
+    for (k, v) in cards {
+        let _ = writeln!(
+            s,
+            "<div class=\"card\"><div class=\"v\">{}</div><div class=\"k\">{k}</div></div>",
+            esc(&v)
+        );
+    }
+    let _ = writeln!(s, "</div>");
+    if let Some(docs) = lora {
+        let v = &docs.analysis["verdict"];
+        let _ = writeln!(
+            s,
+            "<div class=\"verdict\" id=\"verdict\" data-kind=\"{}\"><b>LoRA verdict:</b> {}",
+            esc(v["kind"].as_str().unwrap_or("")),
+            esc(&verdict_sentence(v))
+        );
+        if let Some(m) = &docs.metadata {
+            let n = m["modules"].as_object().map_or(0, |o| o.len());
+            if n > 0 {
+                let _ = write!(
+                    s,
+                    " Extracted {n} modules as a PEFT adapter (<code>lora_adapter/</code>, default rank {}), mean relative reconstruction error {}.",
+                    m["default_rank"],
+                    sci(m["mean_residual_stored"].as_f64().unwrap_or(0.0), 2)
+                );
+            }
+        }
+        let _ = writeln!(s, "</div>");
+    }
+    let mut problems: Vec<String> = Vec::new();
+    problems.extend(c.errors.iter().map(|(n, e)| format!("error: {n}: {e}")));
+    if !c.only_in_base.is_empty() {
+        problems.push(format!("only in base: {}", c.only_in_base.join(", ")));
+    }
+    if !c.only_in_finetuned.is_empty() {
+        problems.push(format!(
+            "only in fine-tuned: {}",
+            c.only_in_finetuned.join(", ")
+        ));
+    }
+    problems.extend(
+        c.mismatches
+            .iter()
+            .map(|m| format!("{} mismatch: {} ({})", m.kind, m.name, m.compared)),
+    );
+    problems.extend(
+        c.base
+            .warnings
+            .iter()
+            .chain(&c.finetuned.warnings)
+            .map(|w| format!("warning: {w}")),
+    );
+    if !problems.is_empty() {
+        let _ = writeln!(s, "<ul class=\"problems\">");
+        for p in problems {
+            let _ = writeln!(s, "<li>{}</li>", esc(&p));
+        }
+        let _ = writeln!(s, "</ul>");
+    }
+}
+
+/// Relative diff → colour: log scale from `lo` to `hi` over a viridis-like ramp.
+struct Scale {
+    lo: f64,
+    hi: f64,
+}
+
+impl Scale {
+    /// Spans the positive values, at most six decades below the largest.
+    fn new(values: impl Iterator<Item = f64>) -> Option<Scale> {
+        let pos: Vec<f64> = values.filter(|v| *v > 0.0 && v.is_finite()).collect();
+        let hi = pos.iter().copied().fold(f64::NAN, f64::max);
+        if hi.is_nan() {
+            return None;
+        }
+        let lo = pos.iter().copied().fold(hi, f64::min).max(hi * 1e-6);
+        Some(Scale { lo, hi })
+    }
+
+    fn t(&self, v: f64) -> f64 {
+        if self.hi <= self.lo {
+            return 1.0;
+        }
+        ((v.max(self.lo).log10() - self.lo.log10()) / (self.hi.log10() - self.lo.log10()))
+            .clamp(0.0, 1.0)
+    }
+
+    fn colour(&self, v: f64) -> String {
+        const RAMP: [(f64, f64, f64); 5] = [
+            (68.0, 1.0, 84.0),
+            (59.0, 82.0, 139.0),
+            (33.0, 145.0, 140.0),
+            (94.0, 201.0, 98.0),
+            (253.0, 231.0, 37.0),
+        ];
+        let x = self.t(v) * (RAMP.len() - 1) as f64;
+        let i = (x.floor() as usize).min(RAMP.len() - 2);
+        let f = x - i as f64;
+        let (a, b) = (RAMP[i], RAMP[i + 1]);
+        let mix = |p: f64, q: f64| (p + (q - p) * f).round() as u8;
+        format!(
+            "#{:02x}{:02x}{:02x}",
+            mix(a.0, b.0),
+            mix(a.1, b.1),
+            mix(a.2, b.2)
+        )
+    }
+}
+
+const UNCHANGED: &str = "#e8e8e8";
+
+/// Heatmap columns, in the order of a transformer block (Llama/Qwen/Mistral/GPT-2/
+/// Falcon/MoE names); other module types follow alphabetically.
+const MODULE_ORDER: &[&str] = &[
+    "input_layernorm",
+    "ln_1",
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "qkv_proj",
+    "c_attn",
+    "query_key_value",
+    "q_norm",
+    "k_norm",
+    "o_proj",
+    "c_proj",
+    "dense",
+    "post_attention_layernorm",
+    "ln_2",
+    "pre_feedforward_layernorm",
+    "gate",
+    "gate_proj",
+    "up_proj",
+    "gate_up_proj",
+    "c_fc",
+    "dense_h_to_4h",
+    "w1",
+    "w3",
+    "down_proj",
+    "dense_4h_to_h",
+    "w2",
+    "post_feedforward_layernorm",
+];
+
+/// Layer index × module type, cell = largest relative diff of the tensors there.
+fn heatmap(s: &mut String, c: &Comparison) {
+    let mut modules: Vec<String> = Vec::new();
+    let mut cells: BTreeMap<(usize, usize), (f64, Vec<&str>)> = BTreeMap::new();
+    for (name, m) in &c.results {
+        let Some(layer) = layer_index(name) else {
+            continue;
+        };
+        let module = module_type(name);
+        let col = match modules.iter().position(|x| *x == module) {
+            Some(i) => i,
+            None => {
+                modules.push(module);
+                modules.len() - 1
+            }
+        };
+        let e = cells.entry((layer, col)).or_insert((0.0, Vec::new()));
+        e.0 = e.0.max(rel(m));
+        e.1.push(name);
+    }
+    // Columns in the order of a transformer block, other module types after them.
+    let rank = |m: &str| {
+        MODULE_ORDER
+            .iter()
+            .position(|x| *x == m)
+            .unwrap_or(MODULE_ORDER.len())
+    };
+    let mut order: Vec<usize> = (0..modules.len()).collect();
+    order.sort_by(|&a, &b| (rank(&modules[a]), &modules[a]).cmp(&(rank(&modules[b]), &modules[b])));
+    let mut new_col = vec![0; modules.len()];
+    for (new, &old) in order.iter().enumerate() {
+        new_col[old] = new;
+    }
+    let cells: BTreeMap<(usize, usize), (f64, Vec<&str>)> = cells
+        .into_iter()
+        .map(|((l, c), v)| ((l, new_col[c]), v))
+        .collect();
+    let modules: Vec<String> = order.iter().map(|&i| modules[i].clone()).collect();
+    if cells.is_empty() {
+        let _ = writeln!(
+            s,
+            "<p>No tensor names carry a layer index, so there is no layer map.</p>"
+        );
+        return;
+    }
+    let layers: Vec<usize> = {
+        let mut v: Vec<usize> = cells.keys().map(|(l, _)| *l).collect();
+        v.dedup();
+        v
+    };
+    let scale = Scale::new(cells.values().map(|(v, _)| *v));
+    let cw = 72.0;
+    let ch = (640.0 / layers.len() as f64).clamp(8.0, 22.0);
+    let (left, topm) = (56.0, 120.0);
+    let width = left + cw * modules.len() as f64 + 20.0;
+    let height = topm + ch * layers.len() as f64 + 70.0;
+    let _ = writeln!(
+        s,
+        "<figure><svg id=\"heatmap\" width=\"{width:.0}\" height=\"{height:.0}\" \
+         data-layers=\"{}\" data-modules=\"{}\" role=\"img\" aria-labelledby=\"heatmap-title\">",
+        layers.len(),
+        modules.len()
+    );
+    for (i, m) in modules.iter().enumerate() {
+        let x = left + cw * (i as f64 + 0.5);
+        let _ = writeln!(
+            s,
+            "<text class=\"lab\" transform=\"translate({x:.1},{:.1}) rotate(-45)\">{}</text>",
+            topm - 6.0,
+            esc(m)
+        );
+    }
+    for (r, l) in layers.iter().enumerate() {
+        let y = topm + ch * r as f64;
+        let _ = writeln!(
+            s,
+            "<text class=\"lab\" x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\">{l}</text>",
+            left - 6.0,
+            y + ch * 0.5 + 4.0
+        );
+    }
+    let row_of: BTreeMap<usize, usize> = layers.iter().enumerate().map(|(i, l)| (*l, i)).collect();
+    for ((layer, col), (v, names)) in &cells {
+        let x = left + cw * *col as f64;
+        let y = topm + ch * row_of[layer] as f64;
+        let fill = match (&scale, *v > 0.0) {
+            (Some(sc), true) => sc.colour(*v),
+            _ => UNCHANGED.to_string(),
+        };
+        let _ = writeln!(
+            s,
+            "<rect class=\"cell\" x=\"{x:.1}\" y=\"{y:.1}\" width=\"{:.1}\" height=\"{:.1}\" fill=\"{fill}\" \
+             data-layer=\"{layer}\" data-module=\"{}\" data-rel=\"{v:e}\"><title>{}: relative diff {}</title></rect>",
+            cw - 1.0,
+            ch - 1.0,
+            esc(&modules[*col]),
+            esc(&names.join(", ")),
+            sci(*v, 3)
+        );
+    }
+    // Legend: the ramp with its end values, and the colour of "unchanged".
+    let ly = topm + ch * layers.len() as f64 + 24.0;
+    let _ = writeln!(
+        s,
+        "<defs><linearGradient id=\"ramp\"><stop offset=\"0\" stop-color=\"#440154\"/><stop offset=\"0.25\" stop-color=\"#3b528b\"/>\
+         <stop offset=\"0.5\" stop-color=\"#21918c\"/><stop offset=\"0.75\" stop-color=\"#5ec962\"/><stop offset=\"1\" stop-color=\"#fde725\"/></linearGradient></defs>"
+    );
+    if let Some(sc) = &scale {
+        let _ = writeln!(
+            s,
+            "<rect x=\"{left}\" y=\"{ly:.1}\" width=\"200\" height=\"12\" fill=\"url(#ramp)\"/>\
+             <text class=\"lab\" x=\"{left}\" y=\"{:.1}\">{}</text>\
+             <text class=\"lab\" x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\">{} (log scale)</text>",
+            ly + 28.0,
+            sci(sc.lo, 1),
+            left + 200.0,
+            ly + 28.0,
+            sci(sc.hi, 1)
+        );
+    }
+    let _ = writeln!(
+        s,
+        "<rect x=\"{:.1}\" y=\"{ly:.1}\" width=\"12\" height=\"12\" fill=\"{UNCHANGED}\"/>\
+         <text class=\"lab\" x=\"{:.1}\" y=\"{:.1}\">unchanged</text>",
+        left + 230.0,
+        left + 248.0,
+        ly + 10.0
+    );
+    let _ = writeln!(
+        s,
+        "</svg><figcaption>Largest relative diff ‖Δ‖/‖W‖ of the tensors in each layer (rows) and module type (columns). \
+         Hover a cell for its tensors. Tensors outside the layers (embeddings, final norm, head) are in the table.</figcaption></figure>"
+    );
+}
+
+/// Singular values of the most modified analysed tensors, log scale, with the rounding
+/// noise floor and the detected rank.
+fn spectra(s: &mut String, c: &Comparison, docs: &LoraDocs) {
+    let Some(tensors) = docs.analysis["tensors"].as_object() else {
+        return;
+    };
+    let chosen: Vec<(&str, &Value)> = c
+        .top_modified(usize::MAX)
+        .into_iter()
+        .filter_map(|(n, _)| tensors.get(n).map(|t| (n, t)))
+        .filter(|(_, t)| {
+            t["singular_values"]
+                .as_array()
+                .is_some_and(|a| a.iter().any(|x| x.as_f64().is_some_and(|x| x > 0.0)))
+        })
+        .take(SPECTRA)
+        .collect();
+    if chosen.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        s,
+        "<h2>Singular-value spectra of the most modified tensors</h2>\n<div class=\"spectra\" id=\"spectra\">"
+    );
+    for (name, t) in chosen {
+        spectrum_plot(s, name, t);
+    }
+    let _ = writeln!(
+        s,
+        "</div><p class=\"note\">σ<sub>i</sub> of each delta (log scale). Dashed: the predicted top singular value of the \
+         storage rounding noise; a merged LoRA of rank r shows r values far above it and a cliff after the r-th.</p>"
+    );
+}
+
+fn spectrum_plot(s: &mut String, name: &str, t: &Value) {
+    let sv: Vec<f64> = t["singular_values"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|x| x.as_f64())
+        .collect();
+    let floor = t["noise_floor"].as_f64().filter(|f| *f > 0.0);
+    let rank = t["detected_rank"].as_u64();
+    let positive = sv.iter().copied().filter(|x| *x > 0.0);
+    let hi = positive
+        .clone()
+        .fold(f64::MIN, f64::max)
+        .max(floor.unwrap_or(0.0));
+    let lo = positive
+        .fold(hi, f64::min)
+        .min(floor.unwrap_or(hi))
+        .max(hi * 1e-12);
+    let (ylo, yhi) = (
+        lo.log10().floor(),
+        hi.log10().ceil().max(lo.log10().floor() + 1.0),
+    );
+    let (w, h, l, r, tp, b) = (320.0, 200.0, 52.0, 10.0, 24.0, 28.0);
+    let px = |i: usize| l + (w - l - r) * (i as f64) / ((sv.len().max(2) - 1) as f64);
+    let py = |v: f64| {
+        let y = (v.max(10f64.powf(ylo)).log10() - ylo) / (yhi - ylo);
+        tp + (h - tp - b) * (1.0 - y)
+    };
+    let _ = writeln!(
+        s,
+        "<svg class=\"spectrum\" width=\"{w}\" height=\"{h}\" data-tensor=\"{}\">\
+         <text class=\"st\" x=\"4\" y=\"14\">{}{}</text>",
+        esc(name),
+        esc(&short_name(name)),
+        rank.map_or(String::new(), |r| format!(" — rank {r}"))
+    );
+    for d in (ylo as i32)..=(yhi as i32) {
+        let y = py(10f64.powi(d));
+        let _ = writeln!(
+            s,
+            "<line class=\"grid\" x1=\"{l}\" x2=\"{:.1}\" y1=\"{y:.1}\" y2=\"{y:.1}\"/><text class=\"lab\" x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\">1e{d}</text>",
+            w - r,
+            l - 4.0,
+            y + 4.0
+        );
+    }
+    if let Some(f) = floor {
+        let y = py(f);
+        let _ = writeln!(
+            s,
+            "<line class=\"floor\" x1=\"{l}\" x2=\"{:.1}\" y1=\"{y:.1}\" y2=\"{y:.1}\"><title>rounding-noise floor {}</title></line>",
+            w - r,
+            sci(f, 2)
+        );
+    }
+    if let Some(k) = rank.filter(|k| *k as usize <= sv.len() && *k > 0) {
+        let x = px(k as usize - 1);
+        let _ = writeln!(
+            s,
+            "<line class=\"rank\" x1=\"{x:.1}\" x2=\"{x:.1}\" y1=\"{tp}\" y2=\"{:.1}\"/>",
+            h - b
+        );
+    }
+    let pts: Vec<String> = sv
+        .iter()
+        .enumerate()
+        .filter(|(_, v)| **v > 0.0)
+        .map(|(i, v)| format!("{:.1},{:.1}", px(i), py(*v)))
+        .collect();
+    let _ = writeln!(
+        s,
+        "<polyline class=\"sv\" points=\"{}\"/><text class=\"lab\" x=\"{l}\" y=\"{:.1}\">1</text>\
+         <text class=\"lab\" x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\">i = {}</text></svg>",
+        pts.join(" "),
+        h - 10.0,
+        w - r,
+        h - 10.0,
+        sv.len()
+    );
+}
+
+/// Every compared tensor, most modified first; the script sorts by any column.
+fn table(s: &mut String, c: &Comparison, lora: Option<&LoraDocs>, top: usize) {
+    let ranks = lora.and_then(|d| d.analysis["tensors"].as_object());
+    let _ = writeln!(
+        s,
+        "<h2>All tensors</h2>\n<p class=\"note\">The {top} most modified are marked ★. Click a column to sort; \
+         <input id=\"filter\" type=\"search\" placeholder=\"filter by name\" aria-label=\"filter by name\"></p>"
+    );
+    let cols = [
+        ("rank", "#", true),
+        ("name", "tensor", false),
+        ("shape", "shape", false),
+        ("dtype", "dtype", false),
+        ("relative_diff", "relative diff", true),
+        ("l2_diff", "‖Δ‖", true),
+        ("cosine_similarity", "cosine", true),
+        ("changed_ratio", "changed", true),
+        ("max_abs_diff", "max |Δ|", true),
+        ("detected_rank", "LoRA rank", true),
+    ];
+    let _ = write!(s, "<table id=\"tensors\"><thead><tr>");
+    for (key, label, num) in cols {
+        let _ = write!(
+            s,
+            "<th data-key=\"{key}\" data-type=\"{}\">{label}</th>",
+            if num { "num" } else { "text" }
+        );
+    }
+    let _ = writeln!(s, "</tr></thead><tbody>");
+    let order = c.top_modified(usize::MAX);
+    let unmodified = c.results.iter().filter(|(_, m)| !m.is_modified());
+    let rows = order
+        .iter()
+        .map(|(n, m)| (*n, *m))
+        .chain(unmodified.map(|(n, m)| (n.as_str(), m)));
+    for (i, (name, m)) in rows.enumerate() {
+        let detected = ranks
+            .and_then(|t| t.get(name))
+            .and_then(|t| t["detected_rank"].as_u64());
+        let star = if i < top && m.is_modified() {
+            "★ "
+        } else {
+            ""
+        };
+        let _ = writeln!(
+            s,
+            "<tr class=\"row{}\"><td data-v=\"{}\">{}</td><td data-v=\"{}\">{star}{}</td><td data-v=\"{}\">{}</td>\
+             <td data-v=\"{}\">{}</td>{}{}{}{}{}<td data-v=\"{}\">{}</td></tr>",
+            if m.is_modified() { " mod" } else { "" },
+            i + 1,
+            i + 1,
+            esc(name),
+            esc(name),
+            m.shape.iter().product::<usize>(),
+            esc(&format!("{:?}", m.shape)),
+            esc(&m.dtype),
+            esc(&m.dtype),
+            num_cell(m.relative_diff),
+            num_cell(Some(m.l2_diff)),
+            num_cell(m.cosine_similarity),
+            num_cell(Some(m.changed_ratio)),
+            num_cell(Some(m.max_abs_diff)),
+            detected.map_or(String::new(), |r| r.to_string()),
+            detected.map_or("–".to_string(), |r| r.to_string()),
+        );
+    }
+    let _ = writeln!(s, "</tbody></table>");
+}
+
+fn num_cell(v: Option<f64>) -> String {
+    match v {
+        Some(x) if x.is_finite() => format!("<td data-v=\"{x:e}\">{}</td>", sci(x, 3)),
+        Some(x) => format!("<td data-v=\"\">{x}</td>"),
+        None => "<td data-v=\"\">n/a</td>".to_string(),
+    }
+}
+
+fn rel(m: &TensorMetrics) -> f64 {
+    m.relative_diff.unwrap_or(f64::INFINITY)
+}
+
+/// The last two path components of a model argument, for the title.
+fn short(source: &str) -> String {
+    let parts: Vec<&str> = source.trim_end_matches('/').rsplit('/').take(2).collect();
+    parts.into_iter().rev().collect::<Vec<_>>().join("/")
+}
+
+/// A tensor name without the common `model.` prefix and `.weight` suffix, for titles.
+fn short_name(name: &str) -> String {
+    let n = name.strip_prefix("model.").unwrap_or(name);
+    n.strip_suffix(".weight").unwrap_or(n).to_string()
+}
+
+/// Escapes text for HTML element content and attribute values.
+fn esc(s: &str) -> String {
+    let mut o = String::with_capacity(s.len());
+    for ch in s.chars() {
+        match ch {
+            '&' => o.push_str("&amp;"),
+            '<' => o.push_str("&lt;"),
+            '>' => o.push_str("&gt;"),
+            '"' => o.push_str("&quot;"),
+            '\'' => o.push_str("&#39;"),
+            _ => o.push(ch),
+        }
+    }
+    o
+}
+
+const STYLE: &str = r#"
+body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,"Helvetica Neue",Arial,sans-serif;margin:24px auto;max-width:1200px;padding:0 16px;color:#222}
+h1{font-size:1.6em;margin-bottom:4px}h2{font-size:1.2em;margin-top:32px;border-bottom:1px solid #ddd;padding-bottom:4px}
+code{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:.9em}
+.cards{display:flex;flex-wrap:wrap;gap:10px;margin:12px 0}
+.card{border:1px solid #ddd;border-radius:6px;padding:8px 14px;min-width:120px}
+.card .v{font-size:1.3em;font-weight:600}.card .k{color:#666;font-size:.85em}
+.verdict{background:#f3f7ff;border-left:4px solid #3b528b;padding:10px 14px;margin:12px 0}
+.warn{background:#fff4e5;border-left:4px solid #e69500;padding:8px 12px}
+.problems{color:#8a1f11}
+.lab{font-size:11px;fill:#444}.st{font-size:12px;font-weight:600;fill:#222}
+.spectra{display:flex;flex-wrap:wrap;gap:12px}.spectrum{border:1px solid #eee}
+.grid{stroke:#eee}.floor{stroke:#c0392b;stroke-dasharray:4 3}.rank{stroke:#888;stroke-dasharray:2 2}
+.sv{fill:none;stroke:#3b528b;stroke-width:1.6}
+figure{margin:0;overflow-x:auto}figcaption,.note{color:#555;font-size:.9em}
+rect.cell:hover{stroke:#000;stroke-width:1.5}
+table{border-collapse:collapse;font-size:.85em;width:100%}
+th,td{padding:3px 8px;border-bottom:1px solid #eee;text-align:right;white-space:nowrap}
+th:nth-child(2),td:nth-child(2),th:nth-child(3),td:nth-child(3),th:nth-child(4),td:nth-child(4){text-align:left}
+td:nth-child(2){font-family:ui-monospace,Menlo,Consolas,monospace;white-space:normal;word-break:break-all}
+th{cursor:pointer;background:#fafafa;position:sticky;top:0}
+th[aria-sort=ascending]::after{content:" ▲"}th[aria-sort=descending]::after{content:" ▼"}
+tr:not(.mod) td{color:#999}
+"#;
+
+/// Sorting (click a header; `#sort=KEY-asc|desc` in the address sorts on load) and the
+/// name filter. `data-v` holds each cell's sort value; empty sorts last.
+const SCRIPT: &str = r#"
+(function () {
+  var table = document.getElementById('tensors');
+  var body = table.tBodies[0];
+  var heads = Array.prototype.slice.call(table.tHead.rows[0].cells);
+  function sortBy(i, dir) {
+    var num = heads[i].dataset.type === 'num';
+    var rows = Array.prototype.slice.call(body.rows);
+    rows.sort(function (a, b) {
+      var x = a.cells[i].dataset.v, y = b.cells[i].dataset.v;
+      if (x === '' || y === '') { return (x === '') - (y === ''); }
+      if (num) { return dir * (parseFloat(x) - parseFloat(y)); }
+      return dir * x.localeCompare(y, undefined, {numeric: true});
+    });
+    rows.forEach(function (r) { body.appendChild(r); });
+    heads.forEach(function (h) { h.removeAttribute('aria-sort'); });
+    heads[i].setAttribute('aria-sort', dir > 0 ? 'ascending' : 'descending');
+  }
+  heads.forEach(function (h, i) {
+    h.addEventListener('click', function () {
+      var dir = h.getAttribute('aria-sort') === 'descending' ? 1 : -1;
+      sortBy(i, dir);
+      try { history.replaceState(null, '', '#sort=' + h.dataset.key + (dir > 0 ? '-asc' : '-desc')); } catch (e) {}
+    });
+  });
+  var m = /^#sort=([a-z_0-9]+)-(asc|desc)$/.exec(location.hash);
+  if (m) {
+    var i = heads.findIndex(function (h) { return h.dataset.key === m[1]; });
+    if (i >= 0) { sortBy(i, m[2] === 'asc' ? 1 : -1); }
+  }
+  document.getElementById('filter').addEventListener('input', function (e) {
+    var q = e.target.value.toLowerCase();
+    Array.prototype.forEach.call(body.rows, function (r) {
+      r.hidden = q !== '' && r.cells[1].dataset.v.toLowerCase().indexOf(q) < 0;
+    });
+  });
+  document.body.dataset.ready = String(body.rows.length);
+})();
+"#;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escapes_markup_in_names() {
+        assert_eq!(esc("a<b>&\"'"), "a&lt;b&gt;&amp;&quot;&#39;");
+    }
+
+    #[test]
+    fn colour_scale_is_logarithmic_and_clamped() {
+        let sc = Scale::new([1e-4, 1e-2, 0.0].into_iter()).unwrap();
+        assert_eq!(sc.t(1e-4), 0.0);
+        assert_eq!(sc.t(1e-2), 1.0);
+        assert!((sc.t(1e-3) - 0.5).abs() < 1e-12);
+        assert_eq!(sc.colour(1e-4), "#440154");
+        assert_eq!(sc.colour(1.0), "#fde725");
+        assert!(Scale::new([0.0, f64::INFINITY].into_iter()).is_none());
+    }
+}
