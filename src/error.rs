@@ -23,6 +23,11 @@ pub enum Error {
     #[error("{}: invalid safetensors file: {reason}", path.display())]
     InvalidSafetensors { path: PathBuf, reason: String },
 
+    /// A PyTorch checkpoint (`pytorch_model.bin`, `*.pt`) could not be read, or its pickle
+    /// asks for something other than tensors.
+    #[error("{}: invalid PyTorch checkpoint: {reason}", path.display())]
+    InvalidPytorch { path: PathBuf, reason: String },
+
     /// `model.safetensors.index.json` is malformed or inconsistent with the shards.
     #[error("{}: invalid index: {reason}", path.display())]
     InvalidIndex { path: PathBuf, reason: String },

@@ -136,7 +136,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 }
 
 fn open(path: &Path, role: &str) -> anyhow::Result<Checkpoint> {
-    Checkpoint::open(path).with_context(|| format!("cannot read the {role} model"))
+    Checkpoint::open(path).with_context(|| format!("cannot read the {role}model"))
 }
 
 /// Opens a model, reading it through memory maps under `--mmap`.
@@ -150,8 +150,8 @@ fn open_with(path: &Path, role: &str, mmap: bool) -> anyhow::Result<Checkpoint> 
 
 fn open_pair(base: &Path, ft: &Path, mmap: bool) -> anyhow::Result<(Checkpoint, Checkpoint)> {
     Ok((
-        open_with(base, "base", mmap)?,
-        open_with(ft, "fine-tuned", mmap)?,
+        open_with(base, "base ", mmap)?,
+        open_with(ft, "fine-tuned ", mmap)?,
     ))
 }
 
@@ -358,8 +358,8 @@ fn demo(out: &Path, display: DisplayArgs) -> anyhow::Result<ExitCode> {
             pair.edits.len()
         );
     }
-    let base = open(&pair.base, "base")?;
-    let ft = open(&pair.finetuned, "fine-tuned")?;
+    let base = open(&pair.base, "base ")?;
+    let ft = open(&pair.finetuned, "fine-tuned ")?;
     let reports = out.join("reports");
     let opts = weightdiff::CompareOptions {
         verify: true,
@@ -534,11 +534,11 @@ fn compare_trajectory(
     mut opts: weightdiff::CompareOptions,
     lora: Option<&pipeline::LoraOptions>,
 ) -> anyhow::Result<ExitCode> {
-    let base = open_with(&args.base, "base", args.mmap)?;
+    let base = open_with(&args.base, "base ", args.mmap)?;
     let fts = args
         .finetuned
         .iter()
-        .map(|p| open_with(p, "fine-tuned", args.mmap))
+        .map(|p| open_with(p, "fine-tuned ", args.mmap))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let out = &args.output;
     let _lock = report::lock_output_dir(out)?;

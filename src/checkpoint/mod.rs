@@ -1,14 +1,18 @@
-//! Reading checkpoints: resolving a model argument to its safetensors files,
-//! validating them, and giving windows onto tensor bytes.
+//! Reading checkpoints: resolving a model argument to its files, validating them, and
+//! giving windows onto tensor bytes.
 //!
 //! A model argument is a Hugging Face directory (`model.safetensors`, or shards named
-//! by `model.safetensors.index.json`, or loose `*.safetensors` when there is no index)
-//! or a single `.safetensors` file (SPEC §1). Nothing here loads tensor data: opening a
-//! checkpoint reads headers only.
+//! by `model.safetensors.index.json`, or loose `*.safetensors` when there is no index;
+//! failing those, `pytorch_model.bin` or the shards of `pytorch_model.bin.index.json`),
+//! or a single `.safetensors` / `.bin` / `.pt` file (SPEC §1). Nothing here loads tensor
+//! data: opening a checkpoint reads headers (or a PyTorch file's pickle) only. Hub ids
+//! are resolved to such a directory by [`crate::hub`].
 
 pub mod dtype;
 pub mod index;
+pub mod pickle;
 pub mod shard;
+pub mod torch;
 
 use crate::error::{Error, Result};
 use dtype::DType;
@@ -30,6 +34,8 @@ pub struct TensorEntry {
     shard: usize,
     offset: u64,
     len: u64,
+    /// Gather plan of a non-contiguous PyTorch view.
+    layout: Option<std::sync::Arc<torch::Strided>>,
 }
 
 impl TensorEntry {
@@ -67,7 +73,12 @@ pub struct Checkpoint {
     pub warnings: Vec<String>,
     /// How [`Checkpoint::read`] gets bytes.
     pub read_mode: ReadMode,
+    /// The last non-contiguous tensors gathered, shared by their windows.
+    gathered: std::sync::Mutex<Vec<(String, std::sync::Arc<Vec<u8>>)>>,
 }
+
+/// Gathered non-contiguous tensors kept for the windows that follow.
+const GATHERED_KEPT: usize = 2;
 
 impl Checkpoint {
     /// Resolves and opens a model argument.
@@ -85,7 +96,11 @@ impl Checkpoint {
     fn open_local(path: &Path) -> Result<Checkpoint> {
         let meta = std::fs::metadata(path).map_err(|e| Error::io(path, "cannot open model", e))?;
         if meta.is_file() {
-            let shard = Shard::open(path)?;
+            let shard = if torch::is_torch_file(path) {
+                torch::open(path)?
+            } else {
+                Shard::open(path)?
+            };
             let mut ck = Checkpoint::empty(path);
             ck.add_shard(shard, None);
             return Ok(ck);
@@ -140,10 +155,7 @@ impl Checkpoint {
         }
         let files = safetensors_files(path)?;
         if files.is_empty() {
-            return Err(Error::NotAModel {
-                path: path.into(),
-                reason: "no model.safetensors, model.safetensors.index.json or *.safetensors file in this directory".into(),
-            });
+            return ck.open_torch_dir(path);
         }
         for f in files {
             check_inside(path, &f)?;
@@ -151,6 +163,74 @@ impl Checkpoint {
             ck.add_shard(shard, None);
         }
         Ok(ck)
+    }
+
+    /// A directory without safetensors: `pytorch_model.bin.index.json` and its shards,
+    /// or `pytorch_model.bin`, or the other PyTorch files except training state
+    /// (`training_args.bin`, `optimizer.pt`, …), as `transformers` would look for them.
+    fn open_torch_dir(mut self, path: &Path) -> Result<Checkpoint> {
+        let index_path = path.join("pytorch_model.bin.index.json");
+        let (state, loose): (Vec<PathBuf>, Vec<PathBuf>) = list_files(path, torch::is_torch_file)?
+            .into_iter()
+            .partition(|f| {
+                f.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(torch::is_training_state)
+            });
+        for f in &state {
+            tracing::info!(file = %f.display(), "training state, not weights: skipped");
+        }
+        let mut files: Vec<PathBuf> = Vec::new();
+        let mut index = None;
+        if index_path.exists() {
+            let idx = index::Index::read(&index_path, path)?;
+            for file in idx.files() {
+                let p = path.join(file);
+                if !p.is_file() {
+                    return Err(Error::InvalidIndex {
+                        path: index_path.clone(),
+                        reason: format!("shard `{file}` named by the index does not exist"),
+                    });
+                }
+                files.push(p);
+            }
+            index = Some(idx);
+        } else if path.join("pytorch_model.bin").is_file() {
+            files.push(path.join("pytorch_model.bin"));
+        } else {
+            files = loose;
+        }
+        if files.is_empty() {
+            return Err(Error::NotAModel {
+                path: path.into(),
+                reason: "no model.safetensors, model.safetensors.index.json, *.safetensors, pytorch_model.bin or pytorch_model.bin.index.json in this directory".into(),
+            });
+        }
+        for f in files {
+            check_inside(path, &f)?;
+            let shard = torch::open(&f)?;
+            let file = f
+                .strip_prefix(path)
+                .ok()
+                .and_then(|r| r.to_str())
+                .unwrap_or_default()
+                .to_string();
+            self.add_shard(shard, index.as_ref().map(|i| (i, file.as_str())));
+        }
+        if let Some(idx) = &index {
+            for name in idx.weight_map.keys() {
+                if !self.tensors.contains_key(name) && !self.broken.contains_key(name) {
+                    self.broken.insert(
+                        name.clone(),
+                        format!(
+                            "{}: listed by the index but absent from its shard",
+                            index_path.display()
+                        ),
+                    );
+                }
+            }
+        }
+        Ok(self)
     }
 
     fn empty(path: &Path) -> Checkpoint {
@@ -163,6 +243,7 @@ impl Checkpoint {
             broken: BTreeMap::new(),
             warnings: Vec::new(),
             read_mode: ReadMode::default(),
+            gathered: std::sync::Mutex::new(Vec::new()),
         }
     }
 
@@ -210,9 +291,11 @@ impl Checkpoint {
                     shard: si,
                     offset: t.offset,
                     len: t.len,
+                    layout: t.layout.clone(),
                 },
             );
         }
+        self.warnings.extend(shard.notes.iter().cloned());
         self.shards.push(shard);
     }
 
@@ -238,13 +321,31 @@ impl Checkpoint {
             "window past the end of tensor data"
         );
         let shard = &self.shards[entry.shard];
-        shard
-            .window(entry.offset + start, len, self.read_mode)
-            .map_err(|e| Error::Tensor {
-                path: shard.path().to_path_buf(),
-                tensor: entry.name.clone(),
-                reason: format!("cannot read data: {e}"),
-            })
+        let fail = |e: std::io::Error| Error::Tensor {
+            path: shard.path().to_path_buf(),
+            tensor: entry.name.clone(),
+            reason: format!("cannot read data: {e}"),
+        };
+        let Some(layout) = &entry.layout else {
+            return shard
+                .window(entry.offset + start, len, self.read_mode)
+                .map_err(fail);
+        };
+        // A non-contiguous view: gather it whole once; its windows slice the copy.
+        let range = start as usize..(start + len) as usize;
+        let mut kept = self.gathered.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, bytes)) = kept.iter().find(|(n, _)| *n == entry.name) {
+            return Ok(Window::Shared(bytes.clone(), range));
+        }
+        let span = shard
+            .window(layout.span_start, layout.span_len, self.read_mode)
+            .map_err(fail)?;
+        let bytes = std::sync::Arc::new(layout.gather(&span));
+        if kept.len() >= GATHERED_KEPT {
+            kept.remove(0);
+        }
+        kept.push((entry.name.clone(), bytes.clone()));
+        Ok(Window::Shared(bytes, range))
     }
 
     /// Total bytes of tensor data.
@@ -291,10 +392,15 @@ fn check_inside(dir: &Path, file: &Path) -> Result<()> {
 
 /// The `*.safetensors` files directly inside `dir`, sorted.
 fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    list_files(dir, |p| p.extension().is_some_and(|x| x == "safetensors"))
+}
+
+/// The files directly inside `dir` that `keep` accepts, sorted.
+fn list_files(dir: &Path, keep: impl Fn(&Path) -> bool) -> Result<Vec<PathBuf>> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .map_err(|e| Error::io(dir, "cannot list directory", e))?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "safetensors") && p.is_file())
+        .filter(|p| keep(p) && p.is_file())
         .collect();
     files.sort();
     Ok(files)

@@ -37,6 +37,9 @@ pub struct ShardTensor {
     pub offset: u64,
     /// Length of the data in bytes.
     pub len: u64,
+    /// For a PyTorch view that is not a contiguous run of bytes: how to gather it
+    /// (`offset`/`len` then describe the row-major bytes it yields).
+    pub layout: Option<std::sync::Arc<crate::checkpoint::torch::Strided>>,
 }
 
 /// An open, validated safetensors file.
@@ -49,6 +52,8 @@ pub struct Shard {
     tensors: Vec<ShardTensor>,
     /// `__metadata__` of the header, if any.
     pub metadata: Option<std::collections::HashMap<String, String>>,
+    /// Things worth telling the user about this file that did not stop reading it.
+    pub notes: Vec<String>,
 }
 
 fn invalid(path: &Path, reason: impl Into<String>) -> Error {
@@ -126,6 +131,7 @@ impl Shard {
                 offset: data_start + info.data_offsets.0 as u64,
                 len: (info.data_offsets.1 - info.data_offsets.0) as u64,
                 name,
+                layout: None,
             })
             .collect();
         tensors.sort_by_key(|t| t.offset);
@@ -135,7 +141,26 @@ impl Shard {
             file_len,
             tensors,
             metadata: meta.metadata().clone(),
+            notes: Vec::new(),
         })
+    }
+
+    /// A file whose tensors were located by another reader (PyTorch checkpoints).
+    pub(crate) fn from_tensors(
+        path: &Path,
+        file: File,
+        file_len: u64,
+        mut tensors: Vec<ShardTensor>,
+    ) -> Shard {
+        tensors.sort_by(|a, b| a.offset.cmp(&b.offset).then_with(|| a.name.cmp(&b.name)));
+        Shard {
+            path: path.to_path_buf(),
+            file,
+            file_len,
+            tensors,
+            metadata: None,
+            notes: Vec::new(),
+        }
     }
 
     /// The file's path.
@@ -211,10 +236,12 @@ pub enum ReadMode {
     Mmap,
 }
 
-/// A view of some bytes of a shard: mapped, or read into a buffer.
+/// A view of some bytes of a shard: mapped, read into a buffer, or a range of a tensor
+/// gathered once and shared by its windows.
 pub enum Window {
     Mapped(Mmap),
     Read(Vec<u8>),
+    Shared(std::sync::Arc<Vec<u8>>, std::ops::Range<usize>),
 }
 
 impl Deref for Window {
@@ -223,6 +250,7 @@ impl Deref for Window {
         match self {
             Window::Mapped(m) => m,
             Window::Read(v) => v,
+            Window::Shared(v, r) => &v[r.clone()],
         }
     }
 }

@@ -13,6 +13,7 @@
 //! - `trajectory`: several fine-tuned models against one base
 //! - `html`: report.html's content, `weightdiff report`, headless Chromium
 //! - `conventions`: help examples, completions, --json, -v/-vv, NO_COLOR
+//! - `torch_bin`: pytorch_model.bin (zip, legacy, sharded) against torch-written fixtures
 //! - `interop`: Python's safetensors/numpy recompute our metrics independently
 
 mod bad_inputs;
@@ -29,4 +30,5 @@ mod outputs;
 mod pairing;
 mod reliability;
 mod shards;
+mod torch_bin;
 mod trajectory;
