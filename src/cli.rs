@@ -19,7 +19,7 @@ pub struct Cli {
 pub enum Command {
     /// Compare BASE with FINETUNED and write the reports into the output directory.
     #[command(
-        after_help = "Examples:\n  weightdiff compare ./Qwen3-0.6B ./my-finetune -o out\n  weightdiff compare base.safetensors ft.safetensors --verify --include 'layers\\.1[0-9]\\.'"
+        after_help = "Examples:\n  weightdiff compare ./Qwen3-0.6B ./my-finetune -o out\n  weightdiff compare Qwen/Qwen3-0.6B ./my-finetune   # hub id: from the HF cache, downloaded if missing\n  weightdiff compare ./base ./checkpoint-500/pytorch_model.bin\n  weightdiff compare base.safetensors ft.safetensors --verify --include 'layers\\.1[0-9]\\.'"
     )]
     Compare(CompareArgs),
     /// Extract the fine-tune's change as a PEFT LoRA adapter directory.
@@ -45,9 +45,11 @@ pub enum Command {
         display: DisplayArgs,
     },
     /// List a model's tensors, dtypes, shapes and parameter count.
-    #[command(after_help = "Example:\n  weightdiff inspect ./Qwen3-0.6B")]
+    #[command(
+        after_help = "Examples:\n  weightdiff inspect ./Qwen3-0.6B\n  weightdiff inspect Qwen/Qwen3-0.6B@main --json"
+    )]
     Inspect {
-        /// Model directory or .safetensors file.
+        /// Model directory, .safetensors or .bin file, or hub id (ORG/NAME[@REVISION]).
         model: PathBuf,
         /// Print JSON on stdout instead of a table.
         #[arg(long)]
@@ -89,9 +91,10 @@ pub enum Command {
 
 #[derive(Debug, Args)]
 pub struct CompareArgs {
-    /// Base model: a Hugging Face directory or a .safetensors file.
+    /// Base model: a Hugging Face directory, a .safetensors or pytorch_model.bin file,
+    /// or a hub id (ORG/NAME[@REVISION]) resolved through the Hugging Face cache.
     pub base: PathBuf,
-    /// Fine-tuned model(s). With several, each gets its own directory under the output
+    /// Fine-tuned model(s), given like the base. With several, each gets its own directory under the output
     /// directory, plus trajectory.json across them; each base tensor is read once.
     #[arg(required = true, num_args = 1..)]
     pub finetuned: Vec<PathBuf>,
@@ -145,9 +148,9 @@ pub struct CompareArgs {
 
 #[derive(Debug, Args)]
 pub struct ExtractArgs {
-    /// Base model: a Hugging Face directory or a .safetensors file.
+    /// Base model: a Hugging Face directory, a .safetensors or .bin file, or a hub id.
     pub base: PathBuf,
-    /// Fine-tuned model: a Hugging Face directory or a .safetensors file.
+    /// Fine-tuned model, given like the base.
     pub finetuned: PathBuf,
     /// Adapter directory to write.
     #[arg(short, long)]

@@ -154,6 +154,24 @@ pub struct ModelInfo {
     pub tensors: Vec<TensorInfo>,
     /// Index or file problems that did not stop the run.
     pub warnings: Vec<String>,
+    /// Repo, revision and commit when the model came from a hub id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hub: Option<crate::hub::HubOrigin>,
+}
+
+impl ModelInfo {
+    /// The model argument, with the commit and snapshot read when it was a hub id.
+    pub fn describe(&self) -> String {
+        match &self.hub {
+            Some(h) => format!(
+                "{} (hub commit {}, {})",
+                self.source,
+                h.commit,
+                h.snapshot.display()
+            ),
+            None => self.source.clone(),
+        }
+    }
 }
 
 /// Whole-run figures (SPEC §4 `performance`).
@@ -276,6 +294,8 @@ pub struct LoraReport {
     pub uniform_rank: Option<usize>,
     /// `base_model_name_or_path` of the adapter config.
     pub base_model: String,
+    /// `revision` of the adapter config: the base's commit when it came from the hub.
+    pub base_revision: Option<String>,
     /// Analysed 2-D deltas, natural order.
     pub spectra: Vec<(String, crate::lowrank::TensorSpectrum)>,
     pub verdict: crate::lowrank::detect::Verdict,

@@ -28,6 +28,10 @@ pub enum Error {
     #[error("{}: invalid PyTorch checkpoint: {reason}", path.display())]
     InvalidPytorch { path: PathBuf, reason: String },
 
+    /// A hub id could not be resolved or downloaded.
+    #[error("{repo}: {reason}")]
+    Hub { repo: String, reason: String },
+
     /// `model.safetensors.index.json` is malformed or inconsistent with the shards.
     #[error("{}: invalid index: {reason}", path.display())]
     InvalidIndex { path: PathBuf, reason: String },

@@ -40,6 +40,7 @@
 pub mod checkpoint;
 pub mod comparison;
 pub mod error;
+pub mod hub;
 pub mod journal;
 pub mod kernels;
 pub mod lowrank;

@@ -111,6 +111,13 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let quiet = match &cli.command {
+        Command::Compare(a) => a.display.quiet || a.display.json,
+        Command::ExtractLora(a) => a.display.quiet || a.display.json,
+        Command::Inspect { json, .. } => *json,
+        _ => false,
+    };
+    let _ = QUIET.set(quiet);
     match cli.command {
         Command::Compare(args) => compare(&args),
         Command::ExtractLora(args) => extract_lora(&args),
@@ -135,8 +142,23 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// `--quiet` of the running subcommand: download notes obey it too.
+static QUIET: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+
+/// Opens a model argument: a path, or a hub id resolved through the Hugging Face cache.
 fn open(path: &Path, role: &str) -> anyhow::Result<Checkpoint> {
-    Checkpoint::open(path).with_context(|| format!("cannot read the {role}model"))
+    let settings = weightdiff::hub::HubSettings::from_env();
+    let quiet = QUIET.get().copied().unwrap_or(false);
+    let mut note = |file: &str, bytes: Option<u64>| {
+        if !quiet {
+            eprintln!(
+                "downloading {file}{}",
+                bytes.map_or(String::new(), |b| format!(" ({:.1} MB)", b as f64 / 1e6))
+            );
+        }
+    };
+    weightdiff::hub::open_model(path, &settings, &mut note)
+        .with_context(|| format!("cannot read the {role}model"))
 }
 
 /// Opens a model, reading it through memory maps under `--mmap`.

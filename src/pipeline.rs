@@ -122,6 +122,7 @@ pub fn model_info(ck: &Checkpoint) -> ModelInfo {
         generation_config: ck.generation_config.clone(),
         tensors,
         warnings,
+        hub: ck.hub.clone(),
     }
 }
 
@@ -1136,7 +1137,12 @@ pub fn assemble_lora(c: &Comparison, opts: &LoraOptions, mut parts: LoraParts) -
         options: opts.lowrank.clone(),
         dtype: opts.dtype,
         uniform_rank: uniform_rank(opts).ok().flatten(),
-        base_model: c.base.source.clone(),
+        base_model: c
+            .base
+            .hub
+            .as_ref()
+            .map_or_else(|| c.base.source.clone(), |h| h.repo_id.clone()),
+        base_revision: c.base.hub.as_ref().map(|h| h.commit.clone()),
         verdict: verdict(&evidence),
         spectra: parts.spectra,
         extracted: parts.extracted,

@@ -73,6 +73,8 @@ pub struct Checkpoint {
     pub warnings: Vec<String>,
     /// How [`Checkpoint::read`] gets bytes.
     pub read_mode: ReadMode,
+    /// Set when the model was resolved from a hub id.
+    pub hub: Option<crate::hub::HubOrigin>,
     /// The last non-contiguous tensors gathered, shared by their windows.
     gathered: std::sync::Mutex<Vec<(String, std::sync::Arc<Vec<u8>>)>>,
 }
@@ -243,6 +245,7 @@ impl Checkpoint {
             broken: BTreeMap::new(),
             warnings: Vec::new(),
             read_mode: ReadMode::default(),
+            hub: None,
             gathered: std::sync::Mutex::new(Vec::new()),
         }
     }

@@ -159,6 +159,6 @@ pub fn config(r: &LoraReport) -> Value {
         "inference_mode": true,
         "layers_to_transform": null,
         "layers_pattern": null,
-        "revision": null,
+        "revision": r.base_revision,
     })
 }

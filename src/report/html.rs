@@ -60,8 +60,8 @@ fn summary(s: &mut String, c: &Comparison, lora: Option<&LoraDocs>) {
     let _ = writeln!(
         s,
         "<p class=\"models\"><b>Base</b> <code>{}</code><br><b>Fine-tuned</b> <code>{}</code></p>",
-        esc(&c.base.source),
-        esc(&c.finetuned.source)
+        esc(&c.base.describe()),
+        esc(&c.finetuned.describe())
     );
     if !c.complete {
         let _ = writeln!(

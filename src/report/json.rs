@@ -20,7 +20,7 @@ pub fn render(c: &Comparison) -> Value {
     }
     let mut perf = serde_json::to_value(&c.performance).expect("performance serializes");
     perf["layer_times"] = Value::Object(layer_times);
-    json!({
+    let mut doc = json!({
         "schema_version": SCHEMA_VERSION,
         "complete": c.complete,
         "base": c.base.source,
@@ -37,7 +37,11 @@ pub fn render(c: &Comparison) -> Value {
         "errors": c.errors,
         "warnings": {"base": c.base.warnings, "finetuned": c.finetuned.warnings},
         "performance": perf,
-    })
+    });
+    if c.base.hub.is_some() || c.finetuned.hub.is_some() {
+        doc["hub"] = json!({"base": c.base.hub, "finetuned": c.finetuned.hub});
+    }
+    doc
 }
 
 /// Reads a comparison back from the `weight_differences.json` document `v` (read from
@@ -74,6 +78,13 @@ pub fn parse(v: &Value, path: &std::path::Path) -> crate::error::Result<Comparis
             config: None,
             generation_config: None,
             tensors: Vec::new(),
+            hub: from(
+                v.pointer(&format!("/hub/{k}"))
+                    .cloned()
+                    .unwrap_or(Value::Null),
+                "hub",
+                &bad,
+            )?,
             warnings: from(
                 v.pointer(&format!("/warnings/{k}"))
                     .cloned()

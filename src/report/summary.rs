@@ -17,8 +17,8 @@ pub fn render(c: &Comparison, lora: Option<&LoraDocs>, written: &[PathBuf], top:
     let identical = c.results.iter().filter(|(_, m)| m.identical).count();
     let _ = writeln!(w, "weightdiff comparison report");
     let _ = writeln!(w, "============================\n");
-    let _ = writeln!(w, "Base:       {}", c.base.source);
-    let _ = writeln!(w, "Fine-tuned: {}", c.finetuned.source);
+    let _ = writeln!(w, "Base:       {}", c.base.describe());
+    let _ = writeln!(w, "Fine-tuned: {}", c.finetuned.describe());
     if !c.complete {
         let _ = writeln!(
             w,

@@ -15,8 +15,8 @@ pub fn render(c: &Comparison, top: usize) -> String {
     let identical = c.results.iter().filter(|(_, m)| m.identical).count();
     let _ = writeln!(w, "WEIGHT DIFFERENCE ANALYSIS");
     let _ = writeln!(w, "{RULE}");
-    let _ = writeln!(w, "Base model:       {}", c.base.source);
-    let _ = writeln!(w, "Fine-tuned model: {}", c.finetuned.source);
+    let _ = writeln!(w, "Base model:       {}", c.base.describe());
+    let _ = writeln!(w, "Fine-tuned model: {}", c.finetuned.describe());
     let _ = writeln!(w, "Threshold:        {}", sci(c.threshold, 1));
     let _ = writeln!(
         w,

@@ -14,12 +14,14 @@
 //! - `html`: report.html's content, `weightdiff report`, headless Chromium
 //! - `conventions`: help examples, completions, --json, -v/-vv, NO_COLOR
 //! - `torch_bin`: pytorch_model.bin (zip, legacy, sharded) against torch-written fixtures
+//! - `hub`: hub ids through a cache tree, offline refusal, downloads from a loopback hub
 //! - `interop`: Python's safetensors/numpy recompute our metrics independently
 
 mod bad_inputs;
 mod common;
 mod conventions;
 mod html;
+mod hub;
 mod interop;
 mod kernels;
 mod layouts;

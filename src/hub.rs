@@ -1,0 +1,555 @@
+//! Hugging Face hub ids (`ORG/NAME[@REVISION]`): resolved through the local cache
+//! exactly as `huggingface_hub` lays it out, and, when the files are missing, by
+//! downloading only what a comparison reads (config, index, weight shards) into that
+//! same layout, so Python tools and weightdiff share one cache.
+//!
+//! The cache: `$HF_HUB_CACHE`, else `$HF_HOME/hub`, else `$XDG_CACHE_HOME/huggingface/hub`,
+//! else `~/.cache/huggingface/hub`. A repo lives in `models--ORG--NAME/` with
+//! `refs/REVISION` (a file holding the commit hash), `blobs/ETAG` (file contents, named
+//! by the hub's ETag: the SHA-256 of LFS files, the git blob hash of others), and
+//! `snapshots/COMMIT/FILE`, relative symlinks into `blobs/`.
+//!
+//! Downloads honour `HF_ENDPOINT`, `HF_TOKEN` (else `$HF_HOME/token`) and
+//! `HF_HUB_OFFLINE=1`, under which nothing is fetched.
+
+use crate::error::{Error, Result};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Where a model argument came from on the hub (recorded in the reports).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HubOrigin {
+    /// `ORG/NAME`.
+    pub repo_id: String,
+    /// The revision asked for (`main` by default).
+    pub revision: String,
+    /// The commit it resolved to.
+    pub commit: String,
+    /// The snapshot directory read.
+    pub snapshot: PathBuf,
+}
+
+/// A parsed `ORG/NAME[@REVISION]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RepoId {
+    pub repo: String,
+    pub revision: String,
+}
+
+impl RepoId {
+    /// Parses a hub id; `None` for anything else (a model argument that is not an
+    /// existing path is tried as a hub id only when it has this shape).
+    pub fn parse(s: &str) -> Option<RepoId> {
+        let (repo, revision) = match s.split_once('@') {
+            Some((r, rev)) if !rev.is_empty() && !rev.contains("..") => (r, rev),
+            Some(_) => return None,
+            None => (s, "main"),
+        };
+        let (org, name) = repo.split_once('/')?;
+        let part = |p: &str| {
+            !p.is_empty()
+                && p.len() <= 96
+                && !p.starts_with(['.', '-'])
+                && !p.contains("--")
+                && !p.contains("..")
+                && p.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        };
+        let rev_ok = revision
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/'))
+            && !revision.starts_with('/');
+        (part(org) && part(name) && rev_ok).then(|| RepoId {
+            repo: repo.to_string(),
+            revision: revision.to_string(),
+        })
+    }
+
+    /// `models--ORG--NAME`.
+    pub fn folder(&self) -> String {
+        format!("models--{}", self.repo.replace('/', "--"))
+    }
+}
+
+impl std::fmt::Display for RepoId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.revision == "main" {
+            write!(f, "{}", self.repo)
+        } else {
+            write!(f, "{}@{}", self.repo, self.revision)
+        }
+    }
+}
+
+/// Cache location, endpoint, token and offline mode, from the environment.
+#[derive(Debug, Clone)]
+pub struct HubSettings {
+    pub cache: PathBuf,
+    pub endpoint: String,
+    pub token: Option<String>,
+    pub offline: bool,
+}
+
+impl HubSettings {
+    /// Reads the variables `huggingface_hub` reads.
+    pub fn from_env() -> HubSettings {
+        let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        let home = var("HOME").map(PathBuf::from).unwrap_or_default();
+        let hf_home = var("HF_HOME").map(PathBuf::from).unwrap_or_else(|| {
+            var("XDG_CACHE_HOME")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| home.join(".cache"))
+                .join("huggingface")
+        });
+        let cache = var("HF_HUB_CACHE")
+            .or_else(|| var("HUGGINGFACE_HUB_CACHE"))
+            .map(PathBuf::from)
+            .unwrap_or_else(|| hf_home.join("hub"));
+        let token = var("HF_TOKEN")
+            .or_else(|| var("HUGGING_FACE_HUB_TOKEN"))
+            .or_else(|| {
+                let path = var("HF_TOKEN_PATH")
+                    .map(PathBuf::from)
+                    .unwrap_or_else(|| hf_home.join("token"));
+                std::fs::read_to_string(path)
+                    .ok()
+                    .map(|t| t.trim().to_string())
+                    .filter(|t| !t.is_empty())
+            });
+        let truthy = |k: &str| {
+            var(k).is_some_and(|v| {
+                matches!(v.to_ascii_lowercase().as_str(), "1" | "on" | "yes" | "true")
+            })
+        };
+        HubSettings {
+            cache,
+            endpoint: var("HF_ENDPOINT")
+                .unwrap_or_else(|| "https://huggingface.co".into())
+                .trim_end_matches('/')
+                .to_string(),
+            token,
+            offline: truthy("HF_HUB_OFFLINE"),
+        }
+    }
+}
+
+fn hub_error(id: &RepoId, reason: impl Into<String>) -> Error {
+    Error::Hub {
+        repo: id.to_string(),
+        reason: reason.into(),
+    }
+}
+
+fn is_commit(s: &str) -> bool {
+    s.len() == 40 && s.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// Opens a model argument: an existing path as it is, otherwise a hub id through the
+/// cache (downloading when needed and allowed). `on_download(file, bytes)` is told about
+/// each file fetched.
+pub fn open_model(
+    arg: &Path,
+    settings: &HubSettings,
+    on_download: &mut dyn FnMut(&str, Option<u64>),
+) -> Result<crate::Checkpoint> {
+    let id = (!arg.exists())
+        .then(|| arg.to_str().and_then(RepoId::parse))
+        .flatten();
+    let Some(id) = id else {
+        return crate::Checkpoint::open(arg);
+    };
+    let origin = resolve(&id, settings, on_download).map_err(|e| match e {
+        Error::Hub { repo, reason } => Error::Hub {
+            repo,
+            reason: format!(
+                "{reason} (tried as a hub id: no local path `{}` exists)",
+                arg.display()
+            ),
+        },
+        other => other,
+    })?;
+    let mut ck = crate::Checkpoint::open(&origin.snapshot)?;
+    ck.source = PathBuf::from(id.to_string());
+    ck.hub = Some(origin);
+    Ok(ck)
+}
+
+/// Resolves `id` to a snapshot directory holding its weights, downloading what is
+/// missing unless offline. `on_download(file, bytes)` is told about each download.
+pub fn resolve(
+    id: &RepoId,
+    settings: &HubSettings,
+    on_download: &mut dyn FnMut(&str, Option<u64>),
+) -> Result<HubOrigin> {
+    let repo_dir = settings.cache.join(id.folder());
+    if let Some(commit) = cached_commit(&repo_dir, &id.revision) {
+        let snapshot = repo_dir.join("snapshots").join(&commit);
+        if weights_complete(&snapshot) {
+            tracing::info!(repo = %id, commit = %commit, "found in the Hugging Face cache");
+            return Ok(HubOrigin {
+                repo_id: id.repo.clone(),
+                revision: id.revision.clone(),
+                commit,
+                snapshot,
+            });
+        }
+    }
+    if settings.offline {
+        return Err(hub_error(
+            id,
+            format!(
+                "not in the Hugging Face cache at {} and HF_HUB_OFFLINE=1 forbids downloading; \
+                 on a machine with network run `hf download {} --include '*.json' '*.safetensors'` \
+                 (with the same HF_HOME / HF_HUB_CACHE), or unset HF_HUB_OFFLINE",
+                settings.cache.display(),
+                id
+            ),
+        ));
+    }
+    download(id, settings, &repo_dir, on_download)
+}
+
+/// The commit a revision points at in the cache, if known.
+fn cached_commit(repo_dir: &Path, revision: &str) -> Option<String> {
+    if is_commit(revision) {
+        return Some(revision.to_string());
+    }
+    let refs = repo_dir.join("refs").join(revision);
+    let commit = std::fs::read_to_string(refs).ok()?.trim().to_string();
+    is_commit(&commit).then_some(commit)
+}
+
+/// Whether a snapshot holds a complete set of weights, by the same preference order
+/// [`crate::Checkpoint::open`] uses.
+fn weights_complete(snapshot: &Path) -> bool {
+    let index_complete = |name: &str| {
+        let Ok(v) = crate::checkpoint::read_json(&snapshot.join(name)) else {
+            return false;
+        };
+        v["weight_map"].as_object().is_some_and(|m| {
+            !m.is_empty()
+                && m.values()
+                    .all(|f| f.as_str().is_some_and(|f| snapshot.join(f).is_file()))
+        })
+    };
+    if snapshot.join("model.safetensors.index.json").is_file() {
+        return index_complete("model.safetensors.index.json");
+    }
+    if snapshot.join("model.safetensors").is_file() {
+        return true;
+    }
+    if snapshot.join("pytorch_model.bin.index.json").is_file() {
+        return index_complete("pytorch_model.bin.index.json");
+    }
+    snapshot.join("pytorch_model.bin").is_file()
+}
+
+/// `GET /api/models/REPO/revision/REV`: the commit and the file list.
+#[derive(Deserialize)]
+struct RepoInfo {
+    sha: String,
+    #[serde(default)]
+    siblings: Vec<Sibling>,
+}
+
+#[derive(Deserialize)]
+struct Sibling {
+    rfilename: String,
+}
+
+struct Client<'a> {
+    settings: &'a HubSettings,
+    /// Follows redirects (file contents live on a CDN).
+    follow: ureq::Agent,
+    /// Does not: the hub's own headers (ETag, size) are on the first response.
+    head: ureq::Agent,
+}
+
+impl Client<'_> {
+    fn new(settings: &HubSettings) -> Client<'_> {
+        let config = |redirects: u32| {
+            ureq::Agent::config_builder()
+                .max_redirects(redirects)
+                .http_status_as_error(false)
+                .timeout_connect(Some(Duration::from_secs(30)))
+                .timeout_recv_response(Some(Duration::from_secs(120)))
+                .user_agent(concat!("weightdiff/", env!("CARGO_PKG_VERSION")))
+                .build()
+        };
+        Client {
+            settings,
+            follow: ureq::Agent::new_with_config(config(10)),
+            head: ureq::Agent::new_with_config(config(0)),
+        }
+    }
+
+    fn auth<B>(&self, req: ureq::RequestBuilder<B>) -> ureq::RequestBuilder<B> {
+        match &self.settings.token {
+            Some(t) => req.header("Authorization", format!("Bearer {t}")),
+            None => req,
+        }
+    }
+
+    /// Explains a failed status the way a user can act on.
+    fn status_error(&self, id: &RepoId, what: &str, status: u16) -> Error {
+        let hint = match status {
+            401 | 403 => {
+                if self.settings.token.is_some() {
+                    "the token in HF_TOKEN has no access: accept the model's terms on its page, or use a token that can read it"
+                } else {
+                    "the repository is gated or private: set HF_TOKEN to a token that can read it"
+                }
+            }
+            404 => {
+                "no such repository, revision or file (a gated repository also answers 404 without a token)"
+            }
+            _ => "the hub answered with an error",
+        };
+        hub_error(id, format!("{what}: HTTP {status}: {hint}"))
+    }
+}
+
+fn download(
+    id: &RepoId,
+    settings: &HubSettings,
+    repo_dir: &Path,
+    on_download: &mut dyn FnMut(&str, Option<u64>),
+) -> Result<HubOrigin> {
+    let client = Client::new(settings);
+    let net = |e: ureq::Error| {
+        hub_error(
+            id,
+            format!(
+                "cannot reach {}: {e} (set HF_HUB_OFFLINE=1 to use only the cache)",
+                settings.endpoint
+            ),
+        )
+    };
+    let api = format!(
+        "{}/api/models/{}/revision/{}",
+        settings.endpoint,
+        id.repo,
+        encode_path(&id.revision)
+    );
+    let mut resp = client.auth(client.follow.get(&api)).call().map_err(net)?;
+    if resp.status() != 200 {
+        return Err(client.status_error(id, "repository info", resp.status().as_u16()));
+    }
+    let body = resp
+        .body_mut()
+        .with_config()
+        .limit(64 << 20)
+        .read_to_string()
+        .map_err(net)?;
+    let info: RepoInfo = serde_json::from_str(&body)
+        .map_err(|e| hub_error(id, format!("unexpected repository info: {e}")))?;
+    if !is_commit(&info.sha) {
+        return Err(hub_error(
+            id,
+            format!("unexpected commit id `{}`", info.sha),
+        ));
+    }
+    let commit = info.sha;
+    let files: Vec<&str> = info.siblings.iter().map(|s| s.rfilename.as_str()).collect();
+    let snapshot = repo_dir.join("snapshots").join(&commit);
+    let fetch = |name: &str, on: &mut dyn FnMut(&str, Option<u64>)| {
+        fetch_file(&client, id, repo_dir, &commit, name, on)
+    };
+    for side in ["config.json", "generation_config.json"] {
+        if files.contains(&side) {
+            fetch(side, on_download)?;
+        }
+    }
+    let top_level = |ext: &str| -> Vec<&str> {
+        files
+            .iter()
+            .copied()
+            .filter(|f| f.ends_with(ext) && !f.contains('/'))
+            .collect()
+    };
+    let weights: Vec<String> = if files.contains(&"model.safetensors.index.json") {
+        fetch("model.safetensors.index.json", on_download)?;
+        shards_of(id, &snapshot.join("model.safetensors.index.json"))?
+    } else if files.contains(&"model.safetensors") {
+        vec!["model.safetensors".into()]
+    } else if !top_level(".safetensors").is_empty() {
+        top_level(".safetensors")
+            .into_iter()
+            .map(String::from)
+            .collect()
+    } else if files.contains(&"pytorch_model.bin.index.json") {
+        fetch("pytorch_model.bin.index.json", on_download)?;
+        shards_of(id, &snapshot.join("pytorch_model.bin.index.json"))?
+    } else if files.contains(&"pytorch_model.bin") {
+        vec!["pytorch_model.bin".into()]
+    } else {
+        return Err(hub_error(
+            id,
+            format!(
+                "revision {} has no model.safetensors(.index.json) or pytorch_model.bin(.index.json)",
+                id.revision
+            ),
+        ));
+    };
+    for w in &weights {
+        fetch(w, on_download)?;
+    }
+    if id.revision != commit {
+        let refs = repo_dir.join("refs").join(&id.revision);
+        create_dir(refs.parent().expect("refs has a parent"))?;
+        crate::report::write_atomic(&refs, commit.as_bytes())?;
+    }
+    Ok(HubOrigin {
+        repo_id: id.repo.clone(),
+        revision: id.revision.clone(),
+        commit,
+        snapshot,
+    })
+}
+
+/// The shard files an index names (already checked to stay inside the snapshot).
+fn shards_of(id: &RepoId, index: &Path) -> Result<Vec<String>> {
+    let dir = index.parent().expect("index is in the snapshot");
+    let idx = crate::checkpoint::index::Index::read(index, dir)
+        .map_err(|e| hub_error(id, e.to_string()))?;
+    Ok(idx.files().into_iter().map(String::from).collect())
+}
+
+fn create_dir(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, "cannot create directory", e))
+}
+
+/// Percent-encodes each segment of a repo path, keeping the slashes.
+fn encode_path(p: &str) -> String {
+    let mut out = String::with_capacity(p.len());
+    for b in p.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~' | b'/') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Fetches one file of a commit into `blobs/` and links it from `snapshots/COMMIT/`,
+/// unless the snapshot already has it.
+fn fetch_file(
+    client: &Client<'_>,
+    id: &RepoId,
+    repo_dir: &Path,
+    commit: &str,
+    name: &str,
+    on_download: &mut dyn FnMut(&str, Option<u64>),
+) -> Result<()> {
+    if name.starts_with('/')
+        || name
+            .split('/')
+            .any(|c| c.is_empty() || c == "." || c == "..")
+    {
+        return Err(hub_error(id, format!("refusing file name `{name}`")));
+    }
+    let link = repo_dir.join("snapshots").join(commit).join(name);
+    if link.is_file() {
+        return Ok(());
+    }
+    let url = format!(
+        "{}/{}/resolve/{commit}/{}",
+        client.settings.endpoint,
+        id.repo,
+        encode_path(name)
+    );
+    let net = |e: ureq::Error| hub_error(id, format!("{name}: {e}"));
+    let head = client.auth(client.head.head(&url)).call().map_err(net)?;
+    let status = head.status().as_u16();
+    if !(200..400).contains(&status) {
+        return Err(client.status_error(id, name, status));
+    }
+    let header = |k: &str| {
+        head.headers()
+            .get(k)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
+    let etag = header("x-linked-etag")
+        .or_else(|| header("etag"))
+        .map(|e| e.trim_start_matches("W/").trim_matches('"').to_string())
+        .filter(|e| !e.is_empty() && e.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'))
+        .ok_or_else(|| hub_error(id, format!("{name}: the hub sent no usable ETag")))?;
+    let size: Option<u64> = header("x-linked-size")
+        .or_else(|| header("content-length"))
+        .and_then(|s| s.parse().ok());
+    let blobs = repo_dir.join("blobs");
+    create_dir(&blobs)?;
+    let blob = blobs.join(&etag);
+    if !blob.is_file() {
+        on_download(name, size);
+        tracing::info!(file = name, bytes = ?size, "downloading");
+        let mut resp = client.auth(client.follow.get(&url)).call().map_err(net)?;
+        if resp.status() != 200 {
+            return Err(client.status_error(id, name, resp.status().as_u16()));
+        }
+        let partial = blobs.join(format!("{etag}.incomplete"));
+        let mut out =
+            std::fs::File::create(&partial).map_err(|e| Error::io(&partial, "cannot create", e))?;
+        let mut reader = resp.body_mut().with_config().limit(u64::MAX).reader();
+        let got = std::io::copy(&mut reader, &mut out)
+            .map_err(|e| hub_error(id, format!("{name}: download interrupted: {e}")))?;
+        if let Some(want) = size
+            && got != want
+        {
+            return Err(hub_error(
+                id,
+                format!("{name}: received {got} bytes, expected {want}"),
+            ));
+        }
+        out.sync_all()
+            .map_err(|e| Error::io(&partial, "cannot write", e))?;
+        std::fs::rename(&partial, &blob).map_err(|e| Error::io(&blob, "cannot rename", e))?;
+    }
+    // snapshots/COMMIT/a/b.json -> ../../../blobs/ETAG (relative, as huggingface_hub).
+    let depth = name.split('/').count() + 1;
+    let target = PathBuf::from("../".repeat(depth)).join("blobs").join(&etag);
+    create_dir(link.parent().expect("link has a parent"))?;
+    let _ = std::fs::remove_file(&link);
+    std::os::unix::fs::symlink(&target, &link)
+        .map_err(|e| Error::io(&link, "cannot link into the cache", e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_repo_ids() {
+        let id = RepoId::parse("Qwen/Qwen3-0.6B").unwrap();
+        assert_eq!(
+            (id.repo.as_str(), id.revision.as_str()),
+            ("Qwen/Qwen3-0.6B", "main")
+        );
+        assert_eq!(id.folder(), "models--Qwen--Qwen3-0.6B");
+        let id = RepoId::parse("meta-llama/Llama-3.1-8B@refs/pr/12").unwrap();
+        assert_eq!(id.revision, "refs/pr/12");
+        assert_eq!(id.to_string(), "meta-llama/Llama-3.1-8B@refs/pr/12");
+        for bad in [
+            "model",
+            "./a/b",
+            "a/b/c",
+            "../x",
+            "/abs/path",
+            "a/b@",
+            "a/b@../x",
+            "a--b/c",
+            "a/.hidden",
+            "a b/c",
+        ] {
+            assert!(RepoId::parse(bad).is_none(), "{bad} parsed");
+        }
+    }
+
+    #[test]
+    fn encodes_file_names() {
+        assert_eq!(encode_path("a b/c+d.json"), "a%20b/c%2Bd.json");
+    }
+}

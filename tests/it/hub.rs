@@ -1,0 +1,407 @@
+//! Hub ids: resolution through a Hugging Face cache tree laid out as `huggingface_hub`
+//! lays it out (real symlinks into `blobs/`), offline refusal, and downloads from a
+//! local HTTP server on loopback that answers like the hub (API, `resolve/` URLs with
+//! ETags, LFS redirects to a CDN, a gated repo).
+
+use crate::common::*;
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use weightdiff::synthetic::{build_pair, demo_spec};
+
+const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
+
+/// A content hash standing in for the hub's ETag (64 hex digits, like a SHA-256).
+fn etag(bytes: &[u8]) -> String {
+    let mut out = String::new();
+    for seed in 0..4u64 {
+        let mut h = 0xcbf29ce484222325u64 ^ seed;
+        for &b in bytes {
+            h = (h ^ b as u64).wrapping_mul(0x100000001b3);
+        }
+        out.push_str(&format!("{h:016x}"));
+    }
+    out
+}
+
+/// The files of a model directory, by relative name.
+fn files_of(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.is_file())
+        .map(|p| {
+            (
+                p.file_name().unwrap().to_str().unwrap().to_string(),
+                std::fs::read(&p).unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// Puts `files` into `cache` as huggingface_hub does: blobs named by ETag, a snapshot
+/// of relative symlinks, and `refs/REVISION`.
+fn cache_repo(cache: &Path, repo: &str, revision: &str, files: &BTreeMap<String, Vec<u8>>) {
+    let root = cache.join(format!("models--{}", repo.replace('/', "--")));
+    let snap = root.join("snapshots").join(COMMIT);
+    std::fs::create_dir_all(root.join("blobs")).unwrap();
+    std::fs::create_dir_all(&snap).unwrap();
+    std::fs::create_dir_all(root.join("refs")).unwrap();
+    for (name, bytes) in files {
+        let tag = etag(bytes);
+        std::fs::write(root.join("blobs").join(&tag), bytes).unwrap();
+        std::os::unix::fs::symlink(format!("../../blobs/{tag}"), snap.join(name)).unwrap();
+    }
+    std::fs::write(root.join("refs").join(revision), COMMIT).unwrap();
+}
+
+/// `weightdiff` with a clean Hugging Face environment.
+fn wd(cache: &Path) -> assert_cmd::Command {
+    let mut c = weightdiff();
+    for k in [
+        "HF_HOME",
+        "HF_HUB_OFFLINE",
+        "HF_TOKEN",
+        "HUGGING_FACE_HUB_TOKEN",
+        "HF_ENDPOINT",
+        "XDG_CACHE_HOME",
+    ] {
+        c.env_remove(k);
+    }
+    c.env("HF_HUB_CACHE", cache);
+    c
+}
+
+fn metrics(out: &Path) -> serde_json::Value {
+    metrics_without_times(&read_json(&out.join("weight_differences.json")))
+}
+
+#[test]
+fn hub_id_resolves_through_the_cache_offline() {
+    let dir = tempfile::tempdir().unwrap();
+    let pair = build_pair(&demo_spec(), &dir.path().join("pair")).unwrap();
+    let cache = dir.path().join("cache");
+    cache_repo(&cache, "acme/tiny-base", "main", &files_of(&pair.base));
+    let snap = cache.join("models--acme--tiny-base/snapshots").join(COMMIT);
+    assert!(snap.join("config.json").is_symlink());
+
+    let direct = dir.path().join("direct");
+    compare_cli(&direct, &pair.base, &pair.finetuned)
+        .assert()
+        .success();
+    for (arg, n) in [
+        ("acme/tiny-base".to_string(), 1),
+        ("acme/tiny-base@main".to_string(), 2),
+        (format!("acme/tiny-base@{COMMIT}"), 3),
+    ] {
+        let out = dir.path().join(format!("via-hub-{n}"));
+        wd(&cache)
+            .env("HF_HUB_OFFLINE", "1")
+            .args(["compare", "--quiet", "-o"])
+            .arg(&out)
+            .arg(&arg)
+            .arg(&pair.finetuned)
+            .assert()
+            .success();
+        assert_eq!(metrics(&out), metrics(&direct), "{arg}");
+        let wdj = read_json(&out.join("weight_differences.json"));
+        assert_eq!(wdj["hub"]["base"]["commit"], COMMIT);
+        assert_eq!(wdj["hub"]["base"]["repo_id"], "acme/tiny-base");
+        let cfg = read_json(&out.join("lora_adapter/adapter_config.json"));
+        assert_eq!(cfg["base_model_name_or_path"], "acme/tiny-base");
+        assert_eq!(cfg["revision"], COMMIT);
+    }
+    // $HF_HOME/hub is the cache when HF_HUB_CACHE is not set.
+    let home = dir.path().join("hf-home");
+    std::fs::create_dir_all(&home).unwrap();
+    std::fs::rename(&cache, home.join("hub")).unwrap();
+    let mut c = wd(Path::new("/nonexistent"));
+    c.env_remove("HF_HUB_CACHE")
+        .env("HF_HOME", &home)
+        .env("HF_HUB_OFFLINE", "1")
+        .args(["inspect", "--json", "acme/tiny-base"])
+        .assert()
+        .success();
+}
+
+#[test]
+fn offline_and_not_cached_says_what_to_run() {
+    let dir = tempfile::tempdir().unwrap();
+    wd(dir.path())
+        .env("HF_HUB_OFFLINE", "1")
+        .args(["inspect", "acme/absent"])
+        .assert()
+        .code(2)
+        .stderr(predicates::str::contains("acme/absent"))
+        .stderr(predicates::str::contains("HF_HUB_OFFLINE"))
+        .stderr(predicates::str::contains("hf download acme/absent"));
+    // A half-downloaded snapshot (index present, a shard missing) is not used.
+    let pair = build_pair(&demo_spec(), &dir.path().join("pair")).unwrap();
+    let mut files = files_of(&pair.base);
+    let shard = files
+        .keys()
+        .find(|k| k.ends_with(".safetensors"))
+        .unwrap()
+        .clone();
+    files.remove(&shard);
+    cache_repo(dir.path(), "acme/partial", "main", &files);
+    wd(dir.path())
+        .env("HF_HUB_OFFLINE", "1")
+        .args(["inspect", "acme/partial"])
+        .assert()
+        .code(2)
+        .stderr(predicates::str::contains("HF_HUB_OFFLINE"));
+}
+
+/// A loopback server answering like the hub for one repo.
+struct FakeHub {
+    url: String,
+    /// "METHOD PATH auth=yes|no" per request.
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+fn fake_hub(
+    repo: &'static str,
+    files: BTreeMap<String, Vec<u8>>,
+    token: Option<&'static str>,
+) -> FakeHub {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let log2 = log.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut line = String::new();
+            if reader.read_line(&mut line).is_err() || line.is_empty() {
+                continue;
+            }
+            let mut parts = line.split_whitespace();
+            let (method, path) = (
+                parts.next().unwrap_or("").to_string(),
+                parts.next().unwrap_or("").to_string(),
+            );
+            let mut auth = None;
+            loop {
+                let mut h = String::new();
+                if reader.read_line(&mut h).is_err() || h == "\r\n" || h.is_empty() {
+                    break;
+                }
+                if let Some((k, v)) = h.split_once(':')
+                    && k.eq_ignore_ascii_case("authorization")
+                {
+                    auth = Some(v.trim().to_string());
+                }
+            }
+            log2.lock().unwrap().push(format!(
+                "{method} {path} auth={}",
+                if auth.is_some() { "yes" } else { "no" }
+            ));
+            let authorized = token.is_none_or(|t| auth.as_deref() == Some(&format!("Bearer {t}")));
+            let (status, headers, body) = respond(repo, &files, &method, &path, authorized);
+            let mut head = format!("HTTP/1.1 {status}\r\nConnection: close\r\n");
+            for (k, v) in headers {
+                head.push_str(&format!("{k}: {v}\r\n"));
+            }
+            if !head.contains("Content-Length") {
+                head.push_str(&format!("Content-Length: {}\r\n", body.len()));
+            }
+            head.push_str("\r\n");
+            let _ = stream.write_all(head.as_bytes());
+            if method != "HEAD" {
+                let _ = stream.write_all(&body);
+            }
+            let _ = stream.flush();
+            let _ = reader.read(&mut [0u8; 0]);
+        }
+    });
+    FakeHub { url, log }
+}
+
+type Reply = (&'static str, Vec<(String, String)>, Vec<u8>);
+
+fn respond(
+    repo: &str,
+    files: &BTreeMap<String, Vec<u8>>,
+    method: &str,
+    path: &str,
+    authorized: bool,
+) -> Reply {
+    let not_found: Reply = ("404 Not Found", vec![], b"not found".to_vec());
+    if let Some(tag) = path.strip_prefix("/cdn/") {
+        // The CDN: signed URLs, no token needed.
+        return match files.values().find(|b| etag(b) == tag) {
+            Some(b) => ("200 OK", vec![], b.clone()),
+            None => not_found,
+        };
+    }
+    if !authorized {
+        return ("401 Unauthorized", vec![], b"gated".to_vec());
+    }
+    if path == format!("/api/models/{repo}/revision/main") {
+        let mut siblings: Vec<serde_json::Value> = files
+            .keys()
+            .map(|k| serde_json::json!({"rfilename": k}))
+            .collect();
+        // Files a comparison must not fetch.
+        for extra in [
+            "README.md",
+            "original/consolidated.00.pth",
+            "pytorch_model.bin",
+        ] {
+            siblings.push(serde_json::json!({"rfilename": extra}));
+        }
+        let body = serde_json::json!({"id": repo, "sha": COMMIT, "siblings": siblings});
+        return ("200 OK", vec![], body.to_string().into_bytes());
+    }
+    let Some(name) = path.strip_prefix(&format!("/{repo}/resolve/{COMMIT}/")) else {
+        return not_found;
+    };
+    let Some(bytes) = files.get(name) else {
+        return not_found;
+    };
+    let tag = etag(bytes);
+    if name.ends_with(".safetensors") {
+        // LFS: the hub redirects to the CDN and names the blob in X-Linked-* headers.
+        let headers = vec![
+            ("Location".to_string(), format!("/cdn/{tag}")),
+            ("X-Linked-Etag".to_string(), format!("\"{tag}\"")),
+            ("X-Linked-Size".to_string(), bytes.len().to_string()),
+            ("X-Repo-Commit".to_string(), COMMIT.to_string()),
+        ];
+        return ("302 Found", headers, Vec::new());
+    }
+    let _ = method;
+    (
+        "200 OK",
+        vec![
+            ("ETag".to_string(), format!("\"{tag}\"")),
+            ("X-Repo-Commit".to_string(), COMMIT.to_string()),
+        ],
+        bytes.clone(),
+    )
+}
+
+#[test]
+fn missing_models_are_downloaded_into_the_cache_layout() {
+    let dir = tempfile::tempdir().unwrap();
+    let pair = build_pair(&demo_spec(), &dir.path().join("pair")).unwrap();
+    let files = files_of(&pair.base);
+    let hub = fake_hub("acme/tiny-base", files.clone(), None);
+    let cache = dir.path().join("cache");
+    let out = dir.path().join("out");
+    let run = |out: &Path| {
+        wd(&cache)
+            .env("HF_ENDPOINT", &hub.url)
+            .args(["compare", "--quiet", "-o"])
+            .arg(out)
+            .arg("acme/tiny-base")
+            .arg(&pair.finetuned)
+            .assert()
+            .success();
+    };
+    run(&out);
+    let direct = dir.path().join("direct");
+    compare_cli(&direct, &pair.base, &pair.finetuned)
+        .assert()
+        .success();
+    assert_eq!(metrics(&out), metrics(&direct));
+
+    // huggingface_hub's layout: refs/main, relative symlinks into blobs/ named by ETag.
+    let root = cache.join("models--acme--tiny-base");
+    assert_eq!(
+        std::fs::read_to_string(root.join("refs/main")).unwrap(),
+        COMMIT
+    );
+    let snap = root.join("snapshots").join(COMMIT);
+    for (name, bytes) in &files {
+        let link = snap.join(name);
+        assert!(link.is_symlink(), "{name} is not a symlink");
+        assert_eq!(
+            std::fs::read_link(&link).unwrap(),
+            PathBuf::from(format!("../../blobs/{}", etag(bytes)))
+        );
+        assert_eq!(&std::fs::read(&link).unwrap(), bytes);
+    }
+    let log = hub.log.lock().unwrap().clone();
+    let fetched: Vec<&String> = log.iter().filter(|l| l.starts_with("GET ")).collect();
+    let shards = files.keys().filter(|k| k.ends_with(".safetensors")).count();
+    assert_eq!(
+        fetched
+            .iter()
+            .filter(|l| l.starts_with("GET /cdn/"))
+            .count(),
+        shards,
+        "each shard fetched once from the CDN: {fetched:?}"
+    );
+    for never in ["README.md", "original/", "pytorch_model.bin"] {
+        assert!(
+            !fetched.iter().any(|l| l.contains(never)),
+            "{never} was downloaded: {fetched:?}"
+        );
+    }
+    assert!(
+        log.iter()
+            .all(|l| !l.starts_with("GET /cdn/") || l.ends_with("auth=no")),
+        "the CDN got a token"
+    );
+    // Second run: everything is cached, nothing is asked of the hub.
+    let before = log.len();
+    run(&dir.path().join("out2"));
+    assert_eq!(hub.log.lock().unwrap().len(), before);
+}
+
+#[test]
+fn gated_repos_need_hf_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let pair = build_pair(&demo_spec(), &dir.path().join("pair")).unwrap();
+    let hub = fake_hub("acme/gated", files_of(&pair.base), Some("s3cret"));
+    let cache = dir.path().join("cache");
+    wd(&cache)
+        .env("HF_ENDPOINT", &hub.url)
+        .args(["inspect", "acme/gated"])
+        .assert()
+        .code(2)
+        .stderr(predicates::str::contains("HF_TOKEN"));
+    wd(&cache)
+        .env("HF_ENDPOINT", &hub.url)
+        .env("HF_TOKEN", "wrong")
+        .args(["inspect", "acme/gated"])
+        .assert()
+        .code(2)
+        .stderr(predicates::str::contains("401"));
+    let out = wd(&cache)
+        .env("HF_ENDPOINT", &hub.url)
+        .env("HF_TOKEN", "s3cret")
+        .args(["inspect", "--json", "acme/gated"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["tensors"].as_array().unwrap().len(), 25);
+}
+
+#[test]
+fn an_unreachable_hub_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    // A port nothing listens on.
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    wd(dir.path())
+        .env("HF_ENDPOINT", format!("http://127.0.0.1:{port}"))
+        .args(["inspect", "acme/tiny-base"])
+        .assert()
+        .code(2)
+        .stderr(predicates::str::contains("cannot reach"))
+        .stderr(predicates::str::contains("HF_HUB_OFFLINE=1"));
+}
