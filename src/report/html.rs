@@ -14,8 +14,8 @@ use std::fmt::Write;
 
 pub const REPORT_HTML: &str = "report.html";
 
-/// Spectra drawn: the most modified tensors that were analysed.
-const SPECTRA: usize = 6;
+/// Spectra drawn: the most modified analysed tensor of each module type, up to this many.
+const SPECTRA: usize = 8;
 
 /// Renders `report.html`; `lora` holds the LoRA stage's documents when it ran.
 pub fn render(c: &Comparison, lora: Option<&LoraDocs>, top: usize) -> String {
@@ -379,23 +379,30 @@ fn spectra(s: &mut String, c: &Comparison, docs: &LoraDocs) {
     let Some(tensors) = docs.analysis["tensors"].as_object() else {
         return;
     };
-    let chosen: Vec<(&str, &Value)> = c
-        .top_modified(usize::MAX)
-        .into_iter()
-        .filter_map(|(n, _)| tensors.get(n).map(|t| (n, t)))
-        .filter(|(_, t)| {
-            t["singular_values"]
-                .as_array()
-                .is_some_and(|a| a.iter().any(|x| x.as_f64().is_some_and(|x| x > 0.0)))
-        })
-        .take(SPECTRA)
-        .collect();
+    // The most modified analysed tensor of each module type, most modified first: one
+    // panel per kind of change (a LoRA'd q_proj and a fully tuned down_proj look unlike).
+    let mut seen: Vec<String> = Vec::new();
+    let mut chosen: Vec<(&str, &Value)> = Vec::new();
+    for (n, _) in c.top_modified(usize::MAX) {
+        let Some(t) = tensors.get(n) else { continue };
+        let has_values = t["singular_values"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|x| x.as_f64().is_some_and(|x| x > 0.0)));
+        let module = module_type(n);
+        if has_values && !seen.contains(&module) {
+            seen.push(module);
+            chosen.push((n, t));
+            if chosen.len() == SPECTRA {
+                break;
+            }
+        }
+    }
     if chosen.is_empty() {
         return;
     }
     let _ = writeln!(
         s,
-        "<h2>Singular-value spectra of the most modified tensors</h2>\n<div class=\"spectra\" id=\"spectra\">"
+        "<h2>Singular-value spectra of the most modified tensors (one per module type)</h2>\n<div class=\"spectra\" id=\"spectra\">"
     );
     for (name, t) in chosen {
         spectrum_plot(s, name, t);
@@ -508,7 +515,7 @@ fn table(s: &mut String, c: &Comparison, lora: Option<&LoraDocs>, top: usize) {
         ("max_abs_diff", "max |Δ|", true),
         ("detected_rank", "LoRA rank", true),
     ];
-    let _ = write!(s, "<table id=\"tensors\"><thead><tr>");
+    let _ = write!(s, "<div class=\"scroll\"><table id=\"tensors\"><thead><tr>");
     for (key, label, num) in cols {
         let _ = write!(
             s,
@@ -554,7 +561,7 @@ fn table(s: &mut String, c: &Comparison, lora: Option<&LoraDocs>, top: usize) {
             detected.map_or("–".to_string(), |r| r.to_string()),
         );
     }
-    let _ = writeln!(s, "</tbody></table>");
+    let _ = writeln!(s, "</tbody></table></div>");
 }
 
 fn num_cell(v: Option<f64>) -> String {
@@ -616,7 +623,8 @@ rect.cell:hover{stroke:#000;stroke-width:1.5}
 table{border-collapse:collapse;font-size:.85em;width:100%}
 th,td{padding:3px 8px;border-bottom:1px solid #eee;text-align:right;white-space:nowrap}
 th:nth-child(2),td:nth-child(2),th:nth-child(3),td:nth-child(3),th:nth-child(4),td:nth-child(4){text-align:left}
-td:nth-child(2){font-family:ui-monospace,Menlo,Consolas,monospace;white-space:normal;word-break:break-all}
+td:nth-child(2){font-family:ui-monospace,Menlo,Consolas,monospace}
+.scroll{overflow-x:auto}
 th{cursor:pointer;background:#fafafa;position:sticky;top:0}
 th[aria-sort=ascending]::after{content:" ▲"}th[aria-sort=descending]::after{content:" ▼"}
 tr:not(.mod) td{color:#999}

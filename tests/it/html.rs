@@ -35,8 +35,10 @@ fn page_is_self_contained_with_heatmap_spectra_and_table() {
     let (cells, tensors) = expected_counts(&reports);
     assert_eq!(html.matches("<rect class=\"cell\"").count(), cells);
     assert_eq!(html.matches("<tr class=\"row").count(), tensors);
-    // The demo plants rank-4 LoRAs on q_proj and v_proj of both layers.
-    assert_eq!(html.matches("<svg class=\"spectrum\"").count(), 4);
+    // The demo plants rank-4 LoRAs on q_proj and v_proj: one spectrum per module type,
+    // each showing the detected rank.
+    assert_eq!(html.matches("<svg class=\"spectrum\"").count(), 2);
+    assert_eq!(html.matches("— rank 4</text>").count(), 2);
     assert!(html.contains("data-kind=\"mixed\""), "verdict shown");
     // Nothing is fetched: no URLs, no external scripts, styles or fonts.
     for needle in [
