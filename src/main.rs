@@ -573,26 +573,31 @@ fn compare_trajectory(
     progress.finish();
     let labels = trajectory_labels(&args.finetuned);
     let mut failed = false;
+    let mut summaries = Vec::new();
     for ((c, ft), label) in cs.iter_mut().zip(&fts).zip(&labels) {
         if let Some(lo) = lora.filter(|_| c.complete) {
             c.lora = Some(pipeline::analyze_lora(&base, ft, c, lo)?);
         }
         let dir = out.join(label);
-        report::write_comparison_reports(c, &dir, args.top)
+        let written = report::write_comparison_reports(c, &dir, args.top)
             .with_context(|| format!("cannot write reports into {}", dir.display()))?;
+        summaries.push(summary_json(c, &written, args.top));
         for (name, e) in &c.errors {
             eprintln!("{} {label}: {name}: {e}", error_label());
         }
         failed |= !c.errors.is_empty() || c.lora.as_ref().is_some_and(|l| !l.errors.is_empty());
     }
-    report::write_atomic(
-        &out.join("trajectory.json"),
-        &report::to_json(&report::trajectory::render(&cs)),
-    )?;
+    let trajectory = report::trajectory::render(&cs);
+    let (json_path, txt_path) = (out.join("trajectory.json"), out.join("trajectory.txt"));
+    report::write_atomic(&json_path, &report::to_json(&trajectory))?;
     let table = report::trajectory::render_text(&cs);
-    report::write_atomic(&out.join("trajectory.txt"), table.as_bytes())?;
+    report::write_atomic(&txt_path, table.as_bytes())?;
     if args.display.json {
-        print_json(&report::trajectory::render(&cs)["overall"])?;
+        print_json(&serde_json::json!({
+            "overall": trajectory["overall"],
+            "checkpoints": summaries,
+            "outputs": [json_path, txt_path],
+        }))?;
     } else if !args.display.quiet {
         eprint!("{table}");
         eprintln!(

@@ -115,3 +115,87 @@ fn no_color_turns_off_colour_on_a_terminal() {
         "NO_COLOR=1 still coloured: {plain:?}"
     );
 }
+
+/// Runs `weightdiff ARGS` and parses stdout as exactly one JSON document.
+fn json_of(args: &[&std::ffi::OsStr]) -> serde_json::Value {
+    let out = weightdiff().args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "{args:?}: stdout is not one JSON document ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
+#[test]
+fn json_summaries_of_every_subcommand() {
+    use weightdiff::synthetic::{build_pair, demo_spec};
+    let dir = tempfile::tempdir().unwrap();
+    let pair = build_pair(&demo_spec(), &dir.path().join("pair")).unwrap();
+    let (b, f) = (pair.base.as_os_str(), pair.finetuned.as_os_str());
+    let out = dir.path().join("out");
+    let v = json_of(&[
+        "compare".as_ref(),
+        "--json".as_ref(),
+        "-o".as_ref(),
+        out.as_os_str(),
+        b,
+        f,
+    ]);
+    assert_eq!(v["verdict"]["kind"], "mixed");
+    assert_eq!(v["verdict"]["rank"], 4);
+    assert_eq!(
+        (v["compared"].as_u64(), v["modified"].as_u64()),
+        (Some(25), Some(8))
+    );
+    assert_eq!(v["top_modified"].as_array().unwrap().len(), 8);
+    let outputs: Vec<&str> = v["outputs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_str().unwrap())
+        .collect();
+    for name in [
+        "weight_differences.json",
+        "report.html",
+        "lora_adapter/adapter_model.safetensors",
+    ] {
+        assert!(
+            outputs.iter().any(|p| p.ends_with(name)),
+            "{name} not listed"
+        );
+    }
+    let v = json_of(&["report".as_ref(), "--json".as_ref(), out.as_os_str()]);
+    assert_eq!(v["outputs"].as_array().unwrap().len(), 3);
+    let adapter = dir.path().join("adapter");
+    let v = json_of(&[
+        "extract-lora".as_ref(),
+        "--json".as_ref(),
+        "-o".as_ref(),
+        adapter.as_os_str(),
+        b,
+        f,
+    ]);
+    assert_eq!(v["modules"], 4);
+    let v = json_of(&["inspect".as_ref(), "--json".as_ref(), b]);
+    assert_eq!(v["tensors"].as_array().unwrap().len(), 25);
+    let traj = dir.path().join("traj");
+    let v = json_of(&[
+        "compare".as_ref(),
+        "--json".as_ref(),
+        "-o".as_ref(),
+        traj.as_os_str(),
+        b,
+        f,
+        b,
+    ]);
+    assert_eq!(v["checkpoints"].as_array().unwrap().len(), 2);
+    assert_eq!(v["checkpoints"][0]["modified"], 8);
+    assert_eq!(v["checkpoints"][1]["modified"], 0);
+    assert_eq!(v["overall"].as_array().unwrap().len(), 2);
+}
