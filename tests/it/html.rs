@@ -152,6 +152,7 @@ fn headless(browser: &Path, profile: &Path, extra: &[&str], url: &str) -> std::p
             "--disable-component-update",
             "--disable-sync",
             "--hide-scrollbars",
+            "--disable-dev-shm-usage",
         ])
         .arg(format!("--user-data-dir={}", profile.display()))
         .args(extra)
