@@ -122,6 +122,12 @@ fn summary(s: &mut String, c: &Comparison, lora: Option<&LoraDocs>) {
             }
         }
         let _ = writeln!(s, "</div>");
+    } else {
+        let _ = writeln!(
+            s,
+            "<div class=\"verdict\" id=\"verdict\" data-kind=\"\">No LoRA analysis in this run \
+             (<code>--no-lora</code>, or the run stopped before it).</div>"
+        );
     }
     let mut problems: Vec<String> = Vec::new();
     problems.extend(c.errors.iter().map(|(n, e)| format!("error: {n}: {e}")));
