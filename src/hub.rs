@@ -17,6 +17,25 @@ use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+/// Told about downloads (the CLI draws a progress bar; the library prints nothing).
+pub trait DownloadProgress {
+    /// A file starts downloading; `bytes` when the hub announced its size.
+    fn start(&self, file: &str, bytes: Option<u64>);
+    /// `n` more bytes of the current file arrived.
+    fn advance(&self, n: u64);
+    /// The current file is complete.
+    fn finish(&self);
+}
+
+/// Reports nothing.
+pub struct Silent;
+
+impl DownloadProgress for Silent {
+    fn start(&self, _: &str, _: Option<u64>) {}
+    fn advance(&self, _: u64) {}
+    fn finish(&self) {}
+}
+
 /// Where a model argument came from on the hub (recorded in the reports).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HubOrigin {
@@ -146,12 +165,11 @@ fn is_commit(s: &str) -> bool {
 }
 
 /// Opens a model argument: an existing path as it is, otherwise a hub id through the
-/// cache (downloading when needed and allowed). `on_download(file, bytes)` is told about
-/// each file fetched.
+/// cache (downloading when needed and allowed), telling `progress` about downloads.
 pub fn open_model(
     arg: &Path,
     settings: &HubSettings,
-    on_download: &mut dyn FnMut(&str, Option<u64>),
+    progress: &dyn DownloadProgress,
 ) -> Result<crate::Checkpoint> {
     let id = (!arg.exists())
         .then(|| arg.to_str().and_then(RepoId::parse))
@@ -159,7 +177,7 @@ pub fn open_model(
     let Some(id) = id else {
         return crate::Checkpoint::open(arg);
     };
-    let origin = resolve(&id, settings, on_download).map_err(|e| match e {
+    let origin = resolve(&id, settings, progress).map_err(|e| match e {
         Error::Hub { repo, reason } => Error::Hub {
             repo,
             reason: format!(
@@ -176,11 +194,11 @@ pub fn open_model(
 }
 
 /// Resolves `id` to a snapshot directory holding its weights, downloading what is
-/// missing unless offline. `on_download(file, bytes)` is told about each download.
+/// missing unless offline.
 pub fn resolve(
     id: &RepoId,
     settings: &HubSettings,
-    on_download: &mut dyn FnMut(&str, Option<u64>),
+    progress: &dyn DownloadProgress,
 ) -> Result<HubOrigin> {
     let repo_dir = settings.cache.join(id.folder());
     if let Some(commit) = cached_commit(&repo_dir, &id.revision) {
@@ -207,7 +225,7 @@ pub fn resolve(
             ),
         ));
     }
-    download(id, settings, &repo_dir, on_download)
+    download(id, settings, &repo_dir, progress)
 }
 
 /// The commit a revision points at in the cache, if known.
@@ -314,7 +332,7 @@ fn download(
     id: &RepoId,
     settings: &HubSettings,
     repo_dir: &Path,
-    on_download: &mut dyn FnMut(&str, Option<u64>),
+    progress: &dyn DownloadProgress,
 ) -> Result<HubOrigin> {
     let client = Client::new(settings);
     let net = |e: ureq::Error| {
@@ -353,12 +371,12 @@ fn download(
     let commit = info.sha;
     let files: Vec<&str> = info.siblings.iter().map(|s| s.rfilename.as_str()).collect();
     let snapshot = repo_dir.join("snapshots").join(&commit);
-    let fetch = |name: &str, on: &mut dyn FnMut(&str, Option<u64>)| {
+    let fetch = |name: &str, on: &dyn DownloadProgress| {
         fetch_file(&client, id, repo_dir, &commit, name, on)
     };
     for side in ["config.json", "generation_config.json"] {
         if files.contains(&side) {
-            fetch(side, on_download)?;
+            fetch(side, progress)?;
         }
     }
     let top_level = |ext: &str| -> Vec<&str> {
@@ -369,7 +387,7 @@ fn download(
             .collect()
     };
     let weights: Vec<String> = if files.contains(&"model.safetensors.index.json") {
-        fetch("model.safetensors.index.json", on_download)?;
+        fetch("model.safetensors.index.json", progress)?;
         shards_of(id, &snapshot.join("model.safetensors.index.json"))?
     } else if files.contains(&"model.safetensors") {
         vec!["model.safetensors".into()]
@@ -379,7 +397,7 @@ fn download(
             .map(String::from)
             .collect()
     } else if files.contains(&"pytorch_model.bin.index.json") {
-        fetch("pytorch_model.bin.index.json", on_download)?;
+        fetch("pytorch_model.bin.index.json", progress)?;
         shards_of(id, &snapshot.join("pytorch_model.bin.index.json"))?
     } else if files.contains(&"pytorch_model.bin") {
         vec!["pytorch_model.bin".into()]
@@ -393,7 +411,7 @@ fn download(
         ));
     };
     for w in &weights {
-        fetch(w, on_download)?;
+        fetch(w, progress)?;
     }
     if id.revision != commit {
         let refs = repo_dir.join("refs").join(&id.revision);
@@ -441,7 +459,7 @@ fn fetch_file(
     repo_dir: &Path,
     commit: &str,
     name: &str,
-    on_download: &mut dyn FnMut(&str, Option<u64>),
+    progress: &dyn DownloadProgress,
 ) -> Result<()> {
     if name.starts_with('/')
         || name
@@ -484,37 +502,95 @@ fn fetch_file(
     create_dir(&blobs)?;
     let blob = blobs.join(&etag);
     if !blob.is_file() {
-        on_download(name, size);
-        tracing::info!(file = name, bytes = ?size, "downloading");
-        let mut resp = client.auth(client.follow.get(&url)).call().map_err(net)?;
-        if resp.status() != 200 {
-            return Err(client.status_error(id, name, resp.status().as_u16()));
+        // SLURM array tasks given the same hub id start together: one downloads each
+        // blob while the others wait on its lock, then find it complete.
+        // Lock files live where huggingface_hub keeps its own: CACHE/.locks/REPO/.
+        let locks = repo_dir
+            .parent()
+            .expect("the repo is inside the cache")
+            .join(".locks")
+            .join(repo_dir.file_name().expect("repo folder"));
+        create_dir(&locks)?;
+        let lock_path = locks.join(format!("{etag}.lock"));
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| Error::io(&lock_path, "cannot open lock file", e))?;
+        lock.lock()
+            .map_err(|e| Error::io(&lock_path, "cannot lock", e))?;
+        if !blob.is_file() {
+            fetch_blob(client, id, &url, name, size, &blob, progress)?;
         }
-        let partial = blobs.join(format!("{etag}.incomplete"));
-        let mut out =
-            std::fs::File::create(&partial).map_err(|e| Error::io(&partial, "cannot create", e))?;
-        let mut reader = resp.body_mut().with_config().limit(u64::MAX).reader();
-        let got = std::io::copy(&mut reader, &mut out)
-            .map_err(|e| hub_error(id, format!("{name}: download interrupted: {e}")))?;
-        if let Some(want) = size
-            && got != want
-        {
-            return Err(hub_error(
-                id,
-                format!("{name}: received {got} bytes, expected {want}"),
-            ));
-        }
-        out.sync_all()
-            .map_err(|e| Error::io(&partial, "cannot write", e))?;
-        std::fs::rename(&partial, &blob).map_err(|e| Error::io(&blob, "cannot rename", e))?;
     }
-    // snapshots/COMMIT/a/b.json -> ../../../blobs/ETAG (relative, as huggingface_hub).
+    // snapshots/COMMIT/a/b.json -> ../../../blobs/ETAG (relative, as huggingface_hub),
+    // made under a temporary name and renamed into place, so concurrent runs each see
+    // either no link or a whole one.
     let depth = name.split('/').count() + 1;
     let target = PathBuf::from("../".repeat(depth)).join("blobs").join(&etag);
-    create_dir(link.parent().expect("link has a parent"))?;
-    let _ = std::fs::remove_file(&link);
-    std::os::unix::fs::symlink(&target, &link)
+    let parent = link.parent().expect("link has a parent");
+    create_dir(parent)?;
+    let tmp = parent.join(format!(
+        ".{}.{}.tmp",
+        link.file_name().and_then(|n| n.to_str()).unwrap_or("link"),
+        std::process::id()
+    ));
+    let _ = std::fs::remove_file(&tmp);
+    std::os::unix::fs::symlink(&target, &tmp)
+        .and_then(|_| std::fs::rename(&tmp, &link))
         .map_err(|e| Error::io(&link, "cannot link into the cache", e))
+}
+
+/// Downloads one file into `blob` through `BLOB.incomplete`, checking its size.
+fn fetch_blob(
+    client: &Client<'_>,
+    id: &RepoId,
+    url: &str,
+    name: &str,
+    size: Option<u64>,
+    blob: &Path,
+    progress: &dyn DownloadProgress,
+) -> Result<()> {
+    use std::io::{Read, Write};
+    let net = |e: ureq::Error| hub_error(id, format!("{name}: {e}"));
+    progress.start(name, size);
+    tracing::info!(file = name, bytes = ?size, "downloading");
+    let mut resp = client.auth(client.follow.get(url)).call().map_err(net)?;
+    if resp.status() != 200 {
+        return Err(client.status_error(id, name, resp.status().as_u16()));
+    }
+    let partial = blob.with_extension("incomplete");
+    let mut out =
+        std::fs::File::create(&partial).map_err(|e| Error::io(&partial, "cannot create", e))?;
+    let mut reader = resp.body_mut().with_config().limit(u64::MAX).reader();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut got = 0u64;
+    loop {
+        let n = reader
+            .read(&mut buf)
+            .map_err(|e| hub_error(id, format!("{name}: download interrupted: {e}")))?;
+        if n == 0 {
+            break;
+        }
+        out.write_all(&buf[..n])
+            .map_err(|e| Error::io(&partial, "cannot write", e))?;
+        got += n as u64;
+        progress.advance(n as u64);
+    }
+    if let Some(want) = size
+        && got != want
+    {
+        return Err(hub_error(
+            id,
+            format!("{name}: received {got} bytes, expected {want}"),
+        ));
+    }
+    out.sync_all()
+        .map_err(|e| Error::io(&partial, "cannot write", e))?;
+    std::fs::rename(&partial, blob).map_err(|e| Error::io(blob, "cannot rename", e))?;
+    progress.finish();
+    Ok(())
 }
 
 #[cfg(test)]

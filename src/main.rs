@@ -148,16 +148,14 @@ static QUIET: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
 /// Opens a model argument: a path, or a hub id resolved through the Hugging Face cache.
 fn open(path: &Path, role: &str) -> anyhow::Result<Checkpoint> {
     let settings = weightdiff::hub::HubSettings::from_env();
-    let quiet = QUIET.get().copied().unwrap_or(false);
-    let mut note = |file: &str, bytes: Option<u64>| {
-        if !quiet {
-            eprintln!(
-                "downloading {file}{}",
-                bytes.map_or(String::new(), |b| format!(" ({:.1} MB)", b as f64 / 1e6))
-            );
-        }
+    let downloads = progress::Downloads::new();
+    let progress: &dyn weightdiff::hub::DownloadProgress = if QUIET.get().copied().unwrap_or(false)
+    {
+        &weightdiff::hub::Silent
+    } else {
+        &downloads
     };
-    weightdiff::hub::open_model(path, &settings, &mut note)
+    weightdiff::hub::open_model(path, &settings, progress)
         .with_context(|| format!("cannot read the {role}model"))
 }
 

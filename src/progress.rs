@@ -72,3 +72,49 @@ impl Progress for Reporter {
         }
     }
 }
+
+/// Download progress on stderr: a byte bar on a terminal, otherwise a line per file.
+pub struct Downloads {
+    bar: Mutex<Option<ProgressBar>>,
+    terminal: bool,
+}
+
+impl Downloads {
+    pub fn new() -> Downloads {
+        Downloads {
+            bar: Mutex::new(None),
+            terminal: std::io::stderr().is_terminal(),
+        }
+    }
+}
+
+impl weightdiff::hub::DownloadProgress for Downloads {
+    fn start(&self, file: &str, bytes: Option<u64>) {
+        let size = bytes.map_or(String::new(), |b| format!(" ({:.1} MB)", b as f64 / 1e6));
+        if !self.terminal {
+            eprintln!("downloading {file}{size}");
+            return;
+        }
+        let bar = ProgressBar::new(bytes.unwrap_or(0));
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{msg} {bar:30} {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}",
+            )
+            .expect("valid template"),
+        );
+        bar.set_message(format!("downloading {file}"));
+        *self.bar.lock().expect("progress lock") = Some(bar);
+    }
+
+    fn advance(&self, n: u64) {
+        if let Some(bar) = &*self.bar.lock().expect("progress lock") {
+            bar.inc(n);
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(bar) = self.bar.lock().expect("progress lock").take() {
+            bar.finish_and_clear();
+        }
+    }
+}

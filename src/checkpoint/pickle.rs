@@ -546,8 +546,14 @@ impl Machine<'_> {
                 Value::Str(key),
                 Value::Str(_location),
                 Value::Int(numel),
-                ..,
+                rest @ ..,
             ] if tag == "storage" && *numel >= 0 => {
+                // PyTorch < 1.0 could name a view into another storage here.
+                if rest.first().is_some_and(|v| *v != Value::None) {
+                    return self.err(
+                        "storage views (files written by PyTorch before 1.0) are not supported",
+                    );
+                }
                 let name = ty.strip_prefix("torch.").unwrap_or(ty);
                 let Some(dtype) = storage_dtype(name) else {
                     return self.err(format!("`{ty}` is not a storage type"));
@@ -584,6 +590,14 @@ mod tests {
         assert_eq!(t.strides, [3, 1]);
         assert_eq!(t.storage.numel, 6);
         assert_eq!(t.storage.dtype, Ok(DType::F32));
+    }
+
+    #[test]
+    fn refuses_storage_views_of_pytorch_before_1_0() {
+        let mut p = b"\x80\x02(X\x07\x00\x00\x00storagectorch\nFloatStorage\n".to_vec();
+        p.extend(b"X\x01\x00\x00\x000X\x03\x00\x00\x00cpuK\x06(X\x01\x00\x00\x001K\x00K\x02ttQ.");
+        let e = load(&p).unwrap_err();
+        assert!(e.reason.contains("storage views"), "{e}");
     }
 
     #[test]

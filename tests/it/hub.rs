@@ -326,6 +326,18 @@ fn missing_models_are_downloaded_into_the_cache_layout() {
         );
         assert_eq!(&std::fs::read(&link).unwrap(), bytes);
     }
+    // blobs/ holds the files and nothing else (locks go to CACHE/.locks/, as
+    // huggingface_hub keeps them).
+    let mut blobs: Vec<String> = std::fs::read_dir(root.join("blobs"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    blobs.sort();
+    let mut tags: Vec<String> = files.values().map(|b| etag(b)).collect();
+    tags.sort();
+    tags.dedup();
+    assert_eq!(blobs, tags);
+    assert!(cache.join(".locks/models--acme--tiny-base").is_dir());
     let log = hub.log.lock().unwrap().clone();
     let fetched: Vec<&String> = log.iter().filter(|l| l.starts_with("GET ")).collect();
     let shards = files.keys().filter(|k| k.ends_with(".safetensors")).count();
@@ -404,4 +416,54 @@ fn an_unreachable_hub_is_a_clear_error() {
         .code(2)
         .stderr(predicates::str::contains("cannot reach"))
         .stderr(predicates::str::contains("HF_HUB_OFFLINE=1"));
+}
+
+#[test]
+fn concurrent_runs_download_each_blob_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let pair = build_pair(&demo_spec(), &dir.path().join("pair")).unwrap();
+    let files = files_of(&pair.base);
+    let hub = fake_hub("acme/tiny-base", files.clone(), None);
+    let cache = dir.path().join("cache");
+    let bin = assert_cmd::cargo::cargo_bin("weightdiff");
+    // Three SLURM-like tasks given the same hub id at once.
+    let children: Vec<_> = (0..3)
+        .map(|_| {
+            std::process::Command::new(&bin)
+                .args(["inspect", "--json", "acme/tiny-base"])
+                .env("HF_HUB_CACHE", &cache)
+                .env("HF_ENDPOINT", &hub.url)
+                .env_remove("HF_HUB_OFFLINE")
+                .env_remove("HF_TOKEN")
+                .env_remove("HF_HOME")
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for c in children {
+        let out = c.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(v["tensors"].as_array().unwrap().len(), 25);
+    }
+    let log = hub.log.lock().unwrap().clone();
+    let shards = files.keys().filter(|k| k.ends_with(".safetensors")).count();
+    assert_eq!(
+        log.iter().filter(|l| l.starts_with("GET /cdn/")).count(),
+        shards,
+        "each blob downloaded once: {log:?}"
+    );
+    let blobs = cache.join("models--acme--tiny-base/blobs");
+    let leftovers: Vec<_> = std::fs::read_dir(&blobs)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.ends_with(".incomplete"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
 }
