@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole test suite:
-#  1. Python's numpy and safetensors (PyPI) for the interop tests;
+#  1. Python's numpy, safetensors and huggingface_hub (PyPI) for the interop tests;
 #  2. the SLURM example on a single-node cluster (examples/slurm/test_cluster.sh), when
 #     running as root under CI or with WEIGHTDIFF_SLURM_TEST=1: it installs Debian's
 #     slurm-wlm and munge and starts (then stops) their daemons;
@@ -9,7 +9,7 @@
 #  4. every Rust test (unit, integration, doc).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python3 -m pip install --quiet --disable-pip-version-check numpy safetensors >&2
+python3 -m pip install --quiet --disable-pip-version-check numpy safetensors huggingface_hub >&2
 cargo build --locked
 if [ -n "${CI:-}" ] || [ -n "${WEIGHTDIFF_SLURM_TEST:-}" ]; then
   if ! command -v slurmctld > /dev/null || ! command -v munged > /dev/null; then

@@ -167,58 +167,76 @@ fn fake_hub(
     files: BTreeMap<String, Vec<u8>>,
     token: Option<&'static str>,
 ) -> FakeHub {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
+    // The hub on 127.0.0.1 and its CDN on 127.0.0.2 (another host, as in production:
+    // clients follow only the redirect of an LFS file's content there).
+    let hub = TcpListener::bind("127.0.0.1:0").unwrap();
+    let cdn = TcpListener::bind("127.0.0.2:0").unwrap();
+    let url = format!("http://{}", hub.local_addr().unwrap());
+    let cdn_url = format!("http://{}", cdn.local_addr().unwrap());
     let log = Arc::new(Mutex::new(Vec::new()));
-    let log2 = log.clone();
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(mut stream) = stream else { continue };
-            let mut reader = BufReader::new(stream.try_clone().unwrap());
-            let mut line = String::new();
-            if reader.read_line(&mut line).is_err() || line.is_empty() {
-                continue;
+    let files = Arc::new(files);
+    for listener in [hub, cdn] {
+        let (log, files, cdn_url) = (log.clone(), files.clone(), cdn_url.clone());
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(stream) = stream else { continue };
+                serve(stream, repo, &files, &cdn_url, token, &log);
             }
-            let mut parts = line.split_whitespace();
-            let (method, path) = (
-                parts.next().unwrap_or("").to_string(),
-                parts.next().unwrap_or("").to_string(),
-            );
-            let mut auth = None;
-            loop {
-                let mut h = String::new();
-                if reader.read_line(&mut h).is_err() || h == "\r\n" || h.is_empty() {
-                    break;
-                }
-                if let Some((k, v)) = h.split_once(':')
-                    && k.eq_ignore_ascii_case("authorization")
-                {
-                    auth = Some(v.trim().to_string());
-                }
-            }
-            log2.lock().unwrap().push(format!(
-                "{method} {path} auth={}",
-                if auth.is_some() { "yes" } else { "no" }
-            ));
-            let authorized = token.is_none_or(|t| auth.as_deref() == Some(&format!("Bearer {t}")));
-            let (status, headers, body) = respond(repo, &files, &method, &path, authorized);
-            let mut head = format!("HTTP/1.1 {status}\r\nConnection: close\r\n");
-            for (k, v) in headers {
-                head.push_str(&format!("{k}: {v}\r\n"));
-            }
-            if !head.contains("Content-Length") {
-                head.push_str(&format!("Content-Length: {}\r\n", body.len()));
-            }
-            head.push_str("\r\n");
-            let _ = stream.write_all(head.as_bytes());
-            if method != "HEAD" {
-                let _ = stream.write_all(&body);
-            }
-            let _ = stream.flush();
-            let _ = reader.read(&mut [0u8; 0]);
-        }
-    });
+        });
+    }
     FakeHub { url, log }
+}
+
+/// Answers one HTTP/1.1 request (`Connection: close`) and logs it.
+fn serve(
+    mut stream: std::net::TcpStream,
+    repo: &str,
+    files: &BTreeMap<String, Vec<u8>>,
+    cdn_url: &str,
+    token: Option<&str>,
+    log: &Mutex<Vec<String>>,
+) {
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut line = String::new();
+    if reader.read_line(&mut line).is_err() || line.is_empty() {
+        return;
+    }
+    let mut parts = line.split_whitespace();
+    let method = parts.next().unwrap_or("").to_string();
+    let path = parts.next().unwrap_or("");
+    let path = path.split('?').next().unwrap_or("").to_string();
+    let mut auth = None;
+    loop {
+        let mut h = String::new();
+        if reader.read_line(&mut h).is_err() || h == "\r\n" || h.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = h.split_once(':')
+            && k.eq_ignore_ascii_case("authorization")
+        {
+            auth = Some(v.trim().to_string());
+        }
+    }
+    log.lock().unwrap().push(format!(
+        "{method} {path} auth={}",
+        if auth.is_some() { "yes" } else { "no" }
+    ));
+    let authorized = token.is_none_or(|t| auth.as_deref() == Some(&format!("Bearer {t}")));
+    let (status, headers, body) = respond(repo, files, cdn_url, &path, authorized);
+    let mut head = format!("HTTP/1.1 {status}\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    if !head.contains("Content-Length") {
+        head.push_str(&format!("Content-Length: {}\r\n", body.len()));
+    }
+    head.push_str("\r\n");
+    let _ = stream.write_all(head.as_bytes());
+    if method != "HEAD" {
+        let _ = stream.write_all(&body);
+    }
+    let _ = stream.flush();
+    let _ = reader.read(&mut [0u8; 0]);
 }
 
 type Reply = (&'static str, Vec<(String, String)>, Vec<u8>);
@@ -226,7 +244,7 @@ type Reply = (&'static str, Vec<(String, String)>, Vec<u8>);
 fn respond(
     repo: &str,
     files: &BTreeMap<String, Vec<u8>>,
-    method: &str,
+    cdn_url: &str,
     path: &str,
     authorized: bool,
 ) -> Reply {
@@ -257,6 +275,18 @@ fn respond(
         let body = serde_json::json!({"id": repo, "sha": COMMIT, "siblings": siblings});
         return ("200 OK", vec![], body.to_string().into_bytes());
     }
+    if path == format!("/api/models/{repo}/tree/{COMMIT}") {
+        // huggingface_hub's snapshot_download lists files this way.
+        let entries: Vec<serde_json::Value> = files
+            .iter()
+            .map(|(k, b)| serde_json::json!({"type": "file", "path": k, "size": b.len(), "oid": etag(b)}))
+            .collect();
+        return (
+            "200 OK",
+            vec![],
+            serde_json::Value::from(entries).to_string().into_bytes(),
+        );
+    }
     let Some(name) = path.strip_prefix(&format!("/{repo}/resolve/{COMMIT}/")) else {
         return not_found;
     };
@@ -267,14 +297,15 @@ fn respond(
     if name.ends_with(".safetensors") {
         // LFS: the hub redirects to the CDN and names the blob in X-Linked-* headers.
         let headers = vec![
-            ("Location".to_string(), format!("/cdn/{tag}")),
+            // Absolute, as the hub's (a CDN host): clients follow it for the content
+            // and read the X-Linked-* headers of this response for the blob.
+            ("Location".to_string(), format!("{cdn_url}/cdn/{tag}")),
             ("X-Linked-Etag".to_string(), format!("\"{tag}\"")),
             ("X-Linked-Size".to_string(), bytes.len().to_string()),
             ("X-Repo-Commit".to_string(), COMMIT.to_string()),
         ];
         return ("302 Found", headers, Vec::new());
     }
-    let _ = method;
     (
         "200 OK",
         vec![
@@ -466,4 +497,69 @@ fn concurrent_runs_download_each_blob_once() {
         .filter(|n| n.ends_with(".incomplete"))
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+#[test]
+fn huggingface_hub_and_weightdiff_share_one_cache() {
+    if !crate::interop::python_has("huggingface_hub") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let pair = build_pair(&demo_spec(), &dir.path().join("pair")).unwrap();
+    let files = files_of(&pair.base);
+    let hub = fake_hub("acme/tiny-base", files.clone(), None);
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/python/check_hub_cache.py"
+    );
+    let python = |args: &[&std::ffi::OsStr]| {
+        let out = std::process::Command::new("python3")
+            .arg(script)
+            .args(args)
+            .env_remove("HF_TOKEN")
+            .env_remove("HF_HOME")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+
+    // huggingface_hub downloads; weightdiff finds the model offline.
+    let py_cache = dir.path().join("py-cache");
+    python(&[
+        "download".as_ref(),
+        hub.url.as_ref(),
+        py_cache.as_os_str(),
+        "acme/tiny-base".as_ref(),
+    ]);
+    let out = wd(&py_cache)
+        .env("HF_HUB_OFFLINE", "1")
+        .args(["inspect", "--json", "acme/tiny-base"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // weightdiff downloads; huggingface_hub finds every file offline.
+    let wd_cache = dir.path().join("wd-cache");
+    wd(&wd_cache)
+        .env("HF_ENDPOINT", &hub.url)
+        .args(["inspect", "--json", "acme/tiny-base"])
+        .assert()
+        .success();
+    let mut args: Vec<&std::ffi::OsStr> = vec![
+        "check".as_ref(),
+        wd_cache.as_os_str(),
+        "acme/tiny-base".as_ref(),
+        COMMIT.as_ref(),
+    ];
+    args.extend(files.keys().map(std::ffi::OsStr::new));
+    python(&args);
 }

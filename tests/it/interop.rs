@@ -6,16 +6,22 @@ use crate::common::*;
 use std::process::Command;
 
 pub fn python_ready() -> bool {
+    python_has("numpy, safetensors")
+}
+
+/// Whether `python3` can import `modules` (comma-separated). Under CI a missing module
+/// fails the test instead: `scripts/test.sh` installs them.
+pub fn python_has(modules: &str) -> bool {
     let ok = Command::new("python3")
-        .args(["-c", "import numpy, safetensors"])
+        .args(["-c", &format!("import {modules}")])
         .status()
         .is_ok_and(|s| s.success());
     if !ok {
         assert!(
             std::env::var_os("CI").is_none(),
-            "python3 with numpy and safetensors is required in CI (see .ci/run)"
+            "python3 with {modules} is required in CI (scripts/test.sh installs it)"
         );
-        eprintln!("skipping interop test: python3 with numpy and safetensors not found");
+        eprintln!("skipping interop test: python3 with {modules} not found");
     }
     ok
 }
