@@ -115,6 +115,21 @@ impl std::fmt::Display for PickleError {
 /// Bounds that keep a hostile pickle from making us allocate freely.
 const MAX_MEMO: usize = 1 << 20;
 const MAX_STACK: usize = 1 << 20;
+/// Values copied by memo lookups (`BINGET`) and `DUP`, in nodes: a state dict copies a
+/// few per tensor; a hostile pickle fetching a huge list over and over would otherwise
+/// grow memory quadratically in its size.
+const MAX_COPIED: usize = 1 << 24;
+
+impl Value {
+    /// Nodes in this value (itself and everything it contains).
+    fn nodes(&self) -> usize {
+        1 + match self {
+            Value::Tuple(v) | Value::List(v) => v.iter().map(Value::nodes).sum(),
+            Value::Dict(v) => v.iter().map(|(k, x)| k.nodes() + x.nodes()).sum(),
+            _ => 0,
+        }
+    }
+}
 
 /// Runs the pickle at the start of `data`; returns the value and the bytes consumed
 /// (the legacy format has several pickles and raw storages back to back).
@@ -125,6 +140,7 @@ pub fn load(data: &[u8]) -> Result<(Value, usize), PickleError> {
         stack: Vec::new(),
         marks: Vec::new(),
         memo: std::collections::HashMap::new(),
+        copied: 0,
     }
     .run()
 }
@@ -135,6 +151,8 @@ struct Machine<'a> {
     stack: Vec<Value>,
     marks: Vec<usize>,
     memo: std::collections::HashMap<u64, Value>,
+    /// Nodes copied so far (see [`MAX_COPIED`]).
+    copied: usize,
 }
 
 impl Machine<'_> {
@@ -226,6 +244,7 @@ impl Machine<'_> {
             Some(v) => v.clone(),
             None => return self.err("memoize with an empty stack"),
         };
+        let v = self.copy(&v)?;
         if self.memo.len() >= MAX_MEMO && !self.memo.contains_key(&key) {
             return self.err("memo too large");
         }
@@ -233,10 +252,20 @@ impl Machine<'_> {
         Ok(())
     }
 
+    /// Accounts for copying `v`; refuses once the pickle has copied too much.
+    fn copy(&mut self, v: &Value) -> Result<Value, PickleError> {
+        self.copied += v.nodes();
+        if self.copied > MAX_COPIED {
+            return self.err("pickle copies too many values (not a state dict)");
+        }
+        Ok(v.clone())
+    }
+
     fn memo_get(&mut self, key: u64) -> Result<(), PickleError> {
         match self.memo.get(&key) {
             Some(v) => {
                 let v = v.clone();
+                let v = self.copy(&v)?;
                 self.push(v)
             }
             None => self.err(format!("memo key {key} was never stored")),
@@ -292,6 +321,7 @@ impl Machine<'_> {
                 }
                 b'2' => {
                     let v = self.top()?.clone(); // DUP
+                    let v = self.copy(&v)?;
                     self.push(v)?;
                 }
                 b'N' => self.push(Value::None)?,
@@ -598,6 +628,27 @@ mod tests {
         p.extend(b"X\x01\x00\x00\x000X\x03\x00\x00\x00cpuK\x06(X\x01\x00\x00\x001K\x00K\x02ttQ.");
         let e = load(&p).unwrap_err();
         assert!(e.reason.contains("storage views"), "{e}");
+    }
+
+    #[test]
+    fn repeated_copies_of_a_large_value_are_bounded() {
+        // A 60k-element list memoized, then fetched hundreds of times.
+        let mut p = vec![0x80, 2, b']', b'('];
+        p.extend(std::iter::repeat_n(b'N', 60_000));
+        p.extend([b'e', b'q', 0]);
+        p.extend(std::iter::repeat_n([b'h', 0, b'0'], 1_000).flatten());
+        p.push(b'.');
+        let e = load(&p).unwrap_err();
+        assert!(e.reason.contains("copies too many"), "{e}");
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512)) {
+            let mut p = vec![0x80, 2];
+            p.extend(body);
+            let _ = load(&p);
+        }
     }
 
     #[test]
