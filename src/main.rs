@@ -396,17 +396,38 @@ fn demo(out: &Path, display: DisplayArgs) -> anyhow::Result<ExitCode> {
     let code = run_compare(&base, &ft, &opts, Some(&lora), &reports, 20, display)?;
     if !display.quiet && !display.json {
         eprintln!(
-            "start with {}",
-            reports.join(report::COMPARISON_REPORT_TXT).display()
+            "start with {} (or open {} in a browser)",
+            reports.join(report::COMPARISON_REPORT_TXT).display(),
+            reports.join(report::html::REPORT_HTML).display()
         );
     }
     Ok(code)
 }
 
+/// `weightdiff report DIR`: one comparison's directory, or the directory of several
+/// fine-tunes (`trajectory.json`), whose every comparison is rendered again.
 fn regenerate_reports(dir: &Path, top: usize, display: DisplayArgs) -> anyhow::Result<ExitCode> {
     let _lock = report::lock_output_dir(dir)?;
-    let written = report::regenerate(dir, top)
-        .with_context(|| format!("cannot regenerate the reports in {}", dir.display()))?;
+    let dirs: Vec<PathBuf> = if !dir.join(report::WEIGHT_DIFFERENCES_JSON).exists()
+        && dir.join("trajectory.json").exists()
+    {
+        let mut subs: Vec<PathBuf> = std::fs::read_dir(dir)
+            .with_context(|| format!("cannot list {}", dir.display()))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.join(report::WEIGHT_DIFFERENCES_JSON).is_file())
+            .collect();
+        subs.sort();
+        subs
+    } else {
+        vec![dir.to_path_buf()]
+    };
+    let mut written = Vec::new();
+    for d in &dirs {
+        written.extend(
+            report::regenerate(d, top)
+                .with_context(|| format!("cannot regenerate the reports in {}", d.display()))?,
+        );
+    }
     if display.json {
         print_json(&serde_json::json!({ "outputs": written }))?;
     } else if !display.quiet {
