@@ -22,3 +22,14 @@ small='{"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}'
 { printf '\x36\0\0\0\0\0\0\0%s' "$small"; printf '\0\0\x80\x3f\0\0\0\x40'; } > "$corpus/small"
 { cat "$corpus/small"; printf '|||{"weight_map":{"w":"model-00001-of-00002.safetensors"}}'; } > "$corpus/small-indexed"
 echo "plus 2 small seeds"
+
+# torch_file: the committed PyTorch fixtures (zip and legacy formats, shards, training
+# state, the malicious pickle), all written by torch.
+corpus=corpus/torch_file
+mkdir -p "$corpus"
+i=0
+for f in $(find ../tests/fixtures/torch -name '*.bin' -o -name '*.pt' -o -name '*.pth' | sort); do
+  cp "$f" "$corpus/torch$i"
+  i=$((i + 1))
+done
+echo "$i seeds in fuzz/$corpus"
