@@ -408,26 +408,14 @@ fn demo(out: &Path, display: DisplayArgs) -> anyhow::Result<ExitCode> {
 /// fine-tunes (`trajectory.json`), whose every comparison is rendered again.
 fn regenerate_reports(dir: &Path, top: usize, display: DisplayArgs) -> anyhow::Result<ExitCode> {
     let _lock = report::lock_output_dir(dir)?;
-    let dirs: Vec<PathBuf> = if !dir.join(report::WEIGHT_DIFFERENCES_JSON).exists()
-        && dir.join("trajectory.json").exists()
-    {
-        let mut subs: Vec<PathBuf> = std::fs::read_dir(dir)
-            .with_context(|| format!("cannot list {}", dir.display()))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.join(report::WEIGHT_DIFFERENCES_JSON).is_file())
-            .collect();
-        subs.sort();
-        subs
+    let several = !dir.join(report::WEIGHT_DIFFERENCES_JSON).exists()
+        && dir.join(report::TRAJECTORY_JSON).exists();
+    let written = if several {
+        report::regenerate_trajectory(dir, top)
     } else {
-        vec![dir.to_path_buf()]
-    };
-    let mut written = Vec::new();
-    for d in &dirs {
-        written.extend(
-            report::regenerate(d, top)
-                .with_context(|| format!("cannot regenerate the reports in {}", d.display()))?,
-        );
+        report::regenerate(dir, top)
     }
+    .with_context(|| format!("cannot regenerate the reports in {}", dir.display()))?;
     if display.json {
         print_json(&serde_json::json!({ "outputs": written }))?;
     } else if !display.quiet {
@@ -606,16 +594,13 @@ fn compare_trajectory(
         }
         failed |= !c.errors.is_empty() || c.lora.as_ref().is_some_and(|l| !l.errors.is_empty());
     }
-    let trajectory = report::trajectory::render(&cs);
-    let (json_path, txt_path) = (out.join("trajectory.json"), out.join("trajectory.txt"));
-    report::write_atomic(&json_path, &report::to_json(&trajectory))?;
+    let outputs = report::write_trajectory(out, &cs, &labels)?;
     let table = report::trajectory::render_text(&cs);
-    report::write_atomic(&txt_path, table.as_bytes())?;
     if args.display.json {
         print_json(&serde_json::json!({
-            "overall": trajectory["overall"],
+            "overall": report::trajectory::render(&cs)["overall"],
             "checkpoints": summaries,
-            "outputs": [json_path, txt_path],
+            "outputs": outputs,
         }))?;
     } else if !args.display.quiet {
         eprint!("{table}");

@@ -22,6 +22,9 @@ pub const WEIGHT_DIFFERENCES_JSON: &str = "weight_differences.json";
 pub const CONFIG_COMPARISON_JSON: &str = "config_comparison.json";
 pub const ARCHITECTURE_COMPARISON_JSON: &str = "architecture_comparison.json";
 pub const COMPARISON_REPORT_TXT: &str = "comparison_report.txt";
+/// Files written for several fine-tunes of one base.
+pub const TRAJECTORY_JSON: &str = "trajectory.json";
+pub const TRAJECTORY_TXT: &str = "trajectory.txt";
 
 /// Name of the lock file that keeps two runs from writing into one output directory.
 pub const LOCK_FILE: &str = ".weightdiff.lock";
@@ -206,6 +209,76 @@ pub fn regenerate(dir: &Path, top: usize) -> Result<Vec<PathBuf>> {
     let mut written = vec![diff];
     written.extend(write_pages(&c, docs.as_ref(), dir, top, present)?);
     Ok(written)
+}
+
+/// `weightdiff report DIR` for the directory of several fine-tunes: renders each
+/// comparison's pages again, then `trajectory.html`, from the JSON files (the
+/// checkpoints in the order `trajectory.json` lists them).
+pub fn regenerate_trajectory(dir: &Path, top: usize) -> Result<Vec<PathBuf>> {
+    let tj_path = dir.join(TRAJECTORY_JSON);
+    let tj = crate::checkpoint::read_json(&tj_path)?;
+    let order: Vec<&str> = tj["finetuned"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|v| v.as_str()).collect())
+        .unwrap_or_default();
+    let mut found: Vec<(usize, String, Comparison, Option<serde_json::Value>)> = Vec::new();
+    let mut written = Vec::new();
+    let entries = std::fs::read_dir(dir).map_err(|e| Error::io(dir, "cannot list", e))?;
+    for e in entries.filter_map(|e| e.ok()) {
+        let sub = e.path();
+        let wd = sub.join(WEIGHT_DIFFERENCES_JSON);
+        if !wd.is_file() {
+            continue;
+        }
+        written.extend(regenerate(&sub, top)?);
+        let c = json::parse(&crate::checkpoint::read_json(&wd)?, &wd)?;
+        let analysis = sub.join(lora::LORA_ANALYSIS_JSON);
+        let verdict = if analysis.is_file() {
+            Some(crate::checkpoint::read_json(&analysis)?["verdict"].clone())
+        } else {
+            None
+        };
+        let rank = order
+            .iter()
+            .position(|s| *s == c.finetuned.source)
+            .unwrap_or(usize::MAX);
+        let label = e.file_name().to_string_lossy().into_owned();
+        found.push((rank, label, c, verdict));
+    }
+    found.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
+    let labels: Vec<String> = found.iter().map(|f| f.1.clone()).collect();
+    let verdicts: Vec<Option<serde_json::Value>> = found.iter().map(|f| f.3.clone()).collect();
+    let cs: Vec<Comparison> = found.into_iter().map(|f| f.2).collect();
+    let page = dir.join(html::TRAJECTORY_HTML);
+    write_atomic(
+        &page,
+        html::render_trajectory(&cs, &labels, &verdicts).as_bytes(),
+    )?;
+    written.push(page);
+    Ok(written)
+}
+
+/// Writes `trajectory.json`, `trajectory.txt` and `trajectory.html` for comparisons
+/// whose reports are in `dir/labels[i]`; returns the paths.
+pub fn write_trajectory(dir: &Path, cs: &[Comparison], labels: &[String]) -> Result<Vec<PathBuf>> {
+    let json_path = dir.join(TRAJECTORY_JSON);
+    write_atomic(&json_path, &to_json(&trajectory::render(cs)))?;
+    let txt_path = dir.join(TRAJECTORY_TXT);
+    write_atomic(&txt_path, trajectory::render_text(cs).as_bytes())?;
+    let verdicts: Vec<Option<serde_json::Value>> = cs
+        .iter()
+        .map(|c| {
+            c.lora
+                .as_ref()
+                .map(|l| serde_json::to_value(&l.verdict).expect("verdict serializes"))
+        })
+        .collect();
+    let html_path = dir.join(html::TRAJECTORY_HTML);
+    write_atomic(
+        &html_path,
+        html::render_trajectory(cs, labels, &verdicts).as_bytes(),
+    )?;
+    Ok(vec![json_path, txt_path, html_path])
 }
 
 /// Pretty JSON with a trailing newline.

@@ -199,6 +199,7 @@ fn json_summaries_of_every_subcommand() {
     assert_eq!(v["checkpoints"][1]["modified"], 0);
     assert_eq!(v["overall"].as_array().unwrap().len(), 2);
     // `report` on the directory of several fine-tunes renders each of them again.
+    assert_eq!(v["outputs"].as_array().unwrap().len(), 3);
     let v = json_of(&["report".as_ref(), "--json".as_ref(), traj.as_os_str()]);
-    assert_eq!(v["outputs"].as_array().unwrap().len(), 6);
+    assert_eq!(v["outputs"].as_array().unwrap().len(), 7);
 }

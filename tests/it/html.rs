@@ -96,6 +96,53 @@ fn report_command_regenerates_text_and_html_byte_for_byte() {
 }
 
 #[test]
+fn trajectory_page_links_each_checkpoint_and_regenerates_byte_for_byte() {
+    use weightdiff::synthetic::{build_pair, demo_spec};
+    let dir = tempfile::tempdir().unwrap();
+    let pair = build_pair(&demo_spec(), &dir.path().join("pair")).unwrap();
+    let traj = dir.path().join("traj");
+    weightdiff()
+        .args(["compare", "--quiet", "-o"])
+        .arg(&traj)
+        .arg(&pair.base)
+        .arg(&pair.finetuned)
+        .arg(&pair.base)
+        .assert()
+        .success();
+    let page = traj.join("trajectory.html");
+    let html = std::fs::read_to_string(&page).unwrap();
+    // Two checkpoints, each linked to its own report; layers 0, 1 and "other" per column.
+    assert_eq!(html.matches("<tr class=\"row mod\">").count(), 2);
+    assert!(html.contains("href=\"finetuned/report.html\""));
+    assert!(html.contains("href=\"base/report.html\""));
+    assert_eq!(html.matches("<rect class=\"tcell\"").count(), 3 * 2);
+    assert!(
+        html.contains("mixed (rank 4)"),
+        "verdict of the LoRA'd checkpoint"
+    );
+    for needle in ["http://", "https://", "src=", "@import", "<link"] {
+        assert!(
+            !html.contains(needle),
+            "trajectory.html contains `{needle}`"
+        );
+    }
+    let before = std::fs::read(&page).unwrap();
+    let sub_page = std::fs::read(traj.join("finetuned/report.html")).unwrap();
+    std::fs::remove_file(&page).unwrap();
+    std::fs::remove_file(traj.join("finetuned/report.html")).unwrap();
+    weightdiff()
+        .args(["report", "--quiet"])
+        .arg(&traj)
+        .assert()
+        .success();
+    assert!(
+        std::fs::read(&page).unwrap() == before,
+        "trajectory.html differs"
+    );
+    assert!(std::fs::read(traj.join("finetuned/report.html")).unwrap() == sub_page);
+}
+
+#[test]
 fn report_command_refuses_a_directory_without_reports() {
     let dir = tempfile::tempdir().unwrap();
     weightdiff()
