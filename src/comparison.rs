@@ -31,16 +31,22 @@ pub struct TensorMetrics {
     /// Elements compared.
     pub num_elements: u64,
     /// Σ|d| / n over finite pairs.
+    #[serde(deserialize_with = "null_as_infinity")]
     pub mean_abs_diff: f64,
     /// max |d| over finite pairs.
+    #[serde(deserialize_with = "null_as_infinity")]
     pub max_abs_diff: f64,
     /// sqrt(Σd² / n).
+    #[serde(deserialize_with = "null_as_infinity")]
     pub rms_diff: f64,
     /// sqrt(Σd²), the Frobenius norm of the delta.
+    #[serde(deserialize_with = "null_as_infinity")]
     pub l2_diff: f64,
     /// sqrt(Σa²).
+    #[serde(deserialize_with = "null_as_infinity")]
     pub base_l2: f64,
     /// sqrt(Σb²).
+    #[serde(deserialize_with = "null_as_infinity")]
     pub finetuned_l2: f64,
     /// l2_diff / base_l2; null when base_l2 = 0 and the delta is not zero.
     pub relative_diff: Option<f64>,
@@ -67,6 +73,13 @@ pub struct TensorMetrics {
     /// reference_time / compute_time (`--verify`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub speedup: Option<f64>,
+}
+
+/// JSON has no infinity: serde_json writes a non-finite f64 as `null`. These metrics are
+/// sums and maxima over finite values (NaN pairs are left out), so a `null` one
+/// overflowed: it reads back as +∞ (reports, `--resume` journals, shard parts).
+fn null_as_infinity<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::INFINITY))
 }
 
 impl TensorMetrics {
@@ -310,4 +323,42 @@ pub struct LoraReport {
     pub errors: BTreeMap<String, String>,
     /// Wall-clock seconds of the stage.
     pub total_time: Second,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overflowed_metrics_survive_a_json_round_trip() {
+        let m = TensorMetrics {
+            shape: vec![2],
+            finetuned_shape: None,
+            dtype: "F32".into(),
+            finetuned_dtype: None,
+            compared_rows: None,
+            num_elements: 2,
+            mean_abs_diff: f64::INFINITY,
+            max_abs_diff: f64::INFINITY,
+            rms_diff: f64::INFINITY,
+            l2_diff: f64::INFINITY,
+            base_l2: 1.0,
+            finetuned_l2: f64::INFINITY,
+            relative_diff: None,
+            note: None,
+            cosine_similarity: None,
+            changed_ratio: 1.0,
+            identical: false,
+            nan_count: 0,
+            inf_count: 0,
+            total_time: 0.0,
+            compute_time: 0.0,
+            reference_time: None,
+            speedup: None,
+        };
+        let text = serde_json::to_string(&m).unwrap();
+        assert!(text.contains("\"max_abs_diff\":null"));
+        let back: TensorMetrics = serde_json::from_str(&text).unwrap();
+        assert_eq!(back, m);
+    }
 }

@@ -143,6 +143,31 @@ fn trajectory_page_links_each_checkpoint_and_regenerates_byte_for_byte() {
 }
 
 #[test]
+fn report_command_reads_back_metrics_that_overflowed() {
+    // |d| = 6e38 overflows f32: max_abs_diff is +inf, written as JSON null.
+    let dir = tempfile::tempdir().unwrap();
+    let b = write_file(
+        &dir.path().join("base.safetensors"),
+        &[f32_tensor("w", &[2], &[-3e38, 1.0])],
+    );
+    let f = write_file(
+        &dir.path().join("ft.safetensors"),
+        &[f32_tensor("w", &[2], &[3e38, 1.0])],
+    );
+    let out = dir.path().join("out");
+    compare_cli(&out, &b, &f).assert().success();
+    let wd = read_json(&out.join("weight_differences.json"));
+    assert!(wd["all_differences"]["w"]["max_abs_diff"].is_null());
+    let before = std::fs::read(out.join("report.html")).unwrap();
+    weightdiff()
+        .args(["report", "--quiet"])
+        .arg(&out)
+        .assert()
+        .success();
+    assert!(std::fs::read(out.join("report.html")).unwrap() == before);
+}
+
+#[test]
 fn report_command_refuses_a_directory_without_reports() {
     let dir = tempfile::tempdir().unwrap();
     weightdiff()
