@@ -218,10 +218,15 @@ pub fn resolve(
             id,
             format!(
                 "not in the Hugging Face cache at {} and HF_HUB_OFFLINE=1 forbids downloading; \
-                 on a machine with network run `hf download {} --include '*.json' '*.safetensors'` \
+                 on a machine with network run `hf download {}{} --include '*.json' '*.safetensors'` \
                  (with the same HF_HOME / HF_HUB_CACHE), or unset HF_HUB_OFFLINE",
                 settings.cache.display(),
-                id
+                id.repo,
+                if id.revision == "main" {
+                    String::new()
+                } else {
+                    format!(" --revision {}", id.revision)
+                }
             ),
         ));
     }
@@ -254,7 +259,14 @@ fn weights_complete(snapshot: &Path) -> bool {
     if snapshot.join("model.safetensors.index.json").is_file() {
         return index_complete("model.safetensors.index.json");
     }
-    if snapshot.join("model.safetensors").is_file() {
+    let loose_safetensors = std::fs::read_dir(snapshot).is_ok_and(|mut d| {
+        d.any(|e| {
+            e.is_ok_and(|e| {
+                e.path().extension().is_some_and(|x| x == "safetensors") && e.path().is_file()
+            })
+        })
+    });
+    if loose_safetensors {
         return true;
     }
     if snapshot.join("pytorch_model.bin.index.json").is_file() {

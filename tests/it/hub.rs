@@ -136,7 +136,17 @@ fn offline_and_not_cached_says_what_to_run() {
         .code(2)
         .stderr(predicates::str::contains("acme/absent"))
         .stderr(predicates::str::contains("HF_HUB_OFFLINE"))
-        .stderr(predicates::str::contains("hf download acme/absent"));
+        .stderr(predicates::str::contains(
+            "hf download acme/absent --include",
+        ));
+    wd(dir.path())
+        .env("HF_HUB_OFFLINE", "1")
+        .args(["inspect", "acme/absent@v2"])
+        .assert()
+        .code(2)
+        .stderr(predicates::str::contains(
+            "hf download acme/absent --revision v2",
+        ));
     // A half-downloaded snapshot (index present, a shard missing) is not used.
     let pair = build_pair(&demo_spec(), &dir.path().join("pair")).unwrap();
     let mut files = files_of(&pair.base);
