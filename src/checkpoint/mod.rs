@@ -277,11 +277,13 @@ impl Checkpoint {
                 }
             }
             if let Some(prev) = self.tensors.get(&t.name) {
+                // The earlier one may be in this very file (a pickle can repeat a key).
+                let first = self.shards.get(prev.shard).unwrap_or(&shard).path();
                 self.warnings.push(format!(
                     "{}: tensor `{}` also appears in {}; the first is used",
                     shard.path().display(),
                     t.name,
-                    self.shards[prev.shard].path().display()
+                    first.display()
                 ));
                 continue;
             }

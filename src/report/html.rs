@@ -501,7 +501,24 @@ fn spectrum_plot(s: &mut String, name: &str, t: &Value) {
     );
 }
 
-/// Every compared tensor, most modified first; the script sorts by any column.
+/// Rows of the table written as HTML; the rest are drawn by the script from the JSON
+/// copy of all rows (a 47k-tensor MoE model's table as HTML takes a browser tens of
+/// seconds to lay out; a page of it, well under one).
+const PAGE_ROWS: usize = 2000;
+
+/// A table number as JSON: finite values as numbers, others as their text (JSON has no
+/// infinity), absent as null.
+fn json_num(v: Option<f64>) -> Value {
+    match v {
+        Some(x) if x.is_finite() => Value::from(x),
+        Some(x) => Value::from(x.to_string()),
+        None => Value::Null,
+    }
+}
+
+/// Every compared tensor, most modified first: the first [`PAGE_ROWS`] as HTML (readable
+/// without scripts), all of them as JSON for the script, which sorts by any column,
+/// filters by name and shows more rows on demand.
 fn table(s: &mut String, c: &Comparison, lora: Option<&LoraDocs>, top: usize) {
     let ranks = lora.and_then(|d| d.analysis["tensors"].as_object());
     let _ = writeln!(
@@ -536,26 +553,42 @@ fn table(s: &mut String, c: &Comparison, lora: Option<&LoraDocs>, top: usize) {
         .iter()
         .map(|(n, m)| (*n, *m))
         .chain(unmodified.map(|(n, m)| (n.as_str(), m)));
+    let mut data: Vec<Value> = Vec::with_capacity(c.results.len());
     for (i, (name, m)) in rows.enumerate() {
         let detected = ranks
             .and_then(|t| t.get(name))
             .and_then(|t| t["detected_rank"].as_u64());
-        let star = if i < top && m.is_modified() {
-            "★ "
-        } else {
-            ""
-        };
+        let star = i < top && m.is_modified();
+        let shape = format!("{:?}", m.shape);
+        let numel = m.shape.iter().product::<usize>();
+        data.push(serde_json::json!([
+            i + 1,
+            name,
+            shape,
+            numel,
+            m.dtype,
+            json_num(m.relative_diff),
+            json_num(Some(m.l2_diff)),
+            json_num(m.cosine_similarity),
+            json_num(Some(m.changed_ratio)),
+            json_num(Some(m.max_abs_diff)),
+            detected,
+            u8::from(m.is_modified()) | (u8::from(star) << 1),
+        ]));
+        if i >= PAGE_ROWS {
+            continue;
+        }
         let _ = writeln!(
             s,
-            "<tr class=\"row{}\"><td data-v=\"{}\">{}</td><td data-v=\"{}\">{star}{}</td><td data-v=\"{}\">{}</td>\
+            "<tr class=\"row{}\"><td data-v=\"{}\">{}</td><td data-v=\"{}\">{}{}</td><td data-v=\"{numel}\">{}</td>\
              <td data-v=\"{}\">{}</td>{}{}{}{}{}<td data-v=\"{}\">{}</td></tr>",
             if m.is_modified() { " mod" } else { "" },
             i + 1,
             i + 1,
             esc(name),
+            if star { "★ " } else { "" },
             esc(name),
-            m.shape.iter().product::<usize>(),
-            esc(&format!("{:?}", m.shape)),
+            esc(&shape),
             esc(&m.dtype),
             esc(&m.dtype),
             num_cell(m.relative_diff),
@@ -568,6 +601,26 @@ fn table(s: &mut String, c: &Comparison, lora: Option<&LoraDocs>, top: usize) {
         );
     }
     let _ = writeln!(s, "</tbody></table></div>");
+    let _ = writeln!(
+        s,
+        "<p class=\"note\" id=\"more-bar\">Showing <span id=\"shown\">{}</span> of <span id=\"total\">{}</span> tensors. \
+         <button id=\"more\" type=\"button\"{}>show {PAGE_ROWS} more</button></p>",
+        data.len().min(PAGE_ROWS),
+        data.len(),
+        if data.len() > PAGE_ROWS {
+            ""
+        } else {
+            " hidden"
+        }
+    );
+    // `<` escaped so that no tensor name can close the script element.
+    let json = serde_json::to_string(&data)
+        .expect("rows serialize")
+        .replace('<', "\\u003c");
+    let _ = writeln!(
+        s,
+        "<script id=\"rows-data\" type=\"application/json\" data-page=\"{PAGE_ROWS}\">{json}</script>"
+    );
 }
 
 /// File name of the page for several fine-tunes of one base.
@@ -825,25 +878,68 @@ th[aria-sort=ascending]::after{content:" ▲"}th[aria-sort=descending]::after{co
 tr:not(.mod) td{color:#999}
 "#;
 
-/// Sorting (click a header; `#sort=KEY-asc|desc` in the address sorts on load) and the
-/// name filter. `data-v` holds each cell's sort value; empty sorts last.
+/// Sorting (click a header; `#sort=KEY-asc|desc` in the address sorts on load), the
+/// name filter and "show more", over the JSON copy of the rows (`rows-data`): row
+/// arrays of [rank, name, shape, elements, dtype, relative diff, ‖Δ‖, cosine, changed,
+/// max |Δ|, detected rank, flags (1 modified, 2 starred)]. Cells are built with
+/// `textContent`, never from markup, so a tensor name cannot inject any.
 const SCRIPT: &str = r#"
 (function () {
   var table = document.getElementById('tensors');
   var body = table.tBodies[0];
   var heads = Array.prototype.slice.call(table.tHead.rows[0].cells);
+  var src = document.getElementById('rows-data');
+  var data = JSON.parse(src.textContent);
+  var page = parseInt(src.dataset.page, 10);
+  var shown = Math.min(page, data.length);
+  var view = data.slice();
+  // Column -> index in a row array; `shape` sorts by element count.
+  var col = {rank: 0, name: 1, shape: 3, dtype: 4, relative_diff: 5, l2_diff: 6,
+             cosine_similarity: 7, changed_ratio: 8, max_abs_diff: 9, detected_rank: 10};
+  function sci(x) {
+    var p = x.toExponential(3).split('e'), e = parseInt(p[1], 10);
+    return p[0] + 'e' + (e < 0 ? '-' : '+') + (Math.abs(e) < 10 ? '0' : '') + Math.abs(e);
+  }
+  function cell(tr, v, text) {
+    var td = document.createElement('td');
+    td.dataset.v = v;
+    td.textContent = text;
+    tr.appendChild(td);
+  }
+  function num(tr, x) {
+    if (typeof x === 'number') { cell(tr, String(x), sci(x)); }
+    else { cell(tr, '', x === null ? 'n/a' : x); }
+  }
+  function render() {
+    var rows = [];
+    for (var i = 0; i < Math.min(shown, view.length); i++) {
+      var r = view[i], tr = document.createElement('tr');
+      tr.className = (r[11] & 1) ? 'row mod' : 'row';
+      cell(tr, String(r[0]), String(r[0]));
+      cell(tr, r[1], ((r[11] & 2) ? '\u2605 ' : '') + r[1]);
+      cell(tr, String(r[3]), r[2]);
+      cell(tr, r[4], r[4]);
+      for (var j = 5; j <= 9; j++) { num(tr, r[j]); }
+      cell(tr, r[10] === null ? '' : String(r[10]), r[10] === null ? '\u2013' : String(r[10]));
+      rows.push(tr);
+    }
+    body.replaceChildren.apply(body, rows);
+    document.getElementById('shown').textContent = String(Math.min(shown, view.length));
+    document.getElementById('total').textContent = String(view.length);
+    document.getElementById('more').hidden = shown >= view.length;
+  }
   function sortBy(i, dir) {
-    var num = heads[i].dataset.type === 'num';
-    var rows = Array.prototype.slice.call(body.rows);
-    rows.sort(function (a, b) {
-      var x = a.cells[i].dataset.v, y = b.cells[i].dataset.v;
-      if (x === '' || y === '') { return (x === '') - (y === ''); }
-      if (num) { return dir * (parseFloat(x) - parseFloat(y)); }
-      return dir * x.localeCompare(y, undefined, {numeric: true});
+    var k = col[heads[i].dataset.key], numeric = heads[i].dataset.type === 'num';
+    view.sort(function (a, b) {
+      var x = a[k], y = b[k];
+      var xa = numeric ? typeof x !== 'number' : x === null, ya = numeric ? typeof y !== 'number' : y === null;
+      if (xa || ya) { return (xa - ya) || (a[0] - b[0]); }
+      var c = numeric ? x - y : String(x).localeCompare(String(y), undefined, {numeric: true});
+      return dir * c || (a[0] - b[0]);
     });
-    rows.forEach(function (r) { body.appendChild(r); });
     heads.forEach(function (h) { h.removeAttribute('aria-sort'); });
     heads[i].setAttribute('aria-sort', dir > 0 ? 'ascending' : 'descending');
+    render();
   }
   heads.forEach(function (h, i) {
     h.addEventListener('click', function () {
@@ -859,11 +955,16 @@ const SCRIPT: &str = r#"
   }
   document.getElementById('filter').addEventListener('input', function (e) {
     var q = e.target.value.toLowerCase();
-    Array.prototype.forEach.call(body.rows, function (r) {
-      r.hidden = q !== '' && r.cells[1].dataset.v.toLowerCase().indexOf(q) < 0;
-    });
+    var sorted = heads.findIndex(function (h) { return h.hasAttribute('aria-sort'); });
+    view = data.filter(function (r) { return q === '' || r[1].toLowerCase().indexOf(q) >= 0; });
+    if (sorted >= 0) { sortBy(sorted, heads[sorted].getAttribute('aria-sort') === 'ascending' ? 1 : -1); }
+    else { render(); }
   });
-  document.body.dataset.ready = String(body.rows.length);
+  document.getElementById('more').addEventListener('click', function () {
+    shown += page;
+    render();
+  });
+  document.body.dataset.ready = String(data.length);
 })();
 "#;
 

@@ -301,3 +301,78 @@ fn browser_renders_heatmap_and_sortable_table() {
     assert!(bytes.len() > 20_000, "screenshot of {} bytes", bytes.len());
     eprintln!("screenshot: {}", png.display());
 }
+
+/// A report of 2,500 tensors, one named to break out of the page's script element.
+fn large_hostile_report(dir: &Path) -> PathBuf {
+    let reports = demo_reports(dir);
+    let path = reports.join("weight_differences.json");
+    let mut wd = read_json(&path);
+    let proto = wd["all_differences"]["model.layers.0.self_attn.q_proj.weight"].clone();
+    let mut all = serde_json::Map::new();
+    for i in 0..2500 {
+        let mut m = proto.clone();
+        m["relative_diff"] = serde_json::json!(1e-3 * (1.0 + (i % 97) as f64));
+        all.insert(
+            format!(
+                "model.layers.{}.mlp.experts.{}.up_proj.weight",
+                i / 50,
+                i % 50
+            ),
+            m,
+        );
+    }
+    all.insert(
+        "</script><script>document.title='pwned'</script><img src=x onerror=alert(1)>".into(),
+        proto,
+    );
+    wd["all_differences"] = serde_json::Value::Object(all);
+    std::fs::write(&path, serde_json::to_vec(&wd).unwrap()).unwrap();
+    weightdiff()
+        .args(["report", "--quiet"])
+        .arg(&reports)
+        .assert()
+        .success();
+    reports
+}
+
+#[test]
+fn large_tables_are_paged_and_names_cannot_inject_markup() {
+    let dir = tempfile::tempdir().unwrap();
+    let reports = large_hostile_report(dir.path());
+    let html = std::fs::read_to_string(reports.join("report.html")).unwrap();
+    // 2,000 rows as HTML, all 2,501 in the JSON copy, and the hostile name escaped in both.
+    assert_eq!(html.matches("<tr class=\"row").count(), 2000);
+    assert!(html.contains("<span id=\"total\">2501</span>"));
+    assert_eq!(
+        html.matches("</script>").count(),
+        2,
+        "the page's two script elements only"
+    );
+    assert!(!html.contains("<img src=x"));
+    let Some(browser) = chromium() else {
+        return;
+    };
+    let url = format!(
+        "file://{}#sort=name-asc",
+        reports
+            .join("report.html")
+            .canonicalize()
+            .unwrap()
+            .display()
+    );
+    let out = headless(&browser, &dir.path().join("profile"), &["--dump-dom"], &url);
+    let dom = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        dom.contains("data-ready=\"2501\""),
+        "the script ran to the end"
+    );
+    assert!(
+        !dom.contains("<title>pwned</title>"),
+        "a tensor name ran script"
+    );
+    assert!(!dom.contains("<img"), "a tensor name made an element");
+    assert_eq!(dom.matches("<tr class=\"row").count(), 2000);
+    // Sorted by name: the hostile name (starting with '<') comes first, as text.
+    let first = dom.split("<tr class=\"row").nth(1).unwrap();
+    assert!(first.contains("&lt;/script&gt;"), "{first}");
+}

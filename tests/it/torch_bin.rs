@@ -182,3 +182,20 @@ fn damaged_torch_files_give_clean_errors() {
         }
     }
 }
+
+/// Found by the `torch_file` fuzz target: a pickle naming one tensor twice used to index
+/// past the shard list while reporting the duplicate.
+#[test]
+fn a_name_repeated_in_one_pickle_is_a_warning() {
+    let path = fixture("fuzz/duplicate-name.bin");
+    let ck = Checkpoint::open(&path).unwrap();
+    assert!(
+        ck.warnings
+            .iter()
+            .any(|w| w.contains("q_proj.weight") && w.contains("the first is used")),
+        "{:?}",
+        ck.warnings
+    );
+    let c = weightdiff::compare(&ck, &ck, &CompareOptions::default(), &NoProgress).unwrap();
+    assert!(c.errors.is_empty());
+}
