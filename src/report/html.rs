@@ -212,7 +212,7 @@ impl Scale {
 const UNCHANGED: &str = "#e8e8e8";
 
 /// Heatmap columns, in the order of a transformer block (Llama/Qwen/Mistral/GPT-2/
-/// Falcon/MoE names); other module types follow alphabetically.
+/// Falcon/DeepSeek MLA/MoE names); other module types follow alphabetically.
 const MODULE_ORDER: &[&str] = &[
     "input_layernorm",
     "ln_1",
@@ -224,6 +224,12 @@ const MODULE_ORDER: &[&str] = &[
     "query_key_value",
     "q_norm",
     "k_norm",
+    "q_a_proj",
+    "q_a_layernorm",
+    "q_b_proj",
+    "kv_a_proj_with_mqa",
+    "kv_a_layernorm",
+    "kv_b_proj",
     "o_proj",
     "c_proj",
     "dense",
