@@ -162,14 +162,14 @@ fn summary(s: &mut String, c: &Comparison, lora: Option<&LoraDocs>) {
 }
 
 /// Relative diff → colour: log scale from `lo` to `hi` over a viridis-like ramp.
-struct Scale {
+pub(crate) struct Scale {
     lo: f64,
     hi: f64,
 }
 
 impl Scale {
     /// Spans the positive values, at most six decades below the largest.
-    fn new(values: impl Iterator<Item = f64>) -> Option<Scale> {
+    pub(crate) fn new(values: impl Iterator<Item = f64>) -> Option<Scale> {
         let pos: Vec<f64> = values.filter(|v| *v > 0.0 && v.is_finite()).collect();
         let hi = pos.iter().copied().fold(f64::NAN, f64::max);
         if hi.is_nan() {
@@ -187,7 +187,7 @@ impl Scale {
             .clamp(0.0, 1.0)
     }
 
-    fn colour(&self, v: f64) -> String {
+    pub(crate) fn colour(&self, v: f64) -> String {
         const RAMP: [(f64, f64, f64); 5] = [
             (68.0, 1.0, 84.0),
             (59.0, 82.0, 139.0),
@@ -209,7 +209,7 @@ impl Scale {
     }
 }
 
-const UNCHANGED: &str = "#e8e8e8";
+pub(crate) const UNCHANGED: &str = "#e8e8e8";
 
 /// Heatmap columns, in the order of a transformer block (Llama/Qwen/Mistral/GPT-2/
 /// Falcon/DeepSeek MLA/MoE names); other module types follow alphabetically.
@@ -629,195 +629,6 @@ fn table(s: &mut String, c: &Comparison, lora: Option<&LoraDocs>, top: usize) {
     );
 }
 
-/// File name of the page for several fine-tunes of one base.
-pub const TRAJECTORY_HTML: &str = "trajectory.html";
-
-/// Whole-model and per-layer relative diff of one comparison: √(Σ‖Δ‖²) / √(Σ‖W‖²)
-/// over the tensors of the group. Tensors outside the layers form the group `None`.
-fn group_relative_diffs(c: &Comparison) -> (Option<f64>, BTreeMap<Option<usize>, f64>) {
-    let mut groups: BTreeMap<Option<usize>, (f64, f64)> = BTreeMap::new();
-    let (mut d2, mut b2) = (0.0, 0.0);
-    for (name, m) in &c.results {
-        let e = groups.entry(layer_index(name)).or_default();
-        e.0 += m.l2_diff * m.l2_diff;
-        e.1 += m.base_l2 * m.base_l2;
-        d2 += m.l2_diff * m.l2_diff;
-        b2 += m.base_l2 * m.base_l2;
-    }
-    let rel = |d: f64, b: f64| (b > 0.0).then(|| (d / b).sqrt());
-    (
-        rel(d2, b2),
-        groups
-            .into_iter()
-            .filter_map(|(k, (d, b))| rel(d, b).map(|r| (k, r)))
-            .collect(),
-    )
-}
-
-/// Renders `trajectory.html` for several fine-tuned checkpoints of one base, in the order
-/// given: a table linking each checkpoint's own `report.html` (in `dirs[i]`), the
-/// whole-model relative diff as a line, and relative diff by layer × checkpoint.
-/// `verdicts[i]` is the `verdict` of checkpoint i's `lora_analysis.json`, when it has one.
-pub fn render_trajectory(cs: &[Comparison], dirs: &[String], verdicts: &[Option<Value>]) -> String {
-    let mut s = String::with_capacity(32 * 1024);
-    let base = cs.first().map_or(String::new(), |c| c.base.describe());
-    let _ = write!(
-        s,
-        "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n\
-         <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n\
-         <title>weightdiff trajectory: {}</title>\n<style>{STYLE}</style>\n</head>\n<body>\n\
-         <h1>weightdiff trajectory</h1>\n<p class=\"models\"><b>Base</b> <code>{}</code></p>\n",
-        esc(&short(&base)),
-        esc(&base)
-    );
-    let figures: Vec<_> = cs.iter().map(group_relative_diffs).collect();
-
-    // Table of checkpoints.
-    let _ = writeln!(
-        s,
-        "<h2>Checkpoints</h2>\n<div class=\"scroll\"><table id=\"checkpoints\"><thead><tr><th>#</th>\
-         <th>checkpoint</th><th>modified</th><th>relative diff</th><th>‖Δ‖</th><th>LoRA verdict</th></tr></thead><tbody>"
-    );
-    for (i, (c, (rel, _))) in cs.iter().zip(&figures).enumerate() {
-        let l2: f64 = c
-            .results
-            .iter()
-            .map(|(_, m)| m.l2_diff * m.l2_diff)
-            .sum::<f64>()
-            .sqrt();
-        let verdict = verdicts
-            .get(i)
-            .and_then(Option::as_ref)
-            .map_or("–".to_string(), |v| {
-                match (v["kind"].as_str(), v["rank"].as_u64()) {
-                    (Some(k), Some(r)) => format!("{k} (rank {r})"),
-                    (Some(k), None) => k.to_string(),
-                    _ => "–".to_string(),
-                }
-            });
-        let dir = dirs.get(i).map_or("", String::as_str);
-        let _ = writeln!(
-            s,
-            "<tr class=\"row mod\"><td>{}</td><td><a href=\"{}/{REPORT_HTML}\">{}</a></td><td>{} / {}</td>\
-             <td>{}</td><td>{}</td><td>{}</td></tr>",
-            i + 1,
-            esc(dir),
-            esc(&c.finetuned.describe()),
-            c.modified().len(),
-            c.results.len(),
-            rel.map_or("n/a".to_string(), |r| sci(r, 3)),
-            sci(l2, 3),
-            esc(&verdict)
-        );
-    }
-    let _ = writeln!(s, "</tbody></table></div>");
-
-    // Whole-model relative diff, one point per checkpoint.
-    let values: Vec<f64> = figures.iter().map(|(r, _)| r.unwrap_or(0.0)).collect();
-    let top = values.iter().copied().fold(0.0, f64::max);
-    if top > 0.0 {
-        let (w, h, l, r, t, b) = (640.0, 220.0, 70.0, 20.0, 16.0, 30.0);
-        let n = values.len().max(2) - 1;
-        let px = |i: usize| l + (w - l - r) * i as f64 / n as f64;
-        let py = |v: f64| t + (h - t - b) * (1.0 - v / top);
-        let _ = writeln!(
-            s,
-            "<h2>Whole-model relative diff</h2>\n<svg id=\"trajectory-line\" width=\"{w}\" height=\"{h}\">\
-             <line class=\"grid\" x1=\"{l}\" x2=\"{:.1}\" y1=\"{:.1}\" y2=\"{:.1}\"/>\
-             <text class=\"lab\" x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\">{}</text>\
-             <text class=\"lab\" x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\">0</text>",
-            w - r,
-            py(top),
-            py(top),
-            l - 6.0,
-            py(top) + 4.0,
-            sci(top, 2),
-            l - 6.0,
-            py(0.0) + 4.0
-        );
-        let pts: Vec<String> = values
-            .iter()
-            .enumerate()
-            .map(|(i, v)| format!("{:.1},{:.1}", px(i), py(*v)))
-            .collect();
-        let _ = writeln!(s, "<polyline class=\"sv\" points=\"{}\"/>", pts.join(" "));
-        for (i, v) in values.iter().enumerate() {
-            let _ = writeln!(
-                s,
-                "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"3.5\" fill=\"#3b528b\"><title>{}: {}</title></circle>\
-                 <text class=\"lab\" x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{}</text>",
-                px(i),
-                py(*v),
-                esc(dirs.get(i).map_or("", String::as_str)),
-                sci(*v, 3),
-                px(i),
-                h - 10.0,
-                i + 1
-            );
-        }
-        let _ = writeln!(s, "</svg>");
-    }
-
-    // Relative diff by layer (rows) × checkpoint (columns).
-    let mut rows: Vec<Option<usize>> = figures
-        .iter()
-        .flat_map(|(_, g)| g.keys().copied())
-        .collect();
-    rows.sort();
-    rows.dedup();
-    let scale = Scale::new(figures.iter().flat_map(|(_, g)| g.values().copied()));
-    let (cw, ch, left, topm) = (56.0, 16.0, 64.0, 24.0);
-    let width = left + cw * cs.len() as f64 + 20.0;
-    let height = topm + ch * rows.len() as f64 + 10.0;
-    let _ = writeln!(
-        s,
-        "<h2>Relative diff by layer and checkpoint</h2>\n<figure><svg id=\"trajectory-heatmap\" width=\"{width:.0}\" height=\"{height:.0}\">"
-    );
-    for i in 0..cs.len() {
-        let _ = writeln!(
-            s,
-            "<text class=\"lab\" x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{}</text>",
-            left + cw * (i as f64 + 0.5),
-            topm - 8.0,
-            i + 1
-        );
-    }
-    for (ri, row) in rows.iter().enumerate() {
-        let y = topm + ch * ri as f64;
-        let label = row.map_or("other".to_string(), |l| l.to_string());
-        let _ = writeln!(
-            s,
-            "<text class=\"lab\" x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\">{label}</text>",
-            left - 6.0,
-            y + ch * 0.5 + 4.0
-        );
-        for (ci, (_, groups)) in figures.iter().enumerate() {
-            let Some(v) = groups.get(row) else { continue };
-            let fill = match (&scale, *v > 0.0) {
-                (Some(sc), true) => sc.colour(*v),
-                _ => UNCHANGED.to_string(),
-            };
-            let _ = writeln!(
-                s,
-                "<rect class=\"tcell\" x=\"{:.1}\" y=\"{y:.1}\" width=\"{:.1}\" height=\"{:.1}\" fill=\"{fill}\">\
-                 <title>layer {label}, checkpoint {}: relative diff {}</title></rect>",
-                left + cw * ci as f64,
-                cw - 1.0,
-                ch - 1.0,
-                ci + 1,
-                sci(*v, 3)
-            );
-        }
-    }
-    let _ = writeln!(
-        s,
-        "</svg><figcaption>√(Σ‖Δ‖²)/√(Σ‖W‖²) over the tensors of each layer (\"other\": embeddings, final norm, head), \
-         per checkpoint (columns, in the order given); colours on one log scale across checkpoints.</figcaption></figure>"
-    );
-    let _ = writeln!(s, "</body>\n</html>");
-    s
-}
-
 fn num_cell(v: Option<f64>) -> String {
     match v {
         Some(x) if x.is_finite() => format!("<td data-v=\"{x:e}\">{}</td>", sci(x, 3)),
@@ -831,7 +642,7 @@ fn rel(m: &TensorMetrics) -> f64 {
 }
 
 /// The last two path components of a model argument, for the title.
-fn short(source: &str) -> String {
+pub(crate) fn short(source: &str) -> String {
     let parts: Vec<&str> = source.trim_end_matches('/').rsplit('/').take(2).collect();
     parts.into_iter().rev().collect::<Vec<_>>().join("/")
 }
@@ -843,7 +654,7 @@ fn short_name(name: &str) -> String {
 }
 
 /// Escapes text for HTML element content and attribute values.
-fn esc(s: &str) -> String {
+pub(crate) fn esc(s: &str) -> String {
     let mut o = String::with_capacity(s.len());
     for ch in s.chars() {
         match ch {
@@ -858,7 +669,7 @@ fn esc(s: &str) -> String {
     o
 }
 
-const STYLE: &str = r#"
+pub(crate) const STYLE: &str = r#"
 body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,"Helvetica Neue",Arial,sans-serif;margin:24px auto;max-width:1200px;padding:0 16px;color:#222}
 h1{font-size:1.6em;margin-bottom:4px}h2{font-size:1.2em;margin-top:32px;border-bottom:1px solid #ddd;padding-bottom:4px}
 code{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:.9em}

@@ -249,10 +249,10 @@ pub fn regenerate_trajectory(dir: &Path, top: usize) -> Result<Vec<PathBuf>> {
     let labels: Vec<String> = found.iter().map(|f| f.1.clone()).collect();
     let verdicts: Vec<Option<serde_json::Value>> = found.iter().map(|f| f.3.clone()).collect();
     let cs: Vec<Comparison> = found.into_iter().map(|f| f.2).collect();
-    let page = dir.join(html::TRAJECTORY_HTML);
+    let page = dir.join(trajectory::TRAJECTORY_HTML);
     write_atomic(
         &page,
-        html::render_trajectory(&cs, &labels, &verdicts).as_bytes(),
+        trajectory::render_html(&cs, &labels, &verdicts).as_bytes(),
     )?;
     written.push(page);
     Ok(written)
@@ -273,10 +273,10 @@ pub fn write_trajectory(dir: &Path, cs: &[Comparison], labels: &[String]) -> Res
                 .map(|l| serde_json::to_value(&l.verdict).expect("verdict serializes"))
         })
         .collect();
-    let html_path = dir.join(html::TRAJECTORY_HTML);
+    let html_path = dir.join(trajectory::TRAJECTORY_HTML);
     write_atomic(
         &html_path,
-        html::render_trajectory(cs, labels, &verdicts).as_bytes(),
+        trajectory::render_html(cs, labels, &verdicts).as_bytes(),
     )?;
     Ok(vec![json_path, txt_path, html_path])
 }
