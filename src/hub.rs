@@ -290,35 +290,84 @@ struct Sibling {
 
 struct Client<'a> {
     settings: &'a HubSettings,
-    /// Follows redirects (file contents live on a CDN).
-    follow: ureq::Agent,
-    /// Does not: the hub's own headers (ETag, size) are on the first response.
-    head: ureq::Agent,
+    /// Redirects are followed by [`Client::call`], which decides where the token goes.
+    agent: ureq::Agent,
 }
+
+/// `scheme://host[:port]` of a URL.
+fn origin(url: &str) -> &str {
+    let rest = url.find("://").map_or(0, |i| i + 3);
+    url[rest..].find('/').map_or(url, |i| &url[..rest + i])
+}
+
+/// Maximum redirects followed for one request.
+const MAX_REDIRECTS: usize = 10;
 
 impl Client<'_> {
     fn new(settings: &HubSettings) -> Client<'_> {
-        let config = |redirects: u32| {
-            ureq::Agent::config_builder()
-                .max_redirects(redirects)
-                .http_status_as_error(false)
-                .timeout_connect(Some(Duration::from_secs(30)))
-                .timeout_recv_response(Some(Duration::from_secs(120)))
-                .user_agent(concat!("weightdiff/", env!("CARGO_PKG_VERSION")))
-                .build()
-        };
+        let config = ureq::Agent::config_builder()
+            .max_redirects(0)
+            .http_status_as_error(false)
+            .timeout_connect(Some(Duration::from_secs(30)))
+            .timeout_recv_response(Some(Duration::from_secs(120)))
+            .user_agent(concat!("weightdiff/", env!("CARGO_PKG_VERSION")))
+            .build();
         Client {
             settings,
-            follow: ureq::Agent::new_with_config(config(10)),
-            head: ureq::Agent::new_with_config(config(0)),
+            agent: ureq::Agent::new_with_config(config),
         }
     }
 
-    fn auth<B>(&self, req: ureq::RequestBuilder<B>) -> ureq::RequestBuilder<B> {
-        match &self.settings.token {
-            Some(t) => req.header("Authorization", format!("Bearer {t}")),
-            None => req,
+    /// GET (`head` false) or HEAD `url`, following redirects: all of them for a GET
+    /// (file contents live on a CDN), only those within the hub for a HEAD (the hub's
+    /// own headers — ETag, size, commit — are on the response that points at the CDN,
+    /// as huggingface_hub reads them). The token goes to the hub's host only, never to
+    /// a CDN.
+    fn call(
+        &self,
+        url: &str,
+        head: bool,
+    ) -> std::result::Result<ureq::http::Response<ureq::Body>, ureq::Error> {
+        let hub = origin(&self.settings.endpoint).to_string();
+        let mut url = url.to_string();
+        for _ in 0..MAX_REDIRECTS {
+            let same_host = origin(&url) == hub;
+            let resp = if head {
+                let mut r = self.agent.head(&url);
+                if same_host && let Some(t) = &self.settings.token {
+                    r = r.header("Authorization", format!("Bearer {t}"));
+                }
+                r.call()?
+            } else {
+                let mut r = self.agent.get(&url);
+                if same_host && let Some(t) = &self.settings.token {
+                    r = r.header("Authorization", format!("Bearer {t}"));
+                }
+                r.call()?
+            };
+            let location = resp
+                .headers()
+                .get("location")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string);
+            let next = match location {
+                Some(l) if resp.status().is_redirection() => {
+                    if l.starts_with("http://") || l.starts_with("https://") {
+                        l
+                    } else if l.starts_with('/') {
+                        format!("{}{l}", origin(&url))
+                    } else {
+                        return Ok(resp);
+                    }
+                }
+                _ => return Ok(resp),
+            };
+            if head && origin(&next) != hub {
+                return Ok(resp);
+            }
+            url = next;
         }
+        Err(ureq::Error::TooManyRedirects)
     }
 
     /// Explains a failed status the way a user can act on.
@@ -356,13 +405,14 @@ fn download(
             ),
         )
     };
+    // The revision is one path segment: `refs/pr/1` becomes `refs%2Fpr%2F1`.
     let api = format!(
         "{}/api/models/{}/revision/{}",
         settings.endpoint,
         id.repo,
-        encode_path(&id.revision)
+        encode_path(&id.revision).replace('/', "%2F")
     );
-    let mut resp = client.auth(client.follow.get(&api)).call().map_err(net)?;
+    let mut resp = client.call(&api, false).map_err(net)?;
     if resp.status() != 200 {
         return Err(client.status_error(id, "repository info", resp.status().as_u16()));
     }
@@ -491,7 +541,7 @@ fn fetch_file(
         encode_path(name)
     );
     let net = |e: ureq::Error| hub_error(id, format!("{name}: {e}"));
-    let head = client.auth(client.head.head(&url)).call().map_err(net)?;
+    let head = client.call(&url, true).map_err(net)?;
     let status = head.status().as_u16();
     if !(200..400).contains(&status) {
         return Err(client.status_error(id, name, status));
@@ -568,7 +618,7 @@ fn fetch_blob(
     let net = |e: ureq::Error| hub_error(id, format!("{name}: {e}"));
     progress.start(name, size);
     tracing::info!(file = name, bytes = ?size, "downloading");
-    let mut resp = client.auth(client.follow.get(url)).call().map_err(net)?;
+    let mut resp = client.call(url, false).map_err(net)?;
     if resp.status() != 200 {
         return Err(client.status_error(id, name, resp.status().as_u16()));
     }

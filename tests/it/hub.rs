@@ -297,6 +297,20 @@ fn respond(
             serde_json::Value::from(entries).to_string().into_bytes(),
         );
     }
+    if let Some(name) = path.strip_prefix(&format!("/api/resolve-cache/models/{repo}/{COMMIT}/")) {
+        // Where the hub sends small files now: a relative redirect within the hub.
+        return match files.get(name) {
+            Some(bytes) => (
+                "200 OK",
+                vec![
+                    ("ETag".to_string(), format!("\"{}\"", etag(bytes))),
+                    ("X-Repo-Commit".to_string(), COMMIT.to_string()),
+                ],
+                bytes.clone(),
+            ),
+            None => not_found,
+        };
+    }
     let Some(name) = path.strip_prefix(&format!("/{repo}/resolve/{COMMIT}/")) else {
         return not_found;
     };
@@ -315,6 +329,19 @@ fn respond(
             ("X-Repo-Commit".to_string(), COMMIT.to_string()),
         ];
         return ("302 Found", headers, Vec::new());
+    }
+    if name == "config.json" {
+        return (
+            "307 Temporary Redirect",
+            vec![
+                (
+                    "Location".to_string(),
+                    format!("/api/resolve-cache/models/{repo}/{COMMIT}/{name}"),
+                ),
+                ("X-Repo-Commit".to_string(), COMMIT.to_string()),
+            ],
+            Vec::new(),
+        );
     }
     (
         "200 OK",
@@ -439,6 +466,19 @@ fn gated_repos_need_hf_token() {
     );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["tensors"].as_array().unwrap().len(), 25);
+    // The token follows the hub's own redirect (config.json -> resolve-cache), never the
+    // CDN's.
+    let log = hub.log.lock().unwrap().clone();
+    assert!(
+        log.iter()
+            .any(|l| l.starts_with("GET /api/resolve-cache/") && l.ends_with("auth=yes")),
+        "{log:?}"
+    );
+    assert!(
+        log.iter()
+            .filter(|l| l.contains("/cdn/"))
+            .all(|l| l.ends_with("auth=no"))
+    );
 }
 
 #[test]
