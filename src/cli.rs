@@ -6,7 +6,13 @@ use std::path::PathBuf;
 
 /// Compare a base checkpoint with a fine-tuned one, tensor by tensor.
 #[derive(Debug, Parser)]
-#[command(name = "weightdiff", version, about, long_about = None)]
+#[command(
+    name = "weightdiff",
+    version,
+    about,
+    long_about = None,
+    after_help = "Examples:\n  weightdiff demo -o weightdiff-demo                          # a synthetic pair, compared\n  weightdiff compare Qwen/Qwen3-0.6B ./my-finetune -o out     # reports, verdict, adapter, report.html\n  weightdiff extract-lora ./base ./ft -o adapter --rank 16\n  weightdiff report out                                        # re-render out/report.html\n\nEnvironment: HF_HUB_CACHE, HF_HOME, HF_TOKEN, HF_ENDPOINT, HF_HUB_OFFLINE (hub ids), RUST_LOG, NO_COLOR"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,

@@ -15,6 +15,8 @@ const SUBCOMMANDS: &[&str] = &[
 
 #[test]
 fn every_subcommand_help_has_examples() {
+    let top = weightdiff().arg("--help").output().unwrap();
+    assert!(String::from_utf8(top.stdout).unwrap().contains("Examples:"));
     for sub in SUBCOMMANDS {
         let out = weightdiff().args([sub, "--help"]).output().unwrap();
         assert!(out.status.success(), "{sub} --help failed");
