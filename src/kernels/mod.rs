@@ -7,7 +7,7 @@
 //!   compiler turns into SIMD; AVX2 is chosen at run time), and adds block totals in
 //!   f64. A block holding a non-finite value or overflowing f32 is redone element by
 //!   element in f64, so NaN/Inf are counted and excluded without a branch in the hot loop.
-//! - [`reference`]: one element at a time, decoded independently, summed in f64.
+//! - [`reference`](mod@reference): one element at a time, decoded independently, summed in f64.
 //!
 //! `--verify` runs both and [`check_agreement`] compares them.
 //!
