@@ -118,30 +118,7 @@ impl Checkpoint {
         ck.generation_config = read_json_if_present(&path.join("generation_config.json"))?;
         let index_path = path.join("model.safetensors.index.json");
         if index_path.exists() {
-            let index = index::Index::read(&index_path, path)?;
-            for file in index.files() {
-                let shard_path = path.join(file);
-                if !shard_path.is_file() {
-                    return Err(Error::InvalidIndex {
-                        path: index_path.clone(),
-                        reason: format!("shard `{file}` named by the index does not exist"),
-                    });
-                }
-                check_inside(path, &shard_path)?;
-                let shard = Shard::open(&shard_path)?;
-                ck.add_shard(shard, Some((&index, file)));
-            }
-            for (name, file) in &index.weight_map {
-                if !ck.tensors.contains_key(name) && !ck.broken.contains_key(name) {
-                    ck.broken.insert(
-                        name.clone(),
-                        format!(
-                            "{}: listed by the index but absent from this shard",
-                            path.join(file).display()
-                        ),
-                    );
-                }
-            }
+            let index = ck.add_indexed(path, &index_path, Shard::open)?;
             for f in safetensors_files(path)? {
                 let named = f
                     .strip_prefix(path)
@@ -182,57 +159,69 @@ impl Checkpoint {
         for f in &state {
             tracing::info!(file = %f.display(), "training state, not weights: skipped");
         }
-        let mut files: Vec<PathBuf> = Vec::new();
-        let mut index = None;
-        if index_path.exists() {
-            let idx = index::Index::read(&index_path, path)?;
-            for file in idx.files() {
-                let p = path.join(file);
-                if !p.is_file() {
-                    return Err(Error::InvalidIndex {
-                        path: index_path.clone(),
-                        reason: format!("shard `{file}` named by the index does not exist"),
-                    });
-                }
-                files.push(p);
-            }
-            index = Some(idx);
-        } else if path.join("pytorch_model.bin").is_file() {
-            files.push(path.join("pytorch_model.bin"));
-        } else {
-            files = loose;
+        let no_weights = || {
+            Error::NotAModel {
+            path: path.into(),
+            reason: "no model.safetensors, model.safetensors.index.json, *.safetensors, pytorch_model.bin or pytorch_model.bin.index.json in this directory".into(),
         }
+        };
+        if index_path.exists() {
+            self.add_indexed(path, &index_path, torch::open)?;
+            if self.shards.is_empty() {
+                return Err(no_weights());
+            }
+            return Ok(self);
+        }
+        let files = if path.join("pytorch_model.bin").is_file() {
+            vec![path.join("pytorch_model.bin")]
+        } else {
+            loose
+        };
         if files.is_empty() {
-            return Err(Error::NotAModel {
-                path: path.into(),
-                reason: "no model.safetensors, model.safetensors.index.json, *.safetensors, pytorch_model.bin or pytorch_model.bin.index.json in this directory".into(),
-            });
+            return Err(no_weights());
         }
         for f in files {
             check_inside(path, &f)?;
             let shard = torch::open(&f)?;
-            let file = f
-                .strip_prefix(path)
-                .ok()
-                .and_then(|r| r.to_str())
-                .unwrap_or_default()
-                .to_string();
-            self.add_shard(shard, index.as_ref().map(|i| (i, file.as_str())));
-        }
-        if let Some(idx) = &index {
-            for name in idx.weight_map.keys() {
-                if !self.tensors.contains_key(name) && !self.broken.contains_key(name) {
-                    self.broken.insert(
-                        name.clone(),
-                        format!(
-                            "{}: listed by the index but absent from its shard",
-                            index_path.display()
-                        ),
-                    );
-                }
-            }
+            self.add_shard(shard, None);
         }
         Ok(self)
+    }
+
+    /// Opens the shards an index names (each must exist inside `dir`) with `open`, takes
+    /// the tensors the index assigns to each, and records the tensors it lists that no
+    /// shard holds. Returns the index.
+    fn add_indexed(
+        &mut self,
+        dir: &Path,
+        index_path: &Path,
+        open: fn(&Path) -> Result<Shard>,
+    ) -> Result<index::Index> {
+        let index = index::Index::read(index_path, dir)?;
+        for file in index.files() {
+            let shard_path = dir.join(file);
+            if !shard_path.is_file() {
+                return Err(Error::InvalidIndex {
+                    path: index_path.to_path_buf(),
+                    reason: format!("shard `{file}` named by the index does not exist"),
+                });
+            }
+            check_inside(dir, &shard_path)?;
+            let shard = open(&shard_path)?;
+            self.add_shard(shard, Some((&index, file)));
+        }
+        for (name, file) in &index.weight_map {
+            if !self.tensors.contains_key(name) && !self.broken.contains_key(name) {
+                self.broken.insert(
+                    name.clone(),
+                    format!(
+                        "{}: listed by the index but absent from this shard",
+                        dir.join(file).display()
+                    ),
+                );
+            }
+        }
+        Ok(index)
     }
 
     fn empty(path: &Path) -> Checkpoint {
