@@ -331,20 +331,17 @@ impl Client<'_> {
         let hub = origin(&self.settings.endpoint).to_string();
         let mut url = url.to_string();
         for _ in 0..MAX_REDIRECTS {
-            let same_host = origin(&url) == hub;
-            let resp = if head {
-                let mut r = self.agent.head(&url);
-                if same_host && let Some(t) = &self.settings.token {
-                    r = r.header("Authorization", format!("Bearer {t}"));
-                }
-                r.call()?
+            let mut req = if head {
+                self.agent.head(&url)
             } else {
-                let mut r = self.agent.get(&url);
-                if same_host && let Some(t) = &self.settings.token {
-                    r = r.header("Authorization", format!("Bearer {t}"));
-                }
-                r.call()?
+                self.agent.get(&url)
             };
+            if origin(&url) == hub
+                && let Some(t) = &self.settings.token
+            {
+                req = req.header("Authorization", format!("Bearer {t}"));
+            }
+            let resp = req.call()?;
             let location = resp
                 .headers()
                 .get("location")
