@@ -187,6 +187,14 @@ impl Scale {
             .clamp(0.0, 1.0)
     }
 
+    /// A cell's colour: `v` on `scale`, or the grey of "unchanged" for 0 (or no scale).
+    pub(crate) fn fill(scale: Option<&Scale>, v: f64) -> String {
+        match scale {
+            Some(sc) if v > 0.0 => sc.colour(v),
+            _ => UNCHANGED.to_string(),
+        }
+    }
+
     pub(crate) fn colour(&self, v: f64) -> String {
         const RAMP: [(f64, f64, f64); 5] = [
             (68.0, 1.0, 84.0),
@@ -209,7 +217,7 @@ impl Scale {
     }
 }
 
-pub(crate) const UNCHANGED: &str = "#e8e8e8";
+const UNCHANGED: &str = "#e8e8e8";
 
 /// Heatmap columns, in the order of a transformer block (Llama/Qwen/Mistral/GPT-2/
 /// Falcon/DeepSeek MLA/MoE names); other module types follow alphabetically.
@@ -335,10 +343,7 @@ fn heatmap(s: &mut String, c: &Comparison) {
     for ((layer, col), (v, names)) in &cells {
         let x = left + cw * *col as f64;
         let y = topm + ch * row_of[layer] as f64;
-        let fill = match (&scale, *v > 0.0) {
-            (Some(sc), true) => sc.colour(*v),
-            _ => UNCHANGED.to_string(),
-        };
+        let fill = Scale::fill(scale.as_ref(), *v);
         let _ = writeln!(
             s,
             "<rect class=\"cell\" x=\"{x:.1}\" y=\"{y:.1}\" width=\"{:.1}\" height=\"{:.1}\" fill=\"{fill}\" \

@@ -2,7 +2,7 @@
 //! base grows across several fine-tuned checkpoints (the checkpoints of a training run,
 //! in the order given).
 
-use super::html::{REPORT_HTML, STYLE, Scale, UNCHANGED, esc, short};
+use super::html::{REPORT_HTML, STYLE, Scale, esc, short};
 use super::sci;
 use crate::comparison::{Comparison, SCHEMA_VERSION};
 use crate::pairing::layer_index;
@@ -259,10 +259,7 @@ pub fn render_html(cs: &[Comparison], dirs: &[String], verdicts: &[Option<Value>
         );
         for (ci, (_, groups)) in figures.iter().enumerate() {
             let Some(v) = groups.get(row) else { continue };
-            let fill = match (&scale, *v > 0.0) {
-                (Some(sc), true) => sc.colour(*v),
-                _ => UNCHANGED.to_string(),
-            };
+            let fill = Scale::fill(scale.as_ref(), *v);
             let _ = writeln!(
                 s,
                 "<rect class=\"tcell\" x=\"{:.1}\" y=\"{y:.1}\" width=\"{:.1}\" height=\"{:.1}\" fill=\"{fill}\">\
