@@ -160,37 +160,56 @@ fn write_pages(
 /// `comparison_report.txt` again from the JSON reports in `dir` (after an upgrade, or
 /// when they were deleted to save space). Returns the paths written.
 pub fn regenerate(dir: &Path, top: usize) -> Result<Vec<PathBuf>> {
-    let read = |name: &str| -> Result<Option<serde_json::Value>> {
-        let path = dir.join(name);
-        let bytes = match std::fs::read(&path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(Error::io(&path, "cannot read", e)),
-        };
-        serde_json::from_slice(&bytes)
-            .map(Some)
-            .map_err(|e| Error::InvalidJson {
-                path: path.clone(),
-                reason: e.to_string(),
-            })
+    let (c, docs) = load_recorded(dir)?;
+    render_recorded(dir, &c, docs.as_ref(), top)
+}
+
+/// A JSON report in an output directory; `Ok(None)` when it is not there.
+fn read_report_json(path: &Path) -> Result<Option<serde_json::Value>> {
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(Error::io(path, "cannot read", e)),
     };
+    serde_json::from_slice(&bytes)
+        .map(Some)
+        .map_err(|e| Error::InvalidJson {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })
+}
+
+/// The comparison an output directory records (`weight_differences.json`) and, when
+/// the LoRA stage ran, its documents.
+fn load_recorded(dir: &Path) -> Result<(Comparison, Option<lora::LoraDocs>)> {
     let wd_path = dir.join(WEIGHT_DIFFERENCES_JSON);
-    let wd = read(WEIGHT_DIFFERENCES_JSON)?.ok_or_else(|| Error::NotAModel {
+    let wd = read_report_json(&wd_path)?.ok_or_else(|| Error::NotAModel {
         path: dir.to_path_buf(),
         reason: format!(
             "no {WEIGHT_DIFFERENCES_JSON} here: not the output directory of `weightdiff compare`"
         ),
     })?;
     let c = json::parse(&wd, &wd_path)?;
-    let docs = match read(lora::LORA_ANALYSIS_JSON)? {
+    let docs = match read_report_json(&dir.join(lora::LORA_ANALYSIS_JSON))? {
         Some(analysis) => Some(lora::LoraDocs {
             analysis,
-            metadata: read(lora::LORA_METADATA_JSON)?,
+            metadata: read_report_json(&dir.join(lora::LORA_METADATA_JSON))?,
         }),
         None => None,
     };
+    Ok((c, docs))
+}
+
+/// Writes `difference.txt`, `report.html` and `comparison_report.txt` of a recorded
+/// comparison into `dir`; returns their paths.
+fn render_recorded(
+    dir: &Path,
+    c: &Comparison,
+    docs: Option<&lora::LoraDocs>,
+    top: usize,
+) -> Result<Vec<PathBuf>> {
     let diff = dir.join(DIFFERENCE_TXT);
-    write_atomic(&diff, text::render(&c, top).as_bytes())?;
+    write_atomic(&diff, text::render(c, top).as_bytes())?;
     // The files a `compare` run writes, in its order, as far as they are still here.
     let present: Vec<PathBuf> = [
         DIFFERENCE_TXT,
@@ -207,7 +226,7 @@ pub fn regenerate(dir: &Path, top: usize) -> Result<Vec<PathBuf>> {
     .filter(|p| p.exists())
     .collect();
     let mut written = vec![diff];
-    written.extend(write_pages(&c, docs.as_ref(), dir, top, present)?);
+    written.extend(write_pages(c, docs, dir, top, present)?);
     Ok(written)
 }
 
@@ -226,18 +245,12 @@ pub fn regenerate_trajectory(dir: &Path, top: usize) -> Result<Vec<PathBuf>> {
     let entries = std::fs::read_dir(dir).map_err(|e| Error::io(dir, "cannot list", e))?;
     for e in entries.filter_map(|e| e.ok()) {
         let sub = e.path();
-        let wd = sub.join(WEIGHT_DIFFERENCES_JSON);
-        if !wd.is_file() {
+        if !sub.join(WEIGHT_DIFFERENCES_JSON).is_file() {
             continue;
         }
-        written.extend(regenerate(&sub, top)?);
-        let c = json::parse(&crate::checkpoint::read_json(&wd)?, &wd)?;
-        let analysis = sub.join(lora::LORA_ANALYSIS_JSON);
-        let verdict = if analysis.is_file() {
-            Some(crate::checkpoint::read_json(&analysis)?["verdict"].clone())
-        } else {
-            None
-        };
+        let (c, docs) = load_recorded(&sub)?;
+        written.extend(render_recorded(&sub, &c, docs.as_ref(), top)?);
+        let verdict = docs.map(|d| d.analysis["verdict"].clone());
         let rank = order
             .iter()
             .position(|s| *s == c.finetuned.source)
