@@ -143,3 +143,19 @@ pub fn results_without_times(
         })
         .collect()
 }
+
+/// The one JSON document a successful `--json` run printed on stdout; fails the test,
+/// with the run's stderr, when it did not succeed or printed anything else.
+pub fn stdout_json(out: &std::process::Output) -> Value {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "stdout is not one JSON document ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}

@@ -72,9 +72,7 @@ fn verbosity_goes_to_stderr_and_json_stays_alone_on_stdout() {
             .env_remove("RUST_LOG")
             .output()
             .unwrap();
-        assert!(out.status.success());
-        let v: serde_json::Value =
-            serde_json::from_slice(&out.stdout).expect("stdout is one JSON document");
+        let v = stdout_json(&out);
         assert_eq!(v["compared"], 25);
         String::from_utf8(out.stderr).unwrap()
     };
@@ -120,18 +118,7 @@ fn no_color_turns_off_colour_on_a_terminal() {
 
 /// Runs `weightdiff ARGS` and parses stdout as exactly one JSON document.
 fn json_of(args: &[&std::ffi::OsStr]) -> serde_json::Value {
-    let out = weightdiff().args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "{args:?}: stdout is not one JSON document ({e}): {}",
-            String::from_utf8_lossy(&out.stdout)
-        )
-    })
+    stdout_json(&weightdiff().args(args).output().unwrap())
 }
 
 #[test]

@@ -72,12 +72,7 @@ fn report_command_regenerates_text_and_html_byte_for_byte() {
         .arg(&reports)
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v = stdout_json(&out);
     assert_eq!(v["outputs"].as_array().unwrap().len(), 3);
     for (n, b) in names.iter().zip(&before) {
         assert!(

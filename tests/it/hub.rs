@@ -459,12 +459,7 @@ fn gated_repos_need_hf_token() {
         .args(["inspect", "--json", "acme/gated"])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v = stdout_json(&out);
     assert_eq!(v["tensors"].as_array().unwrap().len(), 25);
     // The token follows the hub's own redirect (config.json -> resolve-cache), never the
     // CDN's.
@@ -524,13 +519,7 @@ fn concurrent_runs_download_each_blob_once() {
         })
         .collect();
     for c in children {
-        let out = c.wait_with_output().unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let v = stdout_json(&c.wait_with_output().unwrap());
         assert_eq!(v["tensors"].as_array().unwrap().len(), 25);
     }
     let log = hub.log.lock().unwrap().clone();
@@ -586,16 +575,11 @@ fn huggingface_hub_and_weightdiff_share_one_cache() {
         py_cache.as_os_str(),
         "acme/tiny-base".as_ref(),
     ]);
-    let out = wd(&py_cache)
+    wd(&py_cache)
         .env("HF_HUB_OFFLINE", "1")
         .args(["inspect", "--json", "acme/tiny-base"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+        .assert()
+        .success();
 
     // weightdiff downloads; huggingface_hub finds every file offline.
     let wd_cache = dir.path().join("wd-cache");

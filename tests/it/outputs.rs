@@ -145,9 +145,7 @@ fn json_flag_prints_only_json_on_stdout() {
         .arg(dir.path())
         .output()
         .unwrap();
-    assert!(out.status.success());
-    let v: serde_json::Value =
-        serde_json::from_slice(&out.stdout).expect("stdout is one JSON document");
+    let v = stdout_json(&out);
     assert_eq!(v["modified"], 8);
     assert_eq!(v["compared"], 25);
 }
