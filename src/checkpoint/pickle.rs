@@ -240,11 +240,11 @@ impl Machine<'_> {
     }
 
     fn memo_put(&mut self, key: u64) -> Result<(), PickleError> {
-        let v = match self.stack.last() {
-            Some(v) => v.clone(),
-            None => return self.err("memoize with an empty stack"),
+        let Some(nodes) = self.stack.last().map(Value::nodes) else {
+            return self.err("memoize with an empty stack");
         };
-        let v = self.copy(&v)?;
+        self.charge(nodes)?;
+        let v = self.stack.last().expect("checked above").clone();
         if self.memo.len() >= MAX_MEMO && !self.memo.contains_key(&key) {
             return self.err("memo too large");
         }
@@ -252,24 +252,23 @@ impl Machine<'_> {
         Ok(())
     }
 
-    /// Accounts for copying `v`; refuses once the pickle has copied too much.
-    fn copy(&mut self, v: &Value) -> Result<Value, PickleError> {
-        self.copied += v.nodes();
+    /// Accounts for copying `nodes` values, before the copy is made; refuses once the
+    /// pickle has copied too much.
+    fn charge(&mut self, nodes: usize) -> Result<(), PickleError> {
+        self.copied += nodes;
         if self.copied > MAX_COPIED {
             return self.err("pickle copies too many values (not a state dict)");
         }
-        Ok(v.clone())
+        Ok(())
     }
 
     fn memo_get(&mut self, key: u64) -> Result<(), PickleError> {
-        match self.memo.get(&key) {
-            Some(v) => {
-                let v = v.clone();
-                let v = self.copy(&v)?;
-                self.push(v)
-            }
-            None => self.err(format!("memo key {key} was never stored")),
-        }
+        let Some(nodes) = self.memo.get(&key).map(Value::nodes) else {
+            return self.err(format!("memo key {key} was never stored"));
+        };
+        self.charge(nodes)?;
+        let v = self.memo[&key].clone();
+        self.push(v)
     }
 
     fn global(&mut self, module: String, name: String) -> Result<(), PickleError> {
@@ -320,8 +319,9 @@ impl Machine<'_> {
                     self.pop_mark()?; // POP_MARK
                 }
                 b'2' => {
-                    let v = self.top()?.clone(); // DUP
-                    let v = self.copy(&v)?;
+                    let nodes = self.top()?.nodes(); // DUP
+                    self.charge(nodes)?;
+                    let v = self.top()?.clone();
                     self.push(v)?;
                 }
                 b'N' => self.push(Value::None)?,
