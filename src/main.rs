@@ -111,13 +111,6 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    let quiet = match &cli.command {
-        Command::Compare(a) => a.display.quiet || a.display.json,
-        Command::ExtractLora(a) => a.display.quiet || a.display.json,
-        Command::Inspect { json, .. } => *json,
-        _ => false,
-    };
-    let _ = QUIET.set(quiet);
     match cli.command {
         Command::Compare(args) => compare(&args),
         Command::ExtractLora(args) => extract_lora(&args),
@@ -142,37 +135,49 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// `--quiet` of the running subcommand: download notes obey it too.
-static QUIET: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+/// How a subcommand opens its models.
+#[derive(Clone, Copy)]
+struct Opening {
+    /// Read through memory maps (`--mmap`).
+    mmap: bool,
+    /// No download progress on stderr (`--quiet`, `--json`).
+    quiet: bool,
+}
+
+impl Opening {
+    fn new(mmap: bool, display: DisplayArgs) -> Opening {
+        Opening {
+            mmap,
+            quiet: display.quiet || display.json,
+        }
+    }
+}
 
 /// Opens a model argument: a path, or a hub id resolved through the Hugging Face cache.
-fn open(path: &Path, role: &str) -> anyhow::Result<Checkpoint> {
+/// `role` ("base", "fine-tuned" or empty) names it in the error.
+fn open(path: &Path, role: &str, how: Opening) -> anyhow::Result<Checkpoint> {
     let settings = weightdiff::hub::HubSettings::from_env();
     let downloads = progress::Downloads::new();
-    let progress: &dyn weightdiff::hub::DownloadProgress = if QUIET.get().copied().unwrap_or(false)
-    {
+    let progress: &dyn weightdiff::hub::DownloadProgress = if how.quiet {
         &weightdiff::hub::Silent
     } else {
         &downloads
     };
-    weightdiff::hub::open_model(path, &settings, progress)
-        .with_context(|| format!("cannot read the {role}model"))
-}
-
-/// Opens a model, reading it through memory maps under `--mmap`.
-fn open_with(path: &Path, role: &str, mmap: bool) -> anyhow::Result<Checkpoint> {
-    let mut ck = open(path, role)?;
-    if mmap {
+    let mut ck = weightdiff::hub::open_model(path, &settings, progress).with_context(|| {
+        if role.is_empty() {
+            "cannot read the model".to_string()
+        } else {
+            format!("cannot read the {role} model")
+        }
+    })?;
+    if how.mmap {
         ck.read_mode = ReadMode::Mmap;
     }
     Ok(ck)
 }
 
-fn open_pair(base: &Path, ft: &Path, mmap: bool) -> anyhow::Result<(Checkpoint, Checkpoint)> {
-    Ok((
-        open_with(base, "base ", mmap)?,
-        open_with(ft, "fine-tuned ", mmap)?,
-    ))
+fn open_pair(base: &Path, ft: &Path, how: Opening) -> anyhow::Result<(Checkpoint, Checkpoint)> {
+    Ok((open(base, "base", how)?, open(ft, "fine-tuned", how)?))
 }
 
 fn compare(args: &CompareArgs) -> anyhow::Result<ExitCode> {
@@ -184,7 +189,11 @@ fn compare(args: &CompareArgs) -> anyhow::Result<ExitCode> {
         }
         return compare_trajectory(args, opts, lora.as_ref());
     }
-    let (base, ft) = open_pair(&args.base, &args.finetuned[0], args.mmap)?;
+    let (base, ft) = open_pair(
+        &args.base,
+        &args.finetuned[0],
+        Opening::new(args.mmap, args.display),
+    )?;
     let _lock = report::lock_output_dir(&args.output)?;
     let signals = install_signals()?;
     opts.cancel = Some(signals.cancel.clone());
@@ -330,7 +339,14 @@ fn print_summary(c: &Comparison, out: &Path) {
 }
 
 fn inspect(model: &Path, json: bool) -> anyhow::Result<ExitCode> {
-    let ck = open(model, "")?;
+    let ck = open(
+        model,
+        "",
+        Opening {
+            mmap: false,
+            quiet: json,
+        },
+    )?;
     let info = pipeline::model_info(&ck);
     let structure = report::architecture::model_structure(&info);
     if json {
@@ -378,8 +394,8 @@ fn demo(out: &Path, display: DisplayArgs) -> anyhow::Result<ExitCode> {
             pair.edits.len()
         );
     }
-    let base = open(&pair.base, "base ")?;
-    let ft = open(&pair.finetuned, "fine-tuned ")?;
+    let how = Opening::new(false, display);
+    let (base, ft) = open_pair(&pair.base, &pair.finetuned, how)?;
     let reports = out.join("reports");
     let opts = weightdiff::CompareOptions {
         verify: true,
@@ -428,7 +444,11 @@ fn regenerate_reports(dir: &Path, top: usize, display: DisplayArgs) -> anyhow::R
 
 fn extract_lora(args: &cli::ExtractArgs) -> anyhow::Result<ExitCode> {
     let (opts, lora_opts) = args.options()?;
-    let (base, ft) = open_pair(&args.base, &args.finetuned, args.mmap)?;
+    let (base, ft) = open_pair(
+        &args.base,
+        &args.finetuned,
+        Opening::new(args.mmap, args.display),
+    )?;
     let _lock = report::lock_output_dir(&args.output)?;
     let progress = progress::Reporter::new(args.display.quiet);
     let c = pipeline::compare(&base, &ft, &opts, &progress)?;
@@ -563,11 +583,12 @@ fn compare_trajectory(
     mut opts: weightdiff::CompareOptions,
     lora: Option<&pipeline::LoraOptions>,
 ) -> anyhow::Result<ExitCode> {
-    let base = open_with(&args.base, "base ", args.mmap)?;
+    let how = Opening::new(args.mmap, args.display);
+    let base = open(&args.base, "base", how)?;
     let fts = args
         .finetuned
         .iter()
-        .map(|p| open_with(p, "fine-tuned ", args.mmap))
+        .map(|p| open(p, "fine-tuned", how))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let out = &args.output;
     let _lock = report::lock_output_dir(out)?;
