@@ -10,13 +10,13 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 /// or while writing outputs.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// An I/O call on `path` failed.
-    #[error("{}: {action}: {source}", path.display())]
+    /// An I/O call on `path` failed. The OS error is part of the message rather than a
+    /// `source()`: with both, `{:#}` (the CLI's error line) printed it twice.
+    #[error("{}: {action}: {error}", path.display())]
     Io {
         path: PathBuf,
         action: &'static str,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
 
     /// A safetensors file failed validation (header, dtypes, offsets, sizes).
@@ -90,7 +90,7 @@ impl Error {
         Error::Io {
             path: path.into(),
             action,
-            source,
+            error: source,
         }
     }
 }
