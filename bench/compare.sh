@@ -13,34 +13,19 @@
 set -euo pipefail
 REPS=${1:-5}
 WORK=${2:-/tmp/wd-bench}
-HERE=$(cd "$(dirname "$0")/.." && pwd)
-SHARED=${SHARED:-$HERE/../shared/bench}
-PY=$("$SHARED/setup.sh")
-mkdir -p "$WORK"
-cargo build --release --manifest-path "$HERE/Cargo.toml" >&2
-WD=$HERE/target/release/weightdiff
-
-make_pair() { # DIR EXTRA_ARGS...
-  local dir=$1; shift
-  [ -f "$dir/ft/model.safetensors.index.json" ] || "$PY" "$SHARED/make_pair.py" --preset qwen3-0.6b --out "$dir" --quiet "$@"
-}
+. "$(dirname "$0")/common.sh"
 make_pair "$WORK/pair"
 make_pair "$WORK/pair2x" --layers 66
 
 warm() { cat "$1"/base/*.safetensors "$1"/ft/*.safetensors > /dev/null; }
 
-# run NAME PAIR CMD... : one timed run, appends "name seconds maxrss_kb" to results
+# run NAME PAIR CMD... : warms PAIR, then one timed run into results
 RESULTS=$WORK/results.txt
 : > "$RESULTS"
 run() {
   local name=$1 pair=$2; shift 2
   warm "$pair"
-  local t0 t1
-  t0=$(date +%s%N)
-  /usr/bin/time -f "%M" -o "$WORK/time.txt" "$@" > /dev/null 2> "$WORK/stderr.txt" || { cat "$WORK/stderr.txt" >&2; exit 1; }
-  t1=$(date +%s%N)
-  # wall time in ns resolution (time's %e has 10 ms), peak RSS in KiB from time's %M
-  echo "$name $(( t1 - t0 )) $(tail -n 1 "$WORK/time.txt")" >> "$RESULTS"
+  timed "$RESULTS" "$name" "$@"
 }
 
 for i in $(seq "$REPS"); do

@@ -12,26 +12,18 @@
 set -euo pipefail
 REPS=${1:-3}
 WORK=${2:-/tmp/wd-bench}
-HERE=$(cd "$(dirname "$0")/.." && pwd)
-SHARED=${SHARED:-$HERE/../shared/bench}
-PY=$("$SHARED/setup.sh")
+. "$(dirname "$0")/common.sh"
 MK=$(dirname "$PY")/mergekit-extract-lora
-mkdir -p "$WORK"
-cargo build --release --manifest-path "$HERE/Cargo.toml" >&2
-WD=$HERE/target/release/weightdiff
 PAIR=$WORK/pair
-[ -f "$PAIR/ft/model.safetensors.index.json" ] || "$PY" "$SHARED/make_pair.py" --preset qwen3-0.6b --out "$PAIR" --quiet
+make_pair "$PAIR"
 
 warm() { cat "$PAIR"/base/*.safetensors "$PAIR"/ft/*.safetensors > /dev/null; }
 RESULTS=$WORK/lora_results.txt
 : > "$RESULTS"
-run() { # NAME CMD...
-  local name=$1 t0 t1; shift
+run() { # NAME CMD...: warms the pair, then one timed run into results
+  local name=$1; shift
   warm
-  t0=$(date +%s%N)
-  /usr/bin/time -f "%M" -o "$WORK/time.txt" "$@" > "$WORK/stdout.txt" 2> "$WORK/stderr.txt" || { cat "$WORK/stderr.txt" >&2; exit 1; }
-  t1=$(date +%s%N)
-  echo "$name $(( t1 - t0 )) $(tail -n 1 "$WORK/time.txt")" >> "$RESULTS"
+  timed "$RESULTS" "$name" "$@"
 }
 evaluate() { # NAME ADAPTER_DIR
   "$PY" "$SHARED/eval_lora.py" "$PAIR" "$2" --oracle --json "$WORK/eval_$1.json" > /dev/null 2>&1

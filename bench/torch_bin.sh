@@ -13,14 +13,8 @@
 set -euo pipefail
 REPS=${1:-3}
 WORK=${2:-/tmp/wd-bench}
-HERE=$(cd "$(dirname "$0")/.." && pwd)
-SHARED=${SHARED:-$HERE/../shared/bench}
-PY=$("$SHARED/setup.sh")
-mkdir -p "$WORK"
-cargo build --release --manifest-path "$HERE/Cargo.toml" >&2
-WD=$HERE/target/release/weightdiff
-
-[ -f "$WORK/pair/ft/model.safetensors.index.json" ] || "$PY" "$SHARED/make_pair.py" --preset qwen3-0.6b --out "$WORK/pair" --quiet
+. "$(dirname "$0")/common.sh"
+make_pair "$WORK/pair"
 for side in base ft; do
   [ -f "$WORK/bin/$side/pytorch_model.bin" ] || "$PY" "$HERE/bench/torch_bin.py" convert "$WORK/pair/$side" "$WORK/bin/$side"
   [ -f "$WORK/bin-legacy/$side/pytorch_model.bin" ] || "$PY" "$HERE/bench/torch_bin.py" convert "$WORK/pair/$side" "$WORK/bin-legacy/$side" --legacy
@@ -28,14 +22,10 @@ done
 
 RESULTS=$WORK/results-bin.txt
 : > "$RESULTS"
-run() { # NAME FILES_GLOB CMD...
+run() { # NAME FILES CMD...: warms FILES, then one timed run into results
   local name=$1 files=$2; shift 2
   cat $files > /dev/null
-  local t0 t1
-  t0=$(date +%s%N)
-  /usr/bin/time -f "%M" -o "$WORK/time.txt" "$@" > /dev/null 2> "$WORK/stderr.txt" || { cat "$WORK/stderr.txt" >&2; exit 1; }
-  t1=$(date +%s%N)
-  echo "$name $(( t1 - t0 )) $(tail -n 1 "$WORK/time.txt")" >> "$RESULTS"
+  timed "$RESULTS" "$name" "$@"
 }
 BIN="$WORK/bin/base/pytorch_model.bin $WORK/bin/ft/pytorch_model.bin"
 LEG="$WORK/bin-legacy/base/pytorch_model.bin $WORK/bin-legacy/ft/pytorch_model.bin"
