@@ -11,6 +11,17 @@
 //! detected rank when it is below the number of values computed and the cliff is sharp,
 //! σ_r / σ_{r+1} ≥ [`MIN_GAP`]. Otherwise the delta is not low-rank within the analysed
 //! range (`detected_rank: null`).
+//!
+//! A delta as large as the weights, merged in f32 or f16, also carries the rounding of
+//! the merge arithmetic (B·A is rounded before the add): its tail sits a few times above
+//! the storage prediction, while the cliff is orders of magnitude deep. So a second rule:
+//! the deepest step σ_r / σ_{r+1} ≥ [`CLIFF_GAP`] whose tail σ_{r+1} is within
+//! [`CLIFF_TAIL_MARGIN`] of the floor is a rank too. A dense fine-tune has no such step.
+//!
+//! A matrix whose smaller side is at most the number of values analysed (a [2, 384]
+//! token-type table, a [32, 4] relative attention bias) has its whole spectrum computed;
+//! when every value is above the floor ([`is_full_spectrum`]) a LoRA of rank ≥ its size
+//! and a dense change look the same, so the verdict leaves it out.
 
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -21,6 +32,10 @@ use std::collections::BTreeMap;
 pub const FLOOR_MARGIN: f64 = 1.5;
 /// The smallest ratio σ_r / σ_{r+1} accepted as a rank cliff.
 pub const MIN_GAP: f64 = 2.0;
+/// A step this deep is a rank cliff even when its tail is above [`FLOOR_MARGIN`]·floor.
+pub const CLIFF_GAP: f64 = 1e3;
+/// ... as long as the tail is within this multiple of the predicted floor.
+pub const CLIFF_TAIL_MARGIN: f64 = 64.0;
 
 /// Predicted top singular value of the rounding noise of an m × n delta whose
 /// elements' squared rounding errors sum to `rounding_var_sum`.
@@ -40,22 +55,41 @@ pub struct Detection {
 /// Applies the rule of the module docs to singular values `s` (non-increasing).
 pub fn detect(s: &[f64], floor: f64) -> Detection {
     let tau = FLOOR_MARGIN * floor;
+    let gap_at = |r: usize| {
+        if s[r] > 0.0 {
+            s[r - 1] / s[r]
+        } else {
+            f64::INFINITY
+        }
+    };
     let r = s.iter().take_while(|&&x| x > tau).count();
-    if r == 0 || r >= s.len() {
+    if r > 0 && r < s.len() && gap_at(r) >= MIN_GAP {
         return Detection {
-            detected_rank: None,
-            gap_ratio: None,
+            detected_rank: Some(r),
+            gap_ratio: Some(gap_at(r)),
         };
     }
-    let gap = if s[r] > 0.0 {
-        s[r - 1] / s[r]
-    } else {
-        f64::INFINITY
-    };
-    Detection {
-        detected_rank: (gap >= MIN_GAP).then_some(r),
-        gap_ratio: Some(gap),
+    let deepest = (1..s.len())
+        .filter(|&i| s[i] <= CLIFF_TAIL_MARGIN * floor && s[i - 1] > tau)
+        .max_by(|&a, &b| gap_at(a).total_cmp(&gap_at(b)));
+    if let Some(c) = deepest.filter(|&c| gap_at(c) >= CLIFF_GAP) {
+        return Detection {
+            detected_rank: Some(c),
+            gap_ratio: Some(gap_at(c)),
+        };
     }
+    Detection {
+        detected_rank: None,
+        gap_ratio: (r > 0 && r < s.len()).then(|| gap_at(r)),
+    }
+}
+
+/// Whether `s`, the top singular values of an m × n delta, is its whole spectrum
+/// (min(m, n) values) with every value above the floor: a thin matrix changed in every
+/// direction, whose spectrum cannot tell a LoRA of rank ≥ min(m, n) from a dense change.
+pub fn is_full_spectrum(s: &[f64], floor: f64, m: usize, n: usize) -> bool {
+    let full = m.min(n);
+    full > 0 && s.len() == full && s.last().is_some_and(|&x| x > FLOOR_MARGIN * floor)
 }
 
 /// The overall verdict of `lora_analysis.json`.
@@ -160,6 +194,28 @@ mod tests {
         );
         // Noise only.
         assert_eq!(detect(&[0.012, 0.01], 0.01).detected_rank, None);
+    }
+
+    #[test]
+    fn a_deep_cliff_is_a_rank_when_merge_rounding_lifts_the_tail() {
+        // An f32 merge of a delta larger than the weights: tail at twice the floor.
+        let s = [2.5, 2.2, 1.4, 1.2, 6.3e-8, 5.2e-8, 5.0e-8, 4.7e-8];
+        assert_eq!(detect(&s, 3.4e-8).detected_rank, Some(4));
+        // A dense spectrum with a tail far above the floor has no such cliff.
+        let dense = [2.5, 2.2, 1.4, 1.2, 1.0, 0.9, 0.8, 0.7];
+        assert_eq!(detect(&dense, 3.4e-8).detected_rank, None);
+        // A deep step whose tail is signal (far above the floor) is not rounding.
+        let step = [2.5, 2.2, 1e-3, 9e-4, 8e-4];
+        assert_eq!(detect(&step, 1e-9).detected_rank, None);
+    }
+
+    #[test]
+    fn a_thin_matrix_changed_everywhere_has_a_full_spectrum() {
+        assert!(is_full_spectrum(&[23.0, 14.0], 6e-7, 2, 32));
+        // Not when only part of the spectrum was computed.
+        assert!(!is_full_spectrum(&[23.0, 14.0], 6e-7, 64, 32));
+        // Not when its tail is noise.
+        assert!(!is_full_spectrum(&[23.0, 14.0, 1e-9], 1e-8, 3, 32));
     }
 
     #[test]
