@@ -134,6 +134,12 @@ pub struct CompareArgs {
     /// Skip the low-rank analysis and the LoRA extraction.
     #[arg(long)]
     pub no_lora: bool,
+    /// PEFT task type of the adapter (default: from config.json's architectures).
+    #[arg(long, value_name = "TYPE")]
+    pub task_type: Option<weightdiff::peft::TaskOverride>,
+    /// The runtime the adapter is written for: `peft` or `vllm`.
+    #[arg(long, default_value = "peft")]
+    pub profile: weightdiff::peft::Profile,
     /// Seed of the randomized SVD.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -191,6 +197,14 @@ pub struct ExtractArgs {
     /// Leave changed 1-D tensors (norms, biases) out instead of saving them whole.
     #[arg(long)]
     pub skip_undecomposable: bool,
+    /// PEFT task type of the adapter (default: from config.json's architectures; `none`
+    /// for PEFT's base PeftModel).
+    #[arg(long, value_name = "TYPE")]
+    pub task_type: Option<weightdiff::peft::TaskOverride>,
+    /// The runtime to write for: `peft` (everything PEFT loads) or `vllm` (linear
+    /// modules only, one rank vLLM accepts, no bias, no modules_to_save).
+    #[arg(long, default_value = "peft")]
+    pub profile: weightdiff::peft::Profile,
     /// Seed of the randomized SVD.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -280,6 +294,8 @@ impl ExtractArgs {
             uniform_rank: self.uniform_rank,
             skip_undecomposable: self.skip_undecomposable,
             threads: self.threads,
+            task_type: self.task_type,
+            profile: self.profile,
         };
         Ok((compare, lora))
     }
@@ -317,6 +333,8 @@ impl CompareArgs {
             },
             extract: true,
             threads: self.threads,
+            task_type: self.task_type,
+            profile: self.profile,
             ..Default::default()
         }))
     }

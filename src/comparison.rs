@@ -272,6 +272,9 @@ pub enum ModuleKind {
     Linear,
     /// `lora_embedding_A` [r, vocab], `lora_embedding_B` [hidden, r].
     Embedding,
+    /// A GPT-2-style `Conv1D`, weight stored [in, out]: `lora_A.weight` [r, in],
+    /// `lora_B.weight` [out, r], with `fan_in_fan_out`.
+    Conv1d,
 }
 
 /// One module's extracted LoRA.
@@ -283,6 +286,8 @@ pub struct ExtractedModule {
     pub module: String,
     pub kind: ModuleKind,
     pub factors: crate::lowrank::extract::Factors,
+    /// Δ of the module's bias, written as `lora_B.bias` when the adapter uses `lora_bias`.
+    pub bias: Option<Vec<f64>>,
 }
 
 /// A tensor saved whole through PEFT's `modules_to_save` (changed 1-D tensors).
@@ -323,6 +328,16 @@ pub struct LoraReport {
     pub errors: BTreeMap<String, String>,
     /// Wall-clock seconds of the stage.
     pub total_time: Second,
+    /// The model facts the adapter follows (task type, module kinds).
+    pub facts: crate::peft::ModelFacts,
+    /// The runtime the adapter is written for.
+    pub profile: crate::peft::Profile,
+    /// Bias deltas of the LoRA modules are in the adapter (`lora_bias`).
+    pub lora_bias: bool,
+    /// `target_modules` of the adapter config.
+    pub target_modules: crate::peft::TargetModules,
+    /// Notes on the adapter for every report (a missing task type, a profile's limits).
+    pub notes: Vec<String>,
 }
 
 #[cfg(test)]

@@ -45,6 +45,7 @@ pub mod journal;
 pub mod kernels;
 pub mod lowrank;
 pub mod pairing;
+pub mod peft;
 pub mod pipeline;
 pub mod report;
 pub mod rng;

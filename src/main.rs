@@ -487,7 +487,7 @@ fn extract_lora(args: &cli::ExtractArgs) -> anyhow::Result<ExitCode> {
         print_json(&serde_json::json!({
             "verdict": lora.verdict,
             "modules": lora.extracted.len(),
-            "default_rank": report::adapter::default_rank(&lora),
+            "default_rank": weightdiff::peft::adapter::default_rank(&lora),
             "mean_residual": mean,
             "modules_to_save": lora.modules_to_save,
             "skipped": lora.skipped.len(),
@@ -497,7 +497,7 @@ fn extract_lora(args: &cli::ExtractArgs) -> anyhow::Result<ExitCode> {
         eprintln!(
             "extracted {} modules (default rank {}), mean relative error {mean:.3e}; {} changed tensors not extracted",
             lora.extracted.len(),
-            report::adapter::default_rank(&lora),
+            weightdiff::peft::adapter::default_rank(&lora),
             lora.skipped.len()
         );
         eprintln!("adapter written to {}", out.display());

@@ -12,8 +12,8 @@ use crate::checkpoint::dtype::DType;
 use crate::comparison::{Comparison, ExtractedModule, ModuleKind, SCHEMA_VERSION, SavedTensor};
 use crate::error::{Error, Result};
 use crate::lowrank::extract::Factors;
+use crate::peft::adapter::{AdapterTensor, safetensors_bytes};
 use crate::pipeline::{LoraOptions, LoraParts};
-use crate::report::adapter::{AdapterTensor, safetensors_bytes};
 use crate::report::{to_json, write_atomic};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -101,6 +101,12 @@ struct LoraPart {
     extracted: Vec<ExtractedMeta>,
     vectors: Vec<String>,
     candidates: Vec<SavedMeta>,
+    /// Modules saved whole whatever else is extracted (task heads, routers).
+    #[serde(default)]
+    saved_whole: Vec<String>,
+    /// (module, length) of the bias deltas, stored as `bias/{module}`.
+    #[serde(default)]
+    bias_deltas: Vec<(String, usize)>,
     skipped: Vec<(String, String)>,
     errors: BTreeMap<String, String>,
     total_time: f64,
@@ -150,6 +156,13 @@ pub fn write_part(
                 &f.b,
             ));
         }
+        for (module, delta) in &p.bias_deltas {
+            tensors.push(f64_tensor(
+                format!("bias/{module}"),
+                vec![delta.len()],
+                delta,
+            ));
+        }
         for t in &p.candidates {
             tensors.push(AdapterTensor {
                 key: format!("saved/{}", t.key),
@@ -185,6 +198,12 @@ pub fn write_part(
                     dtype: t.dtype,
                     shape: t.shape.clone(),
                 })
+                .collect(),
+            saved_whole: p.saved_whole.clone(),
+            bias_deltas: p
+                .bias_deltas
+                .iter()
+                .map(|(m, d)| (m.clone(), d.len()))
                 .collect(),
             skipped: p.skipped.clone(),
             errors: p.errors.clone(),
@@ -260,6 +279,7 @@ fn read_part(dir: &Path) -> Result<Part> {
                         residual: e.residual,
                         residual_stored: e.residual_stored,
                     },
+                    bias: None,
                 });
             }
             let mut candidates = Vec::new();
@@ -275,11 +295,20 @@ fn read_part(dir: &Path) -> Result<Part> {
                     bytes: ck.read(entry, 0, entry.nbytes())?.to_vec(),
                 });
             }
+            let mut bias_deltas = Vec::new();
+            for (module, len) in &l.bias_deltas {
+                bias_deltas.push((
+                    module.clone(),
+                    read_f64(&ck, &format!("bias/{module}"), *len, dir)?,
+                ));
+            }
             let parts = LoraParts {
                 spectra: l.spectra.clone(),
                 extracted,
                 vectors: l.vectors.clone(),
                 candidates,
+                saved_whole: l.saved_whole.clone(),
+                bias_deltas,
                 skipped: l.skipped.clone(),
                 errors: l.errors.clone(),
                 total_time: l.total_time,

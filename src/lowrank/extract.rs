@@ -3,7 +3,7 @@
 //!
 //! With Δ ≈ U_k S_k V_kᵀ the factors are B = U_k √S_k (m × k) and A = √S_k V_kᵀ (k × n),
 //! so that B·A reproduces the truncation with a scale of exactly 1 (the adapter config
-//! sets `lora_alpha = r` for every module, see `report::adapter`). Splitting √S to both
+//! sets `lora_alpha = r` for every module, see `peft::adapter`). Splitting √S to both
 //! sides keeps the two factors at similar magnitudes, which matters once they are
 //! rounded to bf16.
 
@@ -37,6 +37,24 @@ pub struct Factors {
     pub residual: f64,
     /// The same with the factors rounded to the storage dtype, measured against Δ.
     pub residual_stored: f64,
+}
+
+impl Factors {
+    /// Pads the factors with zero components up to `rank` (no-op when already there):
+    /// B·A, and so every residual, is unchanged.
+    pub fn pad_to(&mut self, rank: usize) {
+        if rank <= self.rank {
+            return;
+        }
+        let mut b = vec![0f64; self.m * rank];
+        for i in 0..self.m {
+            b[i * rank..i * rank + self.rank]
+                .copy_from_slice(&self.b[i * self.rank..(i + 1) * self.rank]);
+        }
+        self.b = b;
+        self.a.resize(rank * self.n, 0.0);
+        self.rank = rank;
+    }
 }
 
 /// Picks the rank for singular values `s` (non-increasing) of a delta with ‖Δ‖²_F = frob2.

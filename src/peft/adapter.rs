@@ -52,39 +52,60 @@ fn transpose(v: &[f64], rows: usize, cols: usize) -> Vec<f64> {
 /// The adapter's tensors, with PEFT key names, in key order.
 pub fn tensors(r: &LoraReport) -> Vec<AdapterTensor> {
     let mut out = Vec::new();
+    let mut push = |key: String, dtype: DType, shape: Vec<usize>, values: &[f64]| {
+        out.push(AdapterTensor {
+            key,
+            dtype,
+            shape,
+            bytes: encode(dtype, values),
+        })
+    };
     for e in &r.extracted {
         let f = &e.factors;
         let p = format!("base_model.model.{}", e.module);
         match e.kind {
             ModuleKind::Linear => {
-                out.push(AdapterTensor {
-                    key: format!("{p}.lora_A.weight"),
-                    dtype: f.dtype,
-                    shape: vec![f.rank, f.n],
-                    bytes: encode(f.dtype, &f.a),
-                });
-                out.push(AdapterTensor {
-                    key: format!("{p}.lora_B.weight"),
-                    dtype: f.dtype,
-                    shape: vec![f.m, f.rank],
-                    bytes: encode(f.dtype, &f.b),
-                });
+                push(
+                    format!("{p}.lora_A.weight"),
+                    f.dtype,
+                    vec![f.rank, f.n],
+                    &f.a,
+                );
+                push(
+                    format!("{p}.lora_B.weight"),
+                    f.dtype,
+                    vec![f.m, f.rank],
+                    &f.b,
+                );
+            }
+            ModuleKind::Conv1d => {
+                // Conv1D stores W as [in, out] and PEFT (fan_in_fan_out) adds (B·A)ᵀ:
+                // with Δ = B'A' as stored, lora_A = B'ᵀ [r, in] and lora_B = A'ᵀ [out, r].
+                let a = transpose(&f.b, f.m, f.rank);
+                let b = transpose(&f.a, f.rank, f.n);
+                push(format!("{p}.lora_A.weight"), f.dtype, vec![f.rank, f.m], &a);
+                push(format!("{p}.lora_B.weight"), f.dtype, vec![f.n, f.rank], &b);
             }
             ModuleKind::Embedding => {
                 // PEFT's embedding LoRA: ΔW[vocab, hidden] = lora_embedding_Aᵀ · lora_embedding_Bᵀ.
-                out.push(AdapterTensor {
-                    key: format!("{p}.lora_embedding_A"),
-                    dtype: f.dtype,
-                    shape: vec![f.rank, f.m],
-                    bytes: encode(f.dtype, &transpose(&f.b, f.m, f.rank)),
-                });
-                out.push(AdapterTensor {
-                    key: format!("{p}.lora_embedding_B"),
-                    dtype: f.dtype,
-                    shape: vec![f.n, f.rank],
-                    bytes: encode(f.dtype, &transpose(&f.a, f.rank, f.n)),
-                });
+                let a = transpose(&f.b, f.m, f.rank);
+                let b = transpose(&f.a, f.rank, f.n);
+                push(
+                    format!("{p}.lora_embedding_A"),
+                    f.dtype,
+                    vec![f.rank, f.m],
+                    &a,
+                );
+                push(
+                    format!("{p}.lora_embedding_B"),
+                    f.dtype,
+                    vec![f.n, f.rank],
+                    &b,
+                );
             }
+        }
+        if let Some(bias) = &e.bias {
+            push(format!("{p}.lora_B.bias"), f.dtype, vec![bias.len()], bias);
         }
     }
     for s in &r.saved {
@@ -111,8 +132,18 @@ fn escape(module: &str) -> String {
     regex::escape(module)
 }
 
-/// The default rank: the most common one (ties to the larger).
+/// The default rank: the experts' rank in a fused-expert model (PEFT converts the
+/// per-expert factors to the fused parameters under the default rank), else the most
+/// common one (ties to the larger).
 pub fn default_rank(r: &LoraReport) -> usize {
+    if r.facts.fused_experts()
+        && let Some(e) = r
+            .extracted
+            .iter()
+            .find(|e| super::expert_of(&e.tensor).is_some())
+    {
+        return e.factors.rank;
+    }
     let mut counts: BTreeMap<usize, usize> = BTreeMap::new();
     for e in &r.extracted {
         *counts.entry(e.factors.rank).or_default() += 1;
@@ -132,27 +163,21 @@ pub fn config(r: &LoraReport) -> Value {
         rank_pattern.insert(escape(&e.module), json!(e.factors.rank));
         alpha_pattern.insert(escape(&e.module), json!(e.factors.rank));
     }
-    let mut targets: Vec<String> = r
-        .extracted
-        .iter()
-        .map(|e| crate::pairing::module_type(&e.tensor))
-        .collect();
-    targets.sort();
-    targets.dedup();
+    let fan_in_fan_out = r.extracted.iter().any(|e| e.kind == ModuleKind::Conv1d);
     json!({
         "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
+        "task_type": r.facts.task_type.map(|t| t.as_str()),
         "base_model_name_or_path": r.base_model,
         "r": rank,
         "lora_alpha": rank,
-        "target_modules": targets,
+        "target_modules": r.target_modules,
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,
         "modules_to_save": if r.modules_to_save.is_empty() { Value::Null } else { json!(r.modules_to_save) },
         "bias": "none",
-        "lora_bias": false,
+        "lora_bias": r.lora_bias,
         "lora_dropout": 0.0,
-        "fan_in_fan_out": false,
+        "fan_in_fan_out": fan_in_fan_out,
         "use_rslora": false,
         "use_dora": false,
         "init_lora_weights": true,

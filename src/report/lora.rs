@@ -1,11 +1,12 @@
 //! `lora_analysis.json` and `lora_metadata.json`, and writing the adapter with its
 //! verification.
 
-use super::{adapter, to_json, write_atomic};
+use super::{to_json, write_atomic};
 use crate::comparison::{LoraReport, SCHEMA_VERSION};
 use crate::error::{Error, Result};
 use crate::lowrank::TensorSpectrum;
 use crate::pairing::{layer_index, module_type};
+use crate::peft::adapter;
 use serde_json::{Map, Value, json};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

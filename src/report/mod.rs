@@ -1,7 +1,6 @@
 //! Reports: one module per output file, each a pure renderer from a [`Comparison`] to
 //! bytes, and one writer that puts bytes on disk atomically.
 
-pub mod adapter;
 pub mod architecture;
 pub mod config;
 pub mod html;

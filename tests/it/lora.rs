@@ -285,9 +285,26 @@ fn adapter_has_peft_keys_shapes_and_config() {
     assert_eq!(cfg["peft_type"], "LORA");
     assert_eq!(cfg["r"], 4);
     assert_eq!(cfg["lora_alpha"], 4);
+    // Only layer 1's q_proj changed: the leaf `q_proj` would also wrap layer 0's, so
+    // target_modules is a pattern PEFT full-matches against module names.
+    let pattern = cfg["target_modules"].as_str().expect("a regex string");
+    let re = regex::Regex::new(&format!("^{pattern}$")).unwrap();
+    let base = Checkpoint::open(&pair.base).unwrap();
+    let wrapped: BTreeSet<&str> = base
+        .tensors()
+        .keys()
+        .filter_map(|n| n.rsplit_once('.').map(|(m, _)| m))
+        .filter(|m| re.is_match(m))
+        .collect();
     assert_eq!(
-        cfg["target_modules"],
-        serde_json::json!(["embed_tokens", "lm_head", "q_proj"])
+        wrapped,
+        [
+            "lm_head",
+            "model.embed_tokens",
+            "model.layers.1.self_attn.q_proj"
+        ]
+        .into_iter()
+        .collect()
     );
     assert_eq!(cfg["modules_to_save"], serde_json::json!(["model.norm"]));
     let meta = read_json(&out.join("lora_metadata.json"));
