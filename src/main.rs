@@ -491,6 +491,8 @@ fn extract_lora(args: &cli::ExtractArgs) -> anyhow::Result<ExitCode> {
             "mean_residual": mean,
             "modules_to_save": lora.modules_to_save,
             "skipped": lora.skipped.len(),
+            "task_type": lora.facts.task_type,
+            "notes": lora.notes,
             "outputs": written,
         }))?;
     } else if !args.display.quiet {
@@ -500,7 +502,14 @@ fn extract_lora(args: &cli::ExtractArgs) -> anyhow::Result<ExitCode> {
             weightdiff::peft::adapter::default_rank(&lora),
             lora.skipped.len()
         );
-        eprintln!("adapter written to {}", out.display());
+        eprintln!(
+            "adapter written to {} (task type {})",
+            out.display(),
+            lora.facts.task_type.map_or("none", |t| t.as_str())
+        );
+        for n in &lora.notes {
+            eprintln!("note: {n}");
+        }
     }
     Ok(if c.errors.is_empty() && lora.errors.is_empty() {
         ExitCode::SUCCESS

@@ -238,6 +238,15 @@ fn lora_section(w: &mut String, docs: &LoraDocs) {
                 m["default_rank"],
                 sci(m["mean_residual_stored"].as_f64().unwrap_or(0.0), 3)
             );
+            let _ = writeln!(
+                w,
+                "Adapter task type: {} (profile {}).",
+                m["task_type"].as_str().unwrap_or("none"),
+                m["profile"].as_str().unwrap_or("peft")
+            );
+        }
+        for n in m["notes"].as_array().into_iter().flatten() {
+            let _ = writeln!(w, "note: {}", n.as_str().unwrap_or("?"));
         }
     }
     for s in a["skipped"].as_array().into_iter().flatten() {

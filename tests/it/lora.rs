@@ -23,6 +23,17 @@ fn shape() -> ModelShape {
 }
 
 fn lora_pair(dir: &std::path::Path, rank: usize, modules: &[&str], dtype: DType) -> BuiltPair {
+    lora_pair_sized(dir, rank, modules, dtype, 0.05)
+}
+
+/// A pair whose LoRA delta has ‖Δ‖ = `delta_rel`·‖W‖.
+fn lora_pair_sized(
+    dir: &std::path::Path,
+    rank: usize,
+    modules: &[&str],
+    dtype: DType,
+    delta_rel: f64,
+) -> BuiltPair {
     let spec = PairSpec {
         shape: shape(),
         dtype,
@@ -30,7 +41,7 @@ fn lora_pair(dir: &std::path::Path, rank: usize, modules: &[&str], dtype: DType)
             rank,
             alpha: 2.0 * rank as f64,
             modules: modules.iter().map(|s| s.to_string()).collect(),
-            delta_rel: 0.05,
+            delta_rel,
             layers: None,
         }),
         ..PairSpec::tiny()
@@ -102,6 +113,30 @@ fn detects_the_planted_rank_on_every_targeted_tensor() {
         want.sort();
         assert_eq!(l.verdict.target_modules, want);
         assert!(l.verdict.confidence > 0.99);
+    }
+}
+
+// See: issue 10 ("a merged LoRA in f32 whose delta is large compared with the weights
+// is called full_finetune").
+#[test]
+fn detects_the_rank_of_a_delta_larger_than_the_weights_in_every_float_dtype() {
+    for dtype in [DType::F32, DType::F16, DType::BF16] {
+        for delta_rel in [0.01, 3.0] {
+            let dir = tempfile::tempdir().unwrap();
+            let pair = lora_pair_sized(dir.path(), 8, ATTN, dtype, delta_rel);
+            let c = run(&pair, &LoraOptions::default());
+            let l = c.lora.as_ref().unwrap();
+            for (name, s) in &l.spectra {
+                assert_eq!(
+                    s.detected_rank,
+                    Some(8),
+                    "{name} ({dtype}, ‖Δ‖/‖W‖ = {delta_rel}): σ={:?} floor {}",
+                    &s.singular_values[..10],
+                    s.noise_floor
+                );
+            }
+            assert_eq!((l.verdict.kind, l.verdict.rank), ("merged_lora", Some(8)));
+        }
     }
 }
 
