@@ -1,5 +1,22 @@
 //! The `weightdiff` binary: parse flags, call the library, print, choose the exit code.
 
+/// A line on stderr. Never panics: with stderr closed (`weightdiff … 2>&1 | head -3`),
+/// progress and notes are dropped and the run goes on to write its reports.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
+/// [`say!`] without the newline.
+macro_rules! say_raw {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = write!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 mod cli;
 mod progress;
 
@@ -80,6 +97,8 @@ fn init_logging(verbose: u8) {
         .with_writer(std::io::stderr)
         .with_ansi(use_color())
         .with_target(false)
+        // Its own report of a failed write would panic on a closed stderr.
+        .log_internal_errors(false)
         .try_init();
 }
 
@@ -104,7 +123,7 @@ fn main() -> ExitCode {
             {
                 return ExitCode::SUCCESS;
             }
-            eprintln!("{} {e:#}", error_label());
+            say!("{} {e:#}", error_label());
             ExitCode::from(EXIT_UNUSABLE)
         }
     }
@@ -129,7 +148,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             // Into a buffer first: the generator panics on a closed stdout.
             let mut script = Vec::new();
             clap_complete::generate(shell, &mut cmd, "weightdiff", &mut script);
-            std::io::stdout().write_all(&script)?;
+            print_stdout(&script)?;
             Ok(ExitCode::SUCCESS)
         }
     }
@@ -220,7 +239,7 @@ fn compare(args: &CompareArgs) -> anyhow::Result<ExitCode> {
         args.display,
     )?;
     if let Some(stop) = signals.stop_code() {
-        eprintln!(
+        say!(
             "stopped: the reports in {} cover the tensors compared so far (complete: false); run again with --resume to finish",
             out.display()
         );
@@ -245,7 +264,7 @@ fn run_compare(
     progress.finish();
     if let Some(lo) = lora.filter(|_| c.complete) {
         if !display.quiet && !display.json {
-            eprintln!(
+            say!(
                 "analysing {} modified tensors for low rank...",
                 c.modified().len()
             );
@@ -266,7 +285,7 @@ fn write_reports(
         .with_context(|| format!("cannot write reports into {}", out.display()))?;
     // Tensor errors always reach stderr, whatever --quiet and --json say.
     for (name, e) in &c.errors {
-        eprintln!("{} {name}: {e}", error_label());
+        say!("{} {name}: {e}", error_label());
     }
     if display.json {
         print_json(&summary_json(c, &written, top))?;
@@ -282,10 +301,17 @@ fn write_reports(
 }
 
 fn print_json(v: &serde_json::Value) -> anyhow::Result<()> {
+    print_stdout(&report::to_json(v))
+}
+
+/// Writes `bytes` to stdout. A closed stdout (`--json | head -c 20`) is not an error of
+/// the run: the bytes are dropped and the exit status stays the run's.
+fn print_stdout(bytes: &[u8]) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
-    serde_json::to_writer_pretty(&mut out, v)?;
-    writeln!(out)?;
-    Ok(())
+    match out.write_all(bytes).and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(()),
+    }
 }
 
 fn summary_json(c: &Comparison, written: &[PathBuf], top: usize) -> serde_json::Value {
@@ -311,7 +337,7 @@ fn summary_json(c: &Comparison, written: &[PathBuf], top: usize) -> serde_json::
 
 fn print_summary(c: &Comparison, out: &Path) {
     let p = &c.performance;
-    eprintln!(
+    say!(
         "compared {} tensors in {:.2}s ({:.2} GB/s): {} modified, {} identical, {} failed",
         c.results.len(),
         p.total_time,
@@ -322,7 +348,7 @@ fn print_summary(c: &Comparison, out: &Path) {
     );
     if let Some(l) = &c.lora {
         let v = &l.verdict;
-        eprintln!(
+        say!(
             "verdict: {}{}{} (confidence {:.2}); {} modules extracted",
             v.kind,
             v.rank.map_or(String::new(), |r| format!(", rank {r}")),
@@ -335,7 +361,7 @@ fn print_summary(c: &Comparison, out: &Path) {
             l.extracted.len()
         );
     }
-    eprintln!("reports written to {}", out.display());
+    say!("reports written to {}", out.display());
 }
 
 fn inspect(model: &Path, json: bool) -> anyhow::Result<ExitCode> {
@@ -356,7 +382,8 @@ fn inspect(model: &Path, json: bool) -> anyhow::Result<ExitCode> {
             "problems": info.warnings,
         }))?;
     } else {
-        let mut out = std::io::stdout().lock();
+        // Into a buffer, then stdout: see `print_stdout`.
+        let mut out = Vec::new();
         for t in &info.tensors {
             writeln!(out, "{:<60} {:<8} {:?}", t.name, t.dtype, t.shape)?;
         }
@@ -373,6 +400,7 @@ fn inspect(model: &Path, json: bool) -> anyhow::Result<ExitCode> {
         for w in &info.warnings {
             writeln!(out, "problem:    {w}")?;
         }
+        print_stdout(&out)?;
     }
     Ok(if ck.broken.is_empty() {
         ExitCode::SUCCESS
@@ -385,11 +413,11 @@ fn demo(out: &Path, display: DisplayArgs) -> anyhow::Result<ExitCode> {
     let spec = synthetic::demo_spec();
     let pair_dir = out.join("pair");
     if !display.quiet && !display.json {
-        eprintln!("building a synthetic pair in {}", pair_dir.display());
+        say!("building a synthetic pair in {}", pair_dir.display());
     }
     let pair = synthetic::build_pair(&spec, &pair_dir).context("cannot build the demo pair")?;
     if !display.quiet && !display.json {
-        eprintln!(
+        say!(
             "the fine-tune edits {} tensors: a rank-4 LoRA merged into q_proj and v_proj, and noise on layer 1's norms",
             pair.edits.len()
         );
@@ -411,7 +439,7 @@ fn demo(out: &Path, display: DisplayArgs) -> anyhow::Result<ExitCode> {
     };
     let code = run_compare(&base, &ft, &opts, Some(&lora), &reports, 20, display)?;
     if !display.quiet && !display.json {
-        eprintln!(
+        say!(
             "start with {} (or open {} in a browser)",
             reports.join(report::COMPARISON_REPORT_TXT).display(),
             reports.join(report::html::REPORT_HTML).display()
@@ -436,7 +464,7 @@ fn regenerate_reports(dir: &Path, top: usize, display: DisplayArgs) -> anyhow::R
         print_json(&serde_json::json!({ "outputs": written }))?;
     } else if !display.quiet {
         for p in &written {
-            eprintln!("wrote {}", p.display());
+            say!("wrote {}", p.display());
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -472,7 +500,7 @@ fn extract_lora(args: &cli::ExtractArgs) -> anyhow::Result<ExitCode> {
         written.push(p);
     }
     for (name, e) in c.errors.iter().chain(&lora.errors) {
-        eprintln!("{} {name}: {e}", error_label());
+        say!("{} {name}: {e}", error_label());
     }
     let mean = if lora.extracted.is_empty() {
         0.0
@@ -494,13 +522,13 @@ fn extract_lora(args: &cli::ExtractArgs) -> anyhow::Result<ExitCode> {
             "outputs": written,
         }))?;
     } else if !args.display.quiet {
-        eprintln!(
+        say!(
             "extracted {} modules (default rank {}), mean relative error {mean:.3e}; {} changed tensors not extracted",
             lora.extracted.len(),
             report::adapter::default_rank(&lora),
             lora.skipped.len()
         );
-        eprintln!("adapter written to {}", out.display());
+        say!("adapter written to {}", out.display());
     }
     Ok(if c.errors.is_empty() && lora.errors.is_empty() {
         ExitCode::SUCCESS
@@ -525,7 +553,7 @@ fn compare_shard(
     let c = pipeline::compare(base, ft, opts, &progress)?;
     progress.finish();
     if let Some(stop) = signals.stop_code() {
-        eprintln!("stopped: run again with --resume to finish shard {shard}");
+        say!("stopped: run again with --resume to finish shard {shard}");
         return Ok(stop);
     }
     let parts = lora
@@ -543,7 +571,7 @@ fn compare_shard(
     let written = weightdiff::shards::write_part(out, shard, &fp, &c, lora.zip(parts.as_ref()))?;
     weightdiff::journal::remove(out)?;
     for (name, e) in &c.errors {
-        eprintln!("{} {name}: {e}", error_label());
+        say!("{} {name}: {e}", error_label());
     }
     if display.json {
         print_json(&serde_json::json!({
@@ -552,7 +580,7 @@ fn compare_shard(
             "outputs": written,
         }))?;
     } else if !display.quiet {
-        eprintln!(
+        say!(
             "shard {shard}: compared {} tensors; part written to {} (combine with `weightdiff merge`)",
             c.results.len(),
             out.display()
@@ -611,7 +639,7 @@ fn compare_trajectory(
             .with_context(|| format!("cannot write reports into {}", dir.display()))?;
         summaries.push(summary_json(c, &written, args.top));
         for (name, e) in &c.errors {
-            eprintln!("{} {label}: {name}: {e}", error_label());
+            say!("{} {label}: {name}: {e}", error_label());
         }
         failed |= !c.errors.is_empty() || c.lora.as_ref().is_some_and(|l| !l.errors.is_empty());
     }
@@ -624,8 +652,8 @@ fn compare_trajectory(
             "outputs": outputs,
         }))?;
     } else if !args.display.quiet {
-        eprint!("{table}");
-        eprintln!(
+        say_raw!("{table}");
+        say!(
             "reports written to {} (one directory per fine-tuned model, trajectory.json)",
             out.display()
         );
