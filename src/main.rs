@@ -35,6 +35,10 @@ use weightdiff::{Checkpoint, Comparison, pipeline, report, synthetic};
 const EXIT_TENSOR_ERRORS: u8 = 1;
 /// Exit status for unusable arguments or unreadable models (SPEC §5).
 const EXIT_UNUSABLE: u8 = 2;
+/// Exit status of a run that finished and wrote its reports, but whose models are not a
+/// base and a derivative (`unrelated`, `different_architecture`, `nothing_compared`): no
+/// LoRA verdict, no adapter. Tensor errors (1) take precedence.
+const EXIT_NOT_A_DERIVATIVE: u8 = 3;
 /// Exit statuses after a clean stop on SIGINT / SIGTERM (128 + signal number).
 const EXIT_SIGINT: u8 = 130;
 const EXIT_SIGTERM: u8 = 143;
@@ -199,6 +203,17 @@ fn open_pair(base: &Path, ft: &Path, how: Opening) -> anyhow::Result<(Checkpoint
     Ok((open(base, "base", how)?, open(ft, "fine-tuned", how)?))
 }
 
+/// Both checkpoints read the same files (a model compared with itself).
+fn same_model(base: &Checkpoint, ft: &Checkpoint) -> bool {
+    let files = |ck: &Checkpoint| -> Vec<Option<PathBuf>> {
+        ck.shard_paths()
+            .map(|p| std::fs::canonicalize(p).ok())
+            .collect()
+    };
+    let a = files(base);
+    !a.is_empty() && a.iter().all(Option::is_some) && a == files(ft)
+}
+
 fn compare(args: &CompareArgs) -> anyhow::Result<ExitCode> {
     let mut opts = args.options()?;
     let lora = args.lora_options()?;
@@ -217,6 +232,13 @@ fn compare(args: &CompareArgs) -> anyhow::Result<ExitCode> {
     let signals = install_signals()?;
     opts.cancel = Some(signals.cancel.clone());
     let out = &args.output;
+    if !args.display.quiet && !args.display.json && same_model(&base, &ft) {
+        say!(
+            "note: {} and {} are the same model (the same files): every tensor will be identical",
+            args.base.display(),
+            args.finetuned[0].display()
+        );
+    }
     if let Some(shard) = args.shard {
         return compare_shard(
             &base,
@@ -262,7 +284,9 @@ fn run_compare(
     let progress = progress::Reporter::new(display.quiet);
     let mut c = pipeline::compare(base, ft, opts, &progress)?;
     progress.finish();
-    if let Some(lo) = lora.filter(|_| c.complete) {
+    if !not_a_derivative(&c, lora.is_some(), display)
+        && let Some(lo) = lora.filter(|_| c.complete)
+    {
         if !display.quiet && !display.json {
             say!(
                 "analysing {} modified tensors for low rank...",
@@ -272,6 +296,39 @@ fn run_compare(
         c.lora = Some(pipeline::analyze_lora(base, ft, &c, lo)?);
     }
     write_reports(&c, out, top, display)
+}
+
+/// The relatedness check before the low-rank stage: true when the two models are not a
+/// base and a derivative, which it says on stderr (the stage is then skipped).
+fn not_a_derivative(c: &Comparison, lora: bool, display: DisplayArgs) -> bool {
+    let Some(v) = weightdiff::relatedness::assess(c).verdict else {
+        return false;
+    };
+    if !display.quiet && !display.json {
+        say!(
+            "{}: {}{}",
+            v.kind.replace('_', " "),
+            v.reason.as_deref().unwrap_or(""),
+            if lora {
+                "; low-rank analysis and extraction skipped"
+            } else {
+                ""
+            }
+        );
+    }
+    true
+}
+
+/// The exit status of a finished run (SPEC §5, and [`EXIT_NOT_A_DERIVATIVE`]).
+fn exit_status(c: &Comparison) -> ExitCode {
+    let lora_errors = c.lora.as_ref().is_some_and(|l| !l.errors.is_empty());
+    if !c.errors.is_empty() || lora_errors {
+        ExitCode::from(EXIT_TENSOR_ERRORS)
+    } else if weightdiff::relatedness::assess(c).verdict.is_some() {
+        ExitCode::from(EXIT_NOT_A_DERIVATIVE)
+    } else {
+        ExitCode::SUCCESS
+    }
 }
 
 /// Writes every report of `c`, tells the user, and picks the exit status (SPEC §5).
@@ -292,12 +349,7 @@ fn write_reports(
     } else if !display.quiet {
         print_summary(c, out);
     }
-    let lora_errors = c.lora.as_ref().is_some_and(|l| !l.errors.is_empty());
-    Ok(if c.errors.is_empty() && !lora_errors {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(EXIT_TENSOR_ERRORS)
-    })
+    Ok(exit_status(c))
 }
 
 fn print_json(v: &serde_json::Value) -> anyhow::Result<()> {
@@ -315,8 +367,10 @@ fn print_stdout(bytes: &[u8]) -> anyhow::Result<()> {
 }
 
 fn summary_json(c: &Comparison, written: &[PathBuf], top: usize) -> serde_json::Value {
+    let related = weightdiff::relatedness::assess(c);
     serde_json::json!({
-        "verdict": c.lora.as_ref().map(|l| &l.verdict),
+        "verdict": related.verdict.as_ref().or(c.lora.as_ref().map(|l| &l.verdict)),
+        "relatedness": related,
         "base": c.base.source,
         "finetuned": c.finetuned.source,
         "compared": c.results.len(),
@@ -346,7 +400,23 @@ fn print_summary(c: &Comparison, out: &Path) {
         c.results.iter().filter(|(_, m)| m.identical).count(),
         c.errors.len()
     );
-    if let Some(l) = &c.lora {
+    let related = weightdiff::relatedness::assess(c);
+    say!(
+        "whole model: ‖Δ‖/‖W‖ {}, parameter-weighted cosine {}",
+        related
+            .relative_diff
+            .map_or("n/a".into(), |r| format!("{r:.3e}")),
+        related
+            .cosine_similarity
+            .map_or("n/a".into(), |r| format!("{r:.4}"))
+    );
+    if let Some(v) = &related.verdict {
+        say!(
+            "verdict: {} ({})",
+            v.kind,
+            v.reason.as_deref().unwrap_or("")
+        );
+    } else if let Some(l) = &c.lora {
         let v = &l.verdict;
         say!(
             "verdict: {}{}{} (confidence {:.2}); {} modules extracted",
@@ -481,6 +551,18 @@ fn extract_lora(args: &cli::ExtractArgs) -> anyhow::Result<ExitCode> {
     let progress = progress::Reporter::new(args.display.quiet);
     let c = pipeline::compare(&base, &ft, &opts, &progress)?;
     progress.finish();
+    if not_a_derivative(&c, true, args.display) {
+        if args.display.json {
+            let related = weightdiff::relatedness::assess(&c);
+            print_json(&serde_json::json!({
+                "verdict": related.verdict,
+                "relatedness": related,
+                "modules": 0,
+                "outputs": [],
+            }))?;
+        }
+        return Ok(exit_status(&c));
+    }
     let lora = pipeline::analyze_lora(&base, &ft, &c, &lora_opts)?;
     let out = &args.output;
     let (mut written, verification) = report::lora::write_adapter(&lora, out, None)
@@ -600,7 +682,10 @@ fn merge(
     display: DisplayArgs,
 ) -> anyhow::Result<ExitCode> {
     let _lock = report::lock_output_dir(out)?;
-    let c = weightdiff::shards::merge(parts)?;
+    let mut c = weightdiff::shards::merge(parts)?;
+    if not_a_derivative(&c, c.lora.is_some(), display) {
+        c.lora = None;
+    }
     write_reports(&c, out, top, display)
 }
 
@@ -628,10 +713,12 @@ fn compare_trajectory(
     let mut cs = pipeline::compare_many(&base, &refs, &opts, &progress)?;
     progress.finish();
     let labels = trajectory_labels(&args.finetuned);
-    let mut failed = false;
+    let (mut failed, mut unrelated) = (false, false);
     let mut summaries = Vec::new();
     for ((c, ft), label) in cs.iter_mut().zip(&fts).zip(&labels) {
-        if let Some(lo) = lora.filter(|_| c.complete) {
+        if !not_a_derivative(c, lora.is_some(), args.display)
+            && let Some(lo) = lora.filter(|_| c.complete)
+        {
             c.lora = Some(pipeline::analyze_lora(&base, ft, c, lo)?);
         }
         let dir = out.join(label);
@@ -641,7 +728,9 @@ fn compare_trajectory(
         for (name, e) in &c.errors {
             say!("{} {label}: {name}: {e}", error_label());
         }
-        failed |= !c.errors.is_empty() || c.lora.as_ref().is_some_and(|l| !l.errors.is_empty());
+        let code = exit_status(c);
+        failed |= code == ExitCode::from(EXIT_TENSOR_ERRORS);
+        unrelated |= code == ExitCode::from(EXIT_NOT_A_DERIVATIVE);
     }
     let outputs = report::write_trajectory(out, &cs, &labels)?;
     let table = report::trajectory::render_text(&cs);
@@ -663,6 +752,8 @@ fn compare_trajectory(
     }
     Ok(if failed {
         ExitCode::from(EXIT_TENSOR_ERRORS)
+    } else if unrelated {
+        ExitCode::from(EXIT_NOT_A_DERIVATIVE)
     } else {
         ExitCode::SUCCESS
     })

@@ -319,6 +319,18 @@ pub(crate) fn fmt_opt(v: Option<f64>) -> String {
     v.map_or_else(|| "n/a".to_string(), |x| sci(x, 6))
 }
 
+/// Seconds at a precision that shows short runs: `3.2 ms`, `0.41 s`, `12.3 s` (a
+/// comparison of a small model takes milliseconds, which `{:.2} s` showed as `0.00 s`).
+pub(crate) fn fmt_seconds(t: f64) -> String {
+    if t < 0.1 {
+        format!("{:.1} ms", t * 1e3)
+    } else if t < 10.0 {
+        format!("{t:.2} s")
+    } else {
+        format!("{t:.1} s")
+    }
+}
+
 /// Human size with binary units.
 pub(crate) fn fmt_bytes(b: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
@@ -346,5 +358,12 @@ mod tests {
         assert_eq!(sci(-2.5e120, 3), "-2.500e+120");
         assert_eq!(sci(1e-6, 0), "1e-06");
         assert_eq!(sci(f64::INFINITY, 6), "inf");
+    }
+
+    #[test]
+    fn short_runs_show_their_time() {
+        assert_eq!(super::fmt_seconds(0.0032), "3.2 ms");
+        assert_eq!(super::fmt_seconds(0.412), "0.41 s");
+        assert_eq!(super::fmt_seconds(12.34), "12.3 s");
     }
 }

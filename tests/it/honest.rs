@@ -63,7 +63,10 @@ fn unrelated_models_of_one_architecture_get_the_unrelated_verdict_and_no_adapter
     assert!(!out.join("lora_analysis.json").exists());
     let text = std::fs::read_to_string(out.join("comparison_report.txt")).unwrap();
     assert!(text.contains("not a base and its fine-tune"), "{text}");
-    assert!(text.contains("low-rank analysis skipped"), "{text}");
+    assert!(
+        text.contains("low-rank analysis and extraction were skipped"),
+        "{text}"
+    );
     assert!(!text.contains("full fine-tune"), "{text}");
     let html = std::fs::read_to_string(out.join("report.html")).unwrap();
     assert!(html.contains("data-kind=\"unrelated\""));
@@ -157,7 +160,7 @@ fn a_fine_tune_is_related_and_reports_whole_model_change() {
         .output()
         .unwrap();
     let summary = stdout_json(&run);
-    assert_eq!(summary["verdict"]["kind"], "merged_lora");
+    assert_eq!(summary["verdict"]["kind"], "mixed");
     let r = relatedness(&out);
     assert!(r["verdict"].is_null(), "{r:#}");
     assert!(r["cosine_similarity"].as_f64().unwrap() > 0.99, "{r:#}");
