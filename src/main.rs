@@ -331,6 +331,35 @@ fn exit_status(c: &Comparison) -> ExitCode {
     }
 }
 
+/// Removes what an earlier run left in `out` that this one did not write (a directory
+/// holds one run), and says so.
+fn remove_stale(
+    out: &Path,
+    written: &[PathBuf],
+    keep: &[&str],
+    display: DisplayArgs,
+) -> anyhow::Result<()> {
+    let removed = report::remove_stale(out, written, keep).with_context(|| {
+        format!(
+            "cannot remove an earlier run's outputs from {}",
+            out.display()
+        )
+    })?;
+    if !removed.is_empty() && !display.quiet && !display.json {
+        let names: Vec<String> = removed
+            .iter()
+            .map(|p| p.strip_prefix(out).unwrap_or(p).display().to_string())
+            .collect();
+        say!(
+            "removed {} outputs of an earlier run from {} (this run does not write them): {}",
+            removed.len(),
+            out.display(),
+            names.join(", ")
+        );
+    }
+    Ok(())
+}
+
 /// Writes every report of `c`, tells the user, and picks the exit status (SPEC §5).
 fn write_reports(
     c: &Comparison,
@@ -340,6 +369,12 @@ fn write_reports(
 ) -> anyhow::Result<ExitCode> {
     let written = report::write_comparison_reports(c, out, top)
         .with_context(|| format!("cannot write reports into {}", out.display()))?;
+    // A merge may write into one of its part directories: the parts stay.
+    let parts = [
+        weightdiff::shards::PART_JSON,
+        weightdiff::shards::PART_TENSORS,
+    ];
+    remove_stale(out, &written, &parts, display)?;
     // Tensor errors always reach stderr, whatever --quiet and --json say.
     for (name, e) in &c.errors {
         say!("{} {name}: {e}", error_label());
@@ -651,6 +686,7 @@ fn compare_shard(
         },
     );
     let written = weightdiff::shards::write_part(out, shard, &fp, &c, lora.zip(parts.as_ref()))?;
+    remove_stale(out, &written, &[], display)?;
     weightdiff::journal::remove(out)?;
     for (name, e) in &c.errors {
         say!("{} {name}: {e}", error_label());
@@ -714,6 +750,7 @@ fn compare_trajectory(
     progress.finish();
     let labels = trajectory_labels(&args.finetuned);
     let (mut failed, mut unrelated) = (false, false);
+    let mut all_written: Vec<PathBuf> = Vec::new();
     let mut summaries = Vec::new();
     for ((c, ft), label) in cs.iter_mut().zip(&fts).zip(&labels) {
         if !not_a_derivative(c, lora.is_some(), args.display)
@@ -724,6 +761,8 @@ fn compare_trajectory(
         let dir = out.join(label);
         let written = report::write_comparison_reports(c, &dir, args.top)
             .with_context(|| format!("cannot write reports into {}", dir.display()))?;
+        remove_stale(&dir, &written, &[], args.display)?;
+        all_written.extend(written.iter().cloned());
         summaries.push(summary_json(c, &written, args.top));
         for (name, e) in &c.errors {
             say!("{} {label}: {name}: {e}", error_label());
@@ -733,6 +772,8 @@ fn compare_trajectory(
         unrelated |= code == ExitCode::from(EXIT_NOT_A_DERIVATIVE);
     }
     let outputs = report::write_trajectory(out, &cs, &labels)?;
+    all_written.extend(outputs.iter().cloned());
+    remove_stale(out, &all_written, &[], args.display)?;
     let table = report::trajectory::render_text(&cs);
     if args.display.json {
         print_json(&serde_json::json!({

@@ -294,6 +294,83 @@ pub fn write_trajectory(dir: &Path, cs: &[Comparison], labels: &[String]) -> Res
     Ok(vec![json_path, txt_path, html_path])
 }
 
+/// Every file name a run may write at the top of its output directory. A run owns these
+/// names there: [`remove_stale`] deletes the ones it did not write this time, so a
+/// directory never holds two runs. Other files (the user's, the journal, the lock) are
+/// never touched.
+pub const OWNED_FILES: &[&str] = &[
+    DIFFERENCE_TXT,
+    WEIGHT_DIFFERENCES_JSON,
+    CONFIG_COMPARISON_JSON,
+    ARCHITECTURE_COMPARISON_JSON,
+    COMPARISON_REPORT_TXT,
+    html::REPORT_HTML,
+    lora::LORA_ANALYSIS_JSON,
+    lora::LORA_METADATA_JSON,
+    lora::EXTRACTED_WEIGHTS,
+    TRAJECTORY_JSON,
+    TRAJECTORY_TXT,
+    trajectory::TRAJECTORY_HTML,
+    crate::shards::PART_JSON,
+    crate::shards::PART_TENSORS,
+];
+
+/// Removes from `dir` the outputs of an earlier run that this run (which wrote
+/// `written`) did not write again: the [`OWNED_FILES`], `lora_adapter/`'s two files (and
+/// the directory when that leaves it empty), and the per-model directories of an earlier
+/// run of several fine-tunes (a subdirectory holding `weight_differences.json` beside a
+/// `trajectory.json`), emptied of owned files the same way. `keep` names files left alone whatever (a merge keeps
+/// `part.json` in a part directory it writes into). Returns what was removed.
+pub fn remove_stale(dir: &Path, written: &[PathBuf], keep: &[&str]) -> Result<Vec<PathBuf>> {
+    let mut removed = Vec::new();
+    let written_here = |p: &Path| written.iter().any(|w| w == p || w.starts_with(p));
+    let remove_owned = |d: &Path, removed: &mut Vec<PathBuf>| -> Result<()> {
+        for name in OWNED_FILES.iter().filter(|n| !keep.contains(n)) {
+            let p = d.join(name);
+            if !written_here(&p) && std::fs::symlink_metadata(&p).is_ok() {
+                std::fs::remove_file(&p).map_err(|e| Error::io(&p, "cannot remove", e))?;
+                removed.push(p);
+            }
+        }
+        let adapter = d.join(lora::ADAPTER_DIR);
+        if !written_here(&adapter) && adapter.is_dir() && !adapter.is_symlink() {
+            for name in [lora::ADAPTER_MODEL, lora::ADAPTER_CONFIG] {
+                let p = adapter.join(name);
+                if std::fs::symlink_metadata(&p).is_ok() {
+                    std::fs::remove_file(&p).map_err(|e| Error::io(&p, "cannot remove", e))?;
+                }
+            }
+            // Only when empty: anything else in there is not ours.
+            if std::fs::remove_dir(&adapter).is_ok() {
+                removed.push(adapter);
+            }
+        }
+        Ok(())
+    };
+    // Per-model directories only in the directory of a run of several fine-tunes.
+    let several = dir.join(TRAJECTORY_JSON).is_file();
+    remove_owned(dir, &mut removed)?;
+    if !several {
+        return Ok(removed);
+    }
+    let entries = std::fs::read_dir(dir).map_err(|e| Error::io(dir, "cannot list", e))?;
+    for e in entries.filter_map(|e| e.ok()) {
+        let sub = e.path();
+        if sub.is_symlink() || !sub.is_dir() || written_here(&sub) {
+            continue;
+        }
+        if sub.join(WEIGHT_DIFFERENCES_JSON).is_file() {
+            remove_owned(&sub, &mut removed)?;
+            if std::fs::remove_dir(&sub).is_ok() {
+                removed.push(sub);
+            }
+        }
+    }
+    removed.sort();
+    removed.dedup();
+    Ok(removed)
+}
+
 /// Pretty JSON with a trailing newline.
 pub fn to_json(v: &serde_json::Value) -> Vec<u8> {
     let mut s = serde_json::to_vec_pretty(v).expect("a Value always serializes");
