@@ -9,6 +9,7 @@ use std::path::PathBuf;
 #[command(
     name = "weightdiff",
     version,
+    propagate_version = true,
     about,
     long_about = None,
     after_help = "Examples:\n  weightdiff demo -o weightdiff-demo                          # a synthetic pair, compared\n  weightdiff compare Qwen/Qwen3-0.6B ./my-finetune -o out     # reports, verdict, adapter, report.html\n  weightdiff extract-lora ./base ./ft -o adapter --rank 16\n  weightdiff report out                                        # re-render out/report.html\n\nEnvironment: HF_HUB_CACHE, HF_HOME, HF_TOKEN, HF_ENDPOINT, HF_HUB_OFFLINE (hub ids), RUST_LOG, NO_COLOR"

@@ -186,6 +186,14 @@ fn open(path: &Path, role: &str, how: Opening) -> anyhow::Result<Checkpoint> {
     } else {
         &downloads
     };
+    if let Some(id) = weightdiff::hub::hub_candidate(path)
+        && !how.quiet
+    {
+        say!(
+            "note: no file or directory `{}` here; trying it as the Hugging Face hub id {id}",
+            path.display()
+        );
+    }
     let mut ck = weightdiff::hub::open_model(path, &settings, progress).with_context(|| {
         if role.is_empty() {
             "cannot read the model".to_string()

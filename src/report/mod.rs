@@ -38,6 +38,15 @@ pub struct OutputLock {
 /// Creates `dir` if needed and locks it for this run; a second run is refused with
 /// [`Error::Locked`] rather than interleaving its files with ours.
 pub fn lock_output_dir(dir: &Path) -> Result<OutputLock> {
+    if dir.exists() && !dir.is_dir() {
+        return Err(Error::io(
+            dir,
+            "cannot use as the output directory",
+            std::io::Error::other(
+                "it is a file, not a directory; give -o a directory (it is created if missing)",
+            ),
+        ));
+    }
     std::fs::create_dir_all(dir)
         .map_err(|e| Error::io(dir, "cannot create output directory", e))?;
     let path = dir.join(LOCK_FILE);
