@@ -39,6 +39,8 @@ const EXIT_UNUSABLE: u8 = 2;
 /// base and a derivative (`unrelated`, `different_architecture`, `nothing_compared`): no
 /// LoRA verdict, no adapter. Tensor errors (1) take precedence.
 const EXIT_NOT_A_DERIVATIVE: u8 = 3;
+/// Tensor errors printed one per line on stderr before the rest are counted.
+const STDERR_ERRORS: usize = 10;
 /// Exit statuses after a clean stop on SIGINT / SIGTERM (128 + signal number).
 const EXIT_SIGINT: u8 = 130;
 const EXIT_SIGTERM: u8 = 143;
@@ -383,9 +385,18 @@ fn write_reports(
         weightdiff::shards::PART_TENSORS,
     ];
     remove_stale(out, &written, &parts, display)?;
-    // Tensor errors always reach stderr, whatever --quiet and --json say.
-    for (name, e) in &c.errors {
+    // Tensor errors always reach stderr, whatever --quiet and --json say; the first few,
+    // then a count (every one is in the reports).
+    for (name, e) in c.errors.iter().take(STDERR_ERRORS) {
         say!("{} {name}: {e}", error_label());
+    }
+    if c.errors.len() > STDERR_ERRORS {
+        say!(
+            "{} … and {} more tensor errors (all in {})",
+            error_label(),
+            c.errors.len() - STDERR_ERRORS,
+            out.join(report::WEIGHT_DIFFERENCES_JSON).display()
+        );
     }
     if display.json {
         print_json(&summary_json(c, &written, top))?;

@@ -178,14 +178,42 @@ pub fn render(c: &Comparison, lora: Option<&LoraDocs>, written: &[PathBuf], top:
 
     let _ = writeln!(w, "\nProblems");
     let _ = writeln!(w, "--------");
-    if c.errors.is_empty() && c.base.warnings.is_empty() && c.finetuned.warnings.is_empty() {
+    let warnings: Vec<&String> = c
+        .base
+        .warnings
+        .iter()
+        .chain(&c.finetuned.warnings)
+        .collect();
+    if let Some(v) = &related.verdict {
+        let _ = writeln!(
+            w,
+            "not a base and its fine-tune ({}): {}",
+            v.kind,
+            v.reason.as_deref().unwrap_or("")
+        );
+    } else if c.errors.is_empty() && warnings.is_empty() {
         let _ = writeln!(w, "none");
     }
-    for (name, e) in &c.errors {
+    for (name, e) in c.errors.iter().take(LIST_FIRST) {
         let _ = writeln!(w, "error: {name}: {e}");
     }
-    for wn in c.base.warnings.iter().chain(&c.finetuned.warnings) {
+    if c.errors.len() > LIST_FIRST {
+        let names: Vec<String> = c.errors.keys().cloned().collect();
+        let _ = writeln!(
+            w,
+            "errors in all: {} (every message in weight_differences.json)",
+            summarise_names(&names)
+        );
+    }
+    for wn in warnings.iter().take(LIST_FIRST) {
         let _ = writeln!(w, "warning: {wn}");
+    }
+    if warnings.len() > LIST_FIRST {
+        let _ = writeln!(
+            w,
+            "… and {} more warnings (all in weight_differences.json)",
+            warnings.len() - LIST_FIRST
+        );
     }
 
     let p = &c.performance;
@@ -417,5 +445,57 @@ fn lora_section(w: &mut String, c: &Comparison, docs: &LoraDocs) {
     }
     for (n, e) in a["errors"].as_object().into_iter().flatten() {
         let _ = writeln!(w, "analysis error: {n}: {}", e.as_str().unwrap_or("?"));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_verdict_reads_as_a_sentence() {
+        let v = |kind: &str| {
+            verdict_sentence(&serde_json::json!({
+                "kind": kind, "rank": 8, "target_modules": ["q_proj"], "confidence": 0.9,
+                "reason": "the paired weights are uncorrelated"
+            }))
+        };
+        assert_eq!(
+            v("merged_lora"),
+            "The fine-tune looks like a merged LoRA of rank 8 on q_proj (confidence 0.90)."
+        );
+        assert_eq!(
+            v("unchanged"),
+            "The fine-tune is unchanged: no tensor differs beyond the threshold."
+        );
+        for kind in [
+            "full_finetune",
+            "mixed",
+            "unrelated",
+            "different_architecture",
+            "nothing_compared",
+        ] {
+            let s = v(kind);
+            assert!(!s.contains("looks like mixed") && !s.contains(kind), "{s}");
+            assert!(s.ends_with('.'), "{s}");
+        }
+    }
+
+    #[test]
+    fn long_name_lists_are_counted_grouped_and_cut() {
+        let names: Vec<String> = (0..300)
+            .map(|i| format!("model.layers.{i}.mlp.up_proj.weight"))
+            .chain((0..5).map(|i| format!("model.layers.{i}.input_layernorm.weight")))
+            .collect();
+        let s = summarise_names(&names);
+        assert!(
+            s.starts_with("305 (by module type: up_proj 300, input_layernorm 5;"),
+            "{s}"
+        );
+        assert!(s.len() < 250, "{s}");
+        assert_eq!(
+            summarise_names(&names[..2]),
+            format!("2 ({}, {})", names[0], names[1])
+        );
     }
 }

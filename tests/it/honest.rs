@@ -488,3 +488,42 @@ fn verdict_sentences_read_as_sentences() {
     assert!(!text.contains("looks like unchanged"), "{text}");
     assert!(text.contains("The fine-tune is unchanged"), "{text}");
 }
+
+#[test]
+fn an_adapter_that_keeps_less_than_half_of_the_change_gets_a_caveat() {
+    let dir = tempfile::tempdir().unwrap();
+    let pair = build_pair(&demo_spec(), &dir.path().join("pair")).unwrap();
+    let out = dir.path().join("out");
+    // The demo's LoRA has rank 4 with similar singular values: rank 1 keeps far less than half.
+    compare_cli(&out, &pair.base, &pair.finetuned)
+        .args(["--lora-rank", "1"])
+        .assert()
+        .success();
+    let text = std::fs::read_to_string(out.join("comparison_report.txt")).unwrap();
+    assert!(
+        text.contains("This fine-tune is not low-rank: the rank-1 adapter keeps"),
+        "{text}"
+    );
+    let html = std::fs::read_to_string(out.join("report.html")).unwrap();
+    assert!(html.contains("the rank-1 adapter keeps"));
+    // At the LoRA's own rank the adapter keeps nearly all of it: no caveat.
+    compare_cli(&out, &pair.base, &pair.finetuned)
+        .args(["--lora-rank", "4"])
+        .assert()
+        .success();
+    let text = std::fs::read_to_string(out.join("comparison_report.txt")).unwrap();
+    assert!(!text.contains("is not low-rank"), "{text}");
+}
+
+#[test]
+fn report_html_shows_the_time_of_a_short_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let pair = build_pair(&demo_spec(), &dir.path().join("pair")).unwrap();
+    let out = dir.path().join("out");
+    compare_cli(&out, &pair.base, &pair.finetuned)
+        .arg("--no-lora")
+        .assert()
+        .success();
+    let html = std::fs::read_to_string(out.join("report.html")).unwrap();
+    assert!(!html.contains(" in 0.00 s "), "a run takes some time");
+}
