@@ -484,6 +484,16 @@ fn print_summary(c: &Comparison, out: &Path) {
             v.confidence,
             l.extracted.len()
         );
+        let kept = report::summary::adapter_kept_share(
+            c,
+            l.extracted
+                .iter()
+                .map(|e| (e.tensor.as_str(), e.factors.residual_stored)),
+        );
+        let rank = serde_json::json!(report::adapter::default_rank(l));
+        if let Some(caveat) = kept.and_then(|k| report::summary::low_rank_caveat(k, &rank)) {
+            say!("{caveat}");
+        }
     }
     say!("reports written to {}", out.display());
 }

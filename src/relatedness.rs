@@ -147,6 +147,11 @@ pub fn assess(c: &Comparison) -> Relatedness {
             compared: c.results.len(),
             paired: o.paired_tensors,
             failed: c.errors.len(),
+            shape_mismatches: c
+                .mismatches
+                .iter()
+                .filter(|m| m.kind == "shape" && !c.results.iter().any(|(n, _)| n == &m.name))
+                .count(),
             filters: &c.filters,
             names_share,
             parameters_share,

@@ -93,6 +93,8 @@ pub struct Relation<'a> {
     pub paired: usize,
     /// Tensors that failed.
     pub failed: usize,
+    /// Names on both sides whose shapes differ (and were not compared).
+    pub shape_mismatches: usize,
     /// `--include`/`--exclude` as given (`include RE`).
     pub filters: &'a [String],
     pub names_share: f64,
@@ -113,6 +115,16 @@ pub fn relation_verdict(r: &Relation<'_>) -> Option<Verdict> {
         confidence: confidence.clamp(0.0, 1.0),
         reason: Some(reason),
     };
+    if r.compared == 0 && r.paired == 0 && r.shape_mismatches > 0 {
+        return Some(v(
+            "different_architecture",
+            1.0,
+            format!(
+                "no tensor pairs with an equal shape: the {} names both have differ in shape",
+                r.shape_mismatches
+            ),
+        ));
+    }
     if r.compared == 0 {
         let why = if r.paired == 0 {
             "the two models have no tensor name and shape in common".to_string()
@@ -154,8 +166,8 @@ pub fn relation_verdict(r: &Relation<'_>) -> Option<Verdict> {
             "unrelated",
             1.0 - cos.max(0.0),
             format!(
-                "the paired weights are uncorrelated: parameter-weighted cosine similarity {cos:.3} \
-                 (a fine-tune keeps it near 1)"
+                "the paired weights are uncorrelated: parameter-weighted cosine similarity {cos:.3}, \
+                 where a fine-tune keeps it near 1"
             ),
         )),
         _ => None,
@@ -264,6 +276,7 @@ mod tests {
             compared,
             paired: 10,
             failed: 0,
+            shape_mismatches: 0,
             filters: &filters,
             names_share,
             parameters_share: 1.0,

@@ -206,6 +206,23 @@ fn load_recorded(dir: &Path) -> Result<(Comparison, Option<lora::LoraDocs>)> {
         }),
         None => None,
     };
+    // Never two runs on one page: LoRA documents that analyse tensors this comparison did
+    // not find modified (left by an earlier run, before runs removed what they did not
+    // write), or that go with models which are not a base and a derivative, are not it.
+    let docs = docs.filter(|d| {
+        let modified = c.modified();
+        let same_run = d.analysis["tensors"]
+            .as_object()
+            .is_none_or(|t| t.keys().all(|k| modified.contains(&k.as_str())));
+        if !same_run {
+            tracing::warn!(
+                dir = %dir.display(),
+                "{} belongs to another run than {WEIGHT_DIFFERENCES_JSON}: not rendered",
+                lora::LORA_ANALYSIS_JSON
+            );
+        }
+        same_run && crate::relatedness::assess(&c).verdict.is_none()
+    });
     Ok((c, docs))
 }
 

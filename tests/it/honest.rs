@@ -527,3 +527,33 @@ fn report_html_shows_the_time_of_a_short_run() {
     let html = std::fs::read_to_string(out.join("report.html")).unwrap();
     assert!(!html.contains(" in 0.00 s "), "a run takes some time");
 }
+
+#[test]
+fn report_leaves_out_lora_documents_of_another_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let pair = build_pair(&demo_spec(), &dir.path().join("pair")).unwrap();
+    let (first, second) = (dir.path().join("first"), dir.path().join("second"));
+    compare_cli(&first, &pair.base, &pair.finetuned)
+        .assert()
+        .success();
+    compare_cli(&second, &pair.base, &pair.base)
+        .arg("--no-lora")
+        .assert()
+        .success();
+    // A directory mixed by hand (or by an older weightdiff).
+    std::fs::copy(
+        first.join("lora_analysis.json"),
+        second.join("lora_analysis.json"),
+    )
+    .unwrap();
+    weightdiff()
+        .args(["report", "--quiet"])
+        .arg(&second)
+        .assert()
+        .success();
+    let html = std::fs::read_to_string(second.join("report.html")).unwrap();
+    assert!(
+        html.contains("data-kind=\"\""),
+        "the first run's verdict is not shown"
+    );
+}
