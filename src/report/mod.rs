@@ -276,7 +276,10 @@ pub fn regenerate_trajectory(dir: &Path, top: usize) -> Result<Vec<PathBuf>> {
         }
         let (c, docs) = load_recorded(&sub)?;
         written.extend(render_recorded(&sub, &c, docs.as_ref(), top)?);
-        let verdict = docs.map(|d| d.analysis["verdict"].clone());
+        let verdict = match crate::relatedness::assess(&c).verdict {
+            Some(v) => Some(serde_json::to_value(v).expect("verdict serializes")),
+            None => docs.map(|d| d.analysis["verdict"].clone()),
+        };
         let rank = order
             .iter()
             .position(|s| *s == c.finetuned.source)
@@ -307,9 +310,11 @@ pub fn write_trajectory(dir: &Path, cs: &[Comparison], labels: &[String]) -> Res
     let verdicts: Vec<Option<serde_json::Value>> = cs
         .iter()
         .map(|c| {
-            c.lora
+            crate::relatedness::assess(c)
+                .verdict
                 .as_ref()
-                .map(|l| serde_json::to_value(&l.verdict).expect("verdict serializes"))
+                .or(c.lora.as_ref().map(|l| &l.verdict))
+                .map(|v| serde_json::to_value(v).expect("verdict serializes"))
         })
         .collect();
     let html_path = dir.join(trajectory::TRAJECTORY_HTML);

@@ -557,3 +557,39 @@ fn report_leaves_out_lora_documents_of_another_run() {
         "the first run's verdict is not shown"
     );
 }
+
+#[test]
+fn extract_lora_writes_no_adapter_for_unrelated_models() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (tiny_base(dir.path(), 1), tiny_base(dir.path(), 2));
+    let out = dir.path().join("adapter");
+    let run = weightdiff()
+        .args(["extract-lora", "--json", "-o"])
+        .arg(&out)
+        .arg(&a)
+        .arg(&b)
+        .output()
+        .unwrap();
+    assert_eq!(run.status.code(), Some(EXIT_NOT_A_DERIVATIVE));
+    let summary: Value = serde_json::from_slice(&run.stdout).unwrap();
+    assert_eq!(summary["verdict"]["kind"], "unrelated");
+    assert!(!out.join("adapter_model.safetensors").exists());
+}
+
+#[test]
+fn trajectory_reports_carry_the_relatedness_verdict() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (tiny_base(dir.path(), 1), tiny_base(dir.path(), 2));
+    let out = dir.path().join("traj");
+    let run = weightdiff()
+        .args(["compare", "--quiet", "-o"])
+        .arg(&out)
+        .arg(&a)
+        .arg(&b)
+        .arg(&a)
+        .output()
+        .unwrap();
+    assert_eq!(run.status.code(), Some(EXIT_NOT_A_DERIVATIVE));
+    let html = std::fs::read_to_string(out.join("trajectory.html")).unwrap();
+    assert!(html.contains("unrelated"), "{html}");
+}
