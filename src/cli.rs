@@ -9,9 +9,10 @@ use std::path::PathBuf;
 #[command(
     name = "weightdiff",
     version,
+    propagate_version = true,
     about,
     long_about = None,
-    after_help = "Examples:\n  weightdiff demo -o weightdiff-demo                          # a synthetic pair, compared\n  weightdiff compare Qwen/Qwen3-0.6B ./my-finetune -o out     # reports, verdict, adapter, report.html\n  weightdiff extract-lora ./base ./ft -o adapter --rank 16\n  weightdiff report out                                        # re-render out/report.html\n\nEnvironment: HF_HUB_CACHE, HF_HOME, HF_TOKEN, HF_ENDPOINT, HF_HUB_OFFLINE (hub ids), RUST_LOG, NO_COLOR"
+    after_help = "Examples:\n  weightdiff demo -o weightdiff-demo                          # a synthetic pair, compared\n  weightdiff compare Qwen/Qwen3-0.6B ./my-finetune -o out     # reports, verdict, adapter, report.html\n  weightdiff extract-lora ./base ./ft -o adapter --rank 16\n  weightdiff report out                                        # re-render out/report.html\n\nEnvironment: HF_HUB_CACHE, HF_HOME, HF_TOKEN, HF_ENDPOINT, HF_HUB_OFFLINE (hub ids), RUST_LOG, NO_COLOR\n\nExit status: 0 done; 1 some tensors failed; 2 unusable arguments or models; 3 done, but the models are not a base and a derivative (unrelated, different_architecture, nothing_compared: no LoRA verdict, no adapter); 130/143 stopped by SIGINT/SIGTERM"
 )]
 pub struct Cli {
     #[command(subcommand)]

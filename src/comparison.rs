@@ -212,6 +212,32 @@ pub struct Performance {
     pub speedup: Option<f64>,
 }
 
+/// How much of two models pairs up by name and shape, whatever `--include`/`--exclude`
+/// select: do they share an architecture? Written into `weight_differences.json` under
+/// `relatedness`, beside the figures [`crate::relatedness::assess`] derives from it.
+#[derive(Debug, Clone, Serialize, Deserialize, Default, PartialEq)]
+#[serde(default)]
+pub struct Overlap {
+    /// Tensors of the base.
+    pub base_tensors: usize,
+    /// Tensors of the fine-tuned model.
+    pub finetuned_tensors: usize,
+    /// Names paired with equal shapes (or a vocabulary table compared on its leading rows).
+    pub paired_tensors: usize,
+    /// Parameters (elements) of the base.
+    pub base_parameters: u64,
+    /// Parameters of the fine-tuned model.
+    pub finetuned_parameters: u64,
+    /// Parameters of the paired tensors (the shared rows of a resized vocabulary).
+    pub paired_parameters: u64,
+    /// Architecture and size keys of the configs that differ: key → [base, fine-tuned]
+    /// (`null` where a config lacks the key or is absent).
+    pub config_differences: BTreeMap<String, [serde_json::Value; 2]>,
+    /// Both arguments read the same files (`./m` and `m/.`, a symlink): a model compared
+    /// with itself.
+    pub same_model: bool,
+}
+
 /// Everything a comparison found; every report is rendered from this.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Comparison {
@@ -234,6 +260,10 @@ pub struct Comparison {
     pub performance: Performance,
     /// false when the run was interrupted before every tensor was compared.
     pub complete: bool,
+    /// How much of the two models pairs up, before filters: the structural half of
+    /// [`crate::relatedness`]'s evidence (absent in reports of older versions).
+    #[serde(default)]
+    pub overlap: Overlap,
     /// The low-rank stage, when it ran (not serialized: shard parts store its inputs).
     #[serde(skip)]
     pub lora: Option<LoraReport>,

@@ -171,26 +171,39 @@ pub fn open_model(
     settings: &HubSettings,
     progress: &dyn DownloadProgress,
 ) -> Result<crate::Checkpoint> {
-    let id = (!arg.exists())
-        .then(|| arg.to_str().and_then(RepoId::parse))
-        .flatten();
-    let Some(id) = id else {
+    let Some(id) = hub_candidate(arg) else {
         return crate::Checkpoint::open(arg);
     };
-    let origin = resolve(&id, settings, progress).map_err(|e| match e {
-        Error::Hub { repo, reason } => Error::Hub {
-            repo,
-            reason: format!(
-                "{reason} (tried as a hub id: no local path `{}` exists)",
-                arg.display()
-            ),
-        },
-        other => other,
+    // A mistyped local path is the likelier mistake: say so first, the hub second.
+    let origin = resolve(&id, settings, progress).map_err(|e| Error::NotAModel {
+        path: arg.to_path_buf(),
+        reason: format!(
+            "no such file or directory; tried as a Hugging Face hub id too, which failed: {e}"
+        ),
     })?;
     let mut ck = crate::Checkpoint::open(&origin.snapshot)?;
     ck.source = PathBuf::from(id.to_string());
     ck.hub = Some(origin);
     Ok(ck)
+}
+
+/// The hub id a model argument stands for: `ORG/NAME[@REVISION]` that is not a path —
+/// nothing of that name exists, it is not written as a path (`./`, `../`, `/`), and its
+/// first component is not a local directory (`models/my-finetune` beside `models/` is a
+/// mistyped path, not a repo).
+pub fn hub_candidate(arg: &Path) -> Option<RepoId> {
+    if arg.exists() || arg.is_absolute() {
+        return None;
+    }
+    let s = arg.to_str()?;
+    if s.starts_with("./") || s.starts_with("../") || s.starts_with('~') {
+        return None;
+    }
+    let org = s.split('/').next()?;
+    if Path::new(org).is_dir() {
+        return None;
+    }
+    RepoId::parse(s)
 }
 
 /// Resolves `id` to a snapshot directory holding its weights, downloading what is

@@ -17,6 +17,7 @@
 //! - [`comparison`]: the result types every report is rendered from.
 //! - [`pipeline`]: ties them together in parallel with bounded memory.
 //! - [`report`]: one renderer per output file, and the atomic writer.
+//! - [`relatedness`]: are the two a base and a derivative at all? (shared shapes, cosine)
 //! - [`lowrank`]: randomized SVD, merged-LoRA detection and LoRA factors.
 //! - [`journal`]: per-tensor results on disk, so a killed run can resume.
 //! - [`synthetic`]: builds checkpoint pairs with known edits (tests, demo, benchmarks).
@@ -47,6 +48,7 @@ pub mod lowrank;
 pub mod pairing;
 pub mod peft;
 pub mod pipeline;
+pub mod relatedness;
 pub mod report;
 pub mod rng;
 pub mod shards;

@@ -1,5 +1,22 @@
 //! The `weightdiff` binary: parse flags, call the library, print, choose the exit code.
 
+/// A line on stderr. Never panics: with stderr closed (`weightdiff … 2>&1 | head -3`),
+/// progress and notes are dropped and the run goes on to write its reports.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
+/// [`say!`] without the newline.
+macro_rules! say_raw {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = write!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 mod cli;
 mod progress;
 
@@ -18,6 +35,12 @@ use weightdiff::{Checkpoint, Comparison, pipeline, report, synthetic};
 const EXIT_TENSOR_ERRORS: u8 = 1;
 /// Exit status for unusable arguments or unreadable models (SPEC §5).
 const EXIT_UNUSABLE: u8 = 2;
+/// Exit status of a run that finished and wrote its reports, but whose models are not a
+/// base and a derivative (`unrelated`, `different_architecture`, `nothing_compared`): no
+/// LoRA verdict, no adapter. Tensor errors (1) take precedence.
+const EXIT_NOT_A_DERIVATIVE: u8 = 3;
+/// Tensor errors printed one per line on stderr before the rest are counted.
+const STDERR_ERRORS: usize = 10;
 /// Exit statuses after a clean stop on SIGINT / SIGTERM (128 + signal number).
 const EXIT_SIGINT: u8 = 130;
 const EXIT_SIGTERM: u8 = 143;
@@ -80,6 +103,8 @@ fn init_logging(verbose: u8) {
         .with_writer(std::io::stderr)
         .with_ansi(use_color())
         .with_target(false)
+        // Its own report of a failed write would panic on a closed stderr.
+        .log_internal_errors(false)
         .try_init();
 }
 
@@ -104,7 +129,7 @@ fn main() -> ExitCode {
             {
                 return ExitCode::SUCCESS;
             }
-            eprintln!("{} {e:#}", error_label());
+            say!("{} {e:#}", error_label());
             ExitCode::from(EXIT_UNUSABLE)
         }
     }
@@ -129,7 +154,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             // Into a buffer first: the generator panics on a closed stdout.
             let mut script = Vec::new();
             clap_complete::generate(shell, &mut cmd, "weightdiff", &mut script);
-            std::io::stdout().write_all(&script)?;
+            print_stdout(&script)?;
             Ok(ExitCode::SUCCESS)
         }
     }
@@ -163,6 +188,14 @@ fn open(path: &Path, role: &str, how: Opening) -> anyhow::Result<Checkpoint> {
     } else {
         &downloads
     };
+    if let Some(id) = weightdiff::hub::hub_candidate(path)
+        && !how.quiet
+    {
+        say!(
+            "note: no file or directory `{}` here; trying it as the Hugging Face hub id {id}",
+            path.display()
+        );
+    }
     let mut ck = weightdiff::hub::open_model(path, &settings, progress).with_context(|| {
         if role.is_empty() {
             "cannot read the model".to_string()
@@ -178,6 +211,17 @@ fn open(path: &Path, role: &str, how: Opening) -> anyhow::Result<Checkpoint> {
 
 fn open_pair(base: &Path, ft: &Path, how: Opening) -> anyhow::Result<(Checkpoint, Checkpoint)> {
     Ok((open(base, "base", how)?, open(ft, "fine-tuned", how)?))
+}
+
+/// Both checkpoints read the same files (a model compared with itself).
+fn same_model(base: &Checkpoint, ft: &Checkpoint) -> bool {
+    let files = |ck: &Checkpoint| -> Vec<Option<PathBuf>> {
+        ck.shard_paths()
+            .map(|p| std::fs::canonicalize(p).ok())
+            .collect()
+    };
+    let a = files(base);
+    !a.is_empty() && a.iter().all(Option::is_some) && a == files(ft)
 }
 
 fn compare(args: &CompareArgs) -> anyhow::Result<ExitCode> {
@@ -198,6 +242,13 @@ fn compare(args: &CompareArgs) -> anyhow::Result<ExitCode> {
     let signals = install_signals()?;
     opts.cancel = Some(signals.cancel.clone());
     let out = &args.output;
+    if !args.display.quiet && !args.display.json && same_model(&base, &ft) {
+        say!(
+            "note: {} and {} are the same model (the same files): every tensor will be identical",
+            args.base.display(),
+            args.finetuned[0].display()
+        );
+    }
     if let Some(shard) = args.shard {
         return compare_shard(
             &base,
@@ -220,7 +271,7 @@ fn compare(args: &CompareArgs) -> anyhow::Result<ExitCode> {
         args.display,
     )?;
     if let Some(stop) = signals.stop_code() {
-        eprintln!(
+        say!(
             "stopped: the reports in {} cover the tensors compared so far (complete: false); run again with --resume to finish",
             out.display()
         );
@@ -243,9 +294,11 @@ fn run_compare(
     let progress = progress::Reporter::new(display.quiet);
     let mut c = pipeline::compare(base, ft, opts, &progress)?;
     progress.finish();
-    if let Some(lo) = lora.filter(|_| c.complete) {
+    if !not_a_derivative(&c, lora.is_some(), display)
+        && let Some(lo) = lora.filter(|_| c.complete)
+    {
         if !display.quiet && !display.json {
-            eprintln!(
+            say!(
                 "analysing {} modified tensors for low rank...",
                 c.modified().len()
             );
@@ -253,6 +306,68 @@ fn run_compare(
         c.lora = Some(pipeline::analyze_lora(base, ft, &c, lo)?);
     }
     write_reports(&c, out, top, display)
+}
+
+/// The relatedness check before the low-rank stage: true when the two models are not a
+/// base and a derivative, which it says on stderr (the stage is then skipped).
+fn not_a_derivative(c: &Comparison, lora: bool, display: DisplayArgs) -> bool {
+    let Some(v) = weightdiff::relatedness::assess(c).verdict else {
+        return false;
+    };
+    if !display.quiet && !display.json {
+        say!(
+            "{}: {}{}",
+            v.kind.replace('_', " "),
+            v.reason.as_deref().unwrap_or(""),
+            if lora {
+                "; low-rank analysis and extraction skipped"
+            } else {
+                ""
+            }
+        );
+    }
+    true
+}
+
+/// The exit status of a finished run (SPEC §5, and [`EXIT_NOT_A_DERIVATIVE`]).
+fn exit_status(c: &Comparison) -> ExitCode {
+    let lora_errors = c.lora.as_ref().is_some_and(|l| !l.errors.is_empty());
+    if !c.errors.is_empty() || lora_errors {
+        ExitCode::from(EXIT_TENSOR_ERRORS)
+    } else if weightdiff::relatedness::assess(c).verdict.is_some() {
+        ExitCode::from(EXIT_NOT_A_DERIVATIVE)
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+/// Removes what an earlier run left in `out` that this one did not write (a directory
+/// holds one run), and says so.
+fn remove_stale(
+    out: &Path,
+    written: &[PathBuf],
+    keep: &[&str],
+    display: DisplayArgs,
+) -> anyhow::Result<()> {
+    let removed = report::remove_stale(out, written, keep).with_context(|| {
+        format!(
+            "cannot remove an earlier run's outputs from {}",
+            out.display()
+        )
+    })?;
+    if !removed.is_empty() && !display.quiet && !display.json {
+        let names: Vec<String> = removed
+            .iter()
+            .map(|p| p.strip_prefix(out).unwrap_or(p).display().to_string())
+            .collect();
+        say!(
+            "removed {} outputs of an earlier run from {} (this run does not write them): {}",
+            removed.len(),
+            out.display(),
+            names.join(", ")
+        );
+    }
+    Ok(())
 }
 
 /// Writes every report of `c`, tells the user, and picks the exit status (SPEC §5).
@@ -264,33 +379,52 @@ fn write_reports(
 ) -> anyhow::Result<ExitCode> {
     let written = report::write_comparison_reports(c, out, top)
         .with_context(|| format!("cannot write reports into {}", out.display()))?;
-    // Tensor errors always reach stderr, whatever --quiet and --json say.
-    for (name, e) in &c.errors {
-        eprintln!("{} {name}: {e}", error_label());
+    // A merge may write into one of its part directories: the parts stay.
+    let parts = [
+        weightdiff::shards::PART_JSON,
+        weightdiff::shards::PART_TENSORS,
+    ];
+    remove_stale(out, &written, &parts, display)?;
+    // Tensor errors always reach stderr, whatever --quiet and --json say; the first few,
+    // then a count (every one is in the reports).
+    for (name, e) in c.errors.iter().take(STDERR_ERRORS) {
+        say!("{} {name}: {e}", error_label());
+    }
+    if c.errors.len() > STDERR_ERRORS {
+        say!(
+            "{} … and {} more tensor errors (all in {})",
+            error_label(),
+            c.errors.len() - STDERR_ERRORS,
+            out.join(report::WEIGHT_DIFFERENCES_JSON).display()
+        );
     }
     if display.json {
         print_json(&summary_json(c, &written, top))?;
     } else if !display.quiet {
         print_summary(c, out);
     }
-    let lora_errors = c.lora.as_ref().is_some_and(|l| !l.errors.is_empty());
-    Ok(if c.errors.is_empty() && !lora_errors {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(EXIT_TENSOR_ERRORS)
-    })
+    Ok(exit_status(c))
 }
 
 fn print_json(v: &serde_json::Value) -> anyhow::Result<()> {
+    print_stdout(&report::to_json(v))
+}
+
+/// Writes `bytes` to stdout. A closed stdout (`--json | head -c 20`) is not an error of
+/// the run: the bytes are dropped and the exit status stays the run's.
+fn print_stdout(bytes: &[u8]) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
-    serde_json::to_writer_pretty(&mut out, v)?;
-    writeln!(out)?;
-    Ok(())
+    match out.write_all(bytes).and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(()),
+    }
 }
 
 fn summary_json(c: &Comparison, written: &[PathBuf], top: usize) -> serde_json::Value {
+    let related = weightdiff::relatedness::assess(c);
     serde_json::json!({
-        "verdict": c.lora.as_ref().map(|l| &l.verdict),
+        "verdict": related.verdict.as_ref().or(c.lora.as_ref().map(|l| &l.verdict)),
+        "relatedness": related,
         "base": c.base.source,
         "finetuned": c.finetuned.source,
         "compared": c.results.len(),
@@ -311,7 +445,7 @@ fn summary_json(c: &Comparison, written: &[PathBuf], top: usize) -> serde_json::
 
 fn print_summary(c: &Comparison, out: &Path) {
     let p = &c.performance;
-    eprintln!(
+    say!(
         "compared {} tensors in {:.2}s ({:.2} GB/s): {} modified, {} identical, {} failed",
         c.results.len(),
         p.total_time,
@@ -320,9 +454,25 @@ fn print_summary(c: &Comparison, out: &Path) {
         c.results.iter().filter(|(_, m)| m.identical).count(),
         c.errors.len()
     );
-    if let Some(l) = &c.lora {
+    let related = weightdiff::relatedness::assess(c);
+    say!(
+        "whole model: ‖Δ‖/‖W‖ {}, parameter-weighted cosine {}",
+        related
+            .relative_diff
+            .map_or("n/a".into(), |r| format!("{r:.3e}")),
+        related
+            .cosine_similarity
+            .map_or("n/a".into(), |r| format!("{r:.4}"))
+    );
+    if let Some(v) = &related.verdict {
+        say!(
+            "verdict: {} ({})",
+            v.kind,
+            v.reason.as_deref().unwrap_or("")
+        );
+    } else if let Some(l) = &c.lora {
         let v = &l.verdict;
-        eprintln!(
+        say!(
             "verdict: {}{}{} (confidence {:.2}); {} modules extracted",
             v.kind,
             v.rank.map_or(String::new(), |r| format!(", rank {r}")),
@@ -334,8 +484,18 @@ fn print_summary(c: &Comparison, out: &Path) {
             v.confidence,
             l.extracted.len()
         );
+        let kept = report::summary::adapter_kept_share(
+            c,
+            l.extracted
+                .iter()
+                .map(|e| (e.tensor.as_str(), e.factors.residual_stored)),
+        );
+        let rank = serde_json::json!(weightdiff::peft::adapter::default_rank(l));
+        if let Some(caveat) = kept.and_then(|k| report::summary::low_rank_caveat(k, &rank)) {
+            say!("{caveat}");
+        }
     }
-    eprintln!("reports written to {}", out.display());
+    say!("reports written to {}", out.display());
 }
 
 fn inspect(model: &Path, json: bool) -> anyhow::Result<ExitCode> {
@@ -356,7 +516,8 @@ fn inspect(model: &Path, json: bool) -> anyhow::Result<ExitCode> {
             "problems": info.warnings,
         }))?;
     } else {
-        let mut out = std::io::stdout().lock();
+        // Into a buffer, then stdout: see `print_stdout`.
+        let mut out = Vec::new();
         for t in &info.tensors {
             writeln!(out, "{:<60} {:<8} {:?}", t.name, t.dtype, t.shape)?;
         }
@@ -373,6 +534,7 @@ fn inspect(model: &Path, json: bool) -> anyhow::Result<ExitCode> {
         for w in &info.warnings {
             writeln!(out, "problem:    {w}")?;
         }
+        print_stdout(&out)?;
     }
     Ok(if ck.broken.is_empty() {
         ExitCode::SUCCESS
@@ -385,11 +547,11 @@ fn demo(out: &Path, display: DisplayArgs) -> anyhow::Result<ExitCode> {
     let spec = synthetic::demo_spec();
     let pair_dir = out.join("pair");
     if !display.quiet && !display.json {
-        eprintln!("building a synthetic pair in {}", pair_dir.display());
+        say!("building a synthetic pair in {}", pair_dir.display());
     }
     let pair = synthetic::build_pair(&spec, &pair_dir).context("cannot build the demo pair")?;
     if !display.quiet && !display.json {
-        eprintln!(
+        say!(
             "the fine-tune edits {} tensors: a rank-4 LoRA merged into q_proj and v_proj, and noise on layer 1's norms",
             pair.edits.len()
         );
@@ -411,7 +573,7 @@ fn demo(out: &Path, display: DisplayArgs) -> anyhow::Result<ExitCode> {
     };
     let code = run_compare(&base, &ft, &opts, Some(&lora), &reports, 20, display)?;
     if !display.quiet && !display.json {
-        eprintln!(
+        say!(
             "start with {} (or open {} in a browser)",
             reports.join(report::COMPARISON_REPORT_TXT).display(),
             reports.join(report::html::REPORT_HTML).display()
@@ -436,7 +598,7 @@ fn regenerate_reports(dir: &Path, top: usize, display: DisplayArgs) -> anyhow::R
         print_json(&serde_json::json!({ "outputs": written }))?;
     } else if !display.quiet {
         for p in &written {
-            eprintln!("wrote {}", p.display());
+            say!("wrote {}", p.display());
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -453,6 +615,18 @@ fn extract_lora(args: &cli::ExtractArgs) -> anyhow::Result<ExitCode> {
     let progress = progress::Reporter::new(args.display.quiet);
     let c = pipeline::compare(&base, &ft, &opts, &progress)?;
     progress.finish();
+    if not_a_derivative(&c, true, args.display) {
+        if args.display.json {
+            let related = weightdiff::relatedness::assess(&c);
+            print_json(&serde_json::json!({
+                "verdict": related.verdict,
+                "relatedness": related,
+                "modules": 0,
+                "outputs": [],
+            }))?;
+        }
+        return Ok(exit_status(&c));
+    }
     let lora = pipeline::analyze_lora(&base, &ft, &c, &lora_opts)?;
     let out = &args.output;
     let (mut written, verification) = report::lora::write_adapter(&lora, out, None)
@@ -472,7 +646,7 @@ fn extract_lora(args: &cli::ExtractArgs) -> anyhow::Result<ExitCode> {
         written.push(p);
     }
     for (name, e) in c.errors.iter().chain(&lora.errors) {
-        eprintln!("{} {name}: {e}", error_label());
+        say!("{} {name}: {e}", error_label());
     }
     let mean = if lora.extracted.is_empty() {
         0.0
@@ -496,19 +670,19 @@ fn extract_lora(args: &cli::ExtractArgs) -> anyhow::Result<ExitCode> {
             "outputs": written,
         }))?;
     } else if !args.display.quiet {
-        eprintln!(
+        say!(
             "extracted {} modules (default rank {}), mean relative error {mean:.3e}; {} changed tensors not extracted",
             lora.extracted.len(),
             weightdiff::peft::adapter::default_rank(&lora),
             lora.skipped.len()
         );
-        eprintln!(
+        say!(
             "adapter written to {} (task type {})",
             out.display(),
             lora.facts.task_type.map_or("none", |t| t.as_str())
         );
         for n in &lora.notes {
-            eprintln!("note: {n}");
+            say!("note: {n}");
         }
     }
     Ok(if c.errors.is_empty() && lora.errors.is_empty() {
@@ -534,7 +708,7 @@ fn compare_shard(
     let c = pipeline::compare(base, ft, opts, &progress)?;
     progress.finish();
     if let Some(stop) = signals.stop_code() {
-        eprintln!("stopped: run again with --resume to finish shard {shard}");
+        say!("stopped: run again with --resume to finish shard {shard}");
         return Ok(stop);
     }
     let parts = lora
@@ -550,9 +724,10 @@ fn compare_shard(
         },
     );
     let written = weightdiff::shards::write_part(out, shard, &fp, &c, lora.zip(parts.as_ref()))?;
+    remove_stale(out, &written, &[], display)?;
     weightdiff::journal::remove(out)?;
     for (name, e) in &c.errors {
-        eprintln!("{} {name}: {e}", error_label());
+        say!("{} {name}: {e}", error_label());
     }
     if display.json {
         print_json(&serde_json::json!({
@@ -561,7 +736,7 @@ fn compare_shard(
             "outputs": written,
         }))?;
     } else if !display.quiet {
-        eprintln!(
+        say!(
             "shard {shard}: compared {} tensors; part written to {} (combine with `weightdiff merge`)",
             c.results.len(),
             out.display()
@@ -581,7 +756,10 @@ fn merge(
     display: DisplayArgs,
 ) -> anyhow::Result<ExitCode> {
     let _lock = report::lock_output_dir(out)?;
-    let c = weightdiff::shards::merge(parts)?;
+    let mut c = weightdiff::shards::merge(parts)?;
+    if not_a_derivative(&c, c.lora.is_some(), display) {
+        c.lora = None;
+    }
     write_reports(&c, out, top, display)
 }
 
@@ -609,22 +787,31 @@ fn compare_trajectory(
     let mut cs = pipeline::compare_many(&base, &refs, &opts, &progress)?;
     progress.finish();
     let labels = trajectory_labels(&args.finetuned);
-    let mut failed = false;
+    let (mut failed, mut unrelated) = (false, false);
+    let mut all_written: Vec<PathBuf> = Vec::new();
     let mut summaries = Vec::new();
     for ((c, ft), label) in cs.iter_mut().zip(&fts).zip(&labels) {
-        if let Some(lo) = lora.filter(|_| c.complete) {
+        if !not_a_derivative(c, lora.is_some(), args.display)
+            && let Some(lo) = lora.filter(|_| c.complete)
+        {
             c.lora = Some(pipeline::analyze_lora(&base, ft, c, lo)?);
         }
         let dir = out.join(label);
         let written = report::write_comparison_reports(c, &dir, args.top)
             .with_context(|| format!("cannot write reports into {}", dir.display()))?;
+        remove_stale(&dir, &written, &[], args.display)?;
+        all_written.extend(written.iter().cloned());
         summaries.push(summary_json(c, &written, args.top));
         for (name, e) in &c.errors {
-            eprintln!("{} {label}: {name}: {e}", error_label());
+            say!("{} {label}: {name}: {e}", error_label());
         }
-        failed |= !c.errors.is_empty() || c.lora.as_ref().is_some_and(|l| !l.errors.is_empty());
+        let code = exit_status(c);
+        failed |= code == ExitCode::from(EXIT_TENSOR_ERRORS);
+        unrelated |= code == ExitCode::from(EXIT_NOT_A_DERIVATIVE);
     }
     let outputs = report::write_trajectory(out, &cs, &labels)?;
+    all_written.extend(outputs.iter().cloned());
+    remove_stale(out, &all_written, &[], args.display)?;
     let table = report::trajectory::render_text(&cs);
     if args.display.json {
         print_json(&serde_json::json!({
@@ -633,8 +820,8 @@ fn compare_trajectory(
             "outputs": outputs,
         }))?;
     } else if !args.display.quiet {
-        eprint!("{table}");
-        eprintln!(
+        say_raw!("{table}");
+        say!(
             "reports written to {} (one directory per fine-tuned model, trajectory.json)",
             out.display()
         );
@@ -644,6 +831,8 @@ fn compare_trajectory(
     }
     Ok(if failed {
         ExitCode::from(EXIT_TENSOR_ERRORS)
+    } else if unrelated {
+        ExitCode::from(EXIT_NOT_A_DERIVATIVE)
     } else {
         ExitCode::SUCCESS
     })

@@ -1,9 +1,11 @@
 //! Pairing tensors by name (SPEC §2), and the name helpers reports group by.
 //!
 //! Common names with equal shapes are compared. Names present on one side only, shape
-//! mismatches and dtype mismatches are reported. When one side wraps every name in a
-//! prefix (`model.`, `base_model.model.`, …) the prefix that pairs the most tensors is
-//! inferred from the names, stripped from that side, and reported.
+//! mismatches and dtype mismatches are reported; only vocabulary tables (token
+//! embeddings, LM heads) are compared on the leading rows both shapes share. When one
+//! side wraps (nearly) every name in a prefix (`model.`, `base_model.model.`, …) the
+//! prefix that pairs the most tensors is inferred from the names, stripped from that
+//! side, and reported.
 
 use crate::checkpoint::TensorEntry;
 use serde::{Deserialize, Serialize};
@@ -96,15 +98,17 @@ pub fn pair(
         };
         let mut leading_rows = None;
         if be.shape != fe.shape {
-            let same_tail = be.shape.len() == fe.shape.len()
-                && !be.shape.is_empty()
-                && be.shape[1..] == fe.shape[1..];
+            let same_tail = be.shape.len() == 2
+                && fe.shape.len() == 2
+                && be.shape[1] == fe.shape[1]
+                && VOCABULARY_ROLES.contains(&module_type(name).as_str());
             let compared = if same_tail {
                 let rows = be.shape[0].min(fe.shape[0]);
                 leading_rows = Some(rows);
                 format!("leading {rows} rows")
             } else {
-                "nothing (shapes differ beyond the first dimension)".to_string()
+                "nothing (only a vocabulary table, an embedding or LM head, is compared on its leading rows)"
+                    .to_string()
             };
             out.mismatches
                 .push(mismatch(name, "shape", be, fe, compared));
@@ -150,6 +154,30 @@ fn mismatch(
     }
 }
 
+/// Module types whose first dimension is the vocabulary: token embeddings and LM heads.
+/// Only these are compared on their leading rows when the first dimension differs (a
+/// resized vocabulary keeps the old tokens' rows first); any other shape difference —
+/// a norm of another width, a pruned MLP — is a plain mismatch.
+pub const VOCABULARY_ROLES: &[&str] = &[
+    "embed_tokens",
+    "wte",
+    "word_embeddings",
+    "embed_in",
+    "tok_embeddings",
+    "shared",
+    "lm_head",
+    "embed_out",
+    "output",
+];
+
+/// A prefix is stripped only when it wraps nearly all of one side's names: at least this
+/// share of them, or all but [`PREFIX_OUTSIDERS`]. A prefix on a few names (`cls.` on the
+/// 8 head tensors of a 207-tensor BERT) names a submodule, not a wrapper.
+pub const PREFIX_MIN_SHARE: f64 = 0.9;
+/// Names a wrapping prefix may leave out whatever the share (`lm_head.weight` beside
+/// `model.*`, a `score.weight` added by a classification head).
+pub const PREFIX_OUTSIDERS: usize = 2;
+
 /// How many candidate prefixes per side are tried (the most frequent ones).
 const MAX_PREFIX_CANDIDATES: usize = 32;
 /// Prefixes are made of at most this many dotted components (`base_model.model.model.`).
@@ -167,6 +195,15 @@ pub fn infer_prefix<'a>(
     let mut best: Option<PrefixAlignment> = None;
     for (side, from, to) in [(Side::Base, &bset, &fset), (Side::Finetuned, &fset, &bset)] {
         for prefix in candidate_prefixes(from) {
+            let wrapped = from
+                .iter()
+                .filter(|n| n.starts_with(prefix.as_str()))
+                .count();
+            if (wrapped as f64) < PREFIX_MIN_SHARE * from.len() as f64
+                && wrapped + PREFIX_OUTSIDERS < from.len()
+            {
+                continue;
+            }
             let paired = from
                 .iter()
                 .filter(|n| {

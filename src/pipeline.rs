@@ -192,6 +192,7 @@ struct Side {
     selected: Vec<usize>,
     /// Results a resumed run takes from its journal.
     recovered: BTreeMap<String, TensorMetrics>,
+    overlap: crate::comparison::Overlap,
 }
 
 /// One pair of one fine-tuned model to compare.
@@ -254,6 +255,7 @@ fn prepare_side(base: &Checkpoint, ft: &Checkpoint, opts: &CompareOptions) -> Si
             .collect();
     }
     Side {
+        overlap: crate::relatedness::overlap(base, ft, &paired),
         paired,
         errors,
         filtered_out,
@@ -439,6 +441,7 @@ fn compare_in_pool(
             filtered_out,
             selected,
             recovered,
+            overlap,
         } = side;
         let mut results = Vec::new();
         let mut bytes_read = 0;
@@ -477,6 +480,7 @@ fn compare_in_pool(
             filtered_out,
             performance,
             complete,
+            overlap,
             lora: None,
         });
     }
@@ -560,7 +564,7 @@ fn sizes(p: &TensorPair) -> (usize, usize) {
 }
 
 /// Elements compared: all of them, or the leading rows both shapes share.
-fn compared_elements(p: &TensorPair) -> u64 {
+pub(crate) fn compared_elements(p: &TensorPair) -> u64 {
     match p.leading_rows {
         Some(rows) => rows as u64 * p.base.shape[1..].iter().map(|&d| d as u64).product::<u64>(),
         None => p.base.numel(),

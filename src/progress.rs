@@ -63,9 +63,12 @@ impl Progress for Reporter {
                     } else {
                         0.0
                     };
-                    eprintln!(
+                    say!(
                         "[{}/{}] {:.1}s elapsed, ETA {:.1}s",
-                        u.tensors_done, u.tensors_total, el, eta
+                        u.tensors_done,
+                        u.tensors_total,
+                        el,
+                        eta
                     );
                 }
             }
@@ -92,7 +95,7 @@ impl weightdiff::hub::DownloadProgress for Downloads {
     fn start(&self, file: &str, bytes: Option<u64>) {
         let size = bytes.map_or(String::new(), |b| format!(" ({:.1} MB)", b as f64 / 1e6));
         if !self.terminal {
-            eprintln!("downloading {file}{size}");
+            say!("downloading {file}{size}");
             return;
         }
         let bar = ProgressBar::new(bytes.unwrap_or(0));

@@ -79,6 +79,49 @@ pub struct Checkpoint {
     gathered: std::sync::Mutex<Vec<(String, std::sync::Arc<Vec<u8>>)>>,
 }
 
+/// Refuses a file that is not weights before it is parsed as weights: `config.json` or
+/// an index given as the model would otherwise fail as a safetensors header of absurd
+/// length, which sends the user the wrong way.
+fn refuse_side_file(path: &Path) -> Result<()> {
+    let ext = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    if matches!(ext.as_str(), "safetensors" | "bin" | "pt" | "pth") {
+        return Ok(());
+    }
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let mut head = [0u8; 64];
+    let n = std::fs::File::open(path)
+        .and_then(|mut f| std::io::Read::read(&mut f, &mut head))
+        .map_err(|e| Error::io(path, "cannot read", e))?;
+    let first = head[..n].iter().find(|b| !b.is_ascii_whitespace());
+    let what = if ext == "json" || matches!(first, Some(b'{' | b'[')) {
+        "is JSON, not a checkpoint"
+    } else if torch::is_torch_file(path) {
+        return Ok(());
+    } else if head[..n]
+        .iter()
+        .all(|b| b.is_ascii_graphic() || b.is_ascii_whitespace())
+    {
+        "is a text file, not a checkpoint"
+    } else {
+        // Binary, of an unknown extension: let the parsers judge.
+        return Ok(());
+    };
+    Err(Error::NotAModel {
+        path: path.into(),
+        reason: format!(
+            "{what}; give its directory ({}), or a .safetensors / pytorch_model.bin file",
+            dir.display()
+        ),
+    })
+}
+
 /// Gathered non-contiguous tensors kept for the windows that follow.
 const GATHERED_KEPT: usize = 2;
 
@@ -96,8 +139,18 @@ impl Checkpoint {
     }
 
     fn open_local(path: &Path) -> Result<Checkpoint> {
-        let meta = std::fs::metadata(path).map_err(|e| Error::io(path, "cannot open model", e))?;
+        let meta = std::fs::metadata(path).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                Error::NotAModel {
+                    path: path.into(),
+                    reason: "no such file or directory".into(),
+                }
+            } else {
+                Error::io(path, "cannot open model", e)
+            }
+        })?;
         if meta.is_file() {
+            refuse_side_file(path)?;
             let shard = if torch::is_torch_file(path) {
                 torch::open(path)?
             } else {

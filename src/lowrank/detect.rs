@@ -92,10 +92,12 @@ pub fn is_full_spectrum(s: &[f64], floor: f64, m: usize, n: usize) -> bool {
     full > 0 && s.len() == full && s.last().is_some_and(|&x| x > FLOOR_MARGIN * floor)
 }
 
-/// The overall verdict of `lora_analysis.json`.
+/// The overall verdict of `lora_analysis.json`, or of the relatedness check that comes
+/// before it ([`relation_verdict`]).
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Verdict {
-    /// `merged_lora`, `full_finetune`, `unchanged` or `mixed`.
+    /// `merged_lora`, `full_finetune`, `unchanged` or `mixed`; before the low-rank stage,
+    /// `unrelated`, `different_architecture` or `nothing_compared` (see [`relation_verdict`]).
     pub kind: &'static str,
     /// The LoRA rank (the most common detected rank), for `merged_lora` and `mixed`.
     pub rank: Option<usize>,
@@ -103,6 +105,107 @@ pub struct Verdict {
     pub target_modules: Vec<String>,
     /// Share of the modified tensors consistent with the verdict, in [0, 1].
     pub confidence: f64,
+    /// Why, in words, for the verdicts of the relatedness check.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// Below this share of names or of parameters paired with equal shapes, the two models
+/// are `different_architecture`: a fine-tune (even with a resized vocabulary or an added
+/// head) keeps nearly all of its base's tensors.
+pub const MIN_PAIRED_SHARE: f64 = 0.5;
+/// Below this parameter-weighted cosine similarity of the paired weights, the two are
+/// `unrelated`. Fine-tuning moves weights by a few percent of their norm (cosine ≈ 0.99+);
+/// independently initialised or trained weights are nearly orthogonal (cosine ≈ 0).
+pub const MIN_RELATED_COSINE: f64 = 0.5;
+
+/// What the relatedness check sees (module [`crate::relatedness`] gathers it).
+pub struct Relation<'a> {
+    /// Tensors compared (after filters).
+    pub compared: usize,
+    /// Tensors that paired before filters.
+    pub paired: usize,
+    /// Tensors that failed.
+    pub failed: usize,
+    /// Names on both sides whose shapes differ (and were not compared).
+    pub shape_mismatches: usize,
+    /// `--include`/`--exclude` as given (`include RE`).
+    pub filters: &'a [String],
+    pub names_share: f64,
+    pub parameters_share: f64,
+    /// Parameter-weighted cosine similarity of the compared weights.
+    pub cosine: Option<f64>,
+    /// `model_type` of both configs, when both say and they differ.
+    pub model_types: Option<(&'a str, &'a str)>,
+}
+
+/// `nothing_compared`, `different_architecture` or `unrelated` when the two models are
+/// not a base and a derivative; `None` when they are (the low-rank verdict follows).
+pub fn relation_verdict(r: &Relation<'_>) -> Option<Verdict> {
+    let v = |kind, confidence: f64, reason: String| Verdict {
+        kind,
+        rank: None,
+        target_modules: Vec::new(),
+        confidence: confidence.clamp(0.0, 1.0),
+        reason: Some(reason),
+    };
+    if r.compared == 0 && r.paired == 0 && r.shape_mismatches > 0 {
+        return Some(v(
+            "different_architecture",
+            1.0,
+            format!(
+                "no tensor pairs with an equal shape: the {} names both have differ in shape",
+                r.shape_mismatches
+            ),
+        ));
+    }
+    if r.compared == 0 {
+        let why = if r.paired == 0 {
+            "the two models have no tensor name and shape in common".to_string()
+        } else if r.failed > 0 {
+            format!("every tensor that pairs failed ({} errors)", r.failed)
+        } else if !r.filters.is_empty() {
+            let flags: Vec<String> = r.filters.iter().map(|f| format!("--{f}")).collect();
+            format!(
+                "{} left none of the {} paired tensors to compare",
+                flags.join(" "),
+                r.paired
+            )
+        } else {
+            "no tensor was compared".to_string()
+        };
+        return Some(v("nothing_compared", 1.0, why));
+    }
+    if let Some((a, b)) = r.model_types {
+        return Some(v(
+            "different_architecture",
+            1.0,
+            format!("the configs name different model types: {a} and {b}"),
+        ));
+    }
+    let share = r.names_share.min(r.parameters_share);
+    if share < MIN_PAIRED_SHARE {
+        return Some(v(
+            "different_architecture",
+            1.0 - share,
+            format!(
+                "only {:.0} % of the tensors and {:.0} % of the parameters pair with equal shapes",
+                100.0 * r.names_share,
+                100.0 * r.parameters_share
+            ),
+        ));
+    }
+    match r.cosine {
+        Some(cos) if cos < MIN_RELATED_COSINE => Some(v(
+            "unrelated",
+            1.0 - cos.max(0.0),
+            format!(
+                "the paired weights are uncorrelated: parameter-weighted cosine similarity {cos:.3}, \
+                 where a fine-tune keeps it near 1"
+            ),
+        )),
+        _ => None,
+    }
 }
 
 /// A modified tensor as the verdict sees it.
@@ -125,6 +228,7 @@ pub fn verdict(modified: &[Evidence<'_>]) -> Verdict {
             rank: None,
             target_modules: Vec::new(),
             confidence: 1.0,
+            reason: None,
         };
     }
     let matrices: Vec<&Evidence> = modified.iter().filter(|e| e.is_matrix).collect();
@@ -158,6 +262,7 @@ pub fn verdict(modified: &[Evidence<'_>]) -> Verdict {
             rank: mode,
             target_modules: modules,
             confidence: agree,
+            reason: None,
         }
     } else if share <= 1.0 - VERDICT_SHARE {
         let consistent = (matrices.len() - low.len() + others) as f64 / modified.len() as f64;
@@ -166,6 +271,7 @@ pub fn verdict(modified: &[Evidence<'_>]) -> Verdict {
             rank: None,
             target_modules: Vec::new(),
             confidence: consistent,
+            reason: None,
         }
     } else {
         Verdict {
@@ -173,6 +279,7 @@ pub fn verdict(modified: &[Evidence<'_>]) -> Verdict {
             rank: mode,
             target_modules: modules,
             confidence: share.max(1.0 - share),
+            reason: None,
         }
     }
 }
@@ -216,6 +323,30 @@ mod tests {
         assert!(!is_full_spectrum(&[23.0, 14.0], 6e-7, 64, 32));
         // Not when its tail is noise.
         assert!(!is_full_spectrum(&[23.0, 14.0, 1e-9], 1e-8, 3, 32));
+    }
+
+    #[test]
+    fn relation_verdicts_come_before_the_low_rank_one() {
+        let filters = ["include nothing".to_string()];
+        let r = |compared, names_share, cosine| Relation {
+            compared,
+            paired: 10,
+            failed: 0,
+            shape_mismatches: 0,
+            filters: &filters,
+            names_share,
+            parameters_share: 1.0,
+            cosine,
+            model_types: None,
+        };
+        let kind = |r: Relation| relation_verdict(&r).map(|v| v.kind);
+        assert_eq!(kind(r(0, 1.0, None)), Some("nothing_compared"));
+        assert_eq!(kind(r(3, 0.1, Some(1.0))), Some("different_architecture"));
+        assert_eq!(kind(r(10, 1.0, Some(0.01))), Some("unrelated"));
+        assert_eq!(kind(r(10, 1.0, Some(0.999))), None);
+        let mut bert_albert = r(10, 1.0, Some(0.999));
+        bert_albert.model_types = Some(("bert", "albert"));
+        assert_eq!(kind(bert_albert), Some("different_architecture"));
     }
 
     #[test]

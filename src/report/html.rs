@@ -4,8 +4,10 @@
 //! figures are static SVG: the page reads fine with scripts disabled.
 
 use super::lora::LoraDocs;
-use super::summary::verdict_sentence;
-use super::{fmt_bytes, sci};
+use super::summary::{
+    LIST_FIRST, low_rank_caveat, metadata_kept_share, summarise_names, verdict_sentence,
+};
+use super::{fmt_bytes, fmt_seconds, sci};
 use crate::comparison::{Comparison, TensorMetrics};
 use crate::pairing::{layer_index, module_type};
 use serde_json::Value;
@@ -70,6 +72,7 @@ fn summary(s: &mut String, c: &Comparison, lora: Option<&LoraDocs>) {
         );
     }
     let p = &c.performance;
+    let related = crate::relatedness::assess(c);
     let cards = [
         ("compared tensors", c.results.len().to_string()),
         ("modified", modified.to_string()),
@@ -82,13 +85,23 @@ fn summary(s: &mut String, c: &Comparison, lora: Option<&LoraDocs>) {
                 "n/a".into()
             },
         ),
+        (
+            "whole-model ‖Δ‖/‖W‖",
+            related.relative_diff.map_or("n/a".into(), |r| sci(r, 2)),
+        ),
+        (
+            "cosine similarity (parameter-weighted)",
+            related
+                .cosine_similarity
+                .map_or("n/a".into(), |r| format!("{r:.4}")),
+        ),
         ("errors", c.errors.len().to_string()),
         (
             "read",
             format!(
-                "{} in {:.2} s ({:.2} GB/s)",
+                "{} in {} ({:.2} GB/s)",
                 fmt_bytes(p.bytes_read),
-                p.total_time,
+                fmt_seconds(p.total_time),
                 p.throughput_gbps
             ),
         ),
@@ -102,7 +115,16 @@ fn summary(s: &mut String, c: &Comparison, lora: Option<&LoraDocs>) {
         );
     }
     let _ = writeln!(s, "</div>");
-    if let Some(docs) = lora {
+    if let Some(v) = &related.verdict {
+        let v = serde_json::to_value(v).expect("a verdict serializes");
+        let _ = writeln!(
+            s,
+            "<div class=\"verdict\" id=\"verdict\" data-kind=\"{}\"><b>Verdict:</b> {} \
+             The low-rank analysis and the adapter were skipped.</div>",
+            esc(v["kind"].as_str().unwrap_or("")),
+            esc(&verdict_sentence(&v))
+        );
+    } else if let Some(docs) = lora {
         let v = &docs.analysis["verdict"];
         let _ = writeln!(
             s,
@@ -119,6 +141,11 @@ fn summary(s: &mut String, c: &Comparison, lora: Option<&LoraDocs>) {
                     m["default_rank"],
                     sci(m["mean_residual_stored"].as_f64().unwrap_or(0.0), 2)
                 );
+                if let Some(caveat) = metadata_kept_share(c, m)
+                    .and_then(|kept| low_rank_caveat(kept, &m["default_rank"]))
+                {
+                    let _ = write!(s, " <b>{}</b>", esc(&caveat));
+                }
             }
         }
         let _ = writeln!(s, "</div>");
@@ -132,19 +159,34 @@ fn summary(s: &mut String, c: &Comparison, lora: Option<&LoraDocs>) {
     let mut problems: Vec<String> = Vec::new();
     problems.extend(c.errors.iter().map(|(n, e)| format!("error: {n}: {e}")));
     if !c.only_in_base.is_empty() {
-        problems.push(format!("only in base: {}", c.only_in_base.join(", ")));
+        problems.push(format!(
+            "only in base: {}",
+            summarise_names(&c.only_in_base)
+        ));
     }
     if !c.only_in_finetuned.is_empty() {
         problems.push(format!(
             "only in fine-tuned: {}",
-            c.only_in_finetuned.join(", ")
+            summarise_names(&c.only_in_finetuned)
+        ));
+    }
+    if c.mismatches.len() > LIST_FIRST {
+        let names: Vec<String> = c.mismatches.iter().map(|m| m.name.clone()).collect();
+        problems.push(format!(
+            "shape or dtype mismatches: {} (all in weight_differences.json)",
+            summarise_names(&names)
         ));
     }
     problems.extend(
         c.mismatches
             .iter()
+            .take(LIST_FIRST)
             .map(|m| format!("{} mismatch: {} ({})", m.kind, m.name, m.compared)),
     );
+    if related.overlap.same_model {
+        problems
+            .push("both arguments name the same model: every tensor is identical to itself".into());
+    }
     problems.extend(
         c.base
             .warnings
@@ -161,7 +203,9 @@ fn summary(s: &mut String, c: &Comparison, lora: Option<&LoraDocs>) {
     }
 }
 
-/// Relative diff → colour: log scale from `lo` to `hi` over a viridis-like ramp.
+/// Relative diff → colour: log scale from `lo` to `hi` over a viridis-like ramp, run from
+/// light (smallest change) to dark (largest), so that on a white page the larger change is
+/// the stronger colour.
 pub(crate) struct Scale {
     lo: f64,
     hi: f64,
@@ -203,7 +247,8 @@ impl Scale {
             (94.0, 201.0, 98.0),
             (253.0, 231.0, 37.0),
         ];
-        let x = self.t(v) * (RAMP.len() - 1) as f64;
+        // The ramp's dark end for the largest value.
+        let x = (1.0 - self.t(v)) * (RAMP.len() - 1) as f64;
         let i = (x.floor() as usize).min(RAMP.len() - 2);
         let f = x - i as f64;
         let (a, b) = (RAMP[i], RAMP[i + 1]);
@@ -359,8 +404,8 @@ fn heatmap(s: &mut String, c: &Comparison) {
     let ly = topm + ch * layers.len() as f64 + 24.0;
     let _ = writeln!(
         s,
-        "<defs><linearGradient id=\"ramp\"><stop offset=\"0\" stop-color=\"#440154\"/><stop offset=\"0.25\" stop-color=\"#3b528b\"/>\
-         <stop offset=\"0.5\" stop-color=\"#21918c\"/><stop offset=\"0.75\" stop-color=\"#5ec962\"/><stop offset=\"1\" stop-color=\"#fde725\"/></linearGradient></defs>"
+        "<defs><linearGradient id=\"ramp\"><stop offset=\"0\" stop-color=\"#fde725\"/><stop offset=\"0.25\" stop-color=\"#5ec962\"/>\
+         <stop offset=\"0.5\" stop-color=\"#21918c\"/><stop offset=\"0.75\" stop-color=\"#3b528b\"/><stop offset=\"1\" stop-color=\"#440154\"/></linearGradient></defs>"
     );
     if let Some(sc) = &scale {
         let _ = writeln!(
@@ -805,8 +850,9 @@ mod tests {
         assert_eq!(sc.t(1e-4), 0.0);
         assert_eq!(sc.t(1e-2), 1.0);
         assert!((sc.t(1e-3) - 0.5).abs() < 1e-12);
-        assert_eq!(sc.colour(1e-4), "#440154");
-        assert_eq!(sc.colour(1.0), "#fde725");
+        // Larger change, stronger (darker) colour on the white page.
+        assert_eq!(sc.colour(1e-4), "#fde725");
+        assert_eq!(sc.colour(1.0), "#440154");
         assert!(Scale::new([0.0, f64::INFINITY].into_iter()).is_none());
     }
 }

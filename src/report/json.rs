@@ -35,6 +35,7 @@ pub fn render(c: &Comparison) -> Value {
         "only_in_finetuned": c.only_in_finetuned,
         "mismatches": c.mismatches,
         "errors": c.errors,
+        "relatedness": crate::relatedness::assess(c),
         "warnings": {"base": c.base.warnings, "finetuned": c.finetuned.warnings},
         "performance": perf,
     });
@@ -115,6 +116,7 @@ pub fn parse(v: &Value, path: &std::path::Path) -> crate::error::Result<Comparis
         filtered_out: 0,
         performance: from(take("performance")?, "performance", &bad)?,
         complete: from(take("complete")?, "complete", &bad)?,
+        overlap: from(or("relatedness", json!({})), "relatedness", &bad)?,
         lora: None,
     })
 }

@@ -37,6 +37,15 @@ pub struct OutputLock {
 /// Creates `dir` if needed and locks it for this run; a second run is refused with
 /// [`Error::Locked`] rather than interleaving its files with ours.
 pub fn lock_output_dir(dir: &Path) -> Result<OutputLock> {
+    if dir.exists() && !dir.is_dir() {
+        return Err(Error::io(
+            dir,
+            "cannot use as the output directory",
+            std::io::Error::other(
+                "it is a file, not a directory; give -o a directory (it is created if missing)",
+            ),
+        ));
+    }
     std::fs::create_dir_all(dir)
         .map_err(|e| Error::io(dir, "cannot create output directory", e))?;
     let path = dir.join(LOCK_FILE);
@@ -196,6 +205,23 @@ fn load_recorded(dir: &Path) -> Result<(Comparison, Option<lora::LoraDocs>)> {
         }),
         None => None,
     };
+    // Never two runs on one page: LoRA documents that analyse tensors this comparison did
+    // not find modified (left by an earlier run, before runs removed what they did not
+    // write), or that go with models which are not a base and a derivative, are not it.
+    let docs = docs.filter(|d| {
+        let modified = c.modified();
+        let same_run = d.analysis["tensors"]
+            .as_object()
+            .is_none_or(|t| t.keys().all(|k| modified.contains(&k.as_str())));
+        if !same_run {
+            tracing::warn!(
+                dir = %dir.display(),
+                "{} belongs to another run than {WEIGHT_DIFFERENCES_JSON}: not rendered",
+                lora::LORA_ANALYSIS_JSON
+            );
+        }
+        same_run && crate::relatedness::assess(&c).verdict.is_none()
+    });
     Ok((c, docs))
 }
 
@@ -249,7 +275,10 @@ pub fn regenerate_trajectory(dir: &Path, top: usize) -> Result<Vec<PathBuf>> {
         }
         let (c, docs) = load_recorded(&sub)?;
         written.extend(render_recorded(&sub, &c, docs.as_ref(), top)?);
-        let verdict = docs.map(|d| d.analysis["verdict"].clone());
+        let verdict = match crate::relatedness::assess(&c).verdict {
+            Some(v) => Some(serde_json::to_value(v).expect("verdict serializes")),
+            None => docs.map(|d| d.analysis["verdict"].clone()),
+        };
         let rank = order
             .iter()
             .position(|s| *s == c.finetuned.source)
@@ -280,9 +309,11 @@ pub fn write_trajectory(dir: &Path, cs: &[Comparison], labels: &[String]) -> Res
     let verdicts: Vec<Option<serde_json::Value>> = cs
         .iter()
         .map(|c| {
-            c.lora
+            crate::relatedness::assess(c)
+                .verdict
                 .as_ref()
-                .map(|l| serde_json::to_value(&l.verdict).expect("verdict serializes"))
+                .or(c.lora.as_ref().map(|l| &l.verdict))
+                .map(|v| serde_json::to_value(v).expect("verdict serializes"))
         })
         .collect();
     let html_path = dir.join(trajectory::TRAJECTORY_HTML);
@@ -291,6 +322,83 @@ pub fn write_trajectory(dir: &Path, cs: &[Comparison], labels: &[String]) -> Res
         trajectory::render_html(cs, labels, &verdicts).as_bytes(),
     )?;
     Ok(vec![json_path, txt_path, html_path])
+}
+
+/// Every file name a run may write at the top of its output directory. A run owns these
+/// names there: [`remove_stale`] deletes the ones it did not write this time, so a
+/// directory never holds two runs. Other files (the user's, the journal, the lock) are
+/// never touched.
+pub const OWNED_FILES: &[&str] = &[
+    DIFFERENCE_TXT,
+    WEIGHT_DIFFERENCES_JSON,
+    CONFIG_COMPARISON_JSON,
+    ARCHITECTURE_COMPARISON_JSON,
+    COMPARISON_REPORT_TXT,
+    html::REPORT_HTML,
+    lora::LORA_ANALYSIS_JSON,
+    lora::LORA_METADATA_JSON,
+    lora::EXTRACTED_WEIGHTS,
+    TRAJECTORY_JSON,
+    TRAJECTORY_TXT,
+    trajectory::TRAJECTORY_HTML,
+    crate::shards::PART_JSON,
+    crate::shards::PART_TENSORS,
+];
+
+/// Removes from `dir` the outputs of an earlier run that this run (which wrote
+/// `written`) did not write again: the [`OWNED_FILES`], `lora_adapter/`'s two files (and
+/// the directory when that leaves it empty), and the per-model directories of an earlier
+/// run of several fine-tunes (a subdirectory holding `weight_differences.json` beside a
+/// `trajectory.json`), emptied of owned files the same way. `keep` names files left alone whatever (a merge keeps
+/// `part.json` in a part directory it writes into). Returns what was removed.
+pub fn remove_stale(dir: &Path, written: &[PathBuf], keep: &[&str]) -> Result<Vec<PathBuf>> {
+    let mut removed = Vec::new();
+    let written_here = |p: &Path| written.iter().any(|w| w == p || w.starts_with(p));
+    let remove_owned = |d: &Path, removed: &mut Vec<PathBuf>| -> Result<()> {
+        for name in OWNED_FILES.iter().filter(|n| !keep.contains(n)) {
+            let p = d.join(name);
+            if !written_here(&p) && std::fs::symlink_metadata(&p).is_ok() {
+                std::fs::remove_file(&p).map_err(|e| Error::io(&p, "cannot remove", e))?;
+                removed.push(p);
+            }
+        }
+        let adapter = d.join(lora::ADAPTER_DIR);
+        if !written_here(&adapter) && adapter.is_dir() && !adapter.is_symlink() {
+            for name in [lora::ADAPTER_MODEL, lora::ADAPTER_CONFIG] {
+                let p = adapter.join(name);
+                if std::fs::symlink_metadata(&p).is_ok() {
+                    std::fs::remove_file(&p).map_err(|e| Error::io(&p, "cannot remove", e))?;
+                }
+            }
+            // Only when empty: anything else in there is not ours.
+            if std::fs::remove_dir(&adapter).is_ok() {
+                removed.push(adapter);
+            }
+        }
+        Ok(())
+    };
+    // Per-model directories only in the directory of a run of several fine-tunes.
+    let several = dir.join(TRAJECTORY_JSON).is_file();
+    remove_owned(dir, &mut removed)?;
+    if !several {
+        return Ok(removed);
+    }
+    let entries = std::fs::read_dir(dir).map_err(|e| Error::io(dir, "cannot list", e))?;
+    for e in entries.filter_map(|e| e.ok()) {
+        let sub = e.path();
+        if sub.is_symlink() || !sub.is_dir() || written_here(&sub) {
+            continue;
+        }
+        if sub.join(WEIGHT_DIFFERENCES_JSON).is_file() {
+            remove_owned(&sub, &mut removed)?;
+            if std::fs::remove_dir(&sub).is_ok() {
+                removed.push(sub);
+            }
+        }
+    }
+    removed.sort();
+    removed.dedup();
+    Ok(removed)
 }
 
 /// Pretty JSON with a trailing newline.
@@ -316,6 +424,18 @@ pub(crate) fn sci(x: f64, digits: usize) -> String {
 /// [`sci`] with 6 digits for an optional number, `n/a` for none.
 pub(crate) fn fmt_opt(v: Option<f64>) -> String {
     v.map_or_else(|| "n/a".to_string(), |x| sci(x, 6))
+}
+
+/// Seconds at a precision that shows short runs: `3.2 ms`, `0.41 s`, `12.3 s` (a
+/// comparison of a small model takes milliseconds, which `{:.2} s` showed as `0.00 s`).
+pub(crate) fn fmt_seconds(t: f64) -> String {
+    if t < 0.1 {
+        format!("{:.1} ms", t * 1e3)
+    } else if t < 10.0 {
+        format!("{t:.2} s")
+    } else {
+        format!("{t:.1} s")
+    }
 }
 
 /// Human size with binary units.
@@ -345,5 +465,12 @@ mod tests {
         assert_eq!(sci(-2.5e120, 3), "-2.500e+120");
         assert_eq!(sci(1e-6, 0), "1e-06");
         assert_eq!(sci(f64::INFINITY, 6), "inf");
+    }
+
+    #[test]
+    fn short_runs_show_their_time() {
+        assert_eq!(super::fmt_seconds(0.0032), "3.2 ms");
+        assert_eq!(super::fmt_seconds(0.412), "0.41 s");
+        assert_eq!(super::fmt_seconds(12.34), "12.3 s");
     }
 }

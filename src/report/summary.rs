@@ -48,6 +48,16 @@ pub fn render(c: &Comparison, lora: Option<&LoraDocs>, written: &[PathBuf], top:
             100.0 * changed_params as f64 / all_params as f64
         );
     }
+    let related = crate::relatedness::assess(c);
+    let _ = writeln!(
+        w,
+        "Whole model: ‖Δ‖/‖W‖ {}, parameter-weighted cosine similarity {} (over the compared tensors).",
+        fmt_opt(related.relative_diff),
+        related
+            .cosine_similarity
+            .map_or("n/a".to_string(), |x| format!("{x:.4}"))
+    );
+    relatedness_section(w, &related);
 
     // Where: by module type and by layer.
     let mut by_module: BTreeMap<String, (usize, usize, f64)> = BTreeMap::new();
@@ -95,8 +105,8 @@ pub fn render(c: &Comparison, lora: Option<&LoraDocs>, written: &[PathBuf], top:
         );
     }
 
-    if let Some(docs) = lora {
-        lora_section(w, docs);
+    if let Some(docs) = lora.filter(|_| related.verdict.is_none()) {
+        lora_section(w, c, docs);
     }
 
     let _ = writeln!(w, "\nMost modified (by relative diff)");
@@ -116,9 +126,30 @@ pub fn render(c: &Comparison, lora: Option<&LoraDocs>, written: &[PathBuf], top:
 
     let _ = writeln!(w, "\nStructure");
     let _ = writeln!(w, "---------");
-    let _ = writeln!(w, "Only in base: {}", list(&c.only_in_base));
-    let _ = writeln!(w, "Only in fine-tuned: {}", list(&c.only_in_finetuned));
-    for m in &c.mismatches {
+    let _ = writeln!(w, "Only in base: {}", summarise_names(&c.only_in_base));
+    let _ = writeln!(
+        w,
+        "Only in fine-tuned: {}",
+        summarise_names(&c.only_in_finetuned)
+    );
+    if c.mismatches.len() > LIST_FIRST {
+        for kind in ["shape", "dtype"] {
+            let names: Vec<String> = c
+                .mismatches
+                .iter()
+                .filter(|m| m.kind == kind)
+                .map(|m| m.name.clone())
+                .collect();
+            if !names.is_empty() {
+                let _ = writeln!(w, "{kind} mismatches: {}", summarise_names(&names));
+            }
+        }
+        let _ = writeln!(
+            w,
+            "The first {LIST_FIRST} (all in weight_differences.json):"
+        );
+    }
+    for m in c.mismatches.iter().take(LIST_FIRST) {
         let _ = writeln!(
             w,
             "{} mismatch: {} base {:?} {} vs fine-tuned {:?} {}; compared {}",
@@ -147,14 +178,42 @@ pub fn render(c: &Comparison, lora: Option<&LoraDocs>, written: &[PathBuf], top:
 
     let _ = writeln!(w, "\nProblems");
     let _ = writeln!(w, "--------");
-    if c.errors.is_empty() && c.base.warnings.is_empty() && c.finetuned.warnings.is_empty() {
+    let warnings: Vec<&String> = c
+        .base
+        .warnings
+        .iter()
+        .chain(&c.finetuned.warnings)
+        .collect();
+    if let Some(v) = &related.verdict {
+        let _ = writeln!(
+            w,
+            "not a base and its fine-tune ({}): {}",
+            v.kind,
+            v.reason.as_deref().unwrap_or("")
+        );
+    } else if c.errors.is_empty() && warnings.is_empty() {
         let _ = writeln!(w, "none");
     }
-    for (name, e) in &c.errors {
+    for (name, e) in c.errors.iter().take(LIST_FIRST) {
         let _ = writeln!(w, "error: {name}: {e}");
     }
-    for wn in c.base.warnings.iter().chain(&c.finetuned.warnings) {
+    if c.errors.len() > LIST_FIRST {
+        let names: Vec<String> = c.errors.keys().cloned().collect();
+        let _ = writeln!(
+            w,
+            "errors in all: {} (every message in weight_differences.json)",
+            summarise_names(&names)
+        );
+    }
+    for wn in warnings.iter().take(LIST_FIRST) {
         let _ = writeln!(w, "warning: {wn}");
+    }
+    if warnings.len() > LIST_FIRST {
+        let _ = writeln!(
+            w,
+            "… and {} more warnings (all in weight_differences.json)",
+            warnings.len() - LIST_FIRST
+        );
     }
 
     let p = &c.performance;
@@ -177,12 +236,127 @@ pub fn render(c: &Comparison, lora: Option<&LoraDocs>, written: &[PathBuf], top:
     s
 }
 
-fn list(v: &[String]) -> String {
+/// Names listed in full up to this many; longer lists are summarised (count, module
+/// types, the first names) and stay whole in the JSON reports.
+pub(crate) const LIST_FIRST: usize = 10;
+
+/// A list of tensor names for people: all of them when short, else the count, the count
+/// per module type (most frequent first) and the first few names.
+pub(crate) fn summarise_names(v: &[String]) -> String {
     if v.is_empty() {
-        "none".to_string()
-    } else {
-        format!("{} ({})", v.len(), v.join(", "))
+        return "none".to_string();
     }
+    if v.len() <= LIST_FIRST {
+        return format!("{} ({})", v.len(), v.join(", "));
+    }
+    let mut by_module: BTreeMap<String, usize> = BTreeMap::new();
+    for n in v {
+        *by_module.entry(module_type(n)).or_default() += 1;
+    }
+    let mut groups: Vec<(String, usize)> = by_module.into_iter().collect();
+    groups.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    let shown: Vec<String> = groups
+        .iter()
+        .take(LIST_FIRST)
+        .map(|(m, k)| format!("{m} {k}"))
+        .collect();
+    let more = groups.len().saturating_sub(LIST_FIRST);
+    format!(
+        "{} (by module type: {}{}; first: {}, …)",
+        v.len(),
+        shown.join(", "),
+        if more > 0 {
+            format!(", {more} more types")
+        } else {
+            String::new()
+        },
+        v[..3].join(", ")
+    )
+}
+
+/// The relatedness evidence: shares paired, configs that differ, and the verdict when
+/// the two are not a base and its fine-tune.
+fn relatedness_section(w: &mut String, r: &crate::relatedness::Relatedness) {
+    let o = &r.overlap;
+    let _ = writeln!(w, "\nBase and fine-tune?");
+    let _ = writeln!(w, "-------------------");
+    let _ = writeln!(
+        w,
+        "{} of {} base and {} fine-tuned tensors pair with equal shapes ({:.1} % of names, {:.1} % of parameters).",
+        o.paired_tensors,
+        o.base_tensors,
+        o.finetuned_tensors,
+        100.0 * r.names_paired_share,
+        100.0 * r.parameters_paired_share
+    );
+    for (k, [a, b]) in &o.config_differences {
+        let _ = writeln!(w, "config {k}: {a} in the base, {b} in the fine-tune");
+    }
+    if o.same_model {
+        let _ = writeln!(
+            w,
+            "Note: both arguments name the same model; every tensor is identical to itself."
+        );
+    }
+    match &r.verdict {
+        Some(v) => {
+            let v = serde_json::to_value(v).expect("a verdict serializes");
+            let _ = writeln!(w, "{}", verdict_sentence(&v));
+            let _ = writeln!(
+                w,
+                "The low-rank analysis and extraction were skipped: a LoRA verdict or adapter would be meaningless here."
+            );
+        }
+        None => {
+            let _ = writeln!(
+                w,
+                "They look like a base and its derivative (same shapes, paired weights aligned)."
+            );
+        }
+    }
+}
+
+/// Share of ‖Δ‖ the extracted adapter keeps over its modules: 1 − ‖Δ − BA‖/‖Δ‖, with both
+/// norms summed over the modules (Σ‖Δᵢ − BᵢAᵢ‖² and Σ‖Δᵢ‖², each residual as stored).
+/// `modules` gives (tensor, residual); the ‖Δᵢ‖ come from the comparison.
+pub fn adapter_kept_share<'a>(
+    c: &Comparison,
+    modules: impl Iterator<Item = (&'a str, f64)>,
+) -> Option<f64> {
+    let (mut err2, mut d2) = (0.0, 0.0);
+    for (tensor, residual) in modules {
+        let Some((_, m)) = c.results.iter().find(|(n, _)| n == tensor) else {
+            continue;
+        };
+        err2 += (residual * m.l2_diff).powi(2);
+        d2 += m.l2_diff * m.l2_diff;
+    }
+    (d2 > 0.0 && d2.is_finite()).then(|| 1.0 - (err2 / d2).sqrt())
+}
+
+/// The caveat of an adapter that keeps less than half of the change it stands for.
+pub fn low_rank_caveat(kept: f64, rank: &serde_json::Value) -> Option<String> {
+    (kept < 0.5).then(|| {
+        format!(
+            "This fine-tune is not low-rank: the rank-{rank} adapter keeps {:.0} % of ‖Δ‖ \
+             (1 − ‖Δ − BA‖/‖Δ‖ over its modules); base + adapter is far from the fine-tune.",
+            100.0 * kept.max(0.0)
+        )
+    })
+}
+
+/// [`adapter_kept_share`] of the modules a `lora_metadata.json` lists.
+pub(crate) fn metadata_kept_share(c: &Comparison, m: &serde_json::Value) -> Option<f64> {
+    let modules = m["modules"].as_object()?;
+    adapter_kept_share(
+        c,
+        modules.values().filter_map(|e| {
+            Some((
+                e["tensor"].as_str()?,
+                e["residual_stored"].as_f64().or(e["residual"].as_f64())?,
+            ))
+        }),
+    )
 }
 
 /// The verdict in words, from `lora_analysis.json`'s `verdict`.
@@ -199,21 +373,32 @@ pub(crate) fn verdict_sentence(v: &serde_json::Value) -> String {
                 .join(", ")
         })
         .unwrap_or_default();
-    let what = match v["kind"].as_str().unwrap_or("") {
-        "merged_lora" => format!("a merged LoRA of rank {rank} on {modules}"),
-        "full_finetune" => "a full fine-tune (the deltas are not low-rank)".to_string(),
-        "mixed" => {
-            format!("mixed: low-rank deltas (rank {rank}) on {modules}, other changes elsewhere")
+    let confidence = v["confidence"].as_f64().unwrap_or(0.0);
+    let reason = v["reason"].as_str().unwrap_or("");
+    match v["kind"].as_str().unwrap_or("") {
+        "merged_lora" => format!(
+            "The fine-tune looks like a merged LoRA of rank {rank} on {modules} (confidence {confidence:.2})."
+        ),
+        "full_finetune" => format!(
+            "The fine-tune looks like a full fine-tune: its deltas are not low-rank (confidence {confidence:.2})."
+        ),
+        "mixed" => format!(
+            "The fine-tune mixes low-rank deltas (rank {rank}) on {modules} with other changes (confidence {confidence:.2})."
+        ),
+        "unrelated" => format!(
+            "These are not a base and its fine-tune: they share an architecture but not their weights; {reason}."
+        ),
+        "different_architecture" => format!(
+            "These are not a base and its fine-tune: they have different architectures; {reason}."
+        ),
+        "nothing_compared" => {
+            format!("Nothing was compared, so there is no verdict: {reason}.")
         }
-        _ => "unchanged".to_string(),
-    };
-    format!(
-        "The fine-tune looks like {what} (confidence {:.2}).",
-        v["confidence"].as_f64().unwrap_or(0.0)
-    )
+        _ => "The fine-tune is unchanged: no tensor differs beyond the threshold.".to_string(),
+    }
 }
 
-fn lora_section(w: &mut String, docs: &LoraDocs) {
+fn lora_section(w: &mut String, c: &Comparison, docs: &LoraDocs) {
     let a = &docs.analysis;
     let _ = writeln!(w, "\nLoRA verdict");
     let _ = writeln!(w, "------------");
@@ -238,6 +423,11 @@ fn lora_section(w: &mut String, docs: &LoraDocs) {
                 m["default_rank"],
                 sci(m["mean_residual_stored"].as_f64().unwrap_or(0.0), 3)
             );
+            if let Some(caveat) =
+                metadata_kept_share(c, m).and_then(|kept| low_rank_caveat(kept, &m["default_rank"]))
+            {
+                let _ = writeln!(w, "{caveat}");
+            }
             let _ = writeln!(
                 w,
                 "Adapter task type: {} (profile {}).",
@@ -249,15 +439,72 @@ fn lora_section(w: &mut String, docs: &LoraDocs) {
             let _ = writeln!(w, "note: {}", n.as_str().unwrap_or("?"));
         }
     }
+    // Not extracted, grouped by reason: one line per reason, not per tensor.
+    let mut by_reason: Vec<(&str, Vec<String>)> = Vec::new();
     for s in a["skipped"].as_array().into_iter().flatten() {
-        let _ = writeln!(
-            w,
-            "not extracted: {}: {}",
-            s["tensor"].as_str().unwrap_or("?"),
-            s["reason"].as_str().unwrap_or("?")
-        );
+        let reason = s["reason"].as_str().unwrap_or("?");
+        let name = s["tensor"].as_str().unwrap_or("?").to_string();
+        match by_reason.iter_mut().find(|(r, _)| *r == reason) {
+            Some((_, v)) => v.push(name),
+            None => by_reason.push((reason, vec![name])),
+        }
+    }
+    for (reason, names) in by_reason {
+        let _ = writeln!(w, "not extracted: {reason}: {}", summarise_names(&names));
     }
     for (n, e) in a["errors"].as_object().into_iter().flatten() {
         let _ = writeln!(w, "analysis error: {n}: {}", e.as_str().unwrap_or("?"));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_verdict_reads_as_a_sentence() {
+        let v = |kind: &str| {
+            verdict_sentence(&serde_json::json!({
+                "kind": kind, "rank": 8, "target_modules": ["q_proj"], "confidence": 0.9,
+                "reason": "the paired weights are uncorrelated"
+            }))
+        };
+        assert_eq!(
+            v("merged_lora"),
+            "The fine-tune looks like a merged LoRA of rank 8 on q_proj (confidence 0.90)."
+        );
+        assert_eq!(
+            v("unchanged"),
+            "The fine-tune is unchanged: no tensor differs beyond the threshold."
+        );
+        for kind in [
+            "full_finetune",
+            "mixed",
+            "unrelated",
+            "different_architecture",
+            "nothing_compared",
+        ] {
+            let s = v(kind);
+            assert!(!s.contains("looks like mixed") && !s.contains(kind), "{s}");
+            assert!(s.ends_with('.'), "{s}");
+        }
+    }
+
+    #[test]
+    fn long_name_lists_are_counted_grouped_and_cut() {
+        let names: Vec<String> = (0..300)
+            .map(|i| format!("model.layers.{i}.mlp.up_proj.weight"))
+            .chain((0..5).map(|i| format!("model.layers.{i}.input_layernorm.weight")))
+            .collect();
+        let s = summarise_names(&names);
+        assert!(
+            s.starts_with("305 (by module type: up_proj 300, input_layernorm 5;"),
+            "{s}"
+        );
+        assert!(s.len() < 250, "{s}");
+        assert_eq!(
+            summarise_names(&names[..2]),
+            format!("2 ({}, {})", names[0], names[1])
+        );
     }
 }

@@ -121,6 +121,13 @@ pub fn render(c: &Comparison, top: usize) -> String {
     );
     let _ = writeln!(w, "Tensors processed: {}", c.results.len());
     let _ = writeln!(w, "Modified tensors: {modified}");
+    let related = crate::relatedness::assess(c);
+    let _ = writeln!(
+        w,
+        "Whole model: relative diff ‖Δ‖/‖W‖ {}, parameter-weighted cosine similarity {}",
+        fmt_opt(related.relative_diff),
+        fmt_opt(related.cosine_similarity)
+    );
     let _ = writeln!(
         w,
         "Bytes read: {} ({})",

@@ -141,13 +141,22 @@ fn trajectory_page_links_each_checkpoint_and_regenerates_byte_for_byte() {
 fn report_command_reads_back_metrics_that_overflowed() {
     // |d| = 6e38 overflows f32: max_abs_diff is +inf, written as JSON null.
     let dir = tempfile::tempdir().unwrap();
+    // An unchanged tensor beside it keeps the pair related (the flipped sign alone has
+    // cosine -1, which the relatedness check calls unrelated).
+    let same = values(1, 1000);
     let b = write_file(
         &dir.path().join("base.safetensors"),
-        &[f32_tensor("w", &[2], &[-3e38, 1.0])],
+        &[
+            f32_tensor("w", &[2], &[-3e38, 1.0]),
+            f32_tensor("v", &[1000], &same),
+        ],
     );
     let f = write_file(
         &dir.path().join("ft.safetensors"),
-        &[f32_tensor("w", &[2], &[3e38, 1.0])],
+        &[
+            f32_tensor("w", &[2], &[3e38, 1.0]),
+            f32_tensor("v", &[1000], &same),
+        ],
     );
     let out = dir.path().join("out");
     compare_cli(&out, &b, &f).assert().success();

@@ -13,6 +13,7 @@
 //! - `trajectory`: several fine-tuned models against one base
 //! - `html`: report.html's content, `weightdiff report`, headless Chromium
 //! - `conventions`: help examples, completions, --json, -v/-vv, NO_COLOR
+//! - `honest`: issue 16: unrelated pairs, resize rules, stale outputs, closed pipes, messages
 //! - `torch_bin`: pytorch_model.bin (zip, legacy, sharded) against torch-written fixtures
 //! - `hub`: hub ids through a cache tree, offline refusal, downloads from a loopback hub
 //! - `interop`: Python's safetensors/numpy recompute our metrics independently
@@ -20,6 +21,7 @@
 mod bad_inputs;
 mod common;
 mod conventions;
+mod honest;
 mod html;
 mod hub;
 mod interop;

@@ -40,8 +40,8 @@ fn resized_vocabulary_compares_the_leading_rows() {
     ft_v[5] += 1.0; // row 1 changes
     ft_v.extend(values(3, 2 * 4)); // two new rows
     let c = run(
-        &[f32_tensor("embed", &[10, 4], &base_v)],
-        &[f32_tensor("embed", &[12, 4], &ft_v)],
+        &[f32_tensor("model.embed_tokens.weight", &[10, 4], &base_v)],
+        &[f32_tensor("model.embed_tokens.weight", &[12, 4], &ft_v)],
     );
     assert_eq!(c.mismatches.len(), 1);
     assert_eq!(c.mismatches[0].kind, "shape");
