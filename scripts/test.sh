@@ -5,7 +5,8 @@
 #     tests/python/requirements.txt: numpy, safetensors and huggingface_hub for the interop
 #     tests, torch, transformers and peft for the architecture matrix (tests/it/peft.rs).
 #     pip runs only when that file changed since the last install; its wheels come from pip's
-#     cache after the first download. `cargo test` finds the venv through WEIGHTDIFF_PYTHON;
+#     cache after the first download. `cargo test` finds the venv through WEIGHTDIFF_PYTHON.
+#     Debian and Ubuntu need their python3-venv package for it (installed under CI as root);
 #  2. the SLURM example on a single-node cluster (examples/slurm/test_cluster.sh), only under
 #     CI or with WEIGHTDIFF_SLURM_TEST=1: it installs Debian's slurm-wlm and munge when
 #     missing (apt-get: root) and starts (then stops) their daemons;
@@ -17,9 +18,20 @@ cd "$(dirname "$0")/.."
 
 venv=$PWD/target/test-venv
 requirements=tests/python/requirements.txt
-if [ ! -x "$venv/bin/python" ]; then
+if [ ! -x "$venv/bin/pip" ]; then # none yet, or one left half-made (no ensurepip)
+  rm -rf "$venv"
   mkdir -p target
-  python3 -m venv "$venv"
+  if ! python3 -m venv "$venv" >&2; then
+    rm -rf "$venv"
+    if [ -n "${CI:-}" ] && [ "$(id -u)" = 0 ] && command -v apt-get > /dev/null; then
+      apt-get update -qq >&2
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >&2
+      python3 -m venv "$venv" >&2
+    else
+      echo "error: python3 -m venv failed; on Debian/Ubuntu install python3-venv (apt-get install python3-venv)" >&2
+      exit 1
+    fi
+  fi
 fi
 if ! cmp -s "$requirements" "$venv/installed-requirements.txt"; then
   "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r "$requirements" >&2
