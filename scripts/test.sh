@@ -1,15 +1,44 @@
 #!/usr/bin/env bash
 # The whole test suite:
-#  1. Python's numpy, safetensors and huggingface_hub (PyPI) for the interop tests;
-#  2. the SLURM example on a single-node cluster (examples/slurm/test_cluster.sh), when
-#     running as root under CI or with WEIGHTDIFF_SLURM_TEST=1: it installs Debian's
-#     slurm-wlm and munge and starts (then stops) their daemons;
+#  1. a Python virtual environment, target/test-venv (never the system interpreter: stock
+#     Debian and Ubuntu refuse system-wide pip installs, PEP 668), with the pinned packages of
+#     tests/python/requirements.txt: numpy, safetensors and huggingface_hub for the interop
+#     tests, torch, transformers and peft for the architecture matrix (tests/it/peft.rs).
+#     pip runs only when that file changed since the last install; its wheels come from pip's
+#     cache after the first download. `cargo test` finds the venv through WEIGHTDIFF_PYTHON.
+#     Debian and Ubuntu need their python3-venv package for it (installed under CI as root);
+#  2. the SLURM example on a single-node cluster (examples/slurm/test_cluster.sh), only under
+#     CI or with WEIGHTDIFF_SLURM_TEST=1: it installs Debian's slurm-wlm and munge when
+#     missing (apt-get: root) and starts (then stops) their daemons;
 #  3. under CI, Debian's chromium for the browser test of report.html (elsewhere that
 #     test runs when a chromium is installed and says so when it is not);
 #  4. every Rust test (unit, integration, doc).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python3 -m pip install --quiet --disable-pip-version-check numpy safetensors huggingface_hub >&2
+
+venv=$PWD/target/test-venv
+requirements=tests/python/requirements.txt
+if [ ! -x "$venv/bin/pip" ]; then # none yet, or one left half-made (no ensurepip)
+  rm -rf "$venv"
+  mkdir -p target
+  if ! python3 -m venv "$venv" >&2; then
+    rm -rf "$venv"
+    if [ -n "${CI:-}" ] && [ "$(id -u)" = 0 ] && command -v apt-get > /dev/null; then
+      apt-get update -qq >&2
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >&2
+      python3 -m venv "$venv" >&2
+    else
+      echo "error: python3 -m venv failed; on Debian/Ubuntu install python3-venv (apt-get install python3-venv)" >&2
+      exit 1
+    fi
+  fi
+fi
+if ! cmp -s "$requirements" "$venv/installed-requirements.txt"; then
+  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r "$requirements" >&2
+  cp "$requirements" "$venv/installed-requirements.txt"
+fi
+export WEIGHTDIFF_PYTHON=$venv/bin/python
+
 cargo build --locked
 if [ -n "${CI:-}" ] || [ -n "${WEIGHTDIFF_SLURM_TEST:-}" ]; then
   if ! command -v slurmctld > /dev/null || ! command -v munged > /dev/null; then
@@ -18,7 +47,7 @@ if [ -n "${CI:-}" ] || [ -n "${WEIGHTDIFF_SLURM_TEST:-}" ]; then
   fi
   timeout 600 bash examples/slurm/test_cluster.sh target/debug/weightdiff
 else
-  echo "note: SLURM cluster test not run (needs root; set WEIGHTDIFF_SLURM_TEST=1 to run it)" >&2
+  echo "note: SLURM cluster test skipped (it runs under CI or with WEIGHTDIFF_SLURM_TEST=1)" >&2
 fi
 if [ -n "${CI:-}" ] && ! command -v chromium > /dev/null; then
   apt-get update -qq >&2

@@ -552,7 +552,7 @@ fn huggingface_hub_and_weightdiff_share_one_cache() {
         "/tests/python/check_hub_cache.py"
     );
     let python = |args: &[&std::ffi::OsStr]| {
-        let out = std::process::Command::new("python3")
+        let out = crate::interop::python()
             .arg(script)
             .args(args)
             .env_remove("HF_TOKEN")

@@ -1,27 +1,38 @@
 //! Python's `safetensors` + `numpy` recompute our metrics from the same files, as an
-//! implementation independent of ours. `.ci/run` installs both; under CI a missing
-//! module fails the test instead of skipping it.
+//! implementation independent of ours. `scripts/test.sh` installs both into its virtual
+//! environment; under CI a missing module fails the test instead of skipping it.
 
 use crate::common::*;
 use std::process::Command;
+
+/// The Python of the tests: `$WEIGHTDIFF_PYTHON` (`scripts/test.sh` sets it to the virtual
+/// environment it makes, `target/test-venv`), else `python3` on PATH. Every test that runs
+/// Python starts it here.
+pub fn python() -> Command {
+    Command::new(std::env::var_os("WEIGHTDIFF_PYTHON").unwrap_or_else(|| "python3".into()))
+}
 
 pub fn python_ready() -> bool {
     python_has("numpy, safetensors")
 }
 
-/// Whether `python3` can import `modules` (comma-separated). Under CI a missing module
+/// Whether [`python`] can import `modules` (comma-separated). Under CI a missing module
 /// fails the test instead: `scripts/test.sh` installs them.
 pub fn python_has(modules: &str) -> bool {
-    let ok = Command::new("python3")
+    let ok = python()
         .args(["-c", &format!("import {modules}")])
         .status()
         .is_ok_and(|s| s.success());
     if !ok {
         assert!(
             std::env::var_os("CI").is_none(),
-            "python3 with {modules} is required in CI (scripts/test.sh installs it)"
+            "a Python with {modules} is required in CI (scripts/test.sh installs it and sets \
+             WEIGHTDIFF_PYTHON)"
         );
-        eprintln!("skipping interop test: python3 with {modules} not found");
+        eprintln!(
+            "skipping Python test: no {modules} in $WEIGHTDIFF_PYTHON or python3 \
+             (scripts/test.sh makes a virtual environment with them)"
+        );
     }
     ok
 }
@@ -40,7 +51,7 @@ fn numpy_recomputes_the_reported_metrics() {
         .assert()
         .success();
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/check_metrics.py");
-    let status = Command::new("python3")
+    let status = python()
         .arg(script)
         .arg(&pair.base)
         .arg(&pair.finetuned)

@@ -477,7 +477,7 @@ fn numpy_rebuilds_the_finetune_from_base_plus_adapter() {
         .assert()
         .success();
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/check_adapter.py");
-    let status = std::process::Command::new("python3")
+    let status = crate::interop::python()
         .arg(script)
         .arg(&pair.base)
         .arg(&pair.finetuned)

@@ -17,6 +17,7 @@
 //! - `torch_bin`: pytorch_model.bin (zip, legacy, sharded) against torch-written fixtures
 //! - `hub`: hub ids through a cache tree, offline refusal, downloads from a loopback hub
 //! - `interop`: Python's safetensors/numpy recompute our metrics independently
+//! - `peft`: the architecture matrix: adapters of tiny transformers models loaded by real PEFT
 
 mod bad_inputs;
 mod common;
@@ -32,6 +33,7 @@ mod metrics;
 mod mutations;
 mod outputs;
 mod pairing;
+mod peft;
 mod reliability;
 mod shards;
 mod torch_bin;
