@@ -236,6 +236,10 @@ pub struct Overlap {
     /// Both arguments read the same files (`./m` and `m/.`, a symlink): a model compared
     /// with itself.
     pub same_model: bool,
+    /// The low-rank stage found a merged LoRA although the weights' cosine is low: a LoRA
+    /// larger than the weights decorrelates them as independent weights would, so the
+    /// models are a base and a derivative after all (set by [`crate::relatedness::settle`]).
+    pub low_rank_delta: bool,
 }
 
 /// Everything a comparison found; every report is rendered from this.

@@ -294,7 +294,8 @@ fn run_compare(
     let progress = progress::Reporter::new(display.quiet);
     let mut c = pipeline::compare(base, ft, opts, &progress)?;
     progress.finish();
-    if !not_a_derivative(&c, lora.is_some(), display)
+    let unsettled = weightdiff::relatedness::needs_low_rank_evidence(&c);
+    if (unsettled || weightdiff::relatedness::assess(&c).verdict.is_none())
         && let Some(lo) = lora.filter(|_| c.complete)
     {
         if !display.quiet && !display.json {
@@ -304,7 +305,11 @@ fn run_compare(
             );
         }
         c.lora = Some(pipeline::analyze_lora(base, ft, &c, lo)?);
+        if unsettled {
+            weightdiff::relatedness::settle(&mut c);
+        }
     }
+    not_a_derivative(&c, lora.is_some(), display);
     write_reports(&c, out, top, display)
 }
 
@@ -613,8 +618,12 @@ fn extract_lora(args: &cli::ExtractArgs) -> anyhow::Result<ExitCode> {
     )?;
     let _lock = report::lock_output_dir(&args.output)?;
     let progress = progress::Reporter::new(args.display.quiet);
-    let c = pipeline::compare(&base, &ft, &opts, &progress)?;
+    let mut c = pipeline::compare(&base, &ft, &opts, &progress)?;
     progress.finish();
+    if weightdiff::relatedness::needs_low_rank_evidence(&c) {
+        c.lora = Some(pipeline::analyze_lora(&base, &ft, &c, &lora_opts)?);
+        weightdiff::relatedness::settle(&mut c);
+    }
     if not_a_derivative(&c, true, args.display) {
         if args.display.json {
             let related = weightdiff::relatedness::assess(&c);
@@ -627,7 +636,10 @@ fn extract_lora(args: &cli::ExtractArgs) -> anyhow::Result<ExitCode> {
         }
         return Ok(exit_status(&c));
     }
-    let lora = pipeline::analyze_lora(&base, &ft, &c, &lora_opts)?;
+    let lora = match c.lora.take() {
+        Some(l) => l,
+        None => pipeline::analyze_lora(&base, &ft, &c, &lora_opts)?,
+    };
     let out = &args.output;
     let (mut written, verification) = report::lora::write_adapter(&lora, out, None)
         .with_context(|| format!("cannot write the adapter into {}", out.display()))?;

@@ -64,6 +64,28 @@ pub fn overlap(base: &Checkpoint, ft: &Checkpoint, paired: &Pairing) -> Overlap 
             .sum(),
         config_differences,
         same_model: same_files(base, ft),
+        low_rank_delta: false,
+    }
+}
+
+/// Whether the two models can only be judged unrelated after the low-rank stage: their
+/// verdict is `unrelated` by cosine alone, which a merged LoRA larger than the weights
+/// also gives. The caller then runs the stage and [`settle`]s.
+pub fn needs_low_rank_evidence(c: &Comparison) -> bool {
+    assess(c).verdict.is_some_and(|v| v.kind == "unrelated")
+}
+
+/// Settles an `unrelated` verdict with the low-rank stage's: a merged LoRA makes the
+/// models a base and a derivative (`low_rank_delta`) and its report stays; otherwise the
+/// report is dropped (nothing is extracted from unrelated models).
+pub fn settle(c: &mut Comparison) {
+    let lora = c
+        .lora
+        .as_ref()
+        .is_some_and(|l| l.verdict.kind == "merged_lora");
+    c.overlap.low_rank_delta = lora;
+    if !lora {
+        c.lora = None;
     }
 }
 
@@ -142,7 +164,9 @@ pub fn assess(c: &Comparison) -> Relatedness {
         (1.0, 1.0)
     };
     // An interrupted run has compared only some tensors: no verdict on what it left out.
-    let verdict = if c.complete || !c.results.is_empty() {
+    let verdict = if c.overlap.low_rank_delta {
+        None
+    } else if c.complete || !c.results.is_empty() {
         relation_verdict(&Relation {
             compared: c.results.len(),
             paired: o.paired_tensors,

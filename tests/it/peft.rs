@@ -42,11 +42,27 @@ struct Matrix {
 fn matrix() -> Option<&'static Matrix> {
     static MATRIX: OnceLock<Option<Matrix>> = OnceLock::new();
     MATRIX
-        .get_or_init(|| {
+        .get_or_init(|| run_script("peft-matrix", &[]))
+        .as_ref()
+}
+
+/// The matrix with PEFT's merged LoRAs at the scale `init_lora_weights=False` gives them
+/// (deltas several times the weights; embeddings ~200x): the large-delta case of issue 10.
+fn matrix_at_peft_scale() -> Option<&'static Matrix> {
+    static MATRIX: OnceLock<Option<Matrix>> = OnceLock::new();
+    MATRIX
+        .get_or_init(|| run_script("peft-matrix-large", &["--lora-delta", "0"]))
+        .as_ref()
+}
+
+/// Runs the script into `target/tmp/<name>` with `extra` arguments.
+fn run_script(name: &str, extra: &[&str]) -> Option<Matrix> {
+    {
+        {
             if !python_has("torch, transformers, peft") {
                 return None;
             }
-            let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("peft-matrix");
+            let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
             let json = dir.join("results.json");
             let _ = std::fs::remove_file(&json);
             let out = python()
@@ -59,6 +75,7 @@ fn matrix() -> Option<&'static Matrix> {
                 .arg(&dir)
                 .arg("--json")
                 .arg(&json)
+                .args(extra)
                 .output()
                 .expect("start the Python of the tests");
             let table = format!(
@@ -74,8 +91,8 @@ fn matrix() -> Option<&'static Matrix> {
                 });
             let _ = std::fs::write(dir.join("table.txt"), &table);
             Some(Matrix { results, table })
-        })
-        .as_ref()
+        }
+    }
 }
 
 /// Fails unless every check of `family` passed (both fine-tunes).
@@ -182,4 +199,25 @@ fn qwen2_adapters_load_in_peft_and_rebuild_the_finetunes() {
 #[test]
 fn gemma_adapters_load_in_peft_and_rebuild_the_finetunes() {
     run_matrix("gemma");
+}
+
+// See: issue 10 item 7 ("detection exact for a rank-r merged LoRA whether its delta is 1 %
+// of the weights or larger than them").
+#[test]
+fn merged_loras_larger_than_the_weights_are_detected_and_rebuilt_in_every_family() {
+    let Some(m) = matrix_at_peft_scale() else {
+        return;
+    };
+    let mut failures = Vec::new();
+    for family in FAMILIES {
+        let row = &m.results["results"][format!("{family}/lora")];
+        let checks = row["checks"].as_object();
+        assert!(checks.is_some(), "no {family}/lora row:\n{}", m.table);
+        for (check, r) in checks.unwrap() {
+            if r["ok"] != Value::Bool(true) {
+                failures.push(format!("{family} {check}: {} {}", r["value"], r["detail"]));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}\n{}", failures.join("\n"), m.table);
 }
