@@ -1003,7 +1003,8 @@ pub fn lora_parts(
             skipped.push((
                 name.clone(),
                 format!(
-                    "{}-D tensor: not decomposable as a LoRA",
+                    "{}-D tensor (fused experts or a convolution): not extracted; PEFT's \
+                     target_parameters form for fused parameters is not written by weightdiff",
                     p.base.shape.len()
                 ),
             ));

@@ -490,3 +490,57 @@ fn numpy_rebuilds_the_finetune_from_base_plus_adapter() {
         "numpy reconstruction disagrees (see output above)"
     );
 }
+
+#[test]
+fn the_vllm_profile_writes_linear_modules_at_one_vllm_rank_and_lists_what_it_left_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = PairSpec {
+        shape: shape(),
+        lora: Some(LoraEdit {
+            rank: 5,
+            alpha: 10.0,
+            modules: vec!["q_proj".into(), "embed_tokens".into(), "lm_head".into()],
+            delta_rel: 0.05,
+            layers: None,
+        }),
+        noise: Some(NoiseEdit {
+            pattern: regex::Regex::new(r"^model\.norm\.weight$").unwrap(),
+            rel: 0.01,
+        }),
+        ..PairSpec::tiny()
+    };
+    let pair = build_pair(&spec, &dir.path().join("pair")).unwrap();
+    let out = dir.path().join("adapter");
+    extract_cli(&pair, &out, &["--rank", "5", "--profile", "vllm"]);
+    let ck = Checkpoint::open(&out.join("adapter_model.safetensors")).unwrap();
+    let keys: Vec<&str> = ck.tensors().keys().map(String::as_str).collect();
+    assert!(!keys.is_empty());
+    for (k, t) in ck.tensors() {
+        assert!(
+            k.contains(".q_proj.lora_"),
+            "{k} is not a linear q_proj factor"
+        );
+        // Rank 5 rounded up to the 8 vLLM accepts (zero-padded).
+        assert!(t.shape.contains(&8), "{k}: {:?}", t.shape);
+    }
+    let cfg = read_json(&out.join("adapter_config.json"));
+    assert_eq!(cfg["r"], 8);
+    assert_eq!(cfg["lora_alpha"], 8);
+    assert_eq!(cfg["rank_pattern"], serde_json::json!({}));
+    assert_eq!(cfg["modules_to_save"], serde_json::Value::Null);
+    assert_eq!(cfg["lora_bias"], false);
+    let meta = read_json(&out.join("lora_metadata.json"));
+    assert_eq!(meta["profile"], "vllm");
+    let skipped = meta["skipped"].to_string();
+    for left_out in [
+        "model.embed_tokens.weight",
+        "lm_head.weight",
+        "model.norm.weight",
+    ] {
+        assert!(
+            skipped.contains(left_out),
+            "{left_out} not listed: {skipped}"
+        );
+    }
+    assert!(skipped.contains("--profile vllm"));
+}
