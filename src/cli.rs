@@ -280,6 +280,7 @@ impl ExtractArgs {
             uniform_rank: self.uniform_rank,
             skip_undecomposable: self.skip_undecomposable,
             threads: self.threads,
+            cancel: None,
         };
         Ok((compare, lora))
     }

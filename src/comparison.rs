@@ -321,8 +321,18 @@ pub struct LoraReport {
     pub skipped: Vec<(String, String)>,
     /// Tensors whose analysis failed.
     pub errors: BTreeMap<String, String>,
+    /// Matrices not analysed because the stage was stopped; the report is complete
+    /// only when this is empty.
+    pub not_analysed: Vec<String>,
     /// Wall-clock seconds of the stage.
     pub total_time: Second,
+}
+
+impl LoraReport {
+    /// Every modified matrix was analysed (the stage was not stopped).
+    pub fn complete(&self) -> bool {
+        self.not_analysed.is_empty()
+    }
 }
 
 #[cfg(test)]
