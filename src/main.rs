@@ -250,7 +250,15 @@ fn run_compare(
                 c.modified().len()
             );
         }
-        c.lora = Some(pipeline::analyze_lora(base, ft, &c, lo)?);
+        let lo = pipeline::LoraOptions {
+            cancel: opts.cancel.clone(),
+            ..lo.clone()
+        };
+        let l = pipeline::analyze_lora_with(base, ft, &c, &lo, &progress)?;
+        progress.finish();
+        // Stopped during the stage: the reports hold the diff and the tensors analysed.
+        c.complete &= l.complete();
+        c.lora = Some(l);
     }
     write_reports(&c, out, top, display)
 }
@@ -305,6 +313,7 @@ fn summary_json(c: &Comparison, written: &[PathBuf], top: usize) -> serde_json::
         })).collect::<Vec<_>>(),
         "throughput_gbps": c.performance.throughput_gbps,
         "total_time": c.performance.total_time,
+        "lowrank_time": c.lora.as_ref().map(|l| l.total_time),
         "outputs": written,
     })
 }
@@ -321,6 +330,11 @@ fn print_summary(c: &Comparison, out: &Path) {
         c.errors.len()
     );
     if let Some(l) = &c.lora {
+        eprintln!(
+            "low-rank stage: {} matrices in {:.2}s",
+            l.spectra.len(),
+            l.total_time
+        );
         let v = &l.verdict;
         eprintln!(
             "verdict: {}{}{} (confidence {:.2}); {} modules extracted",
@@ -450,11 +464,29 @@ fn extract_lora(args: &cli::ExtractArgs) -> anyhow::Result<ExitCode> {
         Opening::new(args.mmap, args.display),
     )?;
     let _lock = report::lock_output_dir(&args.output)?;
+    let signals = install_signals()?;
+    let opts = weightdiff::CompareOptions {
+        cancel: Some(signals.cancel.clone()),
+        ..opts
+    };
+    let lora_opts = pipeline::LoraOptions {
+        cancel: Some(signals.cancel.clone()),
+        ..lora_opts
+    };
     let progress = progress::Reporter::new(args.display.quiet);
     let c = pipeline::compare(&base, &ft, &opts, &progress)?;
     progress.finish();
-    let lora = pipeline::analyze_lora(&base, &ft, &c, &lora_opts)?;
     let out = &args.output;
+    if let Some(stop) = signals.stop_code() {
+        eprintln!("stopped: no adapter written to {}", out.display());
+        return Ok(stop);
+    }
+    let lora = pipeline::analyze_lora_with(&base, &ft, &c, &lora_opts, &progress)?;
+    progress.finish();
+    if let Some(stop) = signals.stop_code().filter(|_| !lora.complete()) {
+        eprintln!("stopped: no adapter written to {}", out.display());
+        return Ok(stop);
+    }
     let (mut written, verification) = report::lora::write_adapter(&lora, out, None)
         .with_context(|| format!("cannot write the adapter into {}", out.display()))?;
     for (name, body) in [

@@ -102,17 +102,28 @@ fn delta_f32_generic(
             let d = y - *x;
             *x = if d.is_finite() { d } else { 0.0 };
         }
-        // LANES lanes each, so that the sums vectorize; f32 within a block, then f64.
+        // LANES lanes each over exact chunks, so that the sums vectorize; f32 within a
+        // block, then f64.
         let (mut sq, mut ulp2) = ([0f32; LANES], [0f32; LANES]);
-        for (xs, ys) in o.chunks(LANES).zip(t.chunks(LANES)) {
-            for (i, (&x, &y)) in xs.iter().zip(ys).enumerate() {
-                sq[i] += x * x;
-                // ulp² = 2^(2(e − bits)), built as the f32 whose exponent field is
-                // 2e − 2·bits + 127 (flushed to 2^-126 below that).
-                let field = (((y.to_bits() >> 23) & 0xff) as i32).max(emin + 127);
-                let f = (2 * field - 127 - 2 * bits).max(1);
-                ulp2[i] += f32::from_bits((f as u32) << 23);
+        // ulp² = 2^(2(e − bits)), built as the f32 whose exponent field is 2e − 2·bits + 127
+        // (flushed to 2^-126 below that).
+        let ulp_sq = |y: f32| {
+            let field = (((y.to_bits() >> 23) & 0xff) as i32).max(emin + 127);
+            f32::from_bits(((2 * field - 127 - 2 * bits).max(1) as u32) << 23)
+        };
+        let (xs, ys) = (o.chunks_exact(LANES), t.chunks_exact(LANES));
+        let (xr, yr) = (xs.remainder(), ys.remainder());
+        for (x, y) in xs.zip(ys) {
+            let x: &[f32; LANES] = x.try_into().expect("exact chunk");
+            let y: &[f32; LANES] = y.try_into().expect("exact chunk");
+            for i in 0..LANES {
+                sq[i] += x[i] * x[i];
+                ulp2[i] += ulp_sq(y[i]);
             }
+        }
+        for (&x, &y) in xr.iter().zip(yr) {
+            sq[0] += x * x;
+            ulp2[0] += ulp_sq(y);
         }
         f2 += sq.iter().map(|&v| v as f64).sum::<f64>();
         var += ulp2.iter().map(|&v| v as f64).sum::<f64>();
