@@ -281,6 +281,7 @@ impl ExtractArgs {
             skip_undecomposable: self.skip_undecomposable,
             threads: self.threads,
             cancel: None,
+            journal: None,
         };
         Ok((compare, lora))
     }

@@ -252,6 +252,10 @@ fn run_compare(
         }
         let lo = pipeline::LoraOptions {
             cancel: opts.cancel.clone(),
+            journal: opts
+                .journal_dir
+                .clone()
+                .map(|d| (d, pipeline::fingerprint(base, ft, opts), opts.resume)),
             ..lo.clone()
         };
         let l = pipeline::analyze_lora_with(base, ft, &c, &lo, &progress)?;

@@ -17,7 +17,7 @@ use crate::comparison::{
     Second, TensorInfo, TensorMetrics, metrics_from_accum,
 };
 use crate::error::{Error, Result};
-use crate::journal::{Fingerprint, Journal};
+use crate::journal::{Fingerprint, Journal, LowRankJournal};
 use crate::kernels::{self, Accum};
 use crate::lowrank::detect::{Evidence, verdict};
 use crate::lowrank::extract::{Factors, Target};
@@ -781,6 +781,11 @@ pub struct LoraOptions {
     /// incomplete.
     #[serde(skip)]
     pub cancel: Option<Arc<AtomicBool>>,
+    /// Journal finished matrices in this directory (with the diff's fingerprint), and
+    /// with `true` take the ones a journal there holds instead of redoing them
+    /// (`--resume`). The journal is keyed by the diff's fingerprint plus these options.
+    #[serde(skip)]
+    pub journal: Option<(PathBuf, Fingerprint, bool)>,
 }
 
 /// Δ rows of a pair, decoded from windows of both checkpoints.
@@ -1012,6 +1017,16 @@ pub fn lora_parts(
         vectors = vectors.len(),
         "low-rank analysis"
     );
+    let (journal, recovered) = match &opts.journal {
+        None => (None, BTreeMap::new()),
+        Some((dir, fp, resume)) => {
+            let options = serde_json::to_string(opts).unwrap_or_default();
+            let fp = Fingerprint::new(format!("{} lowrank={options}", fp.description));
+            let (j, done) = LowRankJournal::open(dir, &fp, *resume)?;
+            (Some(Mutex::new(j)), done)
+        }
+    };
+    let journal_failure: Mutex<Option<Error>> = Mutex::new(None);
     let cancel = lowrank::Cancel::new(opts.cancel.as_deref());
     let elements = |p: &TensorPair| p.base.shape.iter().product::<usize>() as u64;
     let elements_total: u64 = matrices.iter().map(|(p, _)| elements(p)).sum();
@@ -1019,7 +1034,10 @@ pub fn lora_parts(
     let outs: Vec<Result<(TensorSpectrum, Option<Factors>)>> = matrices
         .par_iter()
         .map(|(p, target)| {
-            cancel.check()?;
+            let journaled = recovered.get(&p.name).cloned();
+            if journaled.is_none() {
+                cancel.check()?;
+            }
             let src = PairDelta {
                 base,
                 finetuned,
@@ -1027,7 +1045,18 @@ pub fn lora_parts(
                 m: p.base.shape[0],
                 n: p.base.shape[1],
             };
-            let out = lowrank::analyze(&src, &p.name, &opts.lowrank, *target, cancel);
+            let out = match journaled {
+                Some(done) => Ok(done),
+                None => {
+                    let out = lowrank::analyze(&src, &p.name, &opts.lowrank, *target, cancel);
+                    if let (Ok((spectrum, factors)), Some(j)) = (&out, &journal)
+                        && let Err(e) = lock(j).record(&p.name, spectrum, factors.as_ref())
+                    {
+                        lock(&journal_failure).get_or_insert(e);
+                    }
+                    out
+                }
+            };
             if !matches!(out, Err(Error::Cancelled)) {
                 let e = elements(p);
                 progress.lowrank(LowRankUpdate {
@@ -1042,6 +1071,15 @@ pub fn lora_parts(
         })
         .collect();
 
+    if let Some(e) = journal_failure
+        .into_inner()
+        .unwrap_or_else(|p| p.into_inner())
+    {
+        return Err(e);
+    }
+    if let Some(j) = &journal {
+        lock(j).sync()?;
+    }
     let mut spectra = Vec::new();
     let mut extracted = Vec::new();
     let mut errors = BTreeMap::new();
