@@ -386,6 +386,25 @@ pub fn refine(
     })
 }
 
+/// One more power iteration on a refined decomposition: V = qr(ΔᵀU), then
+/// [`refine`] with V (two products of the width of `d`).
+pub fn iterate(op: &mut Operator<'_>, name: &str, d: &Decomposition) -> Result<Decomposition> {
+    let v = orthonormal(&op.tmul(d.u.as_ref())?);
+    let seeded = Decomposition {
+        u: Mat::zeros(0, 0),
+        s: Vec::new(),
+        v,
+        frob2: d.frob2,
+        rounding_var_sum: d.rounding_var_sum,
+        method: d.method,
+        path: d.path,
+        power_iters: d.power_iters,
+        reads: d.reads,
+    };
+    let w = seeded.v.ncols();
+    refine(op, name, &seeded, w)
+}
+
 fn svd_failed(name: &str, e: faer::linalg::svd::SvdError) -> crate::error::Error {
     crate::error::Error::Numerical {
         tensor: name.to_string(),
