@@ -405,3 +405,76 @@ fn read_lowrank(
     }
     Some(done)
 }
+
+#[cfg(test)]
+mod lowrank_tests {
+    use super::*;
+    use crate::checkpoint::dtype::DType;
+    use crate::lowrank::TensorSpectrum;
+    use crate::lowrank::extract::Factors;
+
+    fn spectrum() -> TensorSpectrum {
+        TensorSpectrum {
+            shape: [2, 3],
+            singular_values: vec![2.0, 1.0],
+            energy: vec![0.8, 1.0],
+            effective_rank_90: Some(2),
+            effective_rank_99: Some(2),
+            stable_rank: Some(1.25),
+            detected_rank: Some(1),
+            noise_floor: 0.01,
+            gap_ratio: Some(2.0),
+            frobenius_norm: 5f64.sqrt(),
+            residuals: BTreeMap::new(),
+            method: "exact".into(),
+            path: "in_memory".into(),
+            sketch_width: 2,
+            power_iters: 0,
+            reads: 1,
+            time: 0.5,
+        }
+    }
+
+    #[test]
+    fn a_resumed_low_rank_journal_returns_what_was_recorded_for_the_same_inputs_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let fp = Fingerprint::new("inputs and options".into());
+        let f = Factors {
+            rank: 1,
+            b: vec![1.5, -2.25],
+            a: vec![0.1, 0.2, f64::MIN_POSITIVE],
+            m: 2,
+            n: 3,
+            dtype: DType::BF16,
+            residual: 0.25,
+            residual_stored: 0.2500001,
+        };
+        {
+            let (mut j, done) = LowRankJournal::open(dir.path(), &fp, false).unwrap();
+            assert!(done.is_empty());
+            j.record("w1", &spectrum(), Some(&f)).unwrap();
+            j.record("w2", &spectrum(), None).unwrap();
+        }
+        // A torn last line (killed mid-write) is ignored.
+        let path = dir.path().join(LOWRANK_JOURNAL_FILE);
+        let mut text = std::fs::read_to_string(&path).unwrap();
+        text.push_str("{\"kind\":\"tensor\",\"na");
+        std::fs::write(&path, text).unwrap();
+        let (_, done) = LowRankJournal::open(dir.path(), &fp, true).unwrap();
+        assert_eq!(done.len(), 2);
+        let (s, g) = &done["w1"];
+        assert_eq!(s.singular_values, spectrum().singular_values);
+        let g = g.as_ref().unwrap();
+        assert_eq!(
+            (&g.b, &g.a, g.residual_stored),
+            (&f.b, &f.a, f.residual_stored)
+        );
+        assert!(done["w2"].1.is_none());
+        // Recovered entries were rewritten: a second resume still has them.
+        let (_, again) = LowRankJournal::open(dir.path(), &fp, true).unwrap();
+        assert_eq!(again.len(), 2);
+        let other = Fingerprint::new("other options".into());
+        let (_, none) = LowRankJournal::open(dir.path(), &other, true).unwrap();
+        assert!(none.is_empty());
+    }
+}

@@ -22,8 +22,10 @@
 //!
 //! Memory beyond Δ itself: Ω, Y, Z, Q, B and the factors, O((m + n)·l). When Δ is too large
 //! to hold (see [`crate::lowrank::LowRankOptions::dense_budget_bytes`]), it is never
-//! materialized: each product streams row blocks of Δ decoded from the mapped bytes, at
-//! the cost of one read of the tensor per product (2q + 2 reads).
+//! materialized: each product streams row blocks of Δ decoded from the stored bytes, at
+//! the cost of one read of the tensor per product (2q + 2 reads, plus one for the
+//! residual check of extracted factors); a held Δ is read once, in the product
+//! precision, into a buffer each worker thread reuses from tensor to tensor.
 //!
 //! When l reaches min(m, n) the randomized method buys nothing and the exact thin SVD of
 //! Δ is computed instead.
