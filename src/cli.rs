@@ -283,6 +283,10 @@ impl ExtractArgs {
                 oversample: self.oversample,
                 power_iters: self.power_iters,
                 analysis_rank: self.analysis_rank,
+                // Extraction is this command's whole job: two more half iterations
+                // bring a merged LoRA's factors to mergekit's full-SVD error
+                // (BENCHMARKS.md, issue 11).
+                refine_iters: 3,
                 ..Default::default()
             },
             extract: true,
@@ -297,6 +301,8 @@ impl ExtractArgs {
             threads: self.threads,
             task_type: self.task_type,
             profile: self.profile,
+            cancel: None,
+            journal: None,
         };
         Ok((compare, lora))
     }

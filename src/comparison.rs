@@ -360,6 +360,9 @@ pub struct LoraReport {
     pub skipped: Vec<(String, String)>,
     /// Tensors whose analysis failed.
     pub errors: BTreeMap<String, String>,
+    /// Matrices not analysed because the stage was stopped; the report is complete
+    /// only when this is empty.
+    pub not_analysed: Vec<String>,
     /// Wall-clock seconds of the stage.
     pub total_time: Second,
     /// The model facts the adapter follows (task type, module kinds).
@@ -372,6 +375,13 @@ pub struct LoraReport {
     pub target_modules: crate::peft::TargetModules,
     /// Notes on the adapter for every report (a missing task type, a profile's limits).
     pub notes: Vec<String>,
+}
+
+impl LoraReport {
+    /// Every modified matrix was analysed (the stage was not stopped).
+    pub fn complete(&self) -> bool {
+        self.not_analysed.is_empty()
+    }
 }
 
 #[cfg(test)]

@@ -185,12 +185,296 @@ impl Journal {
     }
 }
 
-/// Removes the journal of a finished run.
+/// Removes the journals (the diff's and the low-rank stage's) of a finished run.
 pub fn remove(dir: &Path) -> Result<()> {
-    let path = dir.join(JOURNAL_FILE);
-    match std::fs::remove_file(&path) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(Error::io(&path, "cannot remove journal", e)),
+    for name in [JOURNAL_FILE, LOWRANK_JOURNAL_FILE, LOWRANK_FACTORS_FILE] {
+        let path = dir.join(name);
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io(&path, "cannot remove journal", e)),
+        }
+    }
+    Ok(())
+}
+
+/// File names of the low-rank stage's journal: JSON lines (header, then one line per
+/// finished matrix: its spectrum and its factors' metadata) and the factors themselves,
+/// appended as raw little-endian f64 (B then A) to a sidecar at the offset each line
+/// names. A matrix counts as finished only once its line is complete, and its line is
+/// written after its factors, so a kill at any point leaves a readable prefix.
+pub const LOWRANK_JOURNAL_FILE: &str = ".weightdiff-lowrank-journal.jsonl";
+pub const LOWRANK_FACTORS_FILE: &str = ".weightdiff-lowrank-factors.bin";
+
+#[derive(Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+enum LowRankLine {
+    Header {
+        version: u32,
+        fingerprint: String,
+    },
+    Tensor {
+        name: String,
+        spectrum: Box<crate::lowrank::TensorSpectrum>,
+        factors: Option<FactorsMeta>,
+    },
+}
+
+#[derive(Serialize, Deserialize)]
+struct FactorsMeta {
+    rank: usize,
+    m: usize,
+    n: usize,
+    dtype: crate::checkpoint::dtype::DType,
+    residual: f64,
+    residual_stored: f64,
+    /// Byte offset of B (m·rank values) then A (rank·n values) in the sidecar.
+    offset: u64,
+}
+
+/// What a finished matrix contributes on resume.
+pub type LowRankDone = (
+    crate::lowrank::TensorSpectrum,
+    Option<crate::lowrank::extract::Factors>,
+);
+
+/// The low-rank stage's journal, appending.
+pub struct LowRankJournal {
+    path: PathBuf,
+    out: BufWriter<File>,
+    factors_path: PathBuf,
+    factors: File,
+    factors_len: u64,
+}
+
+impl LowRankJournal {
+    /// Opens the journal in `dir` for `fp` (the diff's fingerprint plus the low-rank
+    /// options). With `resume`, returns the matrices a journal of the same fingerprint
+    /// holds and appends after them; otherwise (or for another fingerprint) starts over.
+    pub fn open(
+        dir: &Path,
+        fp: &Fingerprint,
+        resume: bool,
+    ) -> Result<(LowRankJournal, BTreeMap<String, LowRankDone>)> {
+        let path = dir.join(LOWRANK_JOURNAL_FILE);
+        let factors_path = dir.join(LOWRANK_FACTORS_FILE);
+        refuse_symlink(&path)?;
+        refuse_symlink(&factors_path)?;
+        let done = if resume {
+            read_lowrank(&path, &factors_path, fp).unwrap_or_default()
+        } else {
+            BTreeMap::new()
+        };
+        // Rewrite both files with what was recovered, so appends follow clean data.
+        let file = File::create(&path).map_err(|e| Error::io(&path, "cannot create journal", e))?;
+        let factors = File::create(&factors_path)
+            .map_err(|e| Error::io(&factors_path, "cannot create journal", e))?;
+        let mut j = LowRankJournal {
+            path,
+            out: BufWriter::new(file),
+            factors_path,
+            factors,
+            factors_len: 0,
+        };
+        j.line(&LowRankLine::Header {
+            version: VERSION,
+            fingerprint: fp.hash.clone(),
+        })?;
+        for (name, (spectrum, factors)) in &done {
+            j.record(name, spectrum, factors.as_ref())?;
+        }
+        j.sync()?;
+        Ok((j, done))
+    }
+
+    fn line(&mut self, line: &LowRankLine) -> Result<()> {
+        serde_json::to_writer(&mut self.out, line)
+            .map_err(|e| Error::io(&self.path, "cannot write journal", std::io::Error::other(e)))?;
+        self.out
+            .write_all(b"\n")
+            .map_err(|e| Error::io(&self.path, "cannot write journal", e))?;
+        // Flushed per matrix: a matrix's work is seconds, a line microseconds.
+        self.out
+            .flush()
+            .map_err(|e| Error::io(&self.path, "cannot write journal", e))
+    }
+
+    /// Appends one finished matrix: its factors to the sidecar, then its line.
+    pub fn record(
+        &mut self,
+        name: &str,
+        spectrum: &crate::lowrank::TensorSpectrum,
+        factors: Option<&crate::lowrank::extract::Factors>,
+    ) -> Result<()> {
+        let meta = match factors {
+            None => None,
+            Some(f) => {
+                let offset = self.factors_len;
+                let mut bytes = Vec::with_capacity((f.b.len() + f.a.len()) * 8);
+                for v in f.b.iter().chain(&f.a) {
+                    bytes.extend_from_slice(&v.to_le_bytes());
+                }
+                self.factors
+                    .write_all(&bytes)
+                    .map_err(|e| Error::io(&self.factors_path, "cannot write journal", e))?;
+                self.factors_len += bytes.len() as u64;
+                Some(FactorsMeta {
+                    rank: f.rank,
+                    m: f.m,
+                    n: f.n,
+                    dtype: f.dtype,
+                    residual: f.residual,
+                    residual_stored: f.residual_stored,
+                    offset,
+                })
+            }
+        };
+        self.line(&LowRankLine::Tensor {
+            name: name.to_string(),
+            spectrum: Box::new(spectrum.clone()),
+            factors: meta,
+        })
+    }
+
+    /// Flushes and fsyncs both files.
+    pub fn sync(&mut self) -> Result<()> {
+        self.out
+            .flush()
+            .map_err(|e| Error::io(&self.path, "cannot write journal", e))?;
+        self.factors
+            .sync_data()
+            .map_err(|e| Error::io(&self.factors_path, "cannot sync journal", e))?;
+        self.out
+            .get_ref()
+            .sync_data()
+            .map_err(|e| Error::io(&self.path, "cannot sync journal", e))
+    }
+}
+
+/// The finished matrices of a low-rank journal written for `fp`; `None` when there is
+/// none or it was written for other inputs or options (the stage then starts over).
+fn read_lowrank(
+    path: &Path,
+    factors_path: &Path,
+    fp: &Fingerprint,
+) -> Option<BTreeMap<String, LowRankDone>> {
+    let mut lines = BufReader::new(File::open(path).ok()?).lines();
+    match serde_json::from_str::<LowRankLine>(&lines.next()?.ok()?).ok()? {
+        LowRankLine::Header {
+            version,
+            fingerprint,
+        } if version == VERSION && fingerprint == fp.hash => {}
+        _ => return None,
+    }
+    let bin = std::fs::read(factors_path).ok()?;
+    let mut done = BTreeMap::new();
+    for line in lines {
+        let Ok(line) = line else { break };
+        // A torn last line (killed mid-write) does not parse: stop there.
+        let Ok(LowRankLine::Tensor {
+            name,
+            spectrum,
+            factors,
+        }) = serde_json::from_str::<LowRankLine>(&line)
+        else {
+            break;
+        };
+        let factors = match factors {
+            None => None,
+            Some(f) => {
+                let (nb, na) = (f.m * f.rank, f.rank * f.n);
+                let start = usize::try_from(f.offset).ok()?;
+                let bytes = bin.get(start..start + (nb + na) * 8)?;
+                let vals: Vec<f64> = bytes
+                    .chunks_exact(8)
+                    .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")))
+                    .collect();
+                Some(crate::lowrank::extract::Factors {
+                    rank: f.rank,
+                    b: vals[..nb].to_vec(),
+                    a: vals[nb..].to_vec(),
+                    m: f.m,
+                    n: f.n,
+                    dtype: f.dtype,
+                    residual: f.residual,
+                    residual_stored: f.residual_stored,
+                })
+            }
+        };
+        done.insert(name, (*spectrum, factors));
+    }
+    Some(done)
+}
+
+#[cfg(test)]
+mod lowrank_tests {
+    use super::*;
+    use crate::checkpoint::dtype::DType;
+    use crate::lowrank::TensorSpectrum;
+    use crate::lowrank::extract::Factors;
+
+    fn spectrum() -> TensorSpectrum {
+        TensorSpectrum {
+            shape: [2, 3],
+            singular_values: vec![2.0, 1.0],
+            energy: vec![0.8, 1.0],
+            effective_rank_90: Some(2),
+            effective_rank_99: Some(2),
+            stable_rank: Some(1.25),
+            detected_rank: Some(1),
+            noise_floor: 0.01,
+            gap_ratio: Some(2.0),
+            frobenius_norm: 5f64.sqrt(),
+            residuals: BTreeMap::new(),
+            method: "exact".into(),
+            path: "in_memory".into(),
+            sketch_width: 2,
+            power_iters: 0,
+            reads: 1,
+            time: 0.5,
+        }
+    }
+
+    #[test]
+    fn a_resumed_low_rank_journal_returns_what_was_recorded_for_the_same_inputs_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let fp = Fingerprint::new("inputs and options".into());
+        let f = Factors {
+            rank: 1,
+            b: vec![1.5, -2.25],
+            a: vec![0.1, 0.2, f64::MIN_POSITIVE],
+            m: 2,
+            n: 3,
+            dtype: DType::BF16,
+            residual: 0.25,
+            residual_stored: 0.2500001,
+        };
+        {
+            let (mut j, done) = LowRankJournal::open(dir.path(), &fp, false).unwrap();
+            assert!(done.is_empty());
+            j.record("w1", &spectrum(), Some(&f)).unwrap();
+            j.record("w2", &spectrum(), None).unwrap();
+        }
+        // A torn last line (killed mid-write) is ignored.
+        let path = dir.path().join(LOWRANK_JOURNAL_FILE);
+        let mut text = std::fs::read_to_string(&path).unwrap();
+        text.push_str("{\"kind\":\"tensor\",\"na");
+        std::fs::write(&path, text).unwrap();
+        let (_, done) = LowRankJournal::open(dir.path(), &fp, true).unwrap();
+        assert_eq!(done.len(), 2);
+        let (s, g) = &done["w1"];
+        assert_eq!(s.singular_values, spectrum().singular_values);
+        let g = g.as_ref().unwrap();
+        assert_eq!(
+            (&g.b, &g.a, g.residual_stored),
+            (&f.b, &f.a, f.residual_stored)
+        );
+        assert!(done["w2"].1.is_none());
+        // Recovered entries were rewritten: a second resume still has them.
+        let (_, again) = LowRankJournal::open(dir.path(), &fp, true).unwrap();
+        assert_eq!(again.len(), 2);
+        let other = Fingerprint::new("other options".into());
+        let (_, none) = LowRankJournal::open(dir.path(), &other, true).unwrap();
+        assert!(none.is_empty());
     }
 }

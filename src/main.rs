@@ -304,7 +304,19 @@ fn run_compare(
                 c.modified().len()
             );
         }
-        c.lora = Some(pipeline::analyze_lora(base, ft, &c, lo)?);
+        let lo = pipeline::LoraOptions {
+            cancel: opts.cancel.clone(),
+            journal: opts
+                .journal_dir
+                .clone()
+                .map(|d| (d, pipeline::fingerprint(base, ft, opts), opts.resume)),
+            ..lo.clone()
+        };
+        let l = pipeline::analyze_lora_with(base, ft, &c, &lo, &progress)?;
+        progress.finish();
+        // Stopped during the stage: the reports hold the diff and the tensors analysed.
+        c.complete &= l.complete();
+        c.lora = Some(l);
         if unsettled {
             weightdiff::relatedness::settle(&mut c);
         }
@@ -444,6 +456,7 @@ fn summary_json(c: &Comparison, written: &[PathBuf], top: usize) -> serde_json::
         })).collect::<Vec<_>>(),
         "throughput_gbps": c.performance.throughput_gbps,
         "total_time": c.performance.total_time,
+        "lowrank_time": c.lora.as_ref().map(|l| l.total_time),
         "outputs": written,
     })
 }
@@ -459,6 +472,13 @@ fn print_summary(c: &Comparison, out: &Path) {
         c.results.iter().filter(|(_, m)| m.identical).count(),
         c.errors.len()
     );
+    if let Some(l) = &c.lora {
+        say!(
+            "low-rank stage: {} matrices in {:.2}s",
+            l.spectra.len(),
+            l.total_time
+        );
+    }
     let related = weightdiff::relatedness::assess(c);
     say!(
         "whole model: ‖Δ‖/‖W‖ {}, parameter-weighted cosine {}",
@@ -617,11 +637,28 @@ fn extract_lora(args: &cli::ExtractArgs) -> anyhow::Result<ExitCode> {
         Opening::new(args.mmap, args.display),
     )?;
     let _lock = report::lock_output_dir(&args.output)?;
+    let signals = install_signals()?;
+    let opts = weightdiff::CompareOptions {
+        cancel: Some(signals.cancel.clone()),
+        ..opts
+    };
+    let lora_opts = pipeline::LoraOptions {
+        cancel: Some(signals.cancel.clone()),
+        ..lora_opts
+    };
     let progress = progress::Reporter::new(args.display.quiet);
     let mut c = pipeline::compare(&base, &ft, &opts, &progress)?;
     progress.finish();
+    let out = &args.output;
+    if let Some(stop) = signals.stop_code() {
+        say!("stopped: no adapter written to {}", out.display());
+        return Ok(stop);
+    }
     if weightdiff::relatedness::needs_low_rank_evidence(&c) {
-        c.lora = Some(pipeline::analyze_lora(&base, &ft, &c, &lora_opts)?);
+        c.lora = Some(pipeline::analyze_lora_with(
+            &base, &ft, &c, &lora_opts, &progress,
+        )?);
+        progress.finish();
         weightdiff::relatedness::settle(&mut c);
     }
     if not_a_derivative(&c, true, args.display) {
@@ -638,9 +675,16 @@ fn extract_lora(args: &cli::ExtractArgs) -> anyhow::Result<ExitCode> {
     }
     let lora = match c.lora.take() {
         Some(l) => l,
-        None => pipeline::analyze_lora(&base, &ft, &c, &lora_opts)?,
+        None => {
+            let l = pipeline::analyze_lora_with(&base, &ft, &c, &lora_opts, &progress)?;
+            progress.finish();
+            l
+        }
     };
-    let out = &args.output;
+    if let Some(stop) = signals.stop_code().filter(|_| !lora.complete()) {
+        say!("stopped: no adapter written to {}", out.display());
+        return Ok(stop);
+    }
     let (mut written, verification) = report::lora::write_adapter(&lora, out, None)
         .with_context(|| format!("cannot write the adapter into {}", out.display()))?;
     for (name, body) in [

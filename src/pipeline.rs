@@ -11,12 +11,13 @@
 
 use crate::checkpoint::Checkpoint;
 use crate::checkpoint::dtype::{DType, decode_f64};
+use crate::checkpoint::shard::Window;
 use crate::comparison::{
     Comparison, ExtractedModule, LoraReport, ModelInfo, ModuleKind, Performance, SavedTensor,
     Second, TensorInfo, TensorMetrics, metrics_from_accum,
 };
 use crate::error::{Error, Result};
-use crate::journal::{Fingerprint, Journal};
+use crate::journal::{Fingerprint, Journal, LowRankJournal};
 use crate::kernels::{self, Accum};
 use crate::lowrank::detect::{Evidence, verdict};
 use crate::lowrank::extract::{Factors, Target};
@@ -90,9 +91,23 @@ pub struct ProgressUpdate<'a> {
     pub tensor: &'a str,
 }
 
+/// Progress of the low-rank stage as tensors finish, weighted by elements (the stage's
+/// cost is proportional to them).
+#[derive(Debug, Clone, Copy)]
+pub struct LowRankUpdate<'a> {
+    pub tensors_done: usize,
+    pub tensors_total: usize,
+    pub elements_done: u64,
+    pub elements_total: u64,
+    /// The tensor that just finished.
+    pub tensor: &'a str,
+}
+
 /// Receives progress; called from worker threads.
 pub trait Progress: Sync {
     fn update(&self, update: ProgressUpdate<'_>);
+    /// Progress of the low-rank stage (ignored unless implemented).
+    fn lowrank(&self, _update: LowRankUpdate<'_>) {}
 }
 
 /// Ignores progress.
@@ -763,6 +778,16 @@ pub struct LoraOptions {
     /// The runtime the adapter is written for.
     #[serde(default)]
     pub profile: crate::peft::Profile,
+    /// Set (by a signal handler) to stop: the stage ends within a row block, the tensors
+    /// not finished are listed in [`LoraParts::not_analysed`] and the report is marked
+    /// incomplete.
+    #[serde(skip)]
+    pub cancel: Option<Arc<AtomicBool>>,
+    /// Journal finished matrices in this directory (with the diff's fingerprint), and
+    /// with `true` take the ones a journal there holds instead of redoing them
+    /// (`--resume`). The journal is keyed by the diff's fingerprint plus these options.
+    #[serde(skip)]
+    pub journal: Option<(PathBuf, Fingerprint, bool)>,
 }
 
 /// Δ rows of a pair, decoded from windows of both checkpoints.
@@ -788,6 +813,27 @@ fn rounding_model(d: DType) -> Option<(i32, i32)> {
     }
 }
 
+impl PairDelta<'_> {
+    fn dtypes(&self) -> (DType, DType) {
+        (
+            *self.pair.base.dtype.as_ref().expect("checked"),
+            *self.pair.finetuned.dtype.as_ref().expect("checked"),
+        )
+    }
+
+    /// The stored bytes of rows `r0..r1` of both tensors.
+    fn windows(&self, r0: usize, r1: usize) -> Result<(Window, Window)> {
+        let (da, db) = self.dtypes();
+        let (start, len) = ((r0 * self.n) as u64, ((r1 - r0) * self.n) as u64);
+        let (sa, sb) = (da.size() as u64, db.size() as u64);
+        let wa = self.base.read(&self.pair.base, start * sa, len * sa)?;
+        let wb = self
+            .finetuned
+            .read(&self.pair.finetuned, start * sb, len * sb)?;
+        Ok((wa, wb))
+    }
+}
+
 impl DeltaRows for PairDelta<'_> {
     fn nrows(&self) -> usize {
         self.m
@@ -796,19 +842,15 @@ impl DeltaRows for PairDelta<'_> {
         self.n
     }
     fn read_rows(&self, r0: usize, r1: usize, out: &mut [f64]) -> Result<(f64, f64)> {
-        let da = *self.pair.base.dtype.as_ref().expect("checked");
-        let db = *self.pair.finetuned.dtype.as_ref().expect("checked");
-        let (start, len) = ((r0 * self.n) as u64, ((r1 - r0) * self.n) as u64);
-        let (sa, sb) = (da.size() as u64, db.size() as u64);
-        let wa = self.base.read(&self.pair.base, start * sa, len * sa)?;
-        let wb = self
-            .finetuned
-            .read(&self.pair.finetuned, start * sb, len * sb)?;
-        decode_f64(da, &wa, out);
+        let (da, db) = self.dtypes();
+        let (wa, wb) = self.windows(r0, r1)?;
+        let (wa, wb) = (&wa[..], &wb[..]);
+        let sb = db.size();
+        decode_f64(da, wa, out);
         let (bits, emin) = rounding_model(db).unwrap_or((52, -1022));
         let mut tmp = [0f64; 1024];
         let (mut f2, mut var) = (0.0, 0.0);
-        for (o, c) in out.chunks_mut(1024).zip(wb.chunks(1024 * sb as usize)) {
+        for (o, c) in out.chunks_mut(1024).zip(wb.chunks(1024 * sb)) {
             let t = &mut tmp[..o.len()];
             decode_f64(db, c, t);
             for (x, &y) in o.iter_mut().zip(t.iter()) {
@@ -824,6 +866,29 @@ impl DeltaRows for PairDelta<'_> {
         // A rounding error uniform in ±ulp/2 has variance ulp²/12.
         Ok((f2, var / 12.0))
     }
+
+    fn read_rows_f32(&self, r0: usize, r1: usize, out: &mut [f32]) -> Result<(f64, f64)> {
+        let (da, db) = self.dtypes();
+        if !self.single_precision() {
+            let mut tmp = vec![0f64; out.len()];
+            let st = self.read_rows(r0, r1, &mut tmp)?;
+            out.iter_mut().zip(tmp).for_each(|(o, t)| *o = t as f32);
+            return Ok(st);
+        }
+        let (wa, wb) = self.windows(r0, r1)?;
+        let (wa, wb) = (&wa[..], &wb[..]);
+        let (bits, emin) = rounding_model(db).expect("a float dtype of at most 16 bits");
+        let (f2, var) = kernels::fast::delta_f32(wa, da, wb, db, out, bits, emin);
+        // A rounding error uniform in ±ulp/2 has variance ulp²/12.
+        Ok((f2, var / 12.0))
+    }
+
+    fn single_precision(&self) -> bool {
+        let (da, db) = self.dtypes();
+        let narrow =
+            |d: DType| matches!(d, DType::BF16 | DType::F16 | DType::F8E4M3 | DType::F8E5M2);
+        narrow(da) && narrow(db)
+    }
 }
 
 /// Runs the low-rank stage over the modified tensors of a comparison.
@@ -833,7 +898,18 @@ pub fn analyze_lora(
     c: &Comparison,
     opts: &LoraOptions,
 ) -> Result<LoraReport> {
-    let parts = analyze_lora_parts(base, finetuned, c, opts)?;
+    analyze_lora_with(base, finetuned, c, opts, &NoProgress)
+}
+
+/// [`analyze_lora`], reporting progress.
+pub fn analyze_lora_with(
+    base: &Checkpoint,
+    finetuned: &Checkpoint,
+    c: &Comparison,
+    opts: &LoraOptions,
+    progress: &dyn Progress,
+) -> Result<LoraReport> {
+    let parts = analyze_lora_parts_with(base, finetuned, c, opts, progress)?;
     Ok(assemble_lora(c, opts, parts))
 }
 
@@ -844,13 +920,24 @@ pub fn analyze_lora_parts(
     c: &Comparison,
     opts: &LoraOptions,
 ) -> Result<LoraParts> {
+    analyze_lora_parts_with(base, finetuned, c, opts, &NoProgress)
+}
+
+/// [`analyze_lora_parts`], reporting progress.
+pub fn analyze_lora_parts_with(
+    base: &Checkpoint,
+    finetuned: &Checkpoint,
+    c: &Comparison,
+    opts: &LoraOptions,
+    progress: &dyn Progress,
+) -> Result<LoraParts> {
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(opts.threads.unwrap_or(0))
         .build()
         .map_err(|e| Error::InvalidOption(format!("cannot start worker threads: {e}")))?;
     // Tensors run in parallel; each one's linear algebra stays on its thread.
     faer::set_global_parallelism(faer::Par::Seq);
-    pool.install(|| lora_parts(base, finetuned, c, opts))
+    pool.install(|| lora_parts(base, finetuned, c, opts, progress))
 }
 
 /// `--uniform-rank` as a rank, checked against the rank rule.
@@ -929,6 +1016,7 @@ pub fn lora_parts(
     finetuned: &Checkpoint,
     c: &Comparison,
     opts: &LoraOptions,
+    progress: &dyn Progress,
 ) -> Result<LoraParts> {
     let t0 = Instant::now();
     let facts = model_facts(c, opts);
@@ -1016,9 +1104,27 @@ pub fn lora_parts(
         vectors = vectors.len(),
         "low-rank analysis"
     );
+    let (journal, recovered) = match &opts.journal {
+        None => (None, BTreeMap::new()),
+        Some((dir, fp, resume)) => {
+            let options = serde_json::to_string(opts).unwrap_or_default();
+            let fp = Fingerprint::new(format!("{} lowrank={options}", fp.description));
+            let (j, done) = LowRankJournal::open(dir, &fp, *resume)?;
+            (Some(Mutex::new(j)), done)
+        }
+    };
+    let journal_failure: Mutex<Option<Error>> = Mutex::new(None);
+    let cancel = lowrank::Cancel::new(opts.cancel.as_deref());
+    let elements = |p: &TensorPair| p.base.shape.iter().product::<usize>() as u64;
+    let elements_total: u64 = matrices.iter().map(|(p, _, _)| elements(p)).sum();
+    let (tensors_done, elements_done) = (AtomicUsize::new(0), AtomicU64::new(0));
     let outs: Vec<Result<(TensorSpectrum, Option<Factors>)>> = matrices
         .par_iter()
         .map(|(p, _, target)| {
+            let journaled = recovered.get(&p.name).cloned();
+            if journaled.is_none() {
+                cancel.check()?;
+            }
             let src = PairDelta {
                 base,
                 finetuned,
@@ -1026,13 +1132,45 @@ pub fn lora_parts(
                 m: p.base.shape[0],
                 n: p.base.shape[1],
             };
-            lowrank::analyze(&src, &p.name, &opts.lowrank, *target)
+            let out = match journaled {
+                Some(done) => Ok(done),
+                None => {
+                    let out = lowrank::analyze(&src, &p.name, &opts.lowrank, *target, cancel);
+                    if let (Ok((spectrum, factors)), Some(j)) = (&out, &journal)
+                        && let Err(e) = lock(j).record(&p.name, spectrum, factors.as_ref())
+                    {
+                        lock(&journal_failure).get_or_insert(e);
+                    }
+                    out
+                }
+            };
+            if !matches!(out, Err(Error::Cancelled)) {
+                let e = elements(p);
+                progress.lowrank(LowRankUpdate {
+                    tensors_done: tensors_done.fetch_add(1, Ordering::AcqRel) + 1,
+                    tensors_total: matrices.len(),
+                    elements_done: elements_done.fetch_add(e, Ordering::AcqRel) + e,
+                    elements_total,
+                    tensor: &p.name,
+                });
+            }
+            out
         })
         .collect();
 
+    if let Some(e) = journal_failure
+        .into_inner()
+        .unwrap_or_else(|p| p.into_inner())
+    {
+        return Err(e);
+    }
+    if let Some(j) = &journal {
+        lock(j).sync()?;
+    }
     let mut spectra = Vec::new();
     let mut extracted = Vec::new();
     let mut errors = BTreeMap::new();
+    let mut not_analysed = Vec::new();
     for ((p, kind, _), out) in matrices.iter().zip(outs) {
         match out {
             Ok((spectrum, factors)) => {
@@ -1058,6 +1196,7 @@ pub fn lora_parts(
                     });
                 }
             }
+            Err(Error::Cancelled) => not_analysed.push(p.name.clone()),
             Err(e) => {
                 errors.insert(p.name.clone(), e.to_string());
             }
@@ -1142,6 +1281,7 @@ pub fn lora_parts(
         bias_deltas,
         skipped,
         errors,
+        not_analysed,
         total_time: t0.elapsed().as_secs_f64(),
     };
     Ok(parts)
@@ -1193,6 +1333,8 @@ pub struct LoraParts {
     pub bias_deltas: Vec<(String, Vec<f64>)>,
     pub skipped: Vec<(String, String)>,
     pub errors: BTreeMap<String, String>,
+    /// Matrices left unanalysed because the stage was stopped (`cancel`).
+    pub not_analysed: Vec<String>,
     pub total_time: Second,
 }
 
@@ -1213,6 +1355,7 @@ impl LoraParts {
         self.bias_deltas.extend(o.bias_deltas);
         self.skipped.extend(o.skipped);
         self.errors.extend(o.errors);
+        self.not_analysed.extend(o.not_analysed);
         self.total_time += o.total_time;
     }
 }
@@ -1470,6 +1613,7 @@ pub fn assemble_lora(c: &Comparison, opts: &LoraOptions, mut parts: LoraParts) -
         saved,
         skipped,
         errors: parts.errors,
+        not_analysed: parts.not_analysed,
         total_time: parts.total_time,
         facts,
         profile,

@@ -3,9 +3,9 @@
 
 use indicatif::{ProgressBar, ProgressStyle};
 use std::io::IsTerminal;
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 use std::time::Instant;
-use weightdiff::pipeline::{Progress, ProgressUpdate};
+use weightdiff::pipeline::{LowRankUpdate, Progress, ProgressUpdate};
 
 /// Lines every this many tensors when stderr is not a terminal.
 const LINE_EVERY: usize = 10;
@@ -13,7 +13,8 @@ const LINE_EVERY: usize = 10;
 pub enum Reporter {
     Quiet,
     Bar(Mutex<Option<ProgressBar>>),
-    Lines(Instant),
+    /// Start of the run, and of the low-rank stage once it reports.
+    Lines(Instant, OnceLock<Instant>),
 }
 
 impl Reporter {
@@ -23,7 +24,7 @@ impl Reporter {
         } else if std::io::stderr().is_terminal() {
             Reporter::Bar(Mutex::new(None))
         } else {
-            Reporter::Lines(Instant::now())
+            Reporter::Lines(Instant::now(), OnceLock::new())
         }
     }
 
@@ -55,7 +56,7 @@ impl Progress for Reporter {
                 bar.set_position(u.bytes_done);
                 bar.set_message(format!("{}/{} tensors", u.tensors_done, u.tensors_total));
             }
-            Reporter::Lines(start) => {
+            Reporter::Lines(start, _) => {
                 if u.tensors_done.is_multiple_of(LINE_EVERY) || u.tensors_done == u.tensors_total {
                     let el = start.elapsed().as_secs_f64();
                     let eta = if u.bytes_done > 0 {
@@ -65,6 +66,47 @@ impl Progress for Reporter {
                     };
                     say!(
                         "[{}/{}] {:.1}s elapsed, ETA {:.1}s",
+                        u.tensors_done,
+                        u.tensors_total,
+                        el,
+                        eta
+                    );
+                }
+            }
+        }
+    }
+
+    /// The low-rank stage: a bar by elements (its cost is proportional to them) with
+    /// ETA, or a line every 10 tensors.
+    fn lowrank(&self, u: LowRankUpdate<'_>) {
+        match self {
+            Reporter::Quiet => {}
+            Reporter::Bar(b) => {
+                let mut b = b.lock().expect("progress lock");
+                let bar = b.get_or_insert_with(|| {
+                    let bar = ProgressBar::new(u.elements_total);
+                    bar.set_style(
+                        ProgressStyle::with_template(
+                            "low rank {bar:40} {human_pos}/{human_len} elements ETA {eta} {msg}",
+                        )
+                        .expect("valid template"),
+                    );
+                    bar
+                });
+                bar.set_position(u.elements_done);
+                bar.set_message(format!("{}/{} matrices", u.tensors_done, u.tensors_total));
+            }
+            Reporter::Lines(_, stage) => {
+                let start = stage.get_or_init(Instant::now);
+                if u.tensors_done.is_multiple_of(LINE_EVERY) || u.tensors_done == u.tensors_total {
+                    let el = start.elapsed().as_secs_f64();
+                    let eta = if u.elements_done > 0 {
+                        el * (u.elements_total - u.elements_done) as f64 / u.elements_done as f64
+                    } else {
+                        0.0
+                    };
+                    say!(
+                        "[low rank {}/{}] {:.1}s elapsed, ETA {:.1}s",
                         u.tensors_done,
                         u.tensors_total,
                         el,

@@ -311,6 +311,8 @@ fn read_part(dir: &Path) -> Result<Part> {
                 bias_deltas,
                 skipped: l.skipped.clone(),
                 errors: l.errors.clone(),
+                // A part is written only for a finished stage.
+                not_analysed: Vec::new(),
                 total_time: l.total_time,
             };
             Some((l.options.clone(), parts))

@@ -41,6 +41,96 @@ pub fn identical(a: &[u8], da: DType) -> Accum {
     identical_generic(a, da)
 }
 
+/// Δ = b − a decoded to f32 into `out` (non-finite differences as 0), for the low-rank
+/// stage, with (Σ Δ², Σ ulp(b)²) where ulp(x) = 2^(max(⌊log₂|x|⌋, e_min) − bits) is the
+/// spacing of b's dtype at b (`bits` stored mantissa bits, `e_min` smallest normal
+/// exponent). Both dtypes must be f32-domain; values of 16-bit and 8-bit floats are exact
+/// in f32 and so is their difference unless their exponents are 24 apart.
+pub fn delta_f32(
+    a: &[u8],
+    da: DType,
+    b: &[u8],
+    db: DType,
+    out: &mut [f32],
+    bits: i32,
+    emin: i32,
+) -> (f64, f64) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU supports AVX2, checked just above.
+        return unsafe { delta_f32_avx2(a, da, b, db, out, bits, emin) };
+    }
+    delta_f32_generic(a, da, b, db, out, bits, emin)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn delta_f32_avx2(
+    a: &[u8],
+    da: DType,
+    b: &[u8],
+    db: DType,
+    out: &mut [f32],
+    bits: i32,
+    emin: i32,
+) -> (f64, f64) {
+    delta_f32_generic(a, da, b, db, out, bits, emin)
+}
+
+#[inline(always)]
+fn delta_f32_generic(
+    a: &[u8],
+    da: DType,
+    b: &[u8],
+    db: DType,
+    out: &mut [f32],
+    bits: i32,
+    emin: i32,
+) -> (f64, f64) {
+    let (sa, sb) = (da.size(), db.size());
+    let mut tb = [0f32; BLOCK];
+    let (mut f2, mut var) = (0.0f64, 0.0f64);
+    for ((o, ca), cb) in out
+        .chunks_mut(BLOCK)
+        .zip(a.chunks(BLOCK * sa))
+        .zip(b.chunks(BLOCK * sb))
+    {
+        decode_f32(da, ca, o);
+        let t = &mut tb[..o.len()];
+        decode_f32(db, cb, t);
+        for (x, &y) in o.iter_mut().zip(t.iter()) {
+            let d = y - *x;
+            *x = if d.is_finite() { d } else { 0.0 };
+        }
+        // LANES lanes each over exact chunks, so that the sums vectorize; f32 within a
+        // block, then f64.
+        let (mut sq, mut ulp2) = ([0f32; LANES], [0f32; LANES]);
+        // ulp² = 2^(2(e − bits)), built as the f32 whose exponent field is 2e − 2·bits + 127
+        // (flushed to 2^-126 below that).
+        let ulp_sq = |y: f32| {
+            let field = (((y.to_bits() >> 23) & 0xff) as i32).max(emin + 127);
+            f32::from_bits(((2 * field - 127 - 2 * bits).max(1) as u32) << 23)
+        };
+        let (xs, ys) = (o.chunks_exact(LANES), t.chunks_exact(LANES));
+        let (xr, yr) = (xs.remainder(), ys.remainder());
+        for (x, y) in xs.zip(ys) {
+            let x: &[f32; LANES] = x.try_into().expect("exact chunk");
+            let y: &[f32; LANES] = y.try_into().expect("exact chunk");
+            for i in 0..LANES {
+                sq[i] += x[i] * x[i];
+                ulp2[i] += ulp_sq(y[i]);
+            }
+        }
+        for (&x, &y) in xr.iter().zip(yr) {
+            sq[0] += x * x;
+            ulp2[0] += ulp_sq(y);
+        }
+        f2 += sq.iter().map(|&v| v as f64).sum::<f64>();
+        var += ulp2.iter().map(|&v| v as f64).sum::<f64>();
+    }
+    (f2, var)
+}
+
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 unsafe fn diff_avx2(a: &[u8], da: DType, b: &[u8], db: DType, threshold: f64) -> Accum {

@@ -7,8 +7,8 @@
 //! sides keeps the two factors at similar magnitudes, which matters once they are
 //! rounded to bf16.
 
-use super::rsvd::{Decomposition, InMemoryDelta};
-use super::{DeltaRows, LowRankOptions, RankRule, for_each_row_block};
+use super::rsvd::{Decomposition, Held, Operator, Real};
+use super::{LowRankOptions, RankRule, for_each_row_block};
 use crate::checkpoint::dtype::DType;
 use crate::error::Result;
 
@@ -89,12 +89,13 @@ pub fn round_to(dtype: DType, v: f64) -> f64 {
     }
 }
 
-/// Builds the factors for `target` and measures their stored residual against Δ.
+/// Builds the factors for `target` and measures their stored residual against Δ (from
+/// the held Δ, or one more streamed pass).
 pub fn factors(
     d: &Decomposition,
     target: Target,
     opts: &LowRankOptions,
-    src: &dyn DeltaRows,
+    op: &mut Operator<'_>,
 ) -> Result<Factors> {
     let (m, n) = (d.u.nrows(), d.v.nrows());
     let chosen = choose_rank(&d.s, d.frob2, opts.rank_rule, opts.max_rank);
@@ -116,15 +117,7 @@ pub fn factors(
     let residual = super::residual(&d.s, k, d.frob2);
     let bq: Vec<f64> = b.iter().map(|&x| round_to(target.dtype, x)).collect();
     let aq: Vec<f64> = a.iter().map(|&x| round_to(target.dtype, x)).collect();
-    let residual_stored = stored_residual(
-        src,
-        d.delta.as_ref(),
-        &bq,
-        &aq,
-        rank,
-        opts.block_bytes,
-        d.frob2,
-    )?;
+    let residual_stored = stored_residual(op, &bq, &aq, rank, d.frob2)?;
     Ok(Factors {
         rank,
         b,
@@ -137,52 +130,114 @@ pub fn factors(
     })
 }
 
-/// ‖Δ − B·A‖_F / ‖Δ‖_F, from Δ in memory when the decomposition kept it, else streaming
-/// Δ by row blocks.
+/// ‖Δ − B·A‖_F / ‖Δ‖_F, from Δ in memory when the operator holds it, else streaming
+/// Δ by row blocks. B·A is formed in the product precision a block at a time; the
+/// differences and their squares are summed in f64.
 pub fn stored_residual(
-    src: &dyn DeltaRows,
-    held: Option<&InMemoryDelta>,
+    op: &mut Operator<'_>,
     b: &[f64],
     a: &[f64],
     rank: usize,
-    block_bytes: usize,
     frob2: f64,
 ) -> Result<f64> {
-    let (m, n) = (src.nrows(), src.ncols());
+    let (m, n) = (op.src().nrows(), op.src().ncols());
     if frob2 <= 0.0 || m * n == 0 {
         return Ok(0.0);
     }
-    let block_rows = (block_bytes / (8 * n)).max(1);
-    let amat = faer::MatRef::from_row_major_slice(a, rank, n);
-    let mut err2 = 0.0;
-    let mut add_block = |r0: usize, rows: &[f64]| {
-        let k = rows.len() / n;
-        let bblk = faer::MatRef::from_row_major_slice(&b[r0 * rank..(r0 + k) * rank], k, rank);
-        // (B·A)ᵀ = Aᵀ·Bᵀ is column-major n × rows, i.e. row-major rows × n like `rows`,
-        // so both are walked contiguously.
-        let approx_t = amat.transpose() * bblk.transpose();
-        for (i, row) in rows.chunks_exact(n).enumerate() {
-            let col = approx_t
-                .col(i)
-                .try_as_col_major()
-                .expect("a fresh matrix has unit row stride")
-                .as_slice();
-            err2 += row
-                .iter()
-                .zip(col)
-                .map(|(d, p)| (d - p) * (d - p))
-                .sum::<f64>();
-        }
+    let err2 = match op.held() {
+        Some(Held::F32(buf)) => held_residual2::<f32>(buf, m, n, b, a, rank),
+        Some(Held::F64(buf)) => held_residual2::<f64>(buf, m, n, b, a, rank),
+        None if op.src().single_precision() => streamed_residual2::<f32>(op, b, a, rank)?,
+        None => streamed_residual2::<f64>(op, b, a, rank)?,
     };
-    match held {
-        Some(d) => {
-            for r0 in (0..m).step_by(block_rows) {
-                add_block(r0, d.rows(r0, (r0 + block_rows).min(m)));
-            }
-        }
-        None => for_each_row_block(src, block_rows, |r0, rows, _| add_block(r0, rows))?,
-    }
     Ok((err2 / frob2).sqrt())
+}
+
+/// Rows per block of the residual check: the B·A block (rows × n) stays in cache.
+const RESIDUAL_BLOCK_ELEMENTS: usize = 1 << 16;
+
+/// Σ (Δ − B·A)² over rows r0.. of `rows` (row-major, k × n).
+struct Residual<T: Real> {
+    at: faer::Mat<T>,
+    bt: faer::Mat<T>,
+    n: usize,
+}
+
+impl<T: Real> Residual<T> {
+    fn new(b: &[f64], a: &[f64], rank: usize, m: usize, n: usize) -> Self {
+        // Aᵀ (n × rank) and Bᵀ (rank × m), so that (B·A)ᵀ = Aᵀ·Bᵀ is column-major n × k,
+        // i.e. row-major k × n like the rows of Δ: both are walked contiguously.
+        Residual {
+            at: faer::Mat::from_fn(n, rank, |j, t| T::of(a[t * n + j])),
+            bt: faer::Mat::from_fn(rank, m, |t, i| T::of(b[i * rank + t])),
+            n,
+        }
+    }
+
+    fn add(&self, r0: usize, rows: &[T]) -> f64 {
+        let n = self.n;
+        let k = rows.len() / n;
+        let step = (RESIDUAL_BLOCK_ELEMENTS / n).max(1);
+        let mut approx_t = faer::Mat::<T>::zeros(n, step.min(k));
+        let mut err2 = 0.0;
+        let mut i0 = 0;
+        while i0 < k {
+            let i1 = (i0 + step).min(k);
+            faer::linalg::matmul::matmul(
+                approx_t.as_mut().subcols_mut(0, i1 - i0),
+                faer::Accum::Replace,
+                self.at.as_ref(),
+                self.bt.as_ref().subcols(r0 + i0, i1 - i0),
+                T::of(1.0),
+                faer::Par::Seq,
+            );
+            for (i, row) in rows[i0 * n..i1 * n].chunks_exact(n).enumerate() {
+                let col = approx_t
+                    .col(i)
+                    .try_as_col_major()
+                    .expect("a fresh matrix has unit row stride")
+                    .as_slice();
+                // Sums in T over at most 256 elements, then f64.
+                for (dc, pc) in row.chunks(256).zip(col.chunks(256)) {
+                    let mut acc = T::of(0.0);
+                    for (&d, &p) in dc.iter().zip(pc) {
+                        let e = d - p;
+                        acc += e * e;
+                    }
+                    err2 += acc.to();
+                }
+            }
+            i0 = i1;
+        }
+        err2
+    }
+}
+
+fn held_residual2<T: Real>(
+    buf: &[T],
+    m: usize,
+    n: usize,
+    b: &[f64],
+    a: &[f64],
+    rank: usize,
+) -> f64 {
+    Residual::<T>::new(b, a, rank, m, n).add(0, buf)
+}
+
+fn streamed_residual2<T: Real>(
+    op: &mut Operator<'_>,
+    b: &[f64],
+    a: &[f64],
+    rank: usize,
+) -> Result<f64> {
+    let (m, n) = (op.src().nrows(), op.src().ncols());
+    let r = Residual::<T>::new(b, a, rank, m, n);
+    let mut err2 = 0.0;
+    for_each_row_block::<T>(op.src(), op.block_rows(), op.cancel(), |r0, rows, _| {
+        err2 += r.add(r0, rows)
+    })?;
+    op.reads += 1;
+    Ok(err2)
 }
 
 #[cfg(test)]

@@ -89,6 +89,8 @@ pub fn analysis(r: &LoraReport) -> Value {
         .collect();
     json!({
         "schema_version": SCHEMA_VERSION,
+        "complete": r.complete(),
+        "not_analysed": r.not_analysed,
         "verdict": r.verdict,
         "detection": {
             "rule": "rank = number of singular values above 1.5 x the predicted rounding-noise top singular value, accepted when sigma_r / sigma_(r+1) >= 2",
@@ -232,6 +234,25 @@ pub fn write_lora_outputs(r: &LoraReport, dir: &Path) -> Result<(Vec<PathBuf>, L
     };
     write_atomic(&path, &to_json(&docs.analysis))?;
     written.push(path);
+    // A stopped stage writes no adapter: one missing modules would load in PEFT as if
+    // it were the whole fine-tune. `lora_analysis.json` says what is missing.
+    if !r.complete() {
+        // Nor leaves one of an earlier run beside the new analysis.
+        for stale in [
+            dir.join(EXTRACTED_WEIGHTS),
+            dir.join(LORA_METADATA_JSON),
+            dir.join(ADAPTER_DIR).join(ADAPTER_MODEL),
+            dir.join(ADAPTER_DIR).join(ADAPTER_CONFIG),
+        ] {
+            match std::fs::remove_file(&stale) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(Error::io(&stale, "cannot remove the stale output", e));
+                }
+                _ => {}
+            }
+        }
+        return Ok((written, docs));
+    }
     if r.extracted.is_empty() && r.saved.is_empty() {
         return Ok((written, docs));
     }

@@ -215,15 +215,24 @@ fn streamed_and_in_memory_deltas_give_the_same_factors() {
     let (la, lb) = (a.lora.unwrap(), b.lora.unwrap());
     assert!(lb.spectra.iter().all(|(_, s)| s.path == "streamed"));
     assert!(la.spectra.iter().all(|(_, s)| s.path == "in_memory"));
+    // A bf16 pair's products run in f32 (lowrank::rsvd): the two paths sum the blocks of
+    // ΔᵀQ in different orders, so they agree to f32 rounding, far below the bf16 floor.
     for (x, y) in la.extracted.iter().zip(&lb.extracted) {
-        assert!((x.factors.residual - y.factors.residual).abs() < 1e-9);
+        let scale = x.factors.b.iter().fold(0f64, |a, v| a.max(v.abs()))
+            * x.factors.a.iter().fold(0f64, |a, v| a.max(v.abs()));
+        assert!(
+            (x.factors.residual - y.factors.residual).abs() < 1e-5,
+            "{} vs {}",
+            x.factors.residual,
+            y.factors.residual
+        );
         let prod = |f: &weightdiff::lowrank::extract::Factors, i: usize, j: usize| {
             (0..f.rank)
                 .map(|t| f.b[i * f.rank + t] * f.a[t * f.n + j])
                 .sum::<f64>()
         };
         for (i, j) in [(0, 0), (5, 17), (127, 127)] {
-            assert!((prod(&x.factors, i, j) - prod(&y.factors, i, j)).abs() < 1e-9);
+            assert!((prod(&x.factors, i, j) - prod(&y.factors, i, j)).abs() < 1e-5 * scale);
         }
     }
 }
