@@ -37,84 +37,100 @@ impl Reporter {
     }
 }
 
-impl Progress for Reporter {
-    fn update(&self, u: ProgressUpdate<'_>) {
+/// Where one stage of work stands: units done of a total (bytes or elements, what its
+/// time is proportional to) and items (tensors) done of a total.
+struct Stage<'a> {
+    done: u64,
+    total: u64,
+    items_done: usize,
+    items_total: usize,
+    /// Bar template, and the name of the items and of the line prefix.
+    template: &'static str,
+    items: &'static str,
+    label: &'a str,
+}
+
+impl Reporter {
+    /// Shows `s` as the bar (created with `s`'s template on first use) or, every
+    /// [`LINE_EVERY`] items, as a line with the elapsed time since `start` and an ETA.
+    fn show(&self, s: Stage<'_>, start: impl FnOnce() -> Instant) {
         match self {
             Reporter::Quiet => {}
             Reporter::Bar(b) => {
                 let mut b = b.lock().expect("progress lock");
                 let bar = b.get_or_insert_with(|| {
-                    let bar = ProgressBar::new(u.bytes_total);
+                    let bar = ProgressBar::new(s.total);
                     bar.set_style(
-                        ProgressStyle::with_template(
-                            "{bar:40} {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta} {msg}",
-                        )
-                        .expect("valid template"),
+                        ProgressStyle::with_template(s.template).expect("valid template"),
                     );
                     bar
                 });
-                bar.set_position(u.bytes_done);
-                bar.set_message(format!("{}/{} tensors", u.tensors_done, u.tensors_total));
+                bar.set_position(s.done);
+                bar.set_message(format!("{}/{} {}", s.items_done, s.items_total, s.items));
             }
-            Reporter::Lines(start, _) => {
-                if u.tensors_done.is_multiple_of(LINE_EVERY) || u.tensors_done == u.tensors_total {
-                    let el = start.elapsed().as_secs_f64();
-                    let eta = if u.bytes_done > 0 {
-                        el * (u.bytes_total - u.bytes_done) as f64 / u.bytes_done as f64
+            Reporter::Lines(..) => {
+                if s.items_done.is_multiple_of(LINE_EVERY) || s.items_done == s.items_total {
+                    let el = start().elapsed().as_secs_f64();
+                    let eta = if s.done > 0 {
+                        el * s.total.saturating_sub(s.done) as f64 / s.done as f64
                     } else {
                         0.0
                     };
                     say!(
-                        "[{}/{}] {:.1}s elapsed, ETA {:.1}s",
-                        u.tensors_done,
-                        u.tensors_total,
-                        el,
-                        eta
+                        "[{}{}/{}] {el:.1}s elapsed, ETA {eta:.1}s",
+                        s.label,
+                        s.items_done,
+                        s.items_total
                     );
                 }
             }
         }
     }
 
+    /// Start of the run (lines only).
+    fn run_start(&self) -> Instant {
+        match self {
+            Reporter::Lines(start, _) => *start,
+            _ => Instant::now(),
+        }
+    }
+
+    /// Start of the low-rank stage: its first report (lines only).
+    fn stage_start(&self) -> Instant {
+        match self {
+            Reporter::Lines(_, stage) => *stage.get_or_init(Instant::now),
+            _ => Instant::now(),
+        }
+    }
+}
+
+impl Progress for Reporter {
+    fn update(&self, u: ProgressUpdate<'_>) {
+        let s = Stage {
+            done: u.bytes_done,
+            total: u.bytes_total,
+            items_done: u.tensors_done,
+            items_total: u.tensors_total,
+            template: "{bar:40} {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta} {msg}",
+            items: "tensors",
+            label: "",
+        };
+        self.show(s, || self.run_start());
+    }
+
     /// The low-rank stage: a bar by elements (its cost is proportional to them) with
     /// ETA, or a line every 10 tensors.
     fn lowrank(&self, u: LowRankUpdate<'_>) {
-        match self {
-            Reporter::Quiet => {}
-            Reporter::Bar(b) => {
-                let mut b = b.lock().expect("progress lock");
-                let bar = b.get_or_insert_with(|| {
-                    let bar = ProgressBar::new(u.elements_total);
-                    bar.set_style(
-                        ProgressStyle::with_template(
-                            "low rank {bar:40} {human_pos}/{human_len} elements ETA {eta} {msg}",
-                        )
-                        .expect("valid template"),
-                    );
-                    bar
-                });
-                bar.set_position(u.elements_done);
-                bar.set_message(format!("{}/{} matrices", u.tensors_done, u.tensors_total));
-            }
-            Reporter::Lines(_, stage) => {
-                let start = stage.get_or_init(Instant::now);
-                if u.tensors_done.is_multiple_of(LINE_EVERY) || u.tensors_done == u.tensors_total {
-                    let el = start.elapsed().as_secs_f64();
-                    let eta = if u.elements_done > 0 {
-                        el * (u.elements_total - u.elements_done) as f64 / u.elements_done as f64
-                    } else {
-                        0.0
-                    };
-                    say!(
-                        "[low rank {}/{}] {:.1}s elapsed, ETA {:.1}s",
-                        u.tensors_done,
-                        u.tensors_total,
-                        el,
-                        eta
-                    );
-                }
-            }
-        }
+        let s = Stage {
+            done: u.elements_done,
+            total: u.elements_total,
+            items_done: u.tensors_done,
+            items_total: u.tensors_total,
+            template: "low rank {bar:40} {human_pos}/{human_len} elements ETA {eta} {msg}",
+            items: "matrices",
+            label: "low rank ",
+        };
+        self.show(s, || self.stage_start());
     }
 }
 
