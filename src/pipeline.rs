@@ -995,9 +995,8 @@ fn tied_duplicates(c: &Comparison, facts: &ModelFacts) -> BTreeMap<String, Strin
         // The input embedding is where PEFT applies a tied adapter.
         let rank = |n: &str| match pairing::module_type(n).as_str() {
             "shared" => 0,
-            "lm_head" => 3,
-            _ if facts.kind_of(n) == ModuleKind::Embedding => 1,
-            _ => 2,
+            "lm_head" => 2,
+            _ => 1,
         };
         let canon = *names
             .iter()
@@ -1236,16 +1235,8 @@ pub fn lora_parts(
         // changed or not, compared or only in the fine-tune.
         for head in facts.task_type.map_or(&[][..], |t| t.head_modules()) {
             let prefix = format!("{head}.");
-            let names: Vec<&str> = ft_names
-                .iter()
-                .copied()
-                .filter(|n| n.starts_with(&prefix))
-                .collect();
-            if !names.is_empty() {
+            if ft_names.iter().any(|n| n.starts_with(&prefix)) {
                 push_unique(&mut saved_whole, head.to_string());
-            }
-            for n in names {
-                push_candidate(&mut candidates, finetuned, n)?;
             }
         }
         for module in &saved_whole {
@@ -1256,10 +1247,14 @@ pub fn lora_parts(
         }
         if !opts.skip_undecomposable {
             for v in &vectors {
-                let Some((module, _)) = adapter_name(c, &v.name)
-                    .rsplit_once('.')
-                    .map(|(m, l)| (m.to_string(), l.to_string()))
-                else {
+                // A module extracted here as a LoRA is never saved whole as well: its
+                // weight need not be read into memory (`assemble_lora` decides the rest).
+                let aligned = v.name.rsplit_once('.').map_or("", |(m, _)| m);
+                if extracted_tensors.contains(format!("{aligned}.weight").as_str()) {
+                    continue;
+                }
+                let name = adapter_name(c, &v.name);
+                let Some((module, _)) = name.rsplit_once('.') else {
                     continue;
                 };
                 let prefix = format!("{module}.");
@@ -1397,7 +1392,7 @@ pub fn assemble_lora(c: &Comparison, opts: &LoraOptions, mut parts: LoraParts) -
         }
     }
     let mut saved_whole = parts.saved_whole;
-    if profile == Profile::Vllm && !saved_whole.is_empty() {
+    if profile == Profile::Vllm {
         for m in saved_whole.drain(..) {
             skipped.push((
                 m,
