@@ -49,6 +49,31 @@ fn lora_pair_sized(
     build_pair(&spec, dir).unwrap()
 }
 
+/// A pair with a rank-`rank` LoRA (alpha 2·rank, 5 % of the weights) on `modules` (of
+/// `layers`, or every layer) and 1 % noise on the norms matching `noise`.
+fn lora_and_noise_spec(
+    rank: usize,
+    modules: &[&str],
+    layers: Option<Vec<usize>>,
+    noise: &str,
+) -> PairSpec {
+    PairSpec {
+        shape: shape(),
+        lora: Some(LoraEdit {
+            rank,
+            alpha: 2.0 * rank as f64,
+            modules: modules.iter().map(|s| s.to_string()).collect(),
+            delta_rel: 0.05,
+            layers,
+        }),
+        noise: Some(NoiseEdit {
+            pattern: regex::Regex::new(noise).unwrap(),
+            rel: 0.01,
+        }),
+        ..PairSpec::tiny()
+    }
+}
+
 fn run(pair: &BuiltPair, lora: &LoraOptions) -> weightdiff::Comparison {
     let b = Checkpoint::open(&pair.base).unwrap();
     let f = Checkpoint::open(&pair.finetuned).unwrap();
@@ -277,21 +302,12 @@ fn same_inputs_and_seed_give_a_byte_identical_adapter() {
 #[test]
 fn adapter_has_peft_keys_shapes_and_config() {
     let dir = tempfile::tempdir().unwrap();
-    let spec = PairSpec {
-        shape: shape(),
-        lora: Some(LoraEdit {
-            rank: 4,
-            alpha: 8.0,
-            modules: vec!["q_proj".into(), "embed_tokens".into(), "lm_head".into()],
-            delta_rel: 0.05,
-            layers: Some(vec![1]),
-        }),
-        noise: Some(NoiseEdit {
-            pattern: regex::Regex::new(r"^model\.norm\.weight$").unwrap(),
-            rel: 0.01,
-        }),
-        ..PairSpec::tiny()
-    };
+    let spec = lora_and_noise_spec(
+        4,
+        &["q_proj", "embed_tokens", "lm_head"],
+        Some(vec![1]),
+        r"^model\.norm\.weight$",
+    );
     let pair = build_pair(&spec, &dir.path().join("pair")).unwrap();
     let out = dir.path().join("adapter");
     extract_cli(&pair, &out, &["--rank", "4"]);
@@ -461,20 +477,13 @@ fn numpy_rebuilds_the_finetune_from_base_plus_adapter() {
     }
     let dir = tempfile::tempdir().unwrap();
     let spec = PairSpec {
-        shape: shape(),
-        lora: Some(LoraEdit {
-            rank: 8,
-            alpha: 16.0,
-            modules: vec!["q_proj".into(), "v_proj".into(), "embed_tokens".into()],
-            delta_rel: 0.05,
-            layers: None,
-        }),
-        noise: Some(NoiseEdit {
-            pattern: regex::Regex::new(r"layers\.0\.input_layernorm\.weight$").unwrap(),
-            rel: 0.01,
-        }),
         dtype: DType::F32,
-        ..PairSpec::tiny()
+        ..lora_and_noise_spec(
+            8,
+            &["q_proj", "v_proj", "embed_tokens"],
+            None,
+            r"layers\.0\.input_layernorm\.weight$",
+        )
     };
     let pair = build_pair(&spec, &dir.path().join("pair")).unwrap();
     let out = dir.path().join("cmp");
@@ -503,21 +512,12 @@ fn numpy_rebuilds_the_finetune_from_base_plus_adapter() {
 #[test]
 fn the_vllm_profile_writes_linear_modules_at_one_vllm_rank_and_lists_what_it_left_out() {
     let dir = tempfile::tempdir().unwrap();
-    let spec = PairSpec {
-        shape: shape(),
-        lora: Some(LoraEdit {
-            rank: 5,
-            alpha: 10.0,
-            modules: vec!["q_proj".into(), "embed_tokens".into(), "lm_head".into()],
-            delta_rel: 0.05,
-            layers: None,
-        }),
-        noise: Some(NoiseEdit {
-            pattern: regex::Regex::new(r"^model\.norm\.weight$").unwrap(),
-            rel: 0.01,
-        }),
-        ..PairSpec::tiny()
-    };
+    let spec = lora_and_noise_spec(
+        5,
+        &["q_proj", "embed_tokens", "lm_head"],
+        None,
+        r"^model\.norm\.weight$",
+    );
     let pair = build_pair(&spec, &dir.path().join("pair")).unwrap();
     let out = dir.path().join("adapter");
     extract_cli(&pair, &out, &["--rank", "5", "--profile", "vllm"]);
