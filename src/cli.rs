@@ -150,7 +150,7 @@ pub struct CompareArgs {
     /// Compare only shard I of N (0 <= I < N, balanced by bytes) and write a part for
     /// `weightdiff merge` instead of the reports.
     #[arg(long, value_name = "I/N")]
-    pub shard: Option<weightdiff::shards::Shard>,
+    pub shard: Option<weightdiff::pipeline::plan::Shard>,
     /// Read through memory maps instead of positioned reads (a shard truncated during a
     /// read can then kill the process with SIGBUS).
     #[arg(long)]
@@ -368,6 +368,37 @@ impl CompareArgs {
             resume: self.resume,
             shard: self.shard,
             ..Default::default()
+        })
+    }
+}
+
+impl CompareArgs {
+    /// The library job these flags ask for.
+    pub fn job(&self) -> anyhow::Result<weightdiff::jobs::CompareJob> {
+        Ok(weightdiff::jobs::CompareJob {
+            base: self.base.clone(),
+            finetuned: self.finetuned.clone(),
+            output: self.output.clone(),
+            options: self.options()?,
+            lora: self.lora_options()?,
+            top: self.top,
+            shard: self.shard,
+            mmap: self.mmap,
+        })
+    }
+}
+
+impl ExtractArgs {
+    /// The library job these flags ask for.
+    pub fn job(&self) -> anyhow::Result<weightdiff::jobs::ExtractJob> {
+        let (options, lora) = self.options()?;
+        Ok(weightdiff::jobs::ExtractJob {
+            base: self.base.clone(),
+            finetuned: self.finetuned.clone(),
+            output: self.output.clone(),
+            options,
+            lora,
+            mmap: self.mmap,
         })
     }
 }

@@ -13,7 +13,7 @@
 //! `HF_HUB_OFFLINE=1`, under which nothing is fetched.
 
 use crate::error::{Error, Result};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -36,18 +36,7 @@ impl DownloadProgress for Silent {
     fn finish(&self) {}
 }
 
-/// Where a model argument came from on the hub (recorded in the reports).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct HubOrigin {
-    /// `ORG/NAME`.
-    pub repo_id: String,
-    /// The revision asked for (`main` by default).
-    pub revision: String,
-    /// The commit it resolved to.
-    pub commit: String,
-    /// The snapshot directory read.
-    pub snapshot: PathBuf,
-}
+pub use crate::checkpoint::HubOrigin;
 
 /// A parsed `ORG/NAME[@REVISION]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -260,7 +249,7 @@ fn cached_commit(repo_dir: &Path, revision: &str) -> Option<String> {
 /// [`crate::Checkpoint::open`] uses.
 fn weights_complete(snapshot: &Path) -> bool {
     let index_complete = |name: &str| {
-        let Ok(v) = crate::checkpoint::read_json(&snapshot.join(name)) else {
+        let Ok(v) = crate::fsio::read_json(&snapshot.join(name)) else {
             return false;
         };
         v["weight_map"].as_object().is_some_and(|m| {
@@ -488,7 +477,7 @@ fn download(
     if id.revision != commit {
         let refs = repo_dir.join("refs").join(&id.revision);
         create_dir(refs.parent().expect("refs has a parent"))?;
-        crate::report::write_atomic(&refs, commit.as_bytes())?;
+        crate::fsio::write_atomic(&refs, commit.as_bytes())?;
     }
     Ok(HubOrigin {
         repo_id: id.repo.clone(),

@@ -9,8 +9,8 @@
 //! are journaled: a tensor that failed is tried again on resume.
 
 use crate::comparison::TensorMetrics;
-use crate::error::{Error, Result};
-use crate::report::refuse_symlink;
+use crate::error::{Error, JournalError, Result};
+use crate::fsio::refuse_symlink;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -101,7 +101,7 @@ impl Journal {
         refuse_symlink(&path)?;
         let file = File::open(&path).map_err(|e| Error::io(&path, "cannot open journal", e))?;
         let mut lines = BufReader::new(file).lines();
-        let bad = |reason: String| Error::InvalidOption(format!("{}: {reason}", path.display()));
+        let bad = |reason: String| Error::from(JournalError::new(&path, reason));
         let header = lines
             .next()
             .transpose()

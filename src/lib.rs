@@ -41,17 +41,19 @@
 pub mod checkpoint;
 pub mod comparison;
 pub mod error;
+pub mod fsio;
 pub mod hub;
+pub mod jobs;
 pub mod journal;
 pub mod kernels;
 pub mod lowrank;
 pub mod pairing;
+pub mod parts;
 pub mod peft;
 pub mod pipeline;
 pub mod relatedness;
 pub mod report;
 pub mod rng;
-pub mod shards;
 pub mod synthetic;
 
 pub use checkpoint::Checkpoint;

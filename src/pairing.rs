@@ -41,6 +41,22 @@ pub struct TensorPair {
     pub leading_rows: Option<usize>,
 }
 
+impl TensorPair {
+    /// Elements compared: all of them, or the leading rows both sides have.
+    pub fn compared_elements(&self) -> u64 {
+        match self.leading_rows {
+            Some(rows) => {
+                rows as u64
+                    * self.base.shape[1..]
+                        .iter()
+                        .map(|&d| d as u64)
+                        .product::<u64>()
+            }
+            None => self.base.numel(),
+        }
+    }
+}
+
 /// A pair whose shapes or dtypes differ.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Mismatch {

@@ -18,7 +18,7 @@
 use crate::checkpoint::Checkpoint;
 use crate::comparison::{Comparison, Overlap};
 use crate::lowrank::detect::{Relation, Verdict, relation_verdict};
-use crate::pairing::Pairing;
+use crate::pairing::{Pairing, TensorPair};
 use serde::Serialize;
 
 /// Config keys compared as evidence of architecture and size (Llama/Qwen/BERT names, then
@@ -57,11 +57,7 @@ pub fn overlap(base: &Checkpoint, ft: &Checkpoint, paired: &Pairing) -> Overlap 
         paired_tensors: paired.pairs.len(),
         base_parameters: params(base),
         finetuned_parameters: params(ft),
-        paired_parameters: paired
-            .pairs
-            .iter()
-            .map(crate::pipeline::compared_elements)
-            .sum(),
+        paired_parameters: paired.pairs.iter().map(TensorPair::compared_elements).sum(),
         config_differences,
         same_model: same_files(base, ft),
         low_rank_delta: false,

@@ -15,8 +15,9 @@
 //! versions, and fixtures must not change under a dependency update.
 
 use crate::checkpoint::dtype::DType;
+use crate::checkpoint::dtype::encode;
 use crate::error::{Error, Result};
-use crate::report::write_atomic;
+use crate::fsio::write_atomic;
 pub use crate::rng::Gaussian;
 use regex::Regex;
 use safetensors::View;
@@ -312,23 +313,19 @@ fn write_model(
             .collect();
         let path = dir.join(&file);
         let meta: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
-        safetensors::serialize_to_file(views, Some(meta), &path).map_err(|e| {
-            Error::InvalidSafetensors {
-                path: path.clone(),
-                reason: format!("cannot write: {e}"),
-            }
-        })?;
+        safetensors::serialize_to_file(views, Some(meta), &path)
+            .map_err(|e| Error::io(&path, "cannot write", std::io::Error::other(e.to_string())))?;
     }
     if spec.max_shard_bytes.is_some() && spec.write_index {
         let index = json!({"metadata": {"total_size": total}, "weight_map": weight_map});
         write_atomic(
             &dir.join("model.safetensors.index.json"),
-            &crate::report::to_json(&index),
+            &crate::fsio::to_json(&index),
         )?;
     }
     write_atomic(
         &dir.join("config.json"),
-        &crate::report::to_json(&spec.shape.config(spec.dtype)),
+        &crate::fsio::to_json(&spec.shape.config(spec.dtype)),
     )?;
     Ok(())
 }
@@ -396,7 +393,7 @@ pub fn tensor_bytes(
             None => {}
         }
     }
-    encode(spec.dtype, &values)
+    encode(spec.dtype, &values).expect("build_pair accepts float dtypes only")
 }
 
 fn base_values(seed: u64, name: &str, n: usize, kind: Kind) -> Vec<f64> {
@@ -431,21 +428,6 @@ fn add_lora(seed: u64, name: &str, shape: &[usize], l: &LoraEdit, w: &mut [f64])
             }
         }
     }
-}
-
-/// Rounds f64 values to the storage dtype (round to nearest even) and encodes them.
-pub fn encode(dtype: DType, values: &[f64]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(values.len() * dtype.size());
-    for &v in values {
-        match dtype {
-            DType::BF16 => out.extend_from_slice(&half::bf16::from_f64(v).to_le_bytes()),
-            DType::F16 => out.extend_from_slice(&half::f16::from_f64(v).to_le_bytes()),
-            DType::F32 => out.extend_from_slice(&(v as f32).to_le_bytes()),
-            DType::F64 => out.extend_from_slice(&v.to_le_bytes()),
-            other => panic!("encode: unsupported synthetic dtype {other}"),
-        }
-    }
-    out
 }
 
 /// The pair `weightdiff demo` builds: the `tiny` preset in bf16, sharded with an index,

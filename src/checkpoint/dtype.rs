@@ -31,6 +31,11 @@ pub enum DType {
 }
 
 impl DType {
+    /// A float type weightdiff writes (adapters, synthetic models): F64, F32, F16, BF16.
+    pub fn is_writable_float(self) -> bool {
+        matches!(self, DType::F64 | DType::F32 | DType::F16 | DType::BF16)
+    }
+
     /// Bytes per element.
     pub fn size(self) -> usize {
         match self {
@@ -258,6 +263,22 @@ pub fn decode_f64(d: DType, bytes: &[u8], out: &mut [f64]) {
             }
         }
     }
+}
+
+/// Little-endian bytes of `values` stored as `dtype`, rounded to nearest even; `None`
+/// for a dtype weightdiff never writes (integers, booleans, FP8).
+pub fn encode(dtype: DType, values: &[f64]) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(values.len() * dtype.size());
+    for &v in values {
+        match dtype {
+            DType::BF16 => out.extend_from_slice(&half::bf16::from_f64(v).to_le_bytes()),
+            DType::F16 => out.extend_from_slice(&half::f16::from_f64(v).to_le_bytes()),
+            DType::F32 => out.extend_from_slice(&(v as f32).to_le_bytes()),
+            DType::F64 => out.extend_from_slice(&v.to_le_bytes()),
+            _ => return None,
+        }
+    }
+    Some(out)
 }
 
 #[cfg(test)]

@@ -4,8 +4,8 @@
 //! model directory (no absolute paths, no `..`), so a hostile index cannot make us
 //! read arbitrary files.
 
-use crate::checkpoint::read_json;
 use crate::error::{Error, Result};
+use crate::fsio::read_json;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Component, Path};
 
@@ -19,25 +19,29 @@ pub struct Index {
 impl Index {
     /// Reads and checks the index at `path` for the model directory `dir`.
     pub fn read(path: &Path, dir: &Path) -> Result<Index> {
-        let bad = |reason: String| Error::InvalidIndex {
+        let bad = |tensor: Option<&str>, reason: String| Error::InvalidIndex {
             path: path.to_path_buf(),
+            tensor: tensor.map(str::to_string),
             reason,
         };
         let value = read_json(path)?;
         let map = value
             .get("weight_map")
             .and_then(|m| m.as_object())
-            .ok_or_else(|| bad("no `weight_map` object".into()))?;
+            .ok_or_else(|| bad(None, "no `weight_map` object".into()))?;
         let mut weight_map = BTreeMap::new();
         for (name, file) in map {
             let file = file
                 .as_str()
-                .ok_or_else(|| bad(format!("`weight_map` entry for `{name}` is not a string")))?;
+                .ok_or_else(|| bad(Some(name), "its `weight_map` entry is not a string".into()))?;
             check_confined(file).map_err(|why| {
-                bad(format!(
-                    "shard `{file}` (for tensor `{name}`) {why}; shards must be inside {}",
-                    dir.display()
-                ))
+                bad(
+                    Some(name),
+                    format!(
+                        "shard `{file}` {why}; shards must be inside {}",
+                        dir.display()
+                    ),
+                )
             })?;
             weight_map.insert(name.clone(), file.to_string());
         }

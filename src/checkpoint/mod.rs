@@ -10,19 +10,31 @@
 
 pub mod dtype;
 pub mod index;
+pub mod layout;
 pub mod pickle;
 pub mod shard;
 pub mod torch;
 
 use crate::error::{Error, Result};
+use crate::fsio::read_json_if_present;
 use dtype::DType;
+use serde::{Deserialize, Serialize};
 use shard::{ReadMode, Shard, Window};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-/// Largest `config.json` / index file we are willing to parse (they are a few KB to a
-/// few MB in practice; the bound keeps a hostile file from making us allocate freely).
-pub const MAX_JSON_FILE: u64 = 100_000_000;
+/// Where a model argument came from on the hub (recorded in the reports).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HubOrigin {
+    /// `ORG/NAME`.
+    pub repo_id: String,
+    /// The revision asked for (`main` by default).
+    pub revision: String,
+    /// The commit it resolved to.
+    pub commit: String,
+    /// The snapshot directory read.
+    pub snapshot: PathBuf,
+}
 
 /// Where one tensor's bytes live.
 #[derive(Debug, Clone)]
@@ -35,7 +47,7 @@ pub struct TensorEntry {
     offset: u64,
     len: u64,
     /// Gather plan of a non-contiguous PyTorch view.
-    layout: Option<std::sync::Arc<torch::Strided>>,
+    layout: Option<std::sync::Arc<layout::Strided>>,
 }
 
 impl TensorEntry {
@@ -74,7 +86,7 @@ pub struct Checkpoint {
     /// How [`Checkpoint::read`] gets bytes.
     pub read_mode: ReadMode,
     /// Set when the model was resolved from a hub id.
-    pub hub: Option<crate::hub::HubOrigin>,
+    pub hub: Option<HubOrigin>,
     /// The last non-contiguous tensors gathered, shared by their windows.
     gathered: std::sync::Mutex<Vec<(String, std::sync::Arc<Vec<u8>>)>>,
 }
@@ -256,6 +268,7 @@ impl Checkpoint {
             if !shard_path.is_file() {
                 return Err(Error::InvalidIndex {
                     path: index_path.to_path_buf(),
+                    tensor: None,
                     reason: format!("shard `{file}` named by the index does not exist"),
                 });
             }
@@ -444,37 +457,22 @@ fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
 
 /// The files directly inside `dir` that `keep` accepts, sorted.
 fn list_files(dir: &Path, keep: impl Fn(&Path) -> bool) -> Result<Vec<PathBuf>> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map_err(|e| Error::io(dir, "cannot list directory", e))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| keep(p) && p.is_file())
-        .collect();
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(|e| Error::io(dir, "cannot list directory", e))? {
+        let path = entry
+            .map_err(|e| Error::io(dir, "cannot list directory", e))?
+            .path();
+        if !keep(&path) {
+            continue;
+        }
+        // Follows links: a dangling link or a link loop named like a weights file is
+        // that file's error, not "no weights in this directory".
+        match std::fs::metadata(&path) {
+            Ok(m) if m.is_file() => files.push(path),
+            Ok(_) => {}
+            Err(e) => return Err(Error::io(&path, "cannot open", e)),
+        }
+    }
     files.sort();
     Ok(files)
-}
-
-/// Reads a small JSON side file; `Ok(None)` when it does not exist.
-pub fn read_json_if_present(path: &Path) -> Result<Option<serde_json::Value>> {
-    if !path.exists() {
-        return Ok(None);
-    }
-    read_json(path).map(Some)
-}
-
-/// Reads a small JSON file, bounded by [`MAX_JSON_FILE`].
-pub fn read_json(path: &Path) -> Result<serde_json::Value> {
-    let len = std::fs::metadata(path)
-        .map_err(|e| Error::io(path, "cannot stat", e))?
-        .len();
-    if len > MAX_JSON_FILE {
-        return Err(Error::InvalidJson {
-            path: path.into(),
-            reason: format!("{len} bytes exceeds the {MAX_JSON_FILE}-byte limit"),
-        });
-    }
-    let text = std::fs::read(path).map_err(|e| Error::io(path, "cannot read", e))?;
-    serde_json::from_slice(&text).map_err(|e| Error::InvalidJson {
-        path: path.into(),
-        reason: e.to_string(),
-    })
 }

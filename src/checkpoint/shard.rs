@@ -39,7 +39,7 @@ pub struct ShardTensor {
     pub len: u64,
     /// For a PyTorch view that is not a contiguous run of bytes: how to gather it
     /// (`offset`/`len` then describe the row-major bytes it yields).
-    pub layout: Option<std::sync::Arc<crate::checkpoint::torch::Strided>>,
+    pub layout: Option<std::sync::Arc<crate::checkpoint::layout::Strided>>,
 }
 
 /// An open, validated safetensors file.
@@ -57,10 +57,7 @@ pub struct Shard {
 }
 
 fn invalid(path: &Path, reason: impl Into<String>) -> Error {
-    Error::InvalidSafetensors {
-        path: path.to_path_buf(),
-        reason: reason.into(),
-    }
+    crate::error::ShardError::new(path, reason).into()
 }
 
 impl Shard {

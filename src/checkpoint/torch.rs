@@ -16,9 +16,10 @@
 //! are gathered when read. Tensors sharing a storage (tied embeddings) point at the same
 //! bytes.
 
+use super::layout::Strided;
 use super::pickle::{self, StorageRef, TensorRef, Value};
 use super::shard::{Shard, ShardTensor};
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, TorchError};
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -52,59 +53,8 @@ pub fn is_torch_file(path: &Path) -> bool {
         .is_some_and(|e| EXTENSIONS.contains(&e))
 }
 
-/// A tensor that is not a contiguous run of its storage, gathered element by element.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Strided {
-    /// File offset of the first element the view touches.
-    pub span_start: u64,
-    /// Bytes from `span_start` that cover every element of the view.
-    pub span_len: u64,
-    pub shape: Vec<usize>,
-    /// In elements, relative to `span_start`.
-    pub strides: Vec<usize>,
-    pub elem_size: usize,
-}
-
-impl Strided {
-    /// The view's elements in row-major order, from the bytes of its span.
-    pub fn gather(&self, span: &[u8]) -> Vec<u8> {
-        let es = self.elem_size;
-        let numel: usize = self.shape.iter().product();
-        let mut out = Vec::with_capacity(numel * es);
-        if numel == 0 {
-            return out;
-        }
-        let nd = self.shape.len();
-        let (inner_n, inner_s) = (self.shape[nd - 1], self.strides[nd - 1]);
-        let mut idx = vec![0usize; nd.saturating_sub(1)];
-        loop {
-            let base: usize = idx.iter().zip(&self.strides).map(|(i, s)| i * s).sum();
-            for j in 0..inner_n {
-                let e = (base + j * inner_s) * es;
-                out.extend_from_slice(&span[e..e + es]);
-            }
-            // Next index over the outer dimensions, last fastest.
-            let mut d = idx.len();
-            loop {
-                if d == 0 {
-                    return out;
-                }
-                d -= 1;
-                idx[d] += 1;
-                if idx[d] < self.shape[d] {
-                    break;
-                }
-                idx[d] = 0;
-            }
-        }
-    }
-}
-
 fn invalid(path: &Path, reason: impl Into<String>) -> Error {
-    Error::InvalidPytorch {
-        path: path.to_path_buf(),
-        reason: reason.into(),
-    }
+    TorchError::new(path, reason).into()
 }
 
 /// Where each storage's bytes are: file offset and length.
@@ -190,7 +140,7 @@ fn collect<'a>(
 
 /// Turns a tensor view into a shard entry, checking it stays inside its storage.
 fn place(path: &Path, name: String, t: &TensorRef, storages: &Storages) -> Result<ShardTensor> {
-    let bad = |why: String| invalid(path, format!("tensor `{name}`: {why}"));
+    let bad = |why: String| Error::from(TorchError::tensor(path, &name, why));
     let StorageRef { key, dtype, numel } = &t.storage;
     let &(start, len) = storages
         .get(key)

@@ -9,9 +9,10 @@
 //! resolves the patterns. Pattern keys are full module paths escaped as regexes, since
 //! PEFT matches them as regexes against module names.
 
+use super::{LoraReport, ModuleKind};
 use crate::checkpoint::dtype::DType;
-use crate::comparison::{LoraReport, ModuleKind};
-use crate::synthetic::encode;
+use crate::checkpoint::dtype::encode;
+use crate::error::{Error, Result};
 use serde_json::{Map, Value, json};
 use std::borrow::Cow;
 use std::collections::BTreeMap;
@@ -49,15 +50,26 @@ fn transpose(v: &[f64], rows: usize, cols: usize) -> Vec<f64> {
     t
 }
 
-/// The adapter's tensors, with PEFT key names, in key order.
-pub fn tensors(r: &LoraReport) -> Vec<AdapterTensor> {
+/// The adapter's tensors, with PEFT key names, in key order. Factors in a dtype that
+/// is not a float weightdiff writes are refused, naming the tensor.
+pub fn tensors(r: &LoraReport) -> Result<Vec<AdapterTensor>> {
+    if let Some(e) = r
+        .extracted
+        .iter()
+        .find(|e| !e.factors.dtype.is_writable_float())
+    {
+        return Err(Error::InvalidOption(format!(
+            "tensor `{}`: cannot store LoRA factors as {} (BF16, F16, F32 or F64)",
+            e.tensor, e.factors.dtype
+        )));
+    }
     let mut out = Vec::new();
     let mut push = |key: String, dtype: DType, shape: Vec<usize>, values: &[f64]| {
         out.push(AdapterTensor {
             key,
             dtype,
             shape,
-            bytes: encode(dtype, values),
+            bytes: encode(dtype, values).expect("checked above: a float dtype"),
         })
     };
     for e in &r.extracted {
@@ -117,7 +129,7 @@ pub fn tensors(r: &LoraReport) -> Vec<AdapterTensor> {
         });
     }
     out.sort_by(|a, b| a.key.cmp(&b.key));
-    out
+    Ok(out)
 }
 
 /// Serialized `adapter_model.safetensors`.

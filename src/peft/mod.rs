@@ -24,8 +24,10 @@
 //!   when they match nothing else, otherwise a regular expression over full names.
 
 pub mod adapter;
+mod findings;
 
-use crate::comparison::ModuleKind;
+pub use findings::{ExtractedModule, LoraReport, ModuleKind, SavedTensor};
+
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 

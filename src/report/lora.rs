@@ -1,9 +1,9 @@
 //! `lora_analysis.json` and `lora_metadata.json`, and writing the adapter with its
 //! verification.
 
-use super::{to_json, write_atomic};
 use crate::comparison::{LoraReport, SCHEMA_VERSION};
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, ShardError};
+use crate::fsio::{to_json, write_atomic};
 use crate::lowrank::TensorSpectrum;
 use crate::pairing::{layer_index, module_type};
 use crate::peft::adapter;
@@ -173,8 +173,8 @@ pub fn write_adapter(
     adapter_dir: &Path,
     also: Option<&Path>,
 ) -> Result<(Vec<PathBuf>, Value)> {
-    super::create_output_dir(adapter_dir)?;
-    let tensors = adapter::tensors(r);
+    crate::fsio::create_output_dir(adapter_dir)?;
+    let tensors = adapter::tensors(r)?;
     let bytes = adapter::safetensors_bytes(&tensors);
     let model = adapter_dir.join(ADAPTER_MODEL);
     write_atomic(&model, &bytes)?;
@@ -191,9 +191,11 @@ pub fn write_adapter(
 
 fn verify(path: &Path, expected: &[adapter::AdapterTensor]) -> Result<Value> {
     let ck = crate::Checkpoint::open(path)?;
-    let fail = |why: String| Error::InvalidSafetensors {
-        path: path.to_path_buf(),
-        reason: format!("verification after writing failed: {why}"),
+    let fail = |why: String| {
+        Error::from(ShardError::new(
+            path,
+            format!("verification after writing failed: {why}"),
+        ))
     };
     if ck.tensors().len() != expected.len() {
         return Err(fail(format!(

@@ -12,7 +12,7 @@ pub mod trajectory;
 
 use crate::comparison::Comparison;
 use crate::error::{Error, Result};
-use std::io::Write;
+use crate::fsio::{to_json, write_atomic};
 use std::path::{Path, PathBuf};
 
 /// File names of SPEC §4 (comparison part).
@@ -24,92 +24,6 @@ pub const COMPARISON_REPORT_TXT: &str = "comparison_report.txt";
 /// Files written for several fine-tunes of one base.
 pub const TRAJECTORY_JSON: &str = "trajectory.json";
 pub const TRAJECTORY_TXT: &str = "trajectory.txt";
-
-/// Name of the lock file that keeps two runs from writing into one output directory.
-pub const LOCK_FILE: &str = ".weightdiff.lock";
-
-/// An exclusive lock on an output directory, held until dropped (or the process ends:
-/// the OS releases it even after SIGKILL, so a crashed run never leaves a stale lock).
-pub struct OutputLock {
-    _file: std::fs::File,
-}
-
-/// Creates `dir` if needed and locks it for this run; a second run is refused with
-/// [`Error::Locked`] rather than interleaving its files with ours.
-pub fn lock_output_dir(dir: &Path) -> Result<OutputLock> {
-    if dir.exists() && !dir.is_dir() {
-        return Err(Error::io(
-            dir,
-            "cannot use as the output directory",
-            std::io::Error::other(
-                "it is a file, not a directory; give -o a directory (it is created if missing)",
-            ),
-        ));
-    }
-    std::fs::create_dir_all(dir)
-        .map_err(|e| Error::io(dir, "cannot create output directory", e))?;
-    let path = dir.join(LOCK_FILE);
-    refuse_symlink(&path)?;
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .map_err(|e| Error::io(&path, "cannot open lock file", e))?;
-    match file.try_lock() {
-        Ok(()) => Ok(OutputLock { _file: file }),
-        Err(std::fs::TryLockError::WouldBlock) => Err(Error::Locked {
-            dir: dir.to_path_buf(),
-            lock: path,
-        }),
-        Err(std::fs::TryLockError::Error(e)) => Err(Error::io(&path, "cannot lock", e)),
-    }
-}
-
-/// Refuses a path that is a symbolic link: outputs never follow a link planted in the
-/// output directory to somewhere else.
-pub fn refuse_symlink(path: &Path) -> Result<()> {
-    if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink()) {
-        return Err(Error::io(
-            path,
-            "refusing to write through a symbolic link",
-            std::io::Error::other("the path is a symlink"),
-        ));
-    }
-    Ok(())
-}
-
-/// Creates an output subdirectory, refusing a symlink in its place.
-pub fn create_output_dir(dir: &Path) -> Result<()> {
-    refuse_symlink(dir)?;
-    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, "cannot create directory", e))
-}
-
-/// Writes `bytes` to `path` atomically: a temp file in the same directory, flushed to
-/// disk, then renamed over `path`. A reader (or a run killed half-way) sees either the
-/// old file or the whole new one, never a truncated one, because rename within a
-/// directory is atomic on POSIX filesystems.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".weightdiff-")
-        .suffix(".tmp")
-        .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644))
-        .tempfile_in(dir)
-        .map_err(|e| Error::io(dir, "cannot create a temporary file", e))?;
-    tmp.write_all(bytes)
-        .and_then(|_| tmp.as_file().sync_all())
-        .map_err(|e| Error::io(path, "cannot write", e))?;
-    // rename replaces a symlink at `path` itself rather than writing through it.
-    tmp.persist(path)
-        .map_err(|e| Error::io(path, "cannot rename into place", e.error))?;
-    // Make the rename itself durable; best effort (some filesystems refuse fsync on a
-    // directory, and the file's own data is already on disk).
-    if let Ok(d) = std::fs::File::open(dir) {
-        let _ = d.sync_all();
-    }
-    Ok(())
-}
 
 /// Renders and writes every comparison report into `dir` (created if needed);
 /// returns the paths written, in the order of SPEC §4.
@@ -260,7 +174,7 @@ fn render_recorded(
 /// checkpoints in the order `trajectory.json` lists them).
 pub fn regenerate_trajectory(dir: &Path, top: usize) -> Result<Vec<PathBuf>> {
     let tj_path = dir.join(TRAJECTORY_JSON);
-    let tj = crate::checkpoint::read_json(&tj_path)?;
+    let tj = crate::fsio::read_json(&tj_path)?;
     let order: Vec<&str> = tj["finetuned"]
         .as_array()
         .map(|a| a.iter().filter_map(|v| v.as_str()).collect())
@@ -341,8 +255,8 @@ pub const OWNED_FILES: &[&str] = &[
     TRAJECTORY_JSON,
     TRAJECTORY_TXT,
     trajectory::TRAJECTORY_HTML,
-    crate::shards::PART_JSON,
-    crate::shards::PART_TENSORS,
+    crate::parts::PART_JSON,
+    crate::parts::PART_TENSORS,
 ];
 
 /// Removes from `dir` the outputs of an earlier run that this run (which wrote
@@ -399,13 +313,6 @@ pub fn remove_stale(dir: &Path, written: &[PathBuf], keep: &[&str]) -> Result<Ve
     removed.sort();
     removed.dedup();
     Ok(removed)
-}
-
-/// Pretty JSON with a trailing newline.
-pub fn to_json(v: &serde_json::Value) -> Vec<u8> {
-    let mut s = serde_json::to_vec_pretty(v).expect("a Value always serializes");
-    s.push(b'\n');
-    s
 }
 
 /// Scientific notation as C, Python and NumPy print it (`1.234560e-05`, `0.000000e+00`),

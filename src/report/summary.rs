@@ -316,6 +316,71 @@ fn relatedness_section(w: &mut String, r: &crate::relatedness::Relatedness) {
     }
 }
 
+/// The lines a finished comparison ends with on the terminal: counts and speed, the
+/// low-rank stage's time, the whole-model figures, the verdict and where the reports are.
+pub fn run_summary(c: &Comparison, out: &std::path::Path) -> Vec<String> {
+    let p = &c.performance;
+    let mut lines = vec![format!(
+        "compared {} tensors in {:.2}s ({:.2} GB/s): {} modified, {} identical, {} failed",
+        c.results.len(),
+        p.total_time,
+        p.throughput_gbps,
+        c.modified().len(),
+        c.results.iter().filter(|(_, m)| m.identical).count(),
+        c.errors.len()
+    )];
+    if let Some(l) = &c.lora {
+        lines.push(format!(
+            "low-rank stage: {} matrices in {:.2}s",
+            l.spectra.len(),
+            l.total_time
+        ));
+    }
+    let related = crate::relatedness::assess(c);
+    lines.push(format!(
+        "whole model: ‖Δ‖/‖W‖ {}, parameter-weighted cosine {}",
+        related
+            .relative_diff
+            .map_or("n/a".into(), |r| format!("{r:.3e}")),
+        related
+            .cosine_similarity
+            .map_or("n/a".into(), |r| format!("{r:.4}"))
+    ));
+    if let Some(v) = &related.verdict {
+        lines.push(format!(
+            "verdict: {} ({})",
+            v.kind,
+            v.reason.as_deref().unwrap_or("")
+        ));
+    } else if let Some(l) = &c.lora {
+        let v = &l.verdict;
+        lines.push(format!(
+            "verdict: {}{}{} (confidence {:.2}); {} modules extracted",
+            v.kind,
+            v.rank.map_or(String::new(), |r| format!(", rank {r}")),
+            if v.target_modules.is_empty() {
+                String::new()
+            } else {
+                format!(" on {}", v.target_modules.join(", "))
+            },
+            v.confidence,
+            l.extracted.len()
+        ));
+        let kept = adapter_kept_share(
+            c,
+            l.extracted
+                .iter()
+                .map(|e| (e.tensor.as_str(), e.factors.residual_stored)),
+        );
+        let rank = serde_json::json!(crate::peft::adapter::default_rank(l));
+        if let Some(caveat) = kept.and_then(|k| low_rank_caveat(k, &rank)) {
+            lines.push(caveat);
+        }
+    }
+    lines.push(format!("reports written to {}", out.display()));
+    lines
+}
+
 /// Share of ‖Δ‖ the extracted adapter keeps over its modules: 1 − ‖Δ − BA‖/‖Δ‖, with both
 /// norms summed over the modules (Σ‖Δᵢ − BᵢAᵢ‖² and Σ‖Δᵢ‖², each residual as stored).
 /// `modules` gives (tensor, residual); the ‖Δᵢ‖ come from the comparison.

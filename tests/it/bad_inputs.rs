@@ -259,3 +259,40 @@ fn missing_model_and_bad_flags_give_exit_2() {
         .code(2);
     weightdiff().args(["compare"]).assert().code(2);
 }
+
+#[test]
+fn a_weights_file_that_is_a_symlink_loop_is_named_with_the_loop() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("loop");
+    std::fs::create_dir(&model).unwrap();
+    std::os::unix::fs::symlink("model.safetensors", model.join("model.safetensors")).unwrap();
+    weightdiff()
+        .arg("inspect")
+        .arg(&model)
+        .assert()
+        .code(2)
+        .stderr(predicates::str::contains("model.safetensors"))
+        .stderr(predicates::str::contains("symbolic links"));
+}
+
+#[test]
+fn inspect_json_into_a_closed_pipe_is_not_an_error() {
+    // Thousands of tensors: more JSON than a pipe buffer, so the write meets EPIPE.
+    let dir = tempfile::tempdir().unwrap();
+    let tensors: Vec<T> = (0..5000)
+        .map(|i| f32_tensor(&format!("t{i}"), &[1], &[i as f32]))
+        .collect();
+    let file = write_file(&dir.path().join("many.safetensors"), &tensors);
+    let bin = assert_cmd::cargo::cargo_bin("weightdiff");
+    // The exit status of weightdiff itself, through bash's PIPESTATUS.
+    let out = std::process::Command::new("bash")
+        .arg("-c")
+        .arg(format!(
+            "'{}' inspect --json '{}' | head -c 20 > /dev/null; echo ${{PIPESTATUS[0]}}",
+            bin.display(),
+            file.display()
+        ))
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "0");
+}

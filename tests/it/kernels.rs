@@ -3,8 +3,8 @@
 
 use proptest::prelude::*;
 use weightdiff::checkpoint::dtype::DType;
+use weightdiff::checkpoint::dtype::encode;
 use weightdiff::kernels::{check_agreement, fast, is_f32_domain, reference};
-use weightdiff::synthetic::encode;
 
 const LENGTHS: &[usize] = &[
     0, 1, 2, 15, 16, 17, 511, 1023, 1024, 1025, 4095, 4096, 4097, 10007,
@@ -32,7 +32,7 @@ fn bytes_of(d: DType, v: &[f64]) -> Vec<u8> {
             .iter()
             .flat_map(|x| ((x * 1e3) as i16).to_le_bytes())
             .collect(),
-        _ => encode(d, v),
+        _ => encode(d, v).expect("a float dtype"),
     }
 }
 
@@ -124,7 +124,10 @@ fn nan_and_inf_are_counted_and_excluded_from_sums() {
 fn values_that_overflow_f32_squares_are_summed_in_f64() {
     let x = vec![3e38f64, -3e38, 1.0];
     let y = vec![-3e38f64, 3e38, 1.0];
-    let (a, b) = (encode(DType::F32, &x), encode(DType::F32, &y));
+    let (a, b) = (
+        encode(DType::F32, &x).unwrap(),
+        encode(DType::F32, &y).unwrap(),
+    );
     assert_agree(&a, DType::F32, &b, DType::F32, "overflow");
     let f = fast::diff(&a, DType::F32, &b, DType::F32, 0.0);
     assert!(f.sum_d2.is_finite() && f.sum_d2 > 1e77);

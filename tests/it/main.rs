@@ -19,6 +19,7 @@
 //! - `interop`: Python's safetensors/numpy recompute our metrics independently
 //! - `peft`: the architecture matrix: adapters of tiny transformers models loaded by real PEFT
 
+mod architecture;
 mod bad_inputs;
 mod common;
 mod conventions;

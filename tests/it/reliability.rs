@@ -301,7 +301,7 @@ fn a_second_run_into_the_same_directory_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let pair = build_pair(&demo_spec(), &dir.path().join("pair")).unwrap();
     let out = dir.path().join("out");
-    let _held = weightdiff::report::lock_output_dir(&out).unwrap();
+    let _held = weightdiff::fsio::lock_output_dir(&out).unwrap();
     weightdiff()
         .args(["compare", "-o"])
         .arg(&out)

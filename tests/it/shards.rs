@@ -2,6 +2,7 @@
 //! aside), for several N including more shards than tensors; bad sets of parts are refused.
 
 use crate::common::*;
+use predicates::prelude::PredicateBooleanExt;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use weightdiff::synthetic::{build_pair, demo_spec};
@@ -157,4 +158,29 @@ fn incomplete_duplicated_or_mismatched_parts_are_refused() {
         .arg(&pair.finetuned)
         .assert()
         .code(2);
+}
+
+#[test]
+fn a_part_whose_factor_dtype_was_edited_is_refused_naming_the_tensor() {
+    let dir = tempfile::tempdir().unwrap();
+    let pair = build_pair(&demo_spec(), &dir.path().join("pair")).unwrap();
+    let p = |name: &str| dir.path().join(name);
+    run(&["--shard", "0/2"], &pair, &p("a0"));
+    run(&["--shard", "1/2"], &pair, &p("a1"));
+    // Every extracted module's factor dtype, edited from a float to an integer type.
+    let mut edited = 0;
+    for part in ["a0", "a1"] {
+        let path = p(part).join("part.json");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let new = text.replace("\"dtype\": \"BF16\"", "\"dtype\": \"I8\"");
+        edited += usize::from(new != text);
+        std::fs::write(&path, new).unwrap();
+    }
+    assert!(edited > 0, "the demo's parts hold extracted factors");
+    merge(&[p("a0"), p("a1")], &p("out"))
+        .code(2)
+        .stderr(predicates::str::contains("part.json"))
+        .stderr(predicates::str::contains("factor dtype I8"))
+        .stderr(predicates::str::contains("tensor `model.layers."))
+        .stderr(predicates::str::contains("panicked").not());
 }

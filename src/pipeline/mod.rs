@@ -9,6 +9,8 @@
 //! A tensor that fails (unreadable bytes, unsupported dtype, `--verify` disagreement)
 //! gets an entry in `errors`; the others go on.
 
+pub mod plan;
+
 use crate::checkpoint::Checkpoint;
 use crate::checkpoint::dtype::{DType, decode_f64};
 use crate::checkpoint::shard::Window;
@@ -24,7 +26,7 @@ use crate::lowrank::extract::{Factors, Target};
 use crate::lowrank::{self, DeltaRows, LowRankOptions, RankRule, TensorSpectrum};
 use crate::pairing::{self, TensorPair, natural_cmp};
 use crate::peft::{self, ModelFacts, Profile};
-use crate::shards::Shard;
+use plan::Shard;
 use rayon::prelude::*;
 use regex::Regex;
 use std::collections::BTreeMap;
@@ -261,7 +263,7 @@ fn prepare_side(base: &Checkpoint, ft: &Checkpoint, opts: &CompareOptions) -> Si
                 (p.name.as_str(), compared_elements(p) * (sa + sb) as u64)
             })
             .collect();
-        let owner = crate::shards::assign(&items, sh.count);
+        let owner = plan::assign(&items, sh.count);
         selected = selected
             .into_iter()
             .zip(owner)

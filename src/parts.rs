@@ -1,20 +1,19 @@
 //! Splitting one comparison across processes (`compare --shard I/N`) and merging the
 //! parts (`merge`) into exactly the outputs a single run writes.
 //!
-//! Assignment: pairs are sorted by size (bytes of both sides, largest first) then name,
-//! and each goes to the shard with the fewest bytes so far (ties to the lower index).
-//! This balances bytes, and depends only on names and sizes, never on the order of the
-//! index or the files. A part is `part.json` (the comparison of its tensors, the
+//! Which tensors a shard compares is the pipeline's plan ([`crate::pipeline::plan`]). A
+//! part is `part.json` (the comparison of its tensors, the
 //! low-rank parts, a fingerprint of inputs and options) plus `part.safetensors` (LoRA
 //! factors in f64 and tensors that may be saved whole).
 
 use crate::checkpoint::dtype::DType;
 use crate::comparison::{Comparison, ExtractedModule, ModuleKind, SCHEMA_VERSION, SavedTensor};
-use crate::error::{Error, Result};
+use crate::error::{Error, PartError, Result};
+use crate::fsio::{to_json, write_atomic};
 use crate::lowrank::extract::Factors;
 use crate::peft::adapter::{AdapterTensor, safetensors_bytes};
+pub use crate::pipeline::plan::Shard;
 use crate::pipeline::{LoraOptions, LoraParts};
-use crate::report::{to_json, write_atomic};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -22,57 +21,6 @@ use std::path::{Path, PathBuf};
 /// File names of a part.
 pub const PART_JSON: &str = "part.json";
 pub const PART_TENSORS: &str = "part.safetensors";
-
-/// Shard `index` (0-based) of `count`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Shard {
-    pub index: usize,
-    pub count: usize,
-}
-
-impl std::str::FromStr for Shard {
-    type Err = String;
-    /// Parses `I/N` with 0 ≤ I < N (SLURM's `--array=0-(N-1)` task ids).
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        let (i, n) = s
-            .split_once('/')
-            .ok_or_else(|| format!("`{s}` is not I/N"))?;
-        let index: usize = i
-            .trim()
-            .parse()
-            .map_err(|_| format!("`{i}` is not a shard index"))?;
-        let count: usize = n
-            .trim()
-            .parse()
-            .map_err(|_| format!("`{n}` is not a shard count"))?;
-        if count == 0 || index >= count {
-            return Err(format!("shard {index}/{count}: need 0 <= I < N"));
-        }
-        Ok(Shard { index, count })
-    }
-}
-
-impl std::fmt::Display for Shard {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}", self.index, self.count)
-    }
-}
-
-/// The shard of each item, given (name, bytes), by the rule of the module docs.
-pub fn assign(items: &[(&str, u64)], count: usize) -> Vec<usize> {
-    let mut order: Vec<usize> = (0..items.len()).collect();
-    order.sort_by(|&a, &b| items[b].1.cmp(&items[a].1).then(items[a].0.cmp(items[b].0)));
-    let mut load = vec![0u64; count];
-    let mut out = vec![0; items.len()];
-    for i in order {
-        let s = (0..count)
-            .min_by_key(|&s| (load[s], s))
-            .expect("count >= 1");
-        load[s] += items[i].1;
-        out[i] = s;
-    }
-    out
-}
 
 #[derive(Serialize, Deserialize)]
 struct ExtractedMeta {
@@ -140,7 +88,7 @@ pub fn write_part(
     c: &Comparison,
     lora: Option<(&LoraOptions, &LoraParts)>,
 ) -> Result<Vec<PathBuf>> {
-    crate::report::create_output_dir(dir)?;
+    crate::fsio::create_output_dir(dir)?;
     let mut tensors = Vec::new();
     let lora = lora.map(|(opts, p)| {
         for e in &p.extracted {
@@ -222,20 +170,16 @@ pub fn write_part(
     let tpath = dir.join(PART_TENSORS);
     write_atomic(&tpath, &safetensors_bytes(&tensors))?;
     let jpath = dir.join(PART_JSON);
-    let json = serde_json::to_value(&part)
-        .map_err(|e| Error::InvalidOption(format!("cannot serialize part: {e}")))?;
-    write_atomic(&jpath, &to_json(&json))?;
+    write_atomic(&jpath, &to_json(&part))?;
     Ok(vec![jpath, tpath])
 }
 
 fn read_f64(ck: &crate::Checkpoint, key: &str, len: usize, part: &Path) -> Result<Vec<f64>> {
-    let bad = |why: String| Error::InvalidOption(format!("{}: {why}", part.display()));
-    let e = ck
-        .tensors()
-        .get(key)
-        .ok_or_else(|| bad(format!("`{key}` missing from {PART_TENSORS}")))?;
+    let path = part.join(PART_TENSORS);
+    let bad = |why: &str| Error::from(PartError::tensor(&path, key, why));
+    let e = ck.tensors().get(key).ok_or_else(|| bad("missing"))?;
     if e.dtype.as_ref().ok() != Some(&DType::F64) || e.numel() as usize != len {
-        return Err(bad(format!("`{key}` has the wrong dtype or size")));
+        return Err(bad(&format!("not F64 of {len} elements")));
     }
     let w = ck.read(e, 0, e.nbytes())?;
     Ok(w.chunks_exact(8)
@@ -252,7 +196,7 @@ struct Part {
 
 fn read_part(dir: &Path) -> Result<Part> {
     let jpath = dir.join(PART_JSON);
-    let value = crate::checkpoint::read_json(&jpath)?;
+    let value = crate::fsio::read_json(&jpath)?;
     let file: PartFile = serde_json::from_value(value).map_err(|e| Error::InvalidJson {
         path: jpath.clone(),
         reason: format!("not a weightdiff part: {e}"),
@@ -263,6 +207,19 @@ fn read_part(dir: &Path) -> Result<Part> {
             let ck = crate::Checkpoint::open(&dir.join(PART_TENSORS))?;
             let mut extracted = Vec::new();
             for e in &l.extracted {
+                // The adapter stores factors in a float dtype; anything else is a part
+                // edited by hand, refused here rather than met by the writer.
+                if !e.dtype.is_writable_float() {
+                    return Err(PartError::tensor(
+                        &jpath,
+                        &e.tensor,
+                        format!(
+                            "factor dtype {} is not one weightdiff writes (BF16, F16, F32, F64)",
+                            e.dtype
+                        ),
+                    )
+                    .into());
+                }
                 let a = read_f64(&ck, &format!("A/{}", e.tensor), e.rank * e.n, dir)?;
                 let b = read_f64(&ck, &format!("B/{}", e.tensor), e.m * e.rank, dir)?;
                 extracted.push(ExtractedModule {
@@ -286,7 +243,7 @@ fn read_part(dir: &Path) -> Result<Part> {
             for t in &l.candidates {
                 let key = format!("saved/{}", t.key);
                 let entry = ck.tensors().get(&key).ok_or_else(|| {
-                    Error::InvalidOption(format!("{}: `{key}` missing", dir.display()))
+                    Error::from(PartError::tensor(dir.join(PART_TENSORS), &key, "missing"))
                 })?;
                 candidates.push(SavedTensor {
                     key: t.key.clone(),
@@ -328,10 +285,12 @@ fn read_part(dir: &Path) -> Result<Part> {
 /// Reads and checks the parts, and combines them into the comparison (with its LoRA
 /// report) that a single run over all tensors produces.
 pub fn merge(dirs: &[PathBuf]) -> Result<Comparison> {
-    let refuse = |why: String| Error::InvalidOption(format!("cannot merge: {why}"));
     if dirs.is_empty() {
-        return Err(refuse("no part directories given".into()));
+        return Err(Error::InvalidOption(
+            "merge needs at least one part directory".into(),
+        ));
     }
+    let refuse = |dir: &Path, why: String| Error::from(PartError::new(dir.join(PART_JSON), why));
     let parts = dirs
         .iter()
         .map(|d| read_part(d))
@@ -341,24 +300,30 @@ pub fn merge(dirs: &[PathBuf]) -> Result<Comparison> {
     let mut seen: BTreeMap<usize, &Path> = BTreeMap::new();
     for p in &parts {
         if p.file.fingerprint != first.file.fingerprint {
-            return Err(refuse(format!(
-                "{} was made from other inputs or options than {}.\n  {}: {}\n  {}: {}",
-                p.dir.display(),
-                first.dir.display(),
-                first.dir.display(),
-                first.file.description,
-                p.dir.display(),
-                p.file.description
-            )));
+            return Err(refuse(
+                &p.dir,
+                format!(
+                    "{} was made from other inputs or options than {}.\n  {}: {}\n  {}: {}",
+                    p.dir.display(),
+                    first.dir.display(),
+                    first.dir.display(),
+                    first.file.description,
+                    p.dir.display(),
+                    p.file.description
+                ),
+            ));
         }
         if p.file.shard.count != count {
-            return Err(refuse(format!(
-                "{} is shard {} but {} is shard {}",
-                p.dir.display(),
-                p.file.shard,
-                first.dir.display(),
-                first.file.shard
-            )));
+            return Err(refuse(
+                &p.dir,
+                format!(
+                    "{} is shard {} but {} is shard {}",
+                    p.dir.display(),
+                    p.file.shard,
+                    first.dir.display(),
+                    first.file.shard
+                ),
+            ));
         }
         let lo = |x: &Part| {
             x.lora
@@ -366,19 +331,25 @@ pub fn merge(dirs: &[PathBuf]) -> Result<Comparison> {
                 .map(|(o, _)| serde_json::to_string(o).unwrap_or_default())
         };
         if lo(p) != lo(first) {
-            return Err(refuse(format!(
-                "{} and {} were run with different LoRA options",
-                p.dir.display(),
-                first.dir.display()
-            )));
+            return Err(refuse(
+                &p.dir,
+                format!(
+                    "{} and {} were run with different LoRA options",
+                    p.dir.display(),
+                    first.dir.display()
+                ),
+            ));
         }
         if let Some(other) = seen.insert(p.file.shard.index, &p.dir) {
-            return Err(refuse(format!(
-                "shard {} appears twice ({} and {})",
-                p.file.shard,
-                other.display(),
-                p.dir.display()
-            )));
+            return Err(refuse(
+                &p.dir,
+                format!(
+                    "shard {} appears twice ({} and {})",
+                    p.file.shard,
+                    other.display(),
+                    p.dir.display()
+                ),
+            ));
         }
     }
     let missing: Vec<String> = (0..count)
@@ -386,7 +357,10 @@ pub fn merge(dirs: &[PathBuf]) -> Result<Comparison> {
         .map(|i| format!("{i}/{count}"))
         .collect();
     if !missing.is_empty() {
-        return Err(refuse(format!("missing shard(s) {}", missing.join(", "))));
+        return Err(refuse(
+            &first.dir,
+            format!("missing shard(s) {}", missing.join(", ")),
+        ));
     }
 
     let mut c = first.file.comparison.clone();
@@ -418,44 +392,4 @@ pub fn merge(dirs: &[PathBuf]) -> Result<Comparison> {
         c.lora = Some(crate::pipeline::assemble_lora(&c, &opts, lp));
     }
     Ok(c)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn assignment_balances_bytes_and_ignores_input_order() {
-        let items = [("a", 100), ("b", 60), ("c", 50), ("d", 40), ("e", 10)];
-        let s = assign(&items, 2);
-        let load = |k| {
-            items
-                .iter()
-                .zip(&s)
-                .filter(|(_, x)| **x == k)
-                .map(|(i, _)| i.1)
-                .sum::<u64>()
-        };
-        assert_eq!((load(0), load(1)), (140, 120));
-        let mut rev = items;
-        rev.reverse();
-        let r = assign(&rev, 2);
-        for (i, item) in items.iter().enumerate() {
-            let j = rev.iter().position(|x| x.0 == item.0).unwrap();
-            assert_eq!(s[i], r[j], "{}", item.0);
-        }
-        assert_eq!(
-            assign(&items, 9).iter().filter(|&&x| x >= 5).count(),
-            0,
-            "more shards than items: some stay empty"
-        );
-    }
-
-    #[test]
-    fn shard_specs_parse() {
-        assert_eq!("2/3".parse::<Shard>(), Ok(Shard { index: 2, count: 3 }));
-        assert!("3/3".parse::<Shard>().is_err());
-        assert!("0/0".parse::<Shard>().is_err());
-        assert!("x".parse::<Shard>().is_err());
-    }
 }
