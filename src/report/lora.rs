@@ -240,12 +240,10 @@ pub fn write_lora_outputs(r: &LoraReport, dir: &Path) -> Result<(Vec<PathBuf>, L
     // it were the whole fine-tune. `lora_analysis.json` says what is missing.
     if !r.complete() {
         // Nor leaves one of an earlier run beside the new analysis.
-        for stale in [
-            dir.join(EXTRACTED_WEIGHTS),
-            dir.join(LORA_METADATA_JSON),
-            dir.join(ADAPTER_DIR).join(ADAPTER_MODEL),
-            dir.join(ADAPTER_DIR).join(ADAPTER_CONFIG),
-        ] {
+        let stale_files = super::outputs::of(super::outputs::Stage::LowRank)
+            .filter(|o| o.name != LORA_ANALYSIS_JSON)
+            .map(|o| o.path(dir));
+        for stale in stale_files {
             match std::fs::remove_file(&stale) {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
                     return Err(Error::io(&stale, "cannot remove the stale output", e));

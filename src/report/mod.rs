@@ -6,6 +6,7 @@ pub mod config;
 pub mod html;
 pub mod json;
 pub mod lora;
+pub mod outputs;
 pub mod summary;
 pub mod text;
 pub mod trajectory;
@@ -13,6 +14,7 @@ pub mod trajectory;
 use crate::comparison::Comparison;
 use crate::error::{Error, Result};
 use crate::fsio::{to_json, write_atomic};
+use outputs::{Place, Stage};
 use std::path::{Path, PathBuf};
 
 /// File names of SPEC §4 (comparison part).
@@ -30,19 +32,11 @@ pub const TRAJECTORY_TXT: &str = "trajectory.txt";
 pub fn write_comparison_reports(c: &Comparison, dir: &Path, top: usize) -> Result<Vec<PathBuf>> {
     std::fs::create_dir_all(dir)
         .map_err(|e| Error::io(dir, "cannot create output directory", e))?;
-    let outputs: [(&str, Vec<u8>); 4] = [
-        (DIFFERENCE_TXT, text::render(c, top).into_bytes()),
-        (WEIGHT_DIFFERENCES_JSON, to_json(&json::render(c))),
-        (CONFIG_COMPARISON_JSON, to_json(&config::render(c))),
-        (
-            ARCHITECTURE_COMPARISON_JSON,
-            to_json(&architecture::render(c)),
-        ),
-    ];
     let mut written = Vec::new();
-    for (name, bytes) in outputs {
-        let path = dir.join(name);
-        write_atomic(&path, &bytes)?;
+    for o in outputs::of(Stage::Diff) {
+        let render = o.render.expect("every diff output has a renderer");
+        let path = o.path(dir);
+        write_atomic(&path, &render(c, top))?;
         written.push(path);
     }
     let docs = match &c.lora {
@@ -105,13 +99,15 @@ fn read_report_json(path: &Path) -> Result<Option<serde_json::Value>> {
 /// the LoRA stage ran, its documents.
 fn load_recorded(dir: &Path) -> Result<(Comparison, Option<lora::LoraDocs>)> {
     let wd_path = dir.join(WEIGHT_DIFFERENCES_JSON);
-    let wd = read_report_json(&wd_path)?.ok_or_else(|| Error::NotAModel {
-        path: dir.to_path_buf(),
-        reason: format!(
-            "no {WEIGHT_DIFFERENCES_JSON} here: not the output directory of `weightdiff compare`"
-        ),
-    })?;
-    let c = json::parse(&wd, &wd_path)?;
+    if !wd_path.exists() {
+        return Err(Error::NotAModel {
+            path: dir.to_path_buf(),
+            reason: format!(
+                "no {WEIGHT_DIFFERENCES_JSON} here: not the output directory of `weightdiff compare`"
+            ),
+        });
+    }
+    let c = json::WeightDifferences::read(&wd_path)?.into_comparison();
     let docs = match read_report_json(&dir.join(lora::LORA_ANALYSIS_JSON))? {
         Some(analysis) => Some(lora::LoraDocs {
             analysis,
@@ -147,24 +143,20 @@ fn render_recorded(
     docs: Option<&lora::LoraDocs>,
     top: usize,
 ) -> Result<Vec<PathBuf>> {
-    let diff = dir.join(DIFFERENCE_TXT);
-    write_atomic(&diff, text::render(c, top).as_bytes())?;
-    // The files a `compare` run writes, in its order, as far as they are still here.
-    let present: Vec<PathBuf> = [
-        DIFFERENCE_TXT,
-        WEIGHT_DIFFERENCES_JSON,
-        CONFIG_COMPARISON_JSON,
-        ARCHITECTURE_COMPARISON_JSON,
-        lora::LORA_ANALYSIS_JSON,
-        lora::EXTRACTED_WEIGHTS,
-    ]
-    .iter()
-    .map(|n| dir.join(n))
-    .chain([lora::ADAPTER_MODEL, lora::ADAPTER_CONFIG].map(|n| dir.join(lora::ADAPTER_DIR).join(n)))
-    .chain([dir.join(lora::LORA_METADATA_JSON)])
-    .filter(|p| p.exists())
-    .collect();
-    let mut written = vec![diff];
+    // The diff's files rendered again (`difference.txt`), then the pages, which list the
+    // files a `compare` run writes, in its order, as far as they are still here.
+    let mut written = Vec::new();
+    for o in outputs::of(Stage::Diff).filter(|o| o.regenerated) {
+        let render = o.render.expect("every diff output has a renderer");
+        let path = o.path(dir);
+        write_atomic(&path, &render(c, top))?;
+        written.push(path);
+    }
+    let present: Vec<PathBuf> = outputs::of(Stage::Diff)
+        .chain(outputs::of(Stage::LowRank))
+        .map(|o| o.path(dir))
+        .filter(|p| p.exists())
+        .collect();
     written.extend(write_pages(c, docs, dir, top, present)?);
     Ok(written)
 }
@@ -238,29 +230,16 @@ pub fn write_trajectory(dir: &Path, cs: &[Comparison], labels: &[String]) -> Res
     Ok(vec![json_path, txt_path, html_path])
 }
 
-/// Every file name a run may write at the top of its output directory. A run owns these
+/// Every file name a run may write at the top of its output directory ([`outputs`]). A run owns these
 /// names there: [`remove_stale`] deletes the ones it did not write this time, so a
 /// directory never holds two runs. Other files (the user's, the journal, the lock) are
 /// never touched.
-pub const OWNED_FILES: &[&str] = &[
-    DIFFERENCE_TXT,
-    WEIGHT_DIFFERENCES_JSON,
-    CONFIG_COMPARISON_JSON,
-    ARCHITECTURE_COMPARISON_JSON,
-    COMPARISON_REPORT_TXT,
-    html::REPORT_HTML,
-    lora::LORA_ANALYSIS_JSON,
-    lora::LORA_METADATA_JSON,
-    lora::EXTRACTED_WEIGHTS,
-    TRAJECTORY_JSON,
-    TRAJECTORY_TXT,
-    trajectory::TRAJECTORY_HTML,
-    crate::parts::PART_JSON,
-    crate::parts::PART_TENSORS,
-];
+pub fn owned_files() -> impl Iterator<Item = &'static str> {
+    outputs::at(Place::Top).map(|o| o.name)
+}
 
 /// Removes from `dir` the outputs of an earlier run that this run (which wrote
-/// `written`) did not write again: the [`OWNED_FILES`], `lora_adapter/`'s two files (and
+/// `written`) did not write again: the [`owned_files`], `lora_adapter/`'s two files (and
 /// the directory when that leaves it empty), and the per-model directories of an earlier
 /// run of several fine-tunes (a subdirectory holding `weight_differences.json` beside a
 /// `trajectory.json`), emptied of owned files the same way. `keep` names files left alone whatever (a merge keeps
@@ -269,7 +248,7 @@ pub fn remove_stale(dir: &Path, written: &[PathBuf], keep: &[&str]) -> Result<Ve
     let mut removed = Vec::new();
     let written_here = |p: &Path| written.iter().any(|w| w == p || w.starts_with(p));
     let remove_owned = |d: &Path, removed: &mut Vec<PathBuf>| -> Result<()> {
-        for name in OWNED_FILES.iter().filter(|n| !keep.contains(n)) {
+        for name in owned_files().filter(|n| !keep.contains(n)) {
             let p = d.join(name);
             if !written_here(&p) && std::fs::symlink_metadata(&p).is_ok() {
                 std::fs::remove_file(&p).map_err(|e| Error::io(&p, "cannot remove", e))?;
@@ -278,8 +257,8 @@ pub fn remove_stale(dir: &Path, written: &[PathBuf], keep: &[&str]) -> Result<Ve
         }
         let adapter = d.join(lora::ADAPTER_DIR);
         if !written_here(&adapter) && adapter.is_dir() && !adapter.is_symlink() {
-            for name in [lora::ADAPTER_MODEL, lora::ADAPTER_CONFIG] {
-                let p = adapter.join(name);
+            for o in outputs::at(Place::Adapter) {
+                let p = o.path(d);
                 if std::fs::symlink_metadata(&p).is_ok() {
                     std::fs::remove_file(&p).map_err(|e| Error::io(&p, "cannot remove", e))?;
                 }
