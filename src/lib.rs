@@ -3,24 +3,30 @@
 //!
 //! # Overview
 //!
-//! Data flows one way:
+//! Data flows one way, bottom to top (ARCHITECTURE.md; `tests/it/architecture.rs`
+//! fails when a module uses one above it):
 //!
 //! ```text
-//! files ──checkpoint──▶ tensors ──pairing──▶ pairs ──kernels──▶ sums ──comparison──▶ metrics ──report──▶ files
+//! files ──checkpoint──▶ tensors ──pairing──▶ pairs ──pipeline (kernels, lowrank)──▶ comparison ──report──▶ files
 //! ```
 //!
-//! - [`checkpoint`]: resolves a model argument, validates safetensors headers and the
-//!   index, and hands out bounded windows onto tensor bytes (never a whole model).
+//! - [`error`], [`fsio`], [`rng`]: errors per rule; atomic writes, locks, bounded reads.
+//! - [`checkpoint`]: resolves a model argument, validates safetensors and PyTorch files
+//!   and the index, and hands out bounded windows onto tensor bytes (never a whole
+//!   model). [`hub`] resolves hub ids to a cache snapshot.
 //! - [`pairing`]: pairs tensors by name, infers wrapping prefixes, reports one-sided
 //!   names and shape/dtype mismatches.
-//! - [`kernels`]: the fast SIMD-friendly kernel and the scalar f64 reference.
-//! - [`comparison`]: the result types every report is rendered from.
-//! - [`pipeline`]: ties them together in parallel with bounded memory.
-//! - [`report`]: one renderer per output file, and the atomic writer.
-//! - [`relatedness`]: are the two a base and a derivative at all? (shared shapes, cosine)
+//! - [`kernels`]: the fast SIMD kernel and the scalar f64 reference.
 //! - [`lowrank`]: randomized SVD, merged-LoRA detection and LoRA factors.
-//! - [`journal`]: per-tensor results on disk, so a killed run can resume.
+//! - [`peft`]: the adapter policy, the adapter's contents and its writer.
+//! - [`comparison`]: the result types every report is rendered from.
+//! - [`relatedness`]: are the two a base and a derivative at all? (shared shapes, cosine)
 //! - [`synthetic`]: builds checkpoint pairs with known edits (tests, demo, benchmarks).
+//! - [`journal`]: per-tensor results on disk, so a killed run can resume.
+//! - [`pipeline`]: the plan and the parallel work with bounded memory.
+//! - [`parts`]: part files of a sharded run, and their merge.
+//! - [`report`]: one renderer per output file, and the registry of outputs.
+//! - [`jobs`]: one entry per subcommand, as the CLI runs them.
 //!
 //! # Example
 //!
