@@ -276,7 +276,7 @@ fn not_a_derivative(c: &Comparison, lora: bool, obs: &dyn Observer) -> bool {
     };
     obs.info(&format!(
         "{}: {}{}",
-        v.kind.replace('_', " "),
+        v.kind.as_str().replace('_', " "),
         v.reason.as_deref().unwrap_or(""),
         if lora {
             "; low-rank analysis and extraction skipped"
@@ -606,20 +606,21 @@ pub fn extract_lora(job: &ExtractJob, obs: &dyn Observer) -> Result<Outcome> {
     }
     let (mut written, verification) = during(
         || format!("cannot write the adapter into {}", out.display()),
-        report::lora::write_adapter(&lora, out, None),
+        peft::adapter::write_adapter(&lora, out, None),
     )?;
-    for (name, body) in [
+    let docs = [
         (
             report::lora::LORA_METADATA_JSON,
-            report::lora::metadata(&lora, &verification),
+            fsio::to_json(&report::lora::metadata(&lora, &verification)),
         ),
         (
             report::lora::LORA_ANALYSIS_JSON,
-            report::lora::analysis(&lora),
+            fsio::to_json(&report::lora::analysis(&lora)),
         ),
-    ] {
+    ];
+    for (name, bytes) in docs {
         let p = out.join(name);
-        fsio::write_atomic(&p, &fsio::to_json(&body))?;
+        fsio::write_atomic(&p, &bytes)?;
         written.push(p);
     }
     for (name, e) in c.errors.iter().chain(&lora.errors) {

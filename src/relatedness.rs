@@ -17,7 +17,7 @@
 
 use crate::checkpoint::Checkpoint;
 use crate::comparison::{Comparison, Overlap};
-use crate::lowrank::detect::{Relation, Verdict, relation_verdict};
+use crate::lowrank::detect::{Relation, Verdict, VerdictKind, relation_verdict};
 use crate::pairing::{Pairing, TensorPair};
 use serde::Serialize;
 
@@ -68,7 +68,9 @@ pub fn overlap(base: &Checkpoint, ft: &Checkpoint, paired: &Pairing) -> Overlap 
 /// verdict is `unrelated` by cosine alone, which a merged LoRA larger than the weights
 /// also gives. The caller then runs the stage and [`settle`]s.
 pub fn needs_low_rank_evidence(c: &Comparison) -> bool {
-    assess(c).verdict.is_some_and(|v| v.kind == "unrelated")
+    assess(c)
+        .verdict
+        .is_some_and(|v| v.kind == VerdictKind::Unrelated)
 }
 
 /// Settles an `unrelated` verdict with the low-rank stage's: a merged LoRA makes the
@@ -78,7 +80,7 @@ pub fn settle(c: &mut Comparison) {
     let lora = c
         .lora
         .as_ref()
-        .is_some_and(|l| l.verdict.kind == "merged_lora");
+        .is_some_and(|l| l.verdict.kind == VerdictKind::MergedLora);
     c.overlap.low_rank_delta = lora;
     if !lora {
         c.lora = None;

@@ -23,7 +23,7 @@
 //! when every value is above the floor ([`is_full_spectrum`]) a LoRA of rank ≥ its size
 //! and a dense change look the same, so the verdict leaves it out.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 /// Singular values up to this multiple of the predicted rounding floor still count as
@@ -92,13 +92,47 @@ pub fn is_full_spectrum(s: &[f64], floor: f64, m: usize, n: usize) -> bool {
     full > 0 && s.len() == full && s.last().is_some_and(|&x| x > FLOOR_MARGIN * floor)
 }
 
+/// What the fine-tune is: `merged_lora`, `full_finetune`, `unchanged` or `mixed` from
+/// the low-rank stage; before it, `unrelated`, `different_architecture` or
+/// `nothing_compared` when the two are not a base and a derivative ([`relation_verdict`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VerdictKind {
+    MergedLora,
+    FullFinetune,
+    Unchanged,
+    Mixed,
+    Unrelated,
+    DifferentArchitecture,
+    NothingCompared,
+}
+
+impl VerdictKind {
+    /// The name the reports and the JSON use (`merged_lora`, …).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VerdictKind::MergedLora => "merged_lora",
+            VerdictKind::FullFinetune => "full_finetune",
+            VerdictKind::Unchanged => "unchanged",
+            VerdictKind::Mixed => "mixed",
+            VerdictKind::Unrelated => "unrelated",
+            VerdictKind::DifferentArchitecture => "different_architecture",
+            VerdictKind::NothingCompared => "nothing_compared",
+        }
+    }
+}
+
+impl std::fmt::Display for VerdictKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// The overall verdict of `lora_analysis.json`, or of the relatedness check that comes
 /// before it ([`relation_verdict`]).
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Verdict {
-    /// `merged_lora`, `full_finetune`, `unchanged` or `mixed`; before the low-rank stage,
-    /// `unrelated`, `different_architecture` or `nothing_compared` (see [`relation_verdict`]).
-    pub kind: &'static str,
+    pub kind: VerdictKind,
     /// The LoRA rank (the most common detected rank), for `merged_lora` and `mixed`.
     pub rank: Option<usize>,
     /// Leaf module names whose deltas are low-rank.
@@ -151,7 +185,7 @@ pub fn relation_verdict(r: &Relation<'_>) -> Option<Verdict> {
     };
     if r.compared == 0 && r.paired == 0 && r.shape_mismatches > 0 {
         return Some(v(
-            "different_architecture",
+            VerdictKind::DifferentArchitecture,
             1.0,
             format!(
                 "no tensor pairs with an equal shape: the {} names both have differ in shape",
@@ -174,11 +208,11 @@ pub fn relation_verdict(r: &Relation<'_>) -> Option<Verdict> {
         } else {
             "no tensor was compared".to_string()
         };
-        return Some(v("nothing_compared", 1.0, why));
+        return Some(v(VerdictKind::NothingCompared, 1.0, why));
     }
     if let Some((a, b)) = r.model_types {
         return Some(v(
-            "different_architecture",
+            VerdictKind::DifferentArchitecture,
             1.0,
             format!("the configs name different model types: {a} and {b}"),
         ));
@@ -186,7 +220,7 @@ pub fn relation_verdict(r: &Relation<'_>) -> Option<Verdict> {
     let share = r.names_share.min(r.parameters_share);
     if share < MIN_PAIRED_SHARE {
         return Some(v(
-            "different_architecture",
+            VerdictKind::DifferentArchitecture,
             1.0 - share,
             format!(
                 "only {:.0} % of the tensors and {:.0} % of the parameters pair with equal shapes",
@@ -197,7 +231,7 @@ pub fn relation_verdict(r: &Relation<'_>) -> Option<Verdict> {
     }
     match r.cosine {
         Some(cos) if cos < MIN_RELATED_COSINE => Some(v(
-            "unrelated",
+            VerdictKind::Unrelated,
             1.0 - cos.max(0.0),
             format!(
                 "the paired weights are uncorrelated: parameter-weighted cosine similarity {cos:.3}, \
@@ -224,7 +258,7 @@ pub const VERDICT_SHARE: f64 = 0.9;
 pub fn verdict(modified: &[Evidence<'_>]) -> Verdict {
     if modified.is_empty() {
         return Verdict {
-            kind: "unchanged",
+            kind: VerdictKind::Unchanged,
             rank: None,
             target_modules: Vec::new(),
             confidence: 1.0,
@@ -258,7 +292,7 @@ pub fn verdict(modified: &[Evidence<'_>]) -> Verdict {
     if !matrices.is_empty() && share >= VERDICT_SHARE && others == 0 {
         let agree = mode.map_or(0, |r| ranks[&r]) as f64 / modified.len() as f64;
         Verdict {
-            kind: "merged_lora",
+            kind: VerdictKind::MergedLora,
             rank: mode,
             target_modules: modules,
             confidence: agree,
@@ -267,7 +301,7 @@ pub fn verdict(modified: &[Evidence<'_>]) -> Verdict {
     } else if share <= 1.0 - VERDICT_SHARE {
         let consistent = (matrices.len() - low.len() + others) as f64 / modified.len() as f64;
         Verdict {
-            kind: "full_finetune",
+            kind: VerdictKind::FullFinetune,
             rank: None,
             target_modules: Vec::new(),
             confidence: consistent,
@@ -275,7 +309,7 @@ pub fn verdict(modified: &[Evidence<'_>]) -> Verdict {
         }
     } else {
         Verdict {
-            kind: "mixed",
+            kind: VerdictKind::Mixed,
             rank: mode,
             target_modules: modules,
             confidence: share.max(1.0 - share),
@@ -340,13 +374,16 @@ mod tests {
             model_types: None,
         };
         let kind = |r: Relation| relation_verdict(&r).map(|v| v.kind);
-        assert_eq!(kind(r(0, 1.0, None)), Some("nothing_compared"));
-        assert_eq!(kind(r(3, 0.1, Some(1.0))), Some("different_architecture"));
-        assert_eq!(kind(r(10, 1.0, Some(0.01))), Some("unrelated"));
+        assert_eq!(kind(r(0, 1.0, None)), Some(VerdictKind::NothingCompared));
+        assert_eq!(
+            kind(r(3, 0.1, Some(1.0))),
+            Some(VerdictKind::DifferentArchitecture)
+        );
+        assert_eq!(kind(r(10, 1.0, Some(0.01))), Some(VerdictKind::Unrelated));
         assert_eq!(kind(r(10, 1.0, Some(0.999))), None);
         let mut bert_albert = r(10, 1.0, Some(0.999));
         bert_albert.model_types = Some(("bert", "albert"));
-        assert_eq!(kind(bert_albert), Some("different_architecture"));
+        assert_eq!(kind(bert_albert), Some(VerdictKind::DifferentArchitecture));
     }
 
     #[test]
@@ -361,23 +398,26 @@ mod tests {
             ev("v_proj", Some(8)),
             ev("q_proj", Some(8)),
         ]);
-        assert_eq!((v.kind, v.rank), ("merged_lora", Some(8)));
+        assert_eq!((v.kind, v.rank), (VerdictKind::MergedLora, Some(8)));
         assert_eq!(v.target_modules, ["q_proj", "v_proj"]);
         assert_eq!(v.confidence, 1.0);
         assert_eq!(
             verdict(&[ev("q_proj", None), ev("up_proj", None)]).kind,
-            "full_finetune"
+            VerdictKind::FullFinetune
         );
         assert_eq!(
             verdict(&[ev("q_proj", Some(4)), ev("up_proj", None)]).kind,
-            "mixed"
+            VerdictKind::Mixed
         );
-        assert_eq!(verdict(&[]).kind, "unchanged");
+        assert_eq!(verdict(&[]).kind, VerdictKind::Unchanged);
         let norm = Evidence {
             module: "norm",
             is_matrix: false,
             detected_rank: None,
         };
-        assert_eq!(verdict(&[ev("q_proj", Some(4)), norm]).kind, "mixed");
+        assert_eq!(
+            verdict(&[ev("q_proj", Some(4)), norm]).kind,
+            VerdictKind::Mixed
+        );
     }
 }

@@ -10,12 +10,14 @@
 //! PEFT matches them as regexes against module names.
 
 use super::{LoraReport, ModuleKind};
-use crate::checkpoint::dtype::DType;
-use crate::checkpoint::dtype::encode;
-use crate::error::{Error, Result};
+use crate::checkpoint::dtype::{DType, encode};
+use crate::error::{Error, Result, ShardError};
+use crate::fsio::{to_json, write_atomic};
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 use std::borrow::Cow;
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 
 /// One tensor of the adapter file.
 pub struct AdapterTensor {
@@ -197,5 +199,80 @@ pub fn config(r: &LoraReport) -> Value {
         "layers_to_transform": null,
         "layers_pattern": null,
         "revision": r.base_revision,
+    })
+}
+
+/// The adapter's weights file, inside the adapter directory.
+pub const ADAPTER_MODEL: &str = "adapter_model.safetensors";
+/// PEFT's `adapter_config.json`.
+pub const ADAPTER_CONFIG: &str = "adapter_config.json";
+
+/// What reloading a written adapter found (`lora_metadata.json` → `verification`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Verification {
+    pub reloaded: bool,
+    pub tensors_checked: usize,
+}
+
+/// Writes the adapter into `adapter_dir`, reloads it and checks every key, shape,
+/// dtype and byte against what was meant to be written (so the residuals measured on
+/// the rounded factors are those of the file). Returns the paths and the verification.
+/// `also` receives a copy of `adapter_model.safetensors` (`extracted_lora_weights.safetensors`).
+pub fn write_adapter(
+    r: &LoraReport,
+    adapter_dir: &Path,
+    also: Option<&Path>,
+) -> Result<(Vec<PathBuf>, Verification)> {
+    crate::fsio::create_output_dir(adapter_dir)?;
+    let tensors = tensors(r)?;
+    let bytes = safetensors_bytes(&tensors);
+    let model = adapter_dir.join(ADAPTER_MODEL);
+    write_atomic(&model, &bytes)?;
+    let config_path = adapter_dir.join(ADAPTER_CONFIG);
+    write_atomic(&config_path, &to_json(&config(r)))?;
+    let verification = verify(&model, &tensors)?;
+    let mut written = vec![model, config_path];
+    if let Some(p) = also {
+        write_atomic(p, &bytes)?;
+        written.insert(0, p.to_path_buf());
+    }
+    Ok((written, verification))
+}
+
+fn verify(path: &Path, expected: &[AdapterTensor]) -> Result<Verification> {
+    let ck = crate::Checkpoint::open(path)?;
+    let fail = |why: String| {
+        Error::from(ShardError::new(
+            path,
+            format!("verification after writing failed: {why}"),
+        ))
+    };
+    if ck.tensors().len() != expected.len() {
+        return Err(fail(format!(
+            "{} tensors read back, {} written",
+            ck.tensors().len(),
+            expected.len()
+        )));
+    }
+    for t in expected {
+        let e = ck
+            .tensors()
+            .get(&t.key)
+            .ok_or_else(|| fail(format!("`{}` missing", t.key)))?;
+        if e.shape != t.shape || e.dtype.as_ref().ok() != Some(&t.dtype) {
+            return Err(fail(format!(
+                "`{}` has shape {:?} {}",
+                t.key,
+                e.shape,
+                e.dtype_name()
+            )));
+        }
+        if ck.read(e, 0, e.nbytes())?[..] != t.bytes[..] {
+            return Err(fail(format!("`{}` bytes differ", t.key)));
+        }
+    }
+    Ok(Verification {
+        reloaded: true,
+        tensors_checked: expected.len(),
     })
 }

@@ -124,6 +124,16 @@ pub enum Profile {
     Vllm,
 }
 
+impl Profile {
+    /// The name on the command line and in the JSON (`peft`, `vllm`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Profile::Peft => "peft",
+            Profile::Vllm => "vllm",
+        }
+    }
+}
+
 impl std::str::FromStr for Profile {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {

@@ -9,6 +9,7 @@ use super::summary::{
 };
 use super::{fmt_bytes, fmt_seconds, sci};
 use crate::comparison::{Comparison, TensorMetrics};
+use crate::lowrank::TensorSpectrum;
 use crate::pairing::{layer_index, module_type};
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -116,33 +117,32 @@ fn summary(s: &mut String, c: &Comparison, lora: Option<&LoraDocs>) {
     }
     let _ = writeln!(s, "</div>");
     if let Some(v) = &related.verdict {
-        let v = serde_json::to_value(v).expect("a verdict serializes");
         let _ = writeln!(
             s,
             "<div class=\"verdict\" id=\"verdict\" data-kind=\"{}\"><b>Verdict:</b> {} \
              The low-rank analysis and the adapter were skipped.</div>",
-            esc(v["kind"].as_str().unwrap_or("")),
-            esc(&verdict_sentence(&v))
+            v.kind,
+            esc(&verdict_sentence(v))
         );
     } else if let Some(docs) = lora {
-        let v = &docs.analysis["verdict"];
+        let v = &docs.analysis.verdict;
         let _ = writeln!(
             s,
             "<div class=\"verdict\" id=\"verdict\" data-kind=\"{}\"><b>LoRA verdict:</b> {}",
-            esc(v["kind"].as_str().unwrap_or("")),
+            v.kind,
             esc(&verdict_sentence(v))
         );
         if let Some(m) = &docs.metadata {
-            let n = m["modules"].as_object().map_or(0, |o| o.len());
+            let n = m.modules.0.len();
             if n > 0 {
                 let _ = write!(
                     s,
                     " Extracted {n} modules as a PEFT adapter (<code>lora_adapter/</code>, default rank {}), mean relative reconstruction error {}.",
-                    m["default_rank"],
-                    sci(m["mean_residual_stored"].as_f64().unwrap_or(0.0), 2)
+                    m.default_rank,
+                    sci(m.mean_residual_stored.unwrap_or(0.0), 2)
                 );
-                if let Some(caveat) = metadata_kept_share(c, m)
-                    .and_then(|kept| low_rank_caveat(kept, &m["default_rank"]))
+                if let Some(caveat) =
+                    metadata_kept_share(c, m).and_then(|kept| low_rank_caveat(kept, m.default_rank))
                 {
                     let _ = write!(s, " <b>{}</b>", esc(&caveat));
                 }
@@ -438,18 +438,16 @@ fn heatmap(s: &mut String, c: &Comparison) {
 /// Singular values of the most modified analysed tensors, log scale, with the rounding
 /// noise floor and the detected rank.
 fn spectra(s: &mut String, c: &Comparison, docs: &LoraDocs) {
-    let Some(tensors) = docs.analysis["tensors"].as_object() else {
-        return;
-    };
+    let tensors = docs.analysis.tensors.map();
     // The most modified analysed tensor of each module type, most modified first: one
     // panel per kind of change (a LoRA'd q_proj and a fully tuned down_proj look unlike).
     let mut seen: Vec<String> = Vec::new();
-    let mut chosen: Vec<(&str, &Value)> = Vec::new();
+    let mut chosen: Vec<(&str, &TensorSpectrum)> = Vec::new();
     for (n, _) in c.top_modified(usize::MAX) {
-        let Some(t) = tensors.get(n) else { continue };
-        let has_values = t["singular_values"]
-            .as_array()
-            .is_some_and(|a| a.iter().any(|x| x.as_f64().is_some_and(|x| x > 0.0)));
+        let Some(t) = tensors.get(n).copied() else {
+            continue;
+        };
+        let has_values = t.singular_values.iter().any(|&x| x > 0.0);
         let module = module_type(n);
         if has_values && !seen.contains(&module) {
             seen.push(module);
@@ -476,15 +474,10 @@ fn spectra(s: &mut String, c: &Comparison, docs: &LoraDocs) {
     );
 }
 
-fn spectrum_plot(s: &mut String, name: &str, t: &Value) {
-    let sv: Vec<f64> = t["singular_values"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|x| x.as_f64())
-        .collect();
-    let floor = t["noise_floor"].as_f64().filter(|f| *f > 0.0);
-    let rank = t["detected_rank"].as_u64();
+fn spectrum_plot(s: &mut String, name: &str, t: &TensorSpectrum) {
+    let sv: &[f64] = &t.singular_values;
+    let floor = Some(t.noise_floor).filter(|f| *f > 0.0);
+    let rank = t.detected_rank.map(|r| r as u64);
     let positive = sv.iter().copied().filter(|x| *x > 0.0);
     let hi = positive
         .clone()
@@ -576,7 +569,7 @@ fn json_num(v: Option<f64>) -> Value {
 /// without scripts), all of them as JSON for the script, which sorts by any column,
 /// filters by name and shows more rows on demand.
 fn table(s: &mut String, c: &Comparison, lora: Option<&LoraDocs>, top: usize) {
-    let ranks = lora.and_then(|d| d.analysis["tensors"].as_object());
+    let ranks = lora.map(|d| d.analysis.tensors.map());
     let _ = writeln!(
         s,
         "<h2>All tensors</h2>\n<p class=\"note\">The {top} most modified are marked ★. Click a column to sort; \
@@ -612,8 +605,9 @@ fn table(s: &mut String, c: &Comparison, lora: Option<&LoraDocs>, top: usize) {
     let mut data: Vec<Value> = Vec::with_capacity(c.results.len());
     for (i, (name, m)) in rows.enumerate() {
         let detected = ranks
+            .as_ref()
             .and_then(|t| t.get(name))
-            .and_then(|t| t["detected_rank"].as_u64());
+            .and_then(|t| t.detected_rank);
         let star = i < top && m.is_modified();
         let shape = format!("{:?}", m.shape);
         let numel = m.shape.iter().product::<usize>();

@@ -111,6 +111,13 @@ impl<T> Default for Named<T> {
     }
 }
 
+impl<T> Named<T> {
+    /// Name → entry, for lookups.
+    pub fn map(&self) -> std::collections::HashMap<&str, &T> {
+        self.0.iter().map(|(k, v)| (k.as_str(), v)).collect()
+    }
+}
+
 impl<T: Serialize> Serialize for Named<T> {
     fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
         let mut m = s.serialize_map(Some(self.0.len()))?;

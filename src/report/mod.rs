@@ -14,6 +14,7 @@ pub mod trajectory;
 use crate::comparison::Comparison;
 use crate::error::{Error, Result};
 use crate::fsio::{to_json, write_atomic};
+use crate::lowrank::detect::Verdict;
 use outputs::{Place, Stage};
 use std::path::{Path, PathBuf};
 
@@ -81,7 +82,7 @@ pub fn regenerate(dir: &Path, top: usize) -> Result<Vec<PathBuf>> {
 }
 
 /// A JSON report in an output directory; `Ok(None)` when it is not there.
-fn read_report_json(path: &Path) -> Result<Option<serde_json::Value>> {
+fn read_report_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Option<T>> {
     let bytes = match std::fs::read(path) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -120,9 +121,12 @@ fn load_recorded(dir: &Path) -> Result<(Comparison, Option<lora::LoraDocs>)> {
     // write), or that go with models which are not a base and a derivative, are not it.
     let docs = docs.filter(|d| {
         let modified = c.modified();
-        let same_run = d.analysis["tensors"]
-            .as_object()
-            .is_none_or(|t| t.keys().all(|k| modified.contains(&k.as_str())));
+        let same_run = d
+            .analysis
+            .tensors
+            .0
+            .iter()
+            .all(|(k, _)| modified.contains(&k.as_str()));
         if !same_run {
             tracing::warn!(
                 dir = %dir.display(),
@@ -171,7 +175,7 @@ pub fn regenerate_trajectory(dir: &Path, top: usize) -> Result<Vec<PathBuf>> {
         .as_array()
         .map(|a| a.iter().filter_map(|v| v.as_str()).collect())
         .unwrap_or_default();
-    let mut found: Vec<(usize, String, Comparison, Option<serde_json::Value>)> = Vec::new();
+    let mut found: Vec<(usize, String, Comparison, Option<Verdict>)> = Vec::new();
     let mut written = Vec::new();
     let entries = std::fs::read_dir(dir).map_err(|e| Error::io(dir, "cannot list", e))?;
     for e in entries.filter_map(|e| e.ok()) {
@@ -182,8 +186,8 @@ pub fn regenerate_trajectory(dir: &Path, top: usize) -> Result<Vec<PathBuf>> {
         let (c, docs) = load_recorded(&sub)?;
         written.extend(render_recorded(&sub, &c, docs.as_ref(), top)?);
         let verdict = match crate::relatedness::assess(&c).verdict {
-            Some(v) => Some(serde_json::to_value(v).expect("verdict serializes")),
-            None => docs.map(|d| d.analysis["verdict"].clone()),
+            Some(v) => Some(v),
+            None => docs.map(|d| d.analysis.verdict),
         };
         let rank = order
             .iter()
@@ -194,7 +198,7 @@ pub fn regenerate_trajectory(dir: &Path, top: usize) -> Result<Vec<PathBuf>> {
     }
     found.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
     let labels: Vec<String> = found.iter().map(|f| f.1.clone()).collect();
-    let verdicts: Vec<Option<serde_json::Value>> = found.iter().map(|f| f.3.clone()).collect();
+    let verdicts: Vec<Option<Verdict>> = found.iter().map(|f| f.3.clone()).collect();
     let cs: Vec<Comparison> = found.into_iter().map(|f| f.2).collect();
     let page = dir.join(trajectory::TRAJECTORY_HTML);
     write_atomic(
@@ -212,14 +216,12 @@ pub fn write_trajectory(dir: &Path, cs: &[Comparison], labels: &[String]) -> Res
     write_atomic(&json_path, &to_json(&trajectory::render(cs)))?;
     let txt_path = dir.join(TRAJECTORY_TXT);
     write_atomic(&txt_path, trajectory::render_text(cs).as_bytes())?;
-    let verdicts: Vec<Option<serde_json::Value>> = cs
+    let verdicts: Vec<Option<Verdict>> = cs
         .iter()
         .map(|c| {
             crate::relatedness::assess(c)
                 .verdict
-                .as_ref()
-                .or(c.lora.as_ref().map(|l| &l.verdict))
-                .map(|v| serde_json::to_value(v).expect("verdict serializes"))
+                .or_else(|| c.lora.as_ref().map(|l| l.verdict.clone()))
         })
         .collect();
     let html_path = dir.join(trajectory::TRAJECTORY_HTML);

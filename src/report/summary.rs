@@ -1,8 +1,9 @@
 //! `comparison_report.txt`: what changed, where, how much, and what was written.
 
-use super::lora::LoraDocs;
+use super::lora::{LoraDocs, LoraMetadata};
 use super::{fmt_bytes, fmt_opt, sci};
 use crate::comparison::Comparison;
+use crate::lowrank::detect::{Verdict, VerdictKind};
 use crate::pairing::{layer_index, module_type};
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -300,8 +301,7 @@ fn relatedness_section(w: &mut String, r: &crate::relatedness::Relatedness) {
     }
     match &r.verdict {
         Some(v) => {
-            let v = serde_json::to_value(v).expect("a verdict serializes");
-            let _ = writeln!(w, "{}", verdict_sentence(&v));
+            let _ = writeln!(w, "{}", verdict_sentence(v));
             let _ = writeln!(
                 w,
                 "The low-rank analysis and extraction were skipped: a LoRA verdict or adapter would be meaningless here."
@@ -372,8 +372,8 @@ pub fn run_summary(c: &Comparison, out: &std::path::Path) -> Vec<String> {
                 .iter()
                 .map(|e| (e.tensor.as_str(), e.factors.residual_stored)),
         );
-        let rank = serde_json::json!(crate::peft::adapter::default_rank(l));
-        if let Some(caveat) = kept.and_then(|k| low_rank_caveat(k, &rank)) {
+        let rank = crate::peft::adapter::default_rank(l);
+        if let Some(caveat) = kept.and_then(|k| low_rank_caveat(k, rank)) {
             lines.push(caveat);
         }
     }
@@ -400,7 +400,7 @@ pub fn adapter_kept_share<'a>(
 }
 
 /// The caveat of an adapter that keeps less than half of the change it stands for.
-pub fn low_rank_caveat(kept: f64, rank: &serde_json::Value) -> Option<String> {
+pub fn low_rank_caveat(kept: f64, rank: usize) -> Option<String> {
     (kept < 0.5).then(|| {
         format!(
             "This fine-tune is not low-rank: the rank-{rank} adapter keeps {:.0} % of ‖Δ‖ \
@@ -411,55 +411,44 @@ pub fn low_rank_caveat(kept: f64, rank: &serde_json::Value) -> Option<String> {
 }
 
 /// [`adapter_kept_share`] of the modules a `lora_metadata.json` lists.
-pub(crate) fn metadata_kept_share(c: &Comparison, m: &serde_json::Value) -> Option<f64> {
-    let modules = m["modules"].as_object()?;
+pub(crate) fn metadata_kept_share(c: &Comparison, m: &LoraMetadata) -> Option<f64> {
     adapter_kept_share(
         c,
-        modules.values().filter_map(|e| {
-            Some((
-                e["tensor"].as_str()?,
-                e["residual_stored"].as_f64().or(e["residual"].as_f64())?,
-            ))
-        }),
+        m.modules
+            .0
+            .iter()
+            .map(|(_, e)| (e.tensor.as_str(), e.residual_stored)),
     )
 }
 
 /// The verdict in words, from `lora_analysis.json`'s `verdict`.
-pub(crate) fn verdict_sentence(v: &serde_json::Value) -> String {
-    let rank = v["rank"]
-        .as_u64()
-        .map_or("?".to_string(), |r| r.to_string());
-    let modules = v["target_modules"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|m| m.as_str())
-                .collect::<Vec<_>>()
-                .join(", ")
-        })
-        .unwrap_or_default();
-    let confidence = v["confidence"].as_f64().unwrap_or(0.0);
-    let reason = v["reason"].as_str().unwrap_or("");
-    match v["kind"].as_str().unwrap_or("") {
-        "merged_lora" => format!(
+pub(crate) fn verdict_sentence(v: &Verdict) -> String {
+    let rank = v.rank.map_or("?".to_string(), |r| r.to_string());
+    let modules = v.target_modules.join(", ");
+    let confidence = v.confidence;
+    let reason = v.reason.as_deref().unwrap_or("");
+    match v.kind {
+        VerdictKind::MergedLora => format!(
             "The fine-tune looks like a merged LoRA of rank {rank} on {modules} (confidence {confidence:.2})."
         ),
-        "full_finetune" => format!(
+        VerdictKind::FullFinetune => format!(
             "The fine-tune looks like a full fine-tune: its deltas are not low-rank (confidence {confidence:.2})."
         ),
-        "mixed" => format!(
+        VerdictKind::Mixed => format!(
             "The fine-tune mixes low-rank deltas (rank {rank}) on {modules} with other changes (confidence {confidence:.2})."
         ),
-        "unrelated" => format!(
+        VerdictKind::Unrelated => format!(
             "These are not a base and its fine-tune: they share an architecture but not their weights; {reason}."
         ),
-        "different_architecture" => format!(
+        VerdictKind::DifferentArchitecture => format!(
             "These are not a base and its fine-tune: they have different architectures; {reason}."
         ),
-        "nothing_compared" => {
+        VerdictKind::NothingCompared => {
             format!("Nothing was compared, so there is no verdict: {reason}.")
         }
-        _ => "The fine-tune is unchanged: no tensor differs beyond the threshold.".to_string(),
+        VerdictKind::Unchanged => {
+            "The fine-tune is unchanged: no tensor differs beyond the threshold.".to_string()
+        }
     }
 }
 
@@ -467,58 +456,56 @@ fn lora_section(w: &mut String, c: &Comparison, docs: &LoraDocs) {
     let a = &docs.analysis;
     let _ = writeln!(w, "\nLoRA verdict");
     let _ = writeln!(w, "------------");
-    let _ = writeln!(w, "{}", verdict_sentence(&a["verdict"]));
-    let empty = serde_json::Map::new();
-    let tensors = a["tensors"].as_object().unwrap_or(&empty);
-    let low = tensors
-        .values()
-        .filter(|s| s["detected_rank"].is_u64())
+    let _ = writeln!(w, "{}", verdict_sentence(&a.verdict));
+    let low = a
+        .tensors
+        .0
+        .iter()
+        .filter(|(_, s)| s.detected_rank.is_some())
         .count();
     let _ = writeln!(
         w,
         "{low} of {} analysed matrices have a clear rank cliff above the storage rounding floor.",
-        tensors.len()
+        a.tensors.0.len()
     );
     if let Some(m) = &docs.metadata {
-        let modules = m["modules"].as_object().map_or(0, |o| o.len());
+        let modules = m.modules.0.len();
         if modules > 0 {
             let _ = writeln!(
                 w,
                 "Extracted {modules} modules as a PEFT adapter (default rank {}), mean relative reconstruction error {}.",
-                m["default_rank"],
-                sci(m["mean_residual_stored"].as_f64().unwrap_or(0.0), 3)
+                m.default_rank,
+                sci(m.mean_residual_stored.unwrap_or(0.0), 3)
             );
             if let Some(caveat) =
-                metadata_kept_share(c, m).and_then(|kept| low_rank_caveat(kept, &m["default_rank"]))
+                metadata_kept_share(c, m).and_then(|kept| low_rank_caveat(kept, m.default_rank))
             {
                 let _ = writeln!(w, "{caveat}");
             }
             let _ = writeln!(
                 w,
                 "Adapter task type: {} (profile {}).",
-                m["task_type"].as_str().unwrap_or("none"),
-                m["profile"].as_str().unwrap_or("peft")
+                m.task_type.map_or("none", |t| t.as_str()),
+                m.profile.as_str()
             );
         }
-        for n in m["notes"].as_array().into_iter().flatten() {
-            let _ = writeln!(w, "note: {}", n.as_str().unwrap_or("?"));
+        for n in &m.notes {
+            let _ = writeln!(w, "note: {n}");
         }
     }
     // Not extracted, grouped by reason: one line per reason, not per tensor.
     let mut by_reason: Vec<(&str, Vec<String>)> = Vec::new();
-    for s in a["skipped"].as_array().into_iter().flatten() {
-        let reason = s["reason"].as_str().unwrap_or("?");
-        let name = s["tensor"].as_str().unwrap_or("?").to_string();
-        match by_reason.iter_mut().find(|(r, _)| *r == reason) {
-            Some((_, v)) => v.push(name),
-            None => by_reason.push((reason, vec![name])),
+    for s in &a.skipped {
+        match by_reason.iter_mut().find(|(r, _)| *r == s.reason) {
+            Some((_, v)) => v.push(s.tensor.clone()),
+            None => by_reason.push((&s.reason, vec![s.tensor.clone()])),
         }
     }
     for (reason, names) in by_reason {
         let _ = writeln!(w, "not extracted: {reason}: {}", summarise_names(&names));
     }
-    for (n, e) in a["errors"].as_object().into_iter().flatten() {
-        let _ = writeln!(w, "analysis error: {n}: {}", e.as_str().unwrap_or("?"));
+    for (n, e) in &a.errors {
+        let _ = writeln!(w, "analysis error: {n}: {e}");
     }
 }
 
@@ -529,10 +516,13 @@ mod tests {
     #[test]
     fn every_verdict_reads_as_a_sentence() {
         let v = |kind: &str| {
-            verdict_sentence(&serde_json::json!({
-                "kind": kind, "rank": 8, "target_modules": ["q_proj"], "confidence": 0.9,
-                "reason": "the paired weights are uncorrelated"
-            }))
+            verdict_sentence(
+                &serde_json::from_value(serde_json::json!({
+                    "kind": kind, "rank": 8, "target_modules": ["q_proj"], "confidence": 0.9,
+                    "reason": "the paired weights are uncorrelated"
+                }))
+                .unwrap(),
+            )
         };
         assert_eq!(
             v("merged_lora"),

@@ -5,6 +5,7 @@
 use super::html::{REPORT_HTML, STYLE, Scale, esc, short};
 use super::sci;
 use crate::comparison::{Comparison, SCHEMA_VERSION};
+use crate::lowrank::detect::Verdict;
 use crate::pairing::layer_index;
 use serde_json::{Map, Value, json};
 use std::collections::BTreeMap;
@@ -124,7 +125,7 @@ fn group_relative_diffs(c: &Comparison) -> (Option<f64>, BTreeMap<Option<usize>,
 /// given: a table linking each checkpoint's own `report.html` (in `dirs[i]`), the
 /// whole-model relative diff as a line, and relative diff by layer × checkpoint.
 /// `verdicts[i]` is the `verdict` of checkpoint i's `lora_analysis.json`, when it has one.
-pub fn render_html(cs: &[Comparison], dirs: &[String], verdicts: &[Option<Value>]) -> String {
+pub fn render_html(cs: &[Comparison], dirs: &[String], verdicts: &[Option<Verdict>]) -> String {
     let mut s = String::with_capacity(32 * 1024);
     let base = cs.first().map_or(String::new(), |c| c.base.describe());
     let _ = write!(
@@ -154,12 +155,9 @@ pub fn render_html(cs: &[Comparison], dirs: &[String], verdicts: &[Option<Value>
         let verdict = verdicts
             .get(i)
             .and_then(Option::as_ref)
-            .map_or("–".to_string(), |v| {
-                match (v["kind"].as_str(), v["rank"].as_u64()) {
-                    (Some(k), Some(r)) => format!("{k} (rank {r})"),
-                    (Some(k), None) => k.to_string(),
-                    _ => "–".to_string(),
-                }
+            .map_or("–".to_string(), |v| match v.rank {
+                Some(r) => format!("{} (rank {r})", v.kind),
+                None => v.kind.to_string(),
             });
         let dir = dirs.get(i).map_or("", String::as_str);
         let _ = writeln!(

@@ -132,7 +132,7 @@ fn detects_the_planted_rank_on_every_targeted_tensor() {
                 s.noise_floor
             );
         }
-        assert_eq!(l.verdict.kind, "merged_lora");
+        assert_eq!(l.verdict.kind.as_str(), "merged_lora");
         assert_eq!(l.verdict.rank, Some(rank));
         let mut want: Vec<&str> = modules.to_vec();
         want.sort();
@@ -160,7 +160,10 @@ fn detects_the_rank_of_a_delta_larger_than_the_weights_in_every_float_dtype() {
                     s.noise_floor
                 );
             }
-            assert_eq!((l.verdict.kind, l.verdict.rank), ("merged_lora", Some(8)));
+            assert_eq!(
+                (l.verdict.kind.as_str(), l.verdict.rank),
+                ("merged_lora", Some(8))
+            );
         }
     }
 }
@@ -179,7 +182,7 @@ fn a_dense_noise_finetune_is_a_full_finetune() {
     let pair = build_pair(&spec, dir.path()).unwrap();
     let c = run(&pair, &LoraOptions::default());
     let l = c.lora.unwrap();
-    assert_eq!(l.verdict.kind, "full_finetune");
+    assert_eq!(l.verdict.kind.as_str(), "full_finetune");
     assert!(l.spectra.iter().all(|(_, s)| s.detected_rank.is_none()));
 }
 
