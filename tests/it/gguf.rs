@@ -285,13 +285,79 @@ fn the_name_maps_agree_with_gguf_pys_tensor_name_map() {
             .iter()
             .map(|p| (p.hf.clone(), p.gguf.clone()))
             .collect();
-        let hf_names: Vec<&String> = pairs.keys().collect();
+        ours.insert(arch, pairs);
+    }
+    // The stacked-expert tensors, under the merged HF names the converter gives them
+    // before renaming (conversion/llama.py for Mixtral, conversion/qwen.py for Qwen MoE).
+    // The per-expert names are the ones those converters read (`ename`).
+    for (arch, merged, gguf, expert1) in [
+        (
+            "llama",
+            "layers.0.feed_forward.experts.w1.weight",
+            "blk.0.ffn_gate_exps.weight",
+            "model.layers.0.block_sparse_moe.experts.1.w1.weight",
+        ),
+        (
+            "llama",
+            "layers.0.feed_forward.experts.w3.weight",
+            "blk.0.ffn_up_exps.weight",
+            "model.layers.0.block_sparse_moe.experts.1.w3.weight",
+        ),
+        (
+            "llama",
+            "layers.0.feed_forward.experts.w2.weight",
+            "blk.0.ffn_down_exps.weight",
+            "model.layers.0.block_sparse_moe.experts.1.w2.weight",
+        ),
+        (
+            "qwen3moe",
+            "model.layers.0.mlp.experts.gate_proj.weight",
+            "blk.0.ffn_gate_exps.weight",
+            "model.layers.0.mlp.experts.1.gate_proj.weight",
+        ),
+        (
+            "qwen3moe",
+            "model.layers.0.mlp.experts.up_proj.weight",
+            "blk.0.ffn_up_exps.weight",
+            "model.layers.0.mlp.experts.1.up_proj.weight",
+        ),
+        (
+            "qwen3moe",
+            "model.layers.0.mlp.experts.down_proj.weight",
+            "blk.0.ffn_down_exps.weight",
+            "model.layers.0.mlp.experts.1.down_proj.weight",
+        ),
+        (
+            "qwen2moe",
+            "model.layers.0.mlp.experts.gate_proj.weight",
+            "blk.0.ffn_gate_exps.weight",
+            "model.layers.0.mlp.experts.1.gate_proj.weight",
+        ),
+    ] {
+        let ours_expert = names::map_tensors(
+            Some(arch),
+            &hp,
+            &[GgufTensor {
+                name: gguf.to_string(),
+                ggml_type: GgmlType::F32,
+                dims: vec![4, 4, 2],
+                offset: 0,
+                nbytes: 0,
+            }],
+        );
+        assert_eq!(ours_expert.pairs.len(), 2, "{arch} {gguf}");
+        assert_eq!(ours_expert.pairs[1].hf, expert1);
+        ours.get_mut(arch)
+            .unwrap()
+            .insert(merged.to_string(), gguf.to_string());
+    }
+    for arch in archs {
+        let hf_names: Vec<&String> = ours[arch].keys().collect();
         std::fs::write(
             dir.path().join(format!("names_{arch}.json")),
             serde_json::to_string(&hf_names).unwrap(),
         )
         .unwrap();
-        ours.insert(arch, pairs);
     }
     fixtures("names", dir.path());
     let theirs: BTreeMap<String, BTreeMap<String, Option<String>>> = serde_json::from_str(
@@ -479,6 +545,47 @@ fn hostile_gguf_files_give_clean_errors_naming_the_file_and_tensor() {
         assert!(msg.contains("hostile.gguf"), "{what}: {msg}");
         for n in needles {
             assert!(msg.contains(n), "{what}: `{n}` not in: {msg}");
+        }
+    }
+}
+
+/// Opens `bytes` as a GGUF file and, when it opens, maps its names and decodes every
+/// tensor: the outcome may be any error, never a panic.
+fn open_and_read_all(dir: &Path, bytes: &[u8]) {
+    let path = dir.join("mutated.gguf");
+    std::fs::write(&path, bytes).unwrap();
+    let Ok(f) = GgufFile::open(&path) else {
+        return;
+    };
+    let _ = names::map_file(&f);
+    for t in f.tensors() {
+        let bs = weightdiff::checkpoint::gguf::block_size(t.ggml_type);
+        let mut out = vec![0f32; (t.n_blocks() as usize).min(64) * bs];
+        let _ = f.read_blocks(t, 0, &mut Vec::new(), &mut out);
+    }
+}
+
+#[test]
+fn truncated_and_mutated_gguf_py_files_never_panic() {
+    if !ready() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    fixtures("hostile", dir.path());
+    fixtures("models", dir.path());
+    for name in ["base.gguf", "llama.gguf"] {
+        let bytes = std::fs::read(dir.path().join(name)).unwrap();
+        let header = GgufFile::open(dir.path().join(name)).unwrap().data_start() as usize;
+        for cut in 0..=header {
+            open_and_read_all(dir.path(), &bytes[..cut]);
+        }
+        // Every header byte set to 0x00, 0xFF and +1 in turn.
+        for at in 0..header {
+            for value in [0u8, 0xff, bytes[at].wrapping_add(1)] {
+                let mut m = bytes.clone();
+                m[at] = value;
+                open_and_read_all(dir.path(), &m);
+            }
         }
     }
 }
