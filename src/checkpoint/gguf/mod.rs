@@ -32,6 +32,23 @@
 //! [`GgufError`] naming the file (and the tensor where there is one), never a panic or
 //! an allocation larger than the file. Data is read later, by range
 //! ([`GgufFile::read_bytes`], [`GgufFile::read_blocks`]).
+//!
+//! # Plugging into the encoding seam
+//!
+//! - Registry: [`recognise`] on a file's first bytes; weight files are `*.gguf` (a split
+//!   model, `NAME-00001-of-0000N.gguf`, is N complete GGUF files, each with its own tensors
+//!   and `split.*` keys).
+//! - A logical tensor is a [`GgufTensor`]: HF-order [`GgufTensor::shape`], one stored part
+//!   (the blocks carry their own scales). Windows are whole rows, so whole blocks: rows
+//!   `r0..r1` are blocks `r0·b..r1·b` with `b =` [`GgufTensor::blocks_per_row`], decoded by
+//!   [`GgufFile::read_blocks`] into a reused f32 buffer.
+//! - Pairing: [`names::map_file`] gives each GGUF tensor its HF name(s) and the
+//!   [`names::Transform`]s to undo, in order: an expert slice selects whole rows of the
+//!   stacked tensor, the Q/K permutation needs windows of whole heads
+//!   ([`names::Transform::row_granularity`]), the Gemma offset is element-wise, truncated
+//!   embedding rows compare with the first rows of the HF tensor only.
+//! - Errors: [`GgufError`] converts into `crate::error::Error::Gguf`; an undecodable type
+//!   is an error of that tensor alone ([`GgufError::Dequant`]), raised when it is read.
 
 pub mod names;
 pub mod quant;
@@ -404,6 +421,10 @@ impl GgufTensor {
     /// Elements per row (`dims[0]`; 1 for a 0-dimensional tensor).
     pub fn row_len(&self) -> u64 {
         self.dims.first().copied().unwrap_or(1)
+    }
+    /// Blocks per row (rows hold whole blocks, checked at open).
+    pub fn blocks_per_row(&self) -> u64 {
+        self.row_len() / block_size(self.ggml_type) as u64
     }
     /// Number of blocks.
     pub fn n_blocks(&self) -> u64 {
@@ -1131,6 +1152,7 @@ mod tests {
         assert_eq!(b.dims, vec![8, 2]);
         assert_eq!(b.shape(), vec![2, 8]);
         assert_eq!(b.nbytes, 64);
+        assert_eq!((b.blocks_per_row(), b.n_blocks()), (8, 16));
         assert_eq!(b.offset, f.data_start() + 32);
         let mut raw = Vec::new();
         let mut out = vec![1f32; 16];

@@ -34,7 +34,13 @@
 //! original and are listed as GGUF-only. An architecture without a map pairs tensors by
 //! their GGUF names, with a warning.
 //!
-//! # Transforms (checked in llama.cpp's `conversion/` modules of `convert_hf_to_gguf.py`)
+//! # Transforms
+//!
+//! Read in llama.cpp's converter, whose model classes now live in `conversion/*.py`
+//! (imported by `convert_hf_to_gguf.py`): `conversion/llama.py` (`LlamaModel`, at
+//! 7bca1fd), `conversion/qwen.py` and `conversion/gemma.py` (at 2bbcf7f),
+//! `conversion/phi.py` (at 7bca1fd); the name tables agree with gguf-py 0.19.0's
+//! `TensorNameMap` (tested in `tests/it/gguf.rs`).
 //!
 //! - **Q/K row permutation** (`LlamaModel.permute`, applied in `LlamaModel.modify_tensors`
 //!   to `q_proj.{weight,bias}` with `n_head` and `k_proj.{weight,bias}` with `n_kv_head`,

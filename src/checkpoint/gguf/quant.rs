@@ -39,9 +39,11 @@
 //! (`gguf.quants.dequantize`, the reference tested in `tests/it/gguf.rs`). f16 NaNs keep
 //! their payload, as numpy's conversion does.
 //!
-//! The grid-based types (IQ1_S, IQ1_M, IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S) and the
-//! integer/F64 types are known (their sizes are validated) but not decoded:
-//! [`dequantize`] returns [`DequantError::Unsupported`] naming the type.
+//! The grid-based types (IQ1_S, IQ1_M, IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S, whose
+//! codebooks are large tables), Q8_1 (ggml's activation format), Q1_0 (which gguf-py
+//! 0.19.0 cannot dequantize, so no reference to test against) and the integer/F64 types
+//! are known, so their sizes are validated, but not
+//! decoded: [`dequantize`] returns [`DequantError::Unsupported`] naming the type.
 //!
 //! # Speed
 //!
