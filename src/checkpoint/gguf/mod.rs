@@ -25,7 +25,9 @@
 //!
 //! [`GgufFile::open`] reads the header only, through bounded buffered reads, and checks
 //! before reading or allocating anything: every count, string length and array length
-//! against the bytes left in the file and in [`MAX_HEADER_BYTES`]; `n_dims` ≤ 4; each
+//! against the bytes left in the file and in [`MAX_HEADER_BYTES`] (and keys, tensors and
+//! nested arrays against their own limits, so that the parsed header takes memory of the
+//! order of its bytes); `n_dims` ≤ 4; each
 //! dimension, element count and byte size overflow-checked; the type known and the row
 //! a whole number of blocks; offsets aligned; every tensor's bytes inside the file; no
 //! two tensors overlapping; no duplicate key or tensor name. A hostile file gives a
@@ -80,6 +82,17 @@ pub const MAX_STRING_LEN: u64 = 16 << 20;
 
 /// How deep arrays may nest (gguf-py writes arrays of arrays; llama.cpp reads none).
 pub const MAX_ARRAY_DEPTH: usize = 3;
+
+/// Most metadata keys accepted (real files have a few dozen). Like the two limits below,
+/// it keeps the memory of a parsed header within a small multiple of its bytes: an entry
+/// takes 13 bytes on disk but about 80 in memory.
+pub const MAX_KEYS: u64 = 1 << 16;
+
+/// Most tensors accepted (the largest models have tens of thousands).
+pub const MAX_TENSORS: u64 = 1 << 20;
+
+/// Most arrays nested inside arrays, in the whole header.
+pub const MAX_NESTED_ARRAYS: u64 = 1 << 16;
 
 /// Largest alignment accepted (llama.cpp writes 32; anything near this is hostile).
 pub const MAX_ALIGNMENT: u64 = 1 << 20;
@@ -138,9 +151,11 @@ pub enum GgufError {
         what: String,
         limit: u64,
     },
-    /// A count or array length that the rest of the file cannot hold.
+    /// A count or array length that the rest of the file cannot hold, or above its limit
+    /// ([`MAX_KEYS`], [`MAX_TENSORS`], [`MAX_NESTED_ARRAYS`]).
     #[error(
-        "{}: GGUF {what} {count} is impossible: the {left} header bytes left hold at most {max}",
+        "{}: GGUF {what} {count} is impossible or too large: at most {max} (the {left} header \
+         bytes left and the limits allow no more)",
         path.display()
     )]
     CountTooLarge {
@@ -306,11 +321,44 @@ pub enum Array {
     I32(Vec<i32>),
     F32(Vec<f32>),
     Bool(Vec<bool>),
-    String(Vec<String>),
+    String(Strings),
     Array(Vec<Array>),
     U64(Vec<u64>),
     I64(Vec<i64>),
     F64(Vec<f64>),
+}
+
+/// An array of strings, stored as one buffer and the end of each string in it, so that it
+/// takes no more memory than its bytes on disk (a 256K-token vocabulary is one allocation).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Strings {
+    bytes: String,
+    ends: Vec<usize>,
+}
+
+impl Strings {
+    /// Number of strings.
+    pub fn len(&self) -> usize {
+        self.ends.len()
+    }
+    /// Whether there is none.
+    pub fn is_empty(&self) -> bool {
+        self.ends.is_empty()
+    }
+    /// String `i`.
+    pub fn get(&self, i: usize) -> Option<&str> {
+        let end = *self.ends.get(i)?;
+        let start = if i == 0 { 0 } else { self.ends[i - 1] };
+        Some(&self.bytes[start..end])
+    }
+    /// The strings in order.
+    pub fn iter(&self) -> impl Iterator<Item = &str> {
+        (0..self.len()).map(|i| self.get(i).expect("i < len"))
+    }
+    fn push(&mut self, s: &str) {
+        self.bytes.push_str(s);
+        self.ends.push(self.bytes.len());
+    }
 }
 
 impl Array {
@@ -673,6 +721,8 @@ struct Cursor<'p, R> {
     pos: u64,
     file_len: u64,
     path: &'p Path,
+    /// Arrays met inside arrays so far (bounded by [`MAX_NESTED_ARRAYS`]).
+    nested_arrays: u64,
 }
 
 impl<R: Read> Cursor<'_, R> {
@@ -741,6 +791,16 @@ impl<R: Read> Cursor<'_, R> {
     }
 
     fn string(&mut self, what: &dyn Fn() -> String) -> Result<String> {
+        let mut buf = Vec::new();
+        self.string_bytes(&mut buf, what)?;
+        String::from_utf8(buf).map_err(|_| GgufError::InvalidUtf8 {
+            path: self.path.to_path_buf(),
+            what: what(),
+        })
+    }
+
+    /// Reads one string's bytes into `buf` (cleared first), checked before allocating.
+    fn string_bytes(&mut self, buf: &mut Vec<u8>, what: &dyn Fn() -> String) -> Result<()> {
         let len = self.u64(what)?;
         if len > MAX_STRING_LEN {
             return Err(GgufError::StringTooLong {
@@ -751,18 +811,22 @@ impl<R: Read> Cursor<'_, R> {
             });
         }
         self.reserve(len, what)?;
-        let mut buf = vec![0u8; len as usize];
-        self.fill(&mut buf, what)?;
-        String::from_utf8(buf).map_err(|_| GgufError::InvalidUtf8 {
-            path: self.path.to_path_buf(),
-            what: what(),
-        })
+        buf.clear();
+        buf.resize(len as usize, 0);
+        self.fill(buf, what)
     }
 
-    /// Checks a count of items of at least `min_size` bytes each against the bytes left.
-    fn count(&self, count: u64, min_size: u64, what: &dyn Fn() -> String) -> Result<usize> {
+    /// Checks a count of items of at least `min_size` bytes each against the bytes left and
+    /// against `cap`.
+    fn count(
+        &self,
+        count: u64,
+        min_size: u64,
+        cap: u64,
+        what: &dyn Fn() -> String,
+    ) -> Result<usize> {
         let left = self.left();
-        let max = left / min_size;
+        let max = (left / min_size).min(cap);
         if count > max {
             return Err(GgufError::CountTooLarge {
                 path: self.path.to_path_buf(),
@@ -829,7 +893,12 @@ impl<R: Read> Cursor<'_, R> {
                 });
             }
         };
-        let n = self.count(len, min_size, &count_what)?;
+        let cap = if elem == 9 {
+            MAX_NESTED_ARRAYS - self.nested_arrays
+        } else {
+            u64::MAX
+        };
+        let n = self.count(len, min_size, cap, &count_what)?;
         macro_rules! fixed {
             ($variant:ident, $t:ty, $n:literal) => {{
                 let mut v = Vec::with_capacity(n);
@@ -855,16 +924,21 @@ impl<R: Read> Cursor<'_, R> {
                 Array::Bool(v)
             }
             8 => {
-                // Not preallocated: a String costs three words in memory, more than its
-                // 8-byte minimum on disk.
-                let mut v = Vec::new();
+                let mut v = Strings::default();
+                let mut buf = Vec::new();
                 for _ in 0..n {
-                    v.push(self.string(&what)?);
+                    self.string_bytes(&mut buf, &what)?;
+                    let s = std::str::from_utf8(&buf).map_err(|_| GgufError::InvalidUtf8 {
+                        path: self.path.to_path_buf(),
+                        what: what(),
+                    })?;
+                    v.push(s);
                 }
                 Array::String(v)
             }
             9 => {
-                let mut v = Vec::new();
+                self.nested_arrays += n as u64;
+                let mut v = Vec::with_capacity(n);
                 for _ in 0..n {
                     v.push(self.array_value(key, depth + 1)?);
                 }
@@ -883,6 +957,7 @@ fn parse_header(reader: impl Read, file_len: u64, path: &Path) -> Result<Header>
         pos: 0,
         file_len,
         path,
+        nested_arrays: 0,
     };
     let what = |s: &'static str| move || s.to_string();
     let magic: [u8; 4] = match c.array(&what("magic")) {
@@ -916,7 +991,7 @@ fn parse_header(reader: impl Read, file_len: u64, path: &Path) -> Result<Header>
     let kv_count = c.u64(&what("metadata count"))?;
     // A key-value pair takes at least 8 (key length) + 4 (type) + 1 bytes; a tensor info
     // 8 (name length) + 4 (n_dims) + 4 (type) + 8 (offset).
-    let kv_count = c.count(kv_count, 13, &what("metadata count"))?;
+    let kv_count = c.count(kv_count, 13, MAX_KEYS, &what("metadata count"))?;
     let mut metadata = Vec::new();
     let mut keys = HashMap::new();
     for i in 0..kv_count {
@@ -942,7 +1017,7 @@ fn parse_header(reader: impl Read, file_len: u64, path: &Path) -> Result<Header>
         }
     };
 
-    let tensor_count = c.count(tensor_count, 24, &what("tensor count"))?;
+    let tensor_count = c.count(tensor_count, 24, MAX_TENSORS, &what("tensor count"))?;
     struct Raw {
         name: String,
         dims: Vec<u64>,
@@ -1209,6 +1284,30 @@ mod tests {
         let mut b = Bytes::header(3, 0, 1);
         b.str("k").u32(9).u32(8).u64(1 << 40);
         assert!(err(&b).contains("array length"));
+    }
+
+    #[test]
+    fn counts_past_the_limits_are_refused_even_when_the_bytes_exist() {
+        let mut b = Bytes::header(3, 0, MAX_KEYS + 1);
+        b.zeros(13 * (MAX_KEYS as usize + 1));
+        assert!(err(&b).contains("too large"));
+        let mut b = Bytes::header(3, 0, 1);
+        b.str("k").u32(9).u32(9).u64(MAX_NESTED_ARRAYS + 1);
+        b.zeros(12 * (MAX_NESTED_ARRAYS as usize + 1));
+        assert!(err(&b).contains("too large"));
+    }
+
+    #[test]
+    fn string_arrays_read_back_in_order() {
+        let mut b = Bytes::header(3, 0, 1);
+        b.str("tokenizer.ggml.tokens").u32(9).u32(8).u64(3);
+        b.str("a").str("").str("ccc");
+        let f = b.open().unwrap();
+        let Some(Array::String(s)) = f.get_array("tokenizer.ggml.tokens") else {
+            panic!("not a string array");
+        };
+        assert_eq!(s.iter().collect::<Vec<_>>(), vec!["a", "", "ccc"]);
+        assert_eq!((s.len(), s.get(2), s.get(3)), (3, Some("ccc"), None));
     }
 
     #[test]
