@@ -1236,6 +1236,13 @@ mod tests {
     }
 
     #[test]
+    fn an_open_file_can_be_shared_by_worker_threads() {
+        // Reads are positioned (`read_exact_at`), so one `&GgufFile` serves every worker.
+        fn shared<T: Send + Sync>() {}
+        shared::<GgufFile>();
+    }
+
+    #[test]
     fn recognise_looks_at_the_magic_only() {
         assert!(recognise(b"GGUF\x03\0\0\0"));
         assert!(recognise(b"GGUF\0\0\0\x03"));
