@@ -33,3 +33,19 @@ for f in $(find ../tests/fixtures/torch -name '*.bin' -o -name '*.pt' -o -name '
   i=$((i + 1))
 done
 echo "$i seeds in fuzz/$corpus"
+
+# gguf_file: small GGUF files written by gguf-py (tests/python/gguf_fixtures.py, with the
+# test suite's Python: $WEIGHTDIFF_PYTHON, else target/test-venv): the hostile-test base,
+# tiny llama / gemma3 / qwen3moe conversions, and one tensor of every decodable type.
+corpus=corpus/gguf_file
+mkdir -p "$corpus"
+tmp=$(mktemp -d)
+python=${WEIGHTDIFF_PYTHON:-../target/test-venv/bin/python}
+for command in hostile models quants; do
+  "$python" ../tests/python/gguf_fixtures.py "$command" "$tmp"
+done
+for f in "$tmp"/*.gguf; do
+  cp "$f" "$corpus/$(basename "$f" .gguf)"
+done
+rm -rf "$tmp"
+echo "$(ls "$corpus" | wc -l) seeds in fuzz/$corpus"

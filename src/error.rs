@@ -114,6 +114,10 @@ pub enum Error {
     /// each other).
     #[error("invalid option: {0}")]
     InvalidOption(String),
+
+    /// A GGUF file failed validation, or one of its tensors cannot be read or decoded.
+    #[error(transparent)]
+    Gguf(#[from] crate::checkpoint::gguf::GgufError),
 }
 
 impl Error {

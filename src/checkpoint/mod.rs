@@ -9,6 +9,7 @@
 //! are resolved to such a directory by [`crate::hub`].
 
 pub mod dtype;
+pub mod gguf;
 pub mod index;
 pub mod layout;
 pub mod pickle;

@@ -18,11 +18,13 @@
 //! - `hub`: hub ids through a cache tree, offline refusal, downloads from a loopback hub
 //! - `interop`: Python's safetensors/numpy recompute our metrics independently
 //! - `peft`: the architecture matrix: adapters of tiny transformers models loaded by real PEFT
+//! - `gguf`: GGUF reader, dequantizers and name map against files gguf-py writes; hostile GGUFs
 
 mod architecture;
 mod bad_inputs;
 mod common;
 mod conventions;
+mod gguf;
 mod honest;
 mod html;
 mod hub;
