@@ -115,9 +115,12 @@ pub enum Error {
     #[error("invalid option: {0}")]
     InvalidOption(String),
 
-    /// A GGUF file failed validation, or one of its tensors cannot be read or decoded.
-    #[error(transparent)]
-    Gguf(#[from] crate::checkpoint::gguf::GgufError),
+    /// A file of a format with its own error type (GGUF, …) breaks that format's rules,
+    /// or one of its tensors cannot be read or decoded. The format's module implements
+    /// [`FormatError`] and `From<its error> for Error`; nothing here names it, so `error`
+    /// stays at the bottom of the data flow.
+    #[error("{0}")]
+    Format(Box<dyn FormatError>),
 }
 
 impl Error {
@@ -142,9 +145,19 @@ impl Error {
             Error::InvalidIndex { tensor, .. } => tensor.as_deref(),
             Error::Shared(e) => e.tensor(),
             Error::During { error, .. } => error.tensor(),
+            Error::Format(e) => e.tensor(),
             _ => None,
         }
     }
+}
+
+/// The error type of one file format's rules: it names the file and, when there is one,
+/// the tensor, and becomes an [`Error::Format`].
+pub trait FormatError: std::error::Error + Send + Sync + 'static {
+    /// The file.
+    fn path(&self) -> &std::path::Path;
+    /// The tensor concerned, if the problem is one tensor's.
+    fn tensor(&self) -> Option<&str>;
 }
 
 /// "tensor `x`: " when there is a tensor, else nothing.

@@ -49,7 +49,7 @@
 //!   stacked tensor, the Q/K permutation needs windows of whole heads
 //!   ([`names::Transform::row_granularity`]), the Gemma offset is element-wise, truncated
 //!   embedding rows compare with the first rows of the HF tensor only.
-//! - Errors: [`GgufError`] converts into `crate::error::Error::Gguf`; an undecodable type
+//! - Errors: [`GgufError`] converts into `crate::error::Error::Format`; an undecodable type
 //!   is an error of that tensor alone ([`GgufError::Dequant`]), raised when it is read.
 
 pub mod names;
@@ -286,6 +286,62 @@ pub enum GgufError {
         tensor: String,
         end: u64,
     },
+}
+
+impl crate::error::FormatError for GgufError {
+    fn path(&self) -> &Path {
+        use GgufError::*;
+        match self {
+            Io { path, .. }
+            | NotGguf { path }
+            | BigEndian { path, .. }
+            | UnsupportedVersion { path, .. }
+            | Truncated { path, .. }
+            | HeaderTooLarge { path, .. }
+            | CountTooLarge { path, .. }
+            | StringTooLong { path, .. }
+            | InvalidUtf8 { path, .. }
+            | UnknownValueType { path, .. }
+            | NestingTooDeep { path, .. }
+            | DuplicateKey { path, .. }
+            | BadAlignment { path, .. }
+            | DuplicateTensor { path, .. }
+            | TooManyDims { path, .. }
+            | DimsOverflow { path, .. }
+            | UnknownType { path, .. }
+            | PartialBlock { path, .. }
+            | MisalignedOffset { path, .. }
+            | DataOutOfBounds { path, .. }
+            | Overlap { path, .. }
+            | BadRange { path, .. }
+            | Dequant { path, .. }
+            | FileChanged { path, .. } => path,
+        }
+    }
+
+    fn tensor(&self) -> Option<&str> {
+        use GgufError::*;
+        match self {
+            DuplicateTensor { tensor, .. }
+            | TooManyDims { tensor, .. }
+            | DimsOverflow { tensor, .. }
+            | UnknownType { tensor, .. }
+            | PartialBlock { tensor, .. }
+            | MisalignedOffset { tensor, .. }
+            | DataOutOfBounds { tensor, .. }
+            | Overlap { tensor, .. }
+            | BadRange { tensor, .. }
+            | Dequant { tensor, .. }
+            | FileChanged { tensor, .. } => Some(tensor),
+            _ => None,
+        }
+    }
+}
+
+impl From<GgufError> for crate::error::Error {
+    fn from(e: GgufError) -> Self {
+        crate::error::Error::Format(Box::new(e))
+    }
 }
 
 /// Shorthand for results of this module.
