@@ -504,7 +504,7 @@ fn compare_several(job: &CompareJob, obs: &dyn Observer) -> Result<Outcome> {
     Ok(Outcome {
         status: status_all,
         summary: Some(json!({
-            "overall": report::trajectory::render(&cs)["overall"],
+            "overall": report::trajectory::Trajectory::of(&cs).overall,
             "checkpoints": summaries,
             "outputs": outputs,
         })),

@@ -170,11 +170,14 @@ fn render_recorded(
 /// checkpoints in the order `trajectory.json` lists them).
 pub fn regenerate_trajectory(dir: &Path, top: usize) -> Result<Vec<PathBuf>> {
     let tj_path = dir.join(TRAJECTORY_JSON);
-    let tj = crate::fsio::read_json(&tj_path)?;
-    let order: Vec<&str> = tj["finetuned"]
-        .as_array()
-        .map(|a| a.iter().filter_map(|v| v.as_str()).collect())
-        .unwrap_or_default();
+    let tj: trajectory::Trajectory = read_report_json(&tj_path)?.ok_or_else(|| {
+        Error::io(
+            &tj_path,
+            "cannot read",
+            std::io::Error::from(std::io::ErrorKind::NotFound),
+        )
+    })?;
+    let order: Vec<&str> = tj.finetuned.iter().map(String::as_str).collect();
     let mut found: Vec<(usize, String, Comparison, Option<Verdict>)> = Vec::new();
     let mut written = Vec::new();
     let entries = std::fs::read_dir(dir).map_err(|e| Error::io(dir, "cannot list", e))?;
@@ -213,7 +216,7 @@ pub fn regenerate_trajectory(dir: &Path, top: usize) -> Result<Vec<PathBuf>> {
 /// whose reports are in `dir/labels[i]`; returns the paths.
 pub fn write_trajectory(dir: &Path, cs: &[Comparison], labels: &[String]) -> Result<Vec<PathBuf>> {
     let json_path = dir.join(TRAJECTORY_JSON);
-    write_atomic(&json_path, &to_json(&trajectory::render(cs)))?;
+    write_atomic(&json_path, &to_json(&trajectory::Trajectory::of(cs)))?;
     let txt_path = dir.join(TRAJECTORY_TXT);
     write_atomic(&txt_path, trajectory::render_text(cs).as_bytes())?;
     let verdicts: Vec<Option<Verdict>> = cs

@@ -3,67 +3,101 @@
 //! in the order given).
 
 use super::html::{REPORT_HTML, STYLE, Scale, esc, short};
+use super::json::Named;
 use super::sci;
-use crate::comparison::{Comparison, SCHEMA_VERSION};
+use crate::comparison::{Comparison, SCHEMA_VERSION, TensorMetrics};
 use crate::lowrank::detect::Verdict;
 use crate::pairing::layer_index;
-use serde_json::{Map, Value, json};
-use std::collections::BTreeMap;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write;
+
+/// `trajectory.json`: per checkpoint the overall figures, and per tensor the series of
+/// relative diff, L2 diff and changed ratio (null where a checkpoint lacks it). Written
+/// and read back (`weightdiff report`) by this one type.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Trajectory {
+    pub schema_version: u32,
+    pub base: Option<String>,
+    /// The fine-tuned models, in the order given.
+    pub finetuned: Vec<String>,
+    pub overall: Vec<Overall>,
+    /// Tensor → its series, in natural name order.
+    pub tensors: Named<Series>,
+}
 
 /// Whole-model figures of one comparison: ‖Δ‖ over all compared tensors, relative to
 /// ‖base‖, and the modified count.
-fn overall(c: &Comparison) -> Value {
-    let d2: f64 = c.results.iter().map(|(_, m)| m.l2_diff * m.l2_diff).sum();
-    let b2: f64 = c.results.iter().map(|(_, m)| m.base_l2 * m.base_l2).sum();
-    json!({
-        "finetuned": c.finetuned.source,
-        "modified": c.modified().len(),
-        "compared": c.results.len(),
-        "l2_diff": d2.sqrt(),
-        "relative_diff": if b2 > 0.0 { Some((d2 / b2).sqrt()) } else { None },
-        "errors": c.errors.len(),
-        "verdict": c.lora.as_ref().map(|l| &l.verdict),
-    })
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Overall {
+    pub finetuned: String,
+    pub modified: usize,
+    pub compared: usize,
+    pub l2_diff: Option<f64>,
+    pub relative_diff: Option<f64>,
+    pub errors: usize,
+    pub verdict: Option<Verdict>,
 }
 
-/// Renders `trajectory.json`: per checkpoint the overall figures, and per tensor the
-/// series of relative diff, L2 diff and changed ratio (null where a checkpoint lacks it).
-pub fn render(cs: &[Comparison]) -> Value {
-    let mut names: Vec<&str> = cs
-        .iter()
-        .flat_map(|c| c.results.iter().map(|(n, _)| n.as_str()))
-        .collect();
-    names.sort_by(|a, b| crate::pairing::natural_cmp(a, b));
-    names.dedup();
-    let mut tensors = Map::new();
-    for name in names {
-        let series = |f: &dyn Fn(&crate::TensorMetrics) -> Option<f64>| -> Vec<Option<f64>> {
-            cs.iter()
-                .map(|c| {
-                    c.results
-                        .iter()
-                        .find(|(n, _)| n == name)
-                        .and_then(|(_, m)| f(m))
-                })
-                .collect()
-        };
-        tensors.insert(
-            name.to_string(),
-            json!({
-                "relative_diff": series(&|m| m.relative_diff),
-                "l2_diff": series(&|m| Some(m.l2_diff)),
-                "changed_ratio": series(&|m| Some(m.changed_ratio)),
-            }),
-        );
+/// One tensor's figures across the checkpoints.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Series {
+    pub relative_diff: Vec<Option<f64>>,
+    pub l2_diff: Vec<Option<f64>>,
+    pub changed_ratio: Vec<Option<f64>>,
+}
+
+impl Overall {
+    fn of(c: &Comparison) -> Overall {
+        let d2: f64 = c.results.iter().map(|(_, m)| m.l2_diff * m.l2_diff).sum();
+        let b2: f64 = c.results.iter().map(|(_, m)| m.base_l2 * m.base_l2).sum();
+        Overall {
+            finetuned: c.finetuned.source.clone(),
+            modified: c.modified().len(),
+            compared: c.results.len(),
+            l2_diff: Some(d2.sqrt()),
+            relative_diff: (b2 > 0.0).then(|| (d2 / b2).sqrt()),
+            errors: c.errors.len(),
+            verdict: c.lora.as_ref().map(|l| l.verdict.clone()),
+        }
     }
-    json!({
-        "schema_version": SCHEMA_VERSION,
-        "base": cs.first().map(|c| c.base.source.clone()),
-        "finetuned": cs.iter().map(|c| c.finetuned.source.clone()).collect::<Vec<_>>(),
-        "overall": cs.iter().map(overall).collect::<Vec<_>>(),
-        "tensors": tensors,
-    })
+}
+
+impl Trajectory {
+    /// The document of comparisons of one base with several fine-tuned models.
+    pub fn of(cs: &[Comparison]) -> Trajectory {
+        let by_name: Vec<HashMap<&str, &TensorMetrics>> = cs
+            .iter()
+            .map(|c| c.results.iter().map(|(n, m)| (n.as_str(), m)).collect())
+            .collect();
+        let mut names: Vec<&str> = by_name.iter().flat_map(|m| m.keys().copied()).collect();
+        names.sort_by(|a, b| crate::pairing::natural_cmp(a, b));
+        names.dedup();
+        let tensors = names
+            .into_iter()
+            .map(|name| {
+                let series = |f: &dyn Fn(&TensorMetrics) -> Option<f64>| -> Vec<Option<f64>> {
+                    by_name
+                        .iter()
+                        .map(|m| m.get(name).and_then(|m| f(m)))
+                        .collect()
+                };
+                let s = Series {
+                    relative_diff: series(&|m| m.relative_diff),
+                    l2_diff: series(&|m| Some(m.l2_diff)),
+                    changed_ratio: series(&|m| Some(m.changed_ratio)),
+                };
+                (name.to_string(), s)
+            })
+            .collect();
+        Trajectory {
+            schema_version: SCHEMA_VERSION,
+            base: cs.first().map(|c| c.base.source.clone()),
+            finetuned: cs.iter().map(|c| c.finetuned.source.clone()).collect(),
+            overall: cs.iter().map(Overall::of).collect(),
+            tensors: Named(tensors),
+        }
+    }
 }
 
 /// Renders `trajectory.txt`: the overall series as a table.
@@ -80,16 +114,14 @@ pub fn render_text(cs: &[Comparison]) -> String {
         "#", "modified", "l2_diff", "relative"
     );
     for (i, c) in cs.iter().enumerate() {
-        let o = overall(c);
+        let o = Overall::of(c);
         let _ = writeln!(
             s,
             "{:<4} {:>9} {:>14} {:>14}  {}",
             i + 1,
-            o["modified"],
-            sci(o["l2_diff"].as_f64().unwrap_or(0.0), 4),
-            o["relative_diff"]
-                .as_f64()
-                .map_or("n/a".to_string(), |x| sci(x, 4)),
+            o.modified,
+            sci(o.l2_diff.unwrap_or(0.0), 4),
+            o.relative_diff.map_or("n/a".to_string(), |x| sci(x, 4)),
             c.finetuned.source
         );
     }
