@@ -132,7 +132,8 @@ pub fn pair(
                 continue;
             }
         }
-        if be.dtype != fe.dtype {
+        // The storage, not only the decoded dtype: a Q8_0 GGUF tensor is read as F32.
+        if be.dtype != fe.dtype || be.dtype_name() != fe.dtype_name() {
             let compared = "values after decoding".to_string();
             out.mismatches
                 .push(mismatch(name, "dtype", be, fe, compared));

@@ -9,6 +9,7 @@
 //! are resolved to such a directory by [`crate::hub`].
 
 pub mod dtype;
+pub mod encoding;
 pub mod gguf;
 pub mod index;
 pub mod layout;
@@ -49,6 +50,8 @@ pub struct TensorEntry {
     len: u64,
     /// Gather plan of a non-contiguous PyTorch view.
     layout: Option<std::sync::Arc<layout::Strided>>,
+    /// Stored in another encoding (GGUF blocks): the entry is its decoded F32 view.
+    encoded: Option<std::sync::Arc<dyn encoding::Decode>>,
 }
 
 impl TensorEntry {
@@ -60,8 +63,11 @@ impl TensorEntry {
     pub fn nbytes(&self) -> u64 {
         self.len
     }
-    /// The dtype as written in the header.
+    /// The dtype as written in the header (an encoded tensor's storage, e.g. `Q4_K`).
     pub fn dtype_name(&self) -> String {
+        if let Some(d) = &self.encoded {
+            return d.storage();
+        }
         match &self.dtype {
             Ok(d) => d.as_str().to_string(),
             Err(s) => s.clone(),
@@ -135,6 +141,16 @@ fn refuse_side_file(path: &Path) -> Result<()> {
     })
 }
 
+/// Whether the file starts with GGUF's magic (read errors: not GGUF; the safetensors
+/// reader then reports them).
+fn is_gguf(path: &Path) -> bool {
+    use std::io::Read;
+    let mut head = [0u8; 4];
+    std::fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut head))
+        .is_ok_and(|()| gguf::recognise(&head))
+}
+
 /// Gathered non-contiguous tensors kept for the windows that follow.
 const GATHERED_KEPT: usize = 2;
 
@@ -164,6 +180,11 @@ impl Checkpoint {
         })?;
         if meta.is_file() {
             refuse_side_file(path)?;
+            if is_gguf(path) {
+                let mut ck = Checkpoint::empty(path);
+                ck.add_gguf(gguf::decode::open(path)?)?;
+                return Ok(ck);
+            }
             let shard = if torch::is_torch_file(path) {
                 torch::open(path)?
             } else {
@@ -252,6 +273,38 @@ impl Checkpoint {
             self.add_shard(shard, None);
         }
         Ok(self)
+    }
+
+    /// Adds the tensors of a GGUF file, each an F32 view decoded from its blocks.
+    fn add_gguf(&mut self, g: gguf::decode::Opened) -> Result<()> {
+        let path = g.file.path().to_path_buf();
+        let file = std::fs::File::open(&path).map_err(|e| Error::io(&path, "cannot open", e))?;
+        let si = self.shards.len();
+        self.shards.push(Shard::from_tensors(
+            &path,
+            file,
+            g.file.file_len(),
+            Vec::new(),
+        ));
+        for (name, shape, decode) in g.tensors {
+            let numel: u64 = shape.iter().map(|&d| d as u64).product();
+            self.tensors.insert(
+                name.clone(),
+                TensorEntry {
+                    name,
+                    dtype: Ok(DType::F32),
+                    shape,
+                    shard: si,
+                    offset: 0,
+                    len: numel * 4,
+                    layout: None,
+                    encoded: Some(decode),
+                },
+            );
+        }
+        self.broken.extend(g.broken);
+        self.warnings.extend(g.notes);
+        Ok(())
     }
 
     /// Opens the shards an index names (each must exist inside `dir`) with `open`, takes
@@ -353,6 +406,7 @@ impl Checkpoint {
                     offset: t.offset,
                     len: t.len,
                     layout: t.layout.clone(),
+                    encoded: None,
                 },
             );
         }
@@ -381,6 +435,12 @@ impl Checkpoint {
             start + len <= entry.len,
             "window past the end of tensor data"
         );
+        if let Some(d) = &entry.encoded {
+            // F32 elements of the decoded view: the pipeline cuts windows on elements.
+            let bytes = encoding::decode_elements(d.as_ref(), start / 4..(start + len) / 4)?;
+            let n = bytes.len();
+            return Ok(Window::Shared(std::sync::Arc::new(bytes), 0..n));
+        }
         let shard = &self.shards[entry.shard];
         let fail = |e: std::io::Error| Error::Tensor {
             path: shard.path().to_path_buf(),

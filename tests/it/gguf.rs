@@ -589,3 +589,78 @@ fn truncated_and_mutated_gguf_py_files_never_panic() {
         }
     }
 }
+
+/// `weightdiff compare` of a Hugging Face original with its GGUF conversion.
+fn compare_cli_json(base: &Path, gguf: &Path, out: &Path) -> serde_json::Value {
+    crate::common::weightdiff()
+        .args(["compare", "--no-lora", "--quiet", "-o"])
+        .arg(out)
+        .arg(base)
+        .arg(gguf)
+        .assert()
+        .success();
+    crate::common::read_json(&out.join("weight_differences.json"))
+}
+
+#[test]
+fn compare_reads_a_gguf_conversion_as_its_hugging_face_original() {
+    if !ready() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    fixtures("models", dir.path());
+    for (model, tensors) in [("llama", 21), ("qwen3moe", 14), ("gemma3", 8)] {
+        let wd = compare_cli_json(
+            &dir.path().join(format!("{model}.safetensors")),
+            &dir.path().join(format!("{model}.gguf")),
+            &dir.path().join(format!("out-{model}")),
+        );
+        let all = wd["all_differences"].as_object().unwrap();
+        assert_eq!(all.len(), tensors, "{model}: every HF tensor paired");
+        for (name, m) in all {
+            assert_eq!(m["l2_diff"], 0.0, "{model}: {name} equals its original");
+        }
+        assert_eq!(wd["only_in_base"].as_array().unwrap().len(), 0, "{model}");
+        let notes = wd["warnings"]["finetuned"].to_string();
+        assert!(notes.contains("mapped to Hugging Face names"), "{notes}");
+    }
+}
+
+#[test]
+fn a_q8_0_quant_decodes_exactly_and_its_error_against_the_original_is_reported() {
+    if !ready() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    fixtures("models", dir.path());
+    let gguf = dir.path().join("llama_q8.gguf");
+    // gguf-py's own dequantization, un-permuted: bit for bit what weightdiff reads.
+    let wd = compare_cli_json(
+        &dir.path().join("llama_q8_dequant.safetensors"),
+        &gguf,
+        &dir.path().join("exact"),
+    );
+    for (name, m) in wd["all_differences"].as_object().unwrap() {
+        assert_eq!(m["l2_diff"], 0.0, "{name}");
+    }
+    // Against the original: Q8_0 rounding, small but not zero, on the quantized matrices.
+    let wd = compare_cli_json(
+        &dir.path().join("llama_q8.safetensors"),
+        &gguf,
+        &dir.path().join("quant"),
+    );
+    let q = &wd["all_differences"]["model.layers.0.self_attn.q_proj.weight"];
+    let rel = q["relative_diff"].as_f64().unwrap();
+    assert!(rel > 1e-4 && rel < 2e-2, "Q8_0 error {rel}");
+    assert_eq!(
+        wd["all_differences"]["model.norm.weight"]["l2_diff"], 0.0,
+        "F32 norms are stored exactly"
+    );
+    // The storage is named where the dtypes differ.
+    let m = wd["mismatches"].as_array().unwrap();
+    assert!(
+        m.iter()
+            .any(|x| x["finetuned_dtype"] == "Q8_0" && x["kind"] == "dtype"),
+        "{m:?}"
+    );
+}

@@ -1,7 +1,7 @@
 """GGUF fixtures for tests/it/gguf.rs, written by gguf-py (llama.cpp's `gguf` package).
 
     python gguf_fixtures.py quants  OUT   # OUT/quants.gguf + OUT/expected.gguf
-    python gguf_fixtures.py models  OUT   # OUT/{llama,gemma3,qwen3moe}.gguf + OUT/*.safetensors
+    python gguf_fixtures.py models  OUT   # OUT/{llama,gemma3,qwen3moe,llama_q8}.gguf + OUT/*.safetensors
     python gguf_fixtures.py hostile OUT   # OUT/base.gguf + OUT/offsets.json
 
 quants: for every type, blocks written as raw bytes (`raw_dtype`) into quants.gguf, and
@@ -211,6 +211,55 @@ def qwen3moe(out):
     save_file(hf, str(out / "qwen3moe.safetensors"))
 
 
+def unpermute(w, n_head):
+    """The inverse of `permute`: GGUF row order back to Hugging Face order."""
+    return (w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:])
+            .swapaxes(1, 2).reshape(w.shape))
+
+
+def llama_q8(out):
+    """A llama converted the way llama.cpp does (Q/K permuted) and quantized to Q8_0 by
+    gguf-py, with its HF original and gguf-py's own dequantization in HF order
+    (`llama_q8_dequant.safetensors`): the GGUF read by weightdiff must equal the latter
+    exactly, and differ from the former by Q8_0's rounding."""
+    n_head, n_kv, hd, hidden, ff, vocab = 4, 2, 8, 32, 64, 64
+    hf, deq, w = {}, {}, writer(out / "llama_q8.gguf", "llama")
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_kv)
+    w.add_block_count(1)
+    w.add_embedding_length(hidden)
+
+    def put(hf_name, gguf_name, value, heads=None):
+        hf[hf_name] = value
+        stored = value if heads is None else permute(value, heads)
+        if value.ndim == 2:
+            q = gguf.quants.quantize(np.ascontiguousarray(stored), Q.Q8_0)
+            w.add_tensor(gguf_name, q, raw_dtype=Q.Q8_0)
+            back = gguf.quants.dequantize(q, Q.Q8_0).reshape(value.shape)
+            deq[hf_name] = back if heads is None else unpermute(back, heads)
+        else:
+            w.add_tensor(gguf_name, np.ascontiguousarray(stored))
+            deq[hf_name] = value
+
+    put("model.embed_tokens.weight", "token_embd.weight", f32(vocab, hidden))
+    p, b = "model.layers.0.", "blk.0."
+    put(p + "self_attn.q_proj.weight", b + "attn_q.weight", f32(n_head * hd, hidden), n_head)
+    put(p + "self_attn.k_proj.weight", b + "attn_k.weight", f32(n_kv * hd, hidden), n_kv)
+    put(p + "self_attn.v_proj.weight", b + "attn_v.weight", f32(n_kv * hd, hidden))
+    put(p + "self_attn.o_proj.weight", b + "attn_output.weight", f32(hidden, n_head * hd))
+    put(p + "input_layernorm.weight", b + "attn_norm.weight", f32(hidden))
+    put(p + "post_attention_layernorm.weight", b + "ffn_norm.weight", f32(hidden))
+    put(p + "mlp.gate_proj.weight", b + "ffn_gate.weight", f32(ff, hidden))
+    put(p + "mlp.up_proj.weight", b + "ffn_up.weight", f32(ff, hidden))
+    put(p + "mlp.down_proj.weight", b + "ffn_down.weight", f32(hidden, ff))
+    put("model.norm.weight", "output_norm.weight", f32(hidden))
+    put("lm_head.weight", "output.weight", f32(vocab, hidden))
+    finish(w)
+    save_file(hf, str(out / "llama_q8.safetensors"))
+    save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in deq.items()},
+              str(out / "llama_q8_dequant.safetensors"))
+
+
 def names(out):
     """gguf-py's own HF → GGUF name map for the HF names our map produces, per arch."""
     result = {}
@@ -266,6 +315,7 @@ def main():
         llama(out)
         gemma3(out)
         qwen3moe(out)
+        llama_q8(out)
     elif command == "names":
         names(out)
     elif command == "hostile":

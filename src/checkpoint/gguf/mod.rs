@@ -52,6 +52,7 @@
 //! - Errors: [`GgufError`] converts into `crate::error::Error::Format`; an undecodable type
 //!   is an error of that tensor alone ([`GgufError::Dequant`]), raised when it is read.
 
+pub mod decode;
 pub mod names;
 pub mod quant;
 

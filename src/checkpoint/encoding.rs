@@ -1,0 +1,89 @@
+//! The encoding seam: a tensor stored in another form than plain elements (GGUF quant
+//! blocks today; block-scaled FP8 or packed int4 with scale tensors next) is presented
+//! to the rest of the pipeline as a plain F32 tensor of its logical (Hugging Face)
+//! shape. [`super::Checkpoint::read`] asks the tensor's [`Decode`] for the logical rows
+//! that cover a window, decoded to f32, and hands out the window's bytes; the kernels
+//! and the low-rank stage never see the storage.
+//!
+//! Windows are cut by the pipeline in elements; the decoder widens each to its own
+//! granule (whole blocks, whole attention heads for a row permutation) and the extra
+//! values are dropped. A decoder names its storage for the reports (`Q4_K`).
+
+use crate::error::Result;
+use std::ops::Range;
+
+/// A tensor's stored form and how to decode it.
+pub trait Decode: Send + Sync + std::fmt::Debug {
+    /// What the storage is, in the reports' words (`Q4_K`, `F8_E4M3 + F32 scales 128×128`).
+    fn storage(&self) -> String;
+    /// Logical rows (`shape[0]`) and elements per row (the product of the rest).
+    fn rows(&self) -> (u64, u64);
+    /// Rows a decoded range must be a whole number of (1 unless a transform needs more).
+    fn row_granule(&self) -> u64;
+    /// Decodes logical rows `rows` (whole granules, or up to the last row) into `out`,
+    /// which holds exactly those rows' values, in the logical order.
+    fn decode_rows(&self, rows: Range<u64>, out: &mut Vec<f32>) -> Result<()>;
+}
+
+/// The logical elements `elements` of an encoded tensor as little-endian f32 bytes.
+pub fn decode_elements(d: &dyn Decode, elements: Range<u64>) -> Result<Vec<u8>> {
+    let (rows, row_len) = d.rows();
+    let row_len = row_len.max(1);
+    let g = d.row_granule().max(1);
+    let first = elements.start / row_len / g * g;
+    let last = elements
+        .end
+        .div_ceil(row_len)
+        .div_ceil(g)
+        .saturating_mul(g)
+        .min(rows);
+    let mut values = Vec::new();
+    d.decode_rows(first..last, &mut values)?;
+    let skip = (elements.start - first * row_len) as usize;
+    let n = (elements.end - elements.start) as usize;
+    let mut out = Vec::with_capacity(n * 4);
+    for v in &values[skip..skip + n] {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Values = their logical index, decoded in granules of 2 rows of 3.
+    #[derive(Debug)]
+    struct Counting;
+
+    impl Decode for Counting {
+        fn storage(&self) -> String {
+            "test".into()
+        }
+        fn rows(&self) -> (u64, u64) {
+            (5, 3)
+        }
+        fn row_granule(&self) -> u64 {
+            2
+        }
+        fn decode_rows(&self, rows: Range<u64>, out: &mut Vec<f32>) -> Result<()> {
+            assert!(rows.start.is_multiple_of(2) && (rows.end.is_multiple_of(2) || rows.end == 5));
+            out.clear();
+            out.extend((rows.start * 3..rows.end * 3).map(|i| i as f32));
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn windows_are_cut_out_of_whole_granules() {
+        for (a, b) in [(0, 15), (4, 5), (7, 14), (14, 15), (0, 1)] {
+            let bytes = decode_elements(&Counting, a..b).unwrap();
+            let got: Vec<f32> = bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect();
+            let want: Vec<f32> = (a..b).map(|i| i as f32).collect();
+            assert_eq!(got, want, "{a}..{b}");
+        }
+    }
+}
