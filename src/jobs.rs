@@ -134,6 +134,9 @@ pub fn open(path: &Path, role: &str, mmap: bool, obs: &dyn Observer) -> Result<C
     if mmap {
         ck.read_mode = ReadMode::Mmap;
     }
+    for c in &ck.caveats {
+        obs.warn(&format!("warning: {c}"));
+    }
     Ok(ck)
 }
 

@@ -9,8 +9,14 @@
 //! granule (whole blocks, whole attention heads for a row permutation) and the extra
 //! values are dropped. A decoder names its storage for the reports (`Q4_K`).
 
+use super::TensorEntry;
+use super::shard::Window;
 use crate::error::Result;
 use std::ops::Range;
+
+/// Reads `len` stored bytes at `start` of another tensor of the checkpoint (a weight's
+/// scale tensor, possibly in another shard).
+pub type Raw<'a> = &'a dyn Fn(&TensorEntry, u64, u64) -> Result<Window>;
 
 /// A tensor's stored form and how to decode it.
 pub trait Decode: Send + Sync + std::fmt::Debug {
@@ -22,11 +28,11 @@ pub trait Decode: Send + Sync + std::fmt::Debug {
     fn row_granule(&self) -> u64;
     /// Decodes logical rows `rows` (whole granules, or up to the last row) into `out`,
     /// which holds exactly those rows' values, in the logical order.
-    fn decode_rows(&self, rows: Range<u64>, out: &mut Vec<f32>) -> Result<()>;
+    fn decode_rows(&self, raw: Raw<'_>, rows: Range<u64>, out: &mut Vec<f32>) -> Result<()>;
 }
 
 /// The logical elements `elements` of an encoded tensor as little-endian f32 bytes.
-pub fn decode_elements(d: &dyn Decode, elements: Range<u64>) -> Result<Vec<u8>> {
+pub fn decode_elements(d: &dyn Decode, raw: Raw<'_>, elements: Range<u64>) -> Result<Vec<u8>> {
     let (rows, row_len) = d.rows();
     let row_len = row_len.max(1);
     let g = d.row_granule().max(1);
@@ -38,7 +44,7 @@ pub fn decode_elements(d: &dyn Decode, elements: Range<u64>) -> Result<Vec<u8>> 
         .saturating_mul(g)
         .min(rows);
     let mut values = Vec::new();
-    d.decode_rows(first..last, &mut values)?;
+    d.decode_rows(raw, first..last, &mut values)?;
     let skip = (elements.start - first * row_len) as usize;
     let n = (elements.end - elements.start) as usize;
     let mut out = Vec::with_capacity(n * 4);
@@ -66,7 +72,7 @@ mod tests {
         fn row_granule(&self) -> u64 {
             2
         }
-        fn decode_rows(&self, rows: Range<u64>, out: &mut Vec<f32>) -> Result<()> {
+        fn decode_rows(&self, _: Raw<'_>, rows: Range<u64>, out: &mut Vec<f32>) -> Result<()> {
             assert!(rows.start.is_multiple_of(2) && (rows.end.is_multiple_of(2) || rows.end == 5));
             out.clear();
             out.extend((rows.start * 3..rows.end * 3).map(|i| i as f32));
@@ -77,7 +83,8 @@ mod tests {
     #[test]
     fn windows_are_cut_out_of_whole_granules() {
         for (a, b) in [(0, 15), (4, 5), (7, 14), (14, 15), (0, 1)] {
-            let bytes = decode_elements(&Counting, a..b).unwrap();
+            let no_parts = |_: &TensorEntry, _: u64, _: u64| -> Result<Window> { unreachable!() };
+            let bytes = decode_elements(&Counting, &no_parts, a..b).unwrap();
             let got: Vec<f32> = bytes
                 .chunks_exact(4)
                 .map(|c| f32::from_le_bytes(c.try_into().unwrap()))

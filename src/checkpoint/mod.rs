@@ -14,6 +14,7 @@ pub mod gguf;
 pub mod index;
 pub mod layout;
 pub mod pickle;
+pub mod quantized;
 pub mod shard;
 pub mod torch;
 
@@ -90,6 +91,9 @@ pub struct Checkpoint {
     pub broken: BTreeMap<String, String>,
     /// Problems that do not stop the run (tensor in a shard but not in the index, …).
     pub warnings: Vec<String>,
+    /// Warnings that the numbers may be wrong (values not dequantized): also in
+    /// `warnings`, and said on stderr by the CLI.
+    pub caveats: Vec<String>,
     /// How [`Checkpoint::read`] gets bytes.
     pub read_mode: ReadMode,
     /// Set when the model was resolved from a hub id.
@@ -157,7 +161,8 @@ const GATHERED_KEPT: usize = 2;
 impl Checkpoint {
     /// Resolves and opens a model argument.
     pub fn open(path: &Path) -> Result<Checkpoint> {
-        let ck = Self::open_local(path)?;
+        let mut ck = Self::open_local(path)?;
+        quantized::apply(&mut ck);
         tracing::info!(
             model = %path.display(),
             files = ck.shards.len(),
@@ -353,6 +358,7 @@ impl Checkpoint {
             tensors: BTreeMap::new(),
             broken: BTreeMap::new(),
             warnings: Vec::new(),
+            caveats: Vec::new(),
             read_mode: ReadMode::default(),
             hub: None,
             gathered: std::sync::Mutex::new(Vec::new()),
@@ -437,7 +443,8 @@ impl Checkpoint {
         );
         if let Some(d) = &entry.encoded {
             // F32 elements of the decoded view: the pipeline cuts windows on elements.
-            let bytes = encoding::decode_elements(d.as_ref(), start / 4..(start + len) / 4)?;
+            let raw = |e: &TensorEntry, s: u64, l: u64| self.read(e, s, l);
+            let bytes = encoding::decode_elements(d.as_ref(), &raw, start / 4..(start + len) / 4)?;
             let n = bytes.len();
             return Ok(Window::Shared(std::sync::Arc::new(bytes), 0..n));
         }

@@ -37,6 +37,7 @@ mod mutations;
 mod outputs;
 mod pairing;
 mod peft;
+mod quantized;
 mod reliability;
 mod shards;
 mod torch_bin;

@@ -6,7 +6,7 @@
 
 use super::names::{self, Transform};
 use super::{GgufFile, GgufTensor, block_size};
-use crate::checkpoint::encoding::Decode;
+use crate::checkpoint::encoding::{Decode, Raw};
 use crate::error::{Error, Result};
 use std::ops::Range;
 use std::path::Path;
@@ -52,7 +52,7 @@ impl Decode for GgufDecode {
             .unwrap_or(1)
     }
 
-    fn decode_rows(&self, rows: Range<u64>, out: &mut Vec<f32>) -> Result<()> {
+    fn decode_rows(&self, _: Raw<'_>, rows: Range<u64>, out: &mut Vec<f32>) -> Result<()> {
         let bs = block_size(self.stored.ggml_type) as u64;
         let e0 = self.first + rows.start * self.row_len;
         let e1 = self.first + rows.end * self.row_len;

@@ -1,0 +1,230 @@
+//! Checkpoints quantized in place, recognised from `config.json`'s
+//! `quantization_config`, and read by value through the encoding seam
+//! ([`super::encoding`]).
+//!
+//! **FP8 with block scales** (`quant_method: fp8` with `weight_block_size: [br, bc]`,
+//! the layout of DeepSeek-V3/R1 and the Qwen3 `-FP8` releases): a weight `W` [rows,
+//! cols] is stored as F8_E4M3 codes `Q`, and `W.weight_scale_inv` [⌈rows/br⌉, ⌈cols/bc⌉]
+//! (F32 or BF16, possibly in another shard) holds one scale per tile, edge tiles ragged:
+//!
+//! ```text
+//! W[i][j] = f32(Q[i][j]) · S[i / br][j / bc]      (one f32 product, as the reference does)
+//! ```
+//!
+//! The weight becomes a logical F32 tensor; its scale tensor is no longer a tensor of
+//! the model (it never appears as a row or as "only in"). A missing scale, a scale grid
+//! of the wrong shape or dtype, or a non-finite scale is that weight's error, naming the
+//! scale.
+//!
+//! **Any other `quant_method`** is compared as stored, with a warning in every report that
+//! the values are not dequantized.
+
+use super::dtype::{DType, decode_f32};
+use super::encoding::{Decode, Raw};
+use super::{Checkpoint, TensorEntry};
+use crate::error::{Error, Result};
+use std::ops::Range;
+use std::sync::Arc;
+
+/// Suffix of the block-scale tensor of a `*.weight` (DeepSeek's name: the inverse of the
+/// quantization scale, i.e. the factor that multiplies the codes).
+pub const SCALE_SUFFIX: &str = "_scale_inv";
+
+/// Applies the checkpoint's `quantization_config`: FP8 block-scaled weights become their
+/// dequantized values; an unknown method is a warning.
+pub fn apply(ck: &mut Checkpoint) {
+    let Some(qc) = ck
+        .config
+        .as_ref()
+        .and_then(|c| c.get("quantization_config"))
+        .cloned()
+    else {
+        return;
+    };
+    let method = qc
+        .get("quant_method")
+        .and_then(|m| m.as_str())
+        .unwrap_or("");
+    let block = qc
+        .get("weight_block_size")
+        .and_then(|b| b.as_array())
+        .and_then(|b| match b.as_slice() {
+            [r, c] => Some((r.as_u64()?, c.as_u64()?)),
+            _ => None,
+        })
+        .filter(|&(r, c)| r > 0 && c > 0);
+    match (method, block) {
+        ("fp8", Some(block)) => fp8_block_scaled(ck, block),
+        _ => caveat(
+            ck,
+            format!(
+                "{}: quantization_config.quant_method `{method}`{}: weightdiff does not dequantize this format yet; its tensors are compared as the stored codes and its scale tensors as tensors of their own, so the numbers are NOT the weights' values",
+                ck.source.join("config.json").display(),
+                if method == "fp8" {
+                    " without weight_block_size"
+                } else {
+                    ""
+                }
+            ),
+        ),
+    }
+}
+
+/// A warning that the numbers may be wrong.
+fn caveat(ck: &mut Checkpoint, w: String) {
+    ck.caveats.push(w.clone());
+    ck.warnings.push(w);
+}
+
+fn fp8_block_scaled(ck: &mut Checkpoint, (br, bc): (u64, u64)) {
+    let weights: Vec<String> = ck
+        .tensors
+        .values()
+        .filter(|e| matches!(e.dtype, Ok(DType::F8E4M3)) && e.encoded.is_none())
+        .map(|e| e.name.clone())
+        .collect();
+    let mut decoded = 0usize;
+    for name in weights {
+        let scale_name = format!("{name}{SCALE_SUFFIX}");
+        let w = ck.tensors.remove(&name).expect("listed above");
+        let path = ck.shards[w.shard].path().to_path_buf();
+        let bad = |why: String| {
+            format!(
+                "{}: F8_E4M3 weight with block scales: {why}",
+                path.display()
+            )
+        };
+        let Some(scale) = ck.tensors.remove(&scale_name) else {
+            ck.broken.insert(
+                name,
+                bad(format!("its scale tensor `{scale_name}` is missing")),
+            );
+            continue;
+        };
+        let (rows, cols) = match w.shape.as_slice() {
+            [r, c] => (*r as u64, *c as u64),
+            _ => {
+                ck.broken
+                    .insert(name, bad(format!("shape {:?} is not 2-D", w.shape)));
+                continue;
+            }
+        };
+        let grid = [rows.div_ceil(br) as usize, cols.div_ceil(bc) as usize];
+        if scale.shape != grid {
+            ck.broken.insert(
+                name,
+                bad(format!(
+                    "its scale tensor `{scale_name}` has shape {:?}, not the {grid:?} of {br}×{bc} tiles",
+                    scale.shape
+                )),
+            );
+            continue;
+        }
+        let scale_dtype = match scale.dtype {
+            Ok(d @ (DType::F32 | DType::BF16)) => d,
+            _ => {
+                ck.broken.insert(
+                    name,
+                    bad(format!(
+                        "its scale tensor `{scale_name}` is {}; F32 and BF16 scales are decoded",
+                        scale.dtype_name()
+                    )),
+                );
+                continue;
+            }
+        };
+        let scale_path = ck.shards[scale.shard].path().to_path_buf();
+        let d = Fp8BlockScaled {
+            weight: w.clone(),
+            scale,
+            scale_path,
+            scale_dtype,
+            block: (br, bc),
+            rows,
+            cols,
+        };
+        ck.tensors.insert(
+            name,
+            TensorEntry {
+                dtype: Ok(DType::F32),
+                len: rows * cols * 4,
+                layout: None,
+                encoded: Some(Arc::new(d)),
+                ..w
+            },
+        );
+        decoded += 1;
+    }
+    if decoded > 0 {
+        ck.warnings.push(format!(
+            "{}: FP8 checkpoint (quant_method fp8, {br}×{bc} block scales): {decoded} weights are compared by value, dequantized with their `*{SCALE_SUFFIX}` scales",
+            ck.source.display()
+        ));
+    }
+}
+
+/// An F8_E4M3 weight and its tile scales.
+#[derive(Debug)]
+struct Fp8BlockScaled {
+    weight: TensorEntry,
+    scale: TensorEntry,
+    scale_dtype: DType,
+    /// The scale's file, for its errors.
+    scale_path: std::path::PathBuf,
+    block: (u64, u64),
+    rows: u64,
+    cols: u64,
+}
+
+impl Decode for Fp8BlockScaled {
+    fn storage(&self) -> String {
+        format!(
+            "F8_E4M3, {} scales {}×{}",
+            self.scale_dtype, self.block.0, self.block.1
+        )
+    }
+
+    fn rows(&self) -> (u64, u64) {
+        (self.rows, self.cols)
+    }
+
+    fn row_granule(&self) -> u64 {
+        1
+    }
+
+    fn decode_rows(&self, raw: Raw<'_>, rows: Range<u64>, out: &mut Vec<f32>) -> Result<()> {
+        let (br, bc) = self.block;
+        let cols = self.cols as usize;
+        let n = (rows.end - rows.start) as usize;
+        out.clear();
+        out.resize(n * cols, 0.0);
+        let codes = raw(&self.weight, rows.start * self.cols, n as u64 * self.cols)?;
+        decode_f32(DType::F8E4M3, &codes, out);
+        // The scale rows the window's rows fall in.
+        let grid_cols = self.cols.div_ceil(bc);
+        let (s0, s1) = (rows.start / br, rows.end.div_ceil(br));
+        let es = self.scale_dtype.size() as u64;
+        let scale_bytes = raw(&self.scale, s0 * grid_cols * es, (s1 - s0) * grid_cols * es)?;
+        let mut scales = vec![0f32; ((s1 - s0) * grid_cols) as usize];
+        decode_f32(self.scale_dtype, &scale_bytes, &mut scales);
+        if let Some(i) = scales.iter().position(|s| !s.is_finite()) {
+            return Err(Error::Tensor {
+                path: self.scale_path.clone(),
+                tensor: self.scale.name.clone(),
+                reason: format!(
+                    "the scale of tile ({}, {}) is {}",
+                    s0 + i as u64 / grid_cols,
+                    i as u64 % grid_cols,
+                    scales[i]
+                ),
+            });
+        }
+        for (i, row) in out.chunks_exact_mut(cols).enumerate() {
+            let srow = &scales[((rows.start + i as u64) / br - s0) as usize * grid_cols as usize..];
+            for (j, v) in row.iter_mut().enumerate() {
+                *v *= srow[j / bc as usize];
+            }
+        }
+        Ok(())
+    }
+}
