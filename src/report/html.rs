@@ -156,6 +156,27 @@ fn summary(s: &mut String, c: &Comparison, lora: Option<&LoraDocs>) {
              (<code>--no-lora</code>, or the run stopped before it).</div>"
         );
     }
+    let quant = super::quantization::by_storage(c);
+    if !quant.is_empty() {
+        let _ = writeln!(
+            s,
+            "<h2>Quantization error</h2>\n<p class=\"note\">The two models store these tensors differently; Δ relative to the base.</p>\n<table id=\"quantization\"><thead><tr><th>storage (fine-tuned)</th><th>base</th><th>tensors</th><th>relative error</th><th>median</th><th>SNR (dB)</th><th>max |Δ|</th></tr></thead><tbody>"
+        );
+        for g in &quant {
+            let _ = writeln!(
+                s,
+                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                esc(&g.storage),
+                esc(&g.base_storage.join(", ")),
+                g.tensors,
+                g.relative_error.map_or("n/a".into(), |x| sci(x, 3)),
+                g.median_relative_error.map_or("n/a".into(), |x| sci(x, 2)),
+                g.snr_db.map_or("inf".into(), |x| format!("{x:.1}")),
+                sci(g.max_abs_diff, 2)
+            );
+        }
+        let _ = writeln!(s, "</tbody></table>");
+    }
     let mut problems: Vec<String> = Vec::new();
     problems.extend(c.errors.iter().map(|(n, e)| format!("error: {n}: {e}")));
     if !c.only_in_base.is_empty() {

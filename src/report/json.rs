@@ -44,6 +44,9 @@ pub struct WeightDifferences {
     pub performance: PerformanceDoc,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hub: Option<PerModel<Option<HubOrigin>>>,
+    /// The quantization error per storage, when the two store tensors differently.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub quantization: Vec<super::quantization::QuantGroup>,
 }
 
 /// One value for each model.
@@ -195,6 +198,7 @@ impl WeightDifferences {
                 base: c.base.hub.clone(),
                 finetuned: c.finetuned.hub.clone(),
             }),
+            quantization: super::quantization::by_storage(c),
         }
     }
 

@@ -7,6 +7,7 @@ pub mod html;
 pub mod json;
 pub mod lora;
 pub mod outputs;
+pub mod quantization;
 pub mod summary;
 pub mod text;
 pub mod trajectory;

@@ -49,6 +49,17 @@ pub fn render(c: &Comparison, lora: Option<&LoraDocs>, written: &[PathBuf], top:
             100.0 * changed_params as f64 / all_params as f64
         );
     }
+    let quant = super::quantization::by_storage(c);
+    if !quant.is_empty() {
+        let _ = writeln!(
+            w,
+            "\nQuantization error (the two store tensors differently; Δ relative to the base)"
+        );
+        for l in super::quantization::lines(&quant) {
+            let _ = writeln!(w, "  {l}");
+        }
+        let _ = writeln!(w);
+    }
     let related = crate::relatedness::assess(c);
     let _ = writeln!(
         w,

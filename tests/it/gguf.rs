@@ -656,6 +656,14 @@ fn a_q8_0_quant_decodes_exactly_and_its_error_against_the_original_is_reported()
         wd["all_differences"]["model.norm.weight"]["l2_diff"], 0.0,
         "F32 norms are stored exactly"
     );
+    // The summary per storage: Q8_0's ~45 dB, over the nine quantized matrices.
+    let q = &wd["quantization"][0];
+    assert_eq!(q["storage"], "Q8_0");
+    assert_eq!(q["tensors"], 9);
+    let snr = q["snr_db"].as_f64().unwrap();
+    assert!((35.0..60.0).contains(&snr), "Q8_0 SNR {snr} dB");
+    let report = std::fs::read_to_string(dir.path().join("quant/comparison_report.txt")).unwrap();
+    assert!(report.contains("Quantization error") && report.contains("Q8_0"));
     // The storage is named where the dtypes differ.
     let m = wd["mismatches"].as_array().unwrap();
     assert!(

@@ -76,6 +76,13 @@ fn fp8_against_its_bf16_original_shows_the_quantization_error_not_the_codes() {
         // E4M3 keeps 3 mantissa bits: a few percent, never the codes' scale (~1e3).
         assert!(rel < 0.05, "{name}: {rel}");
     }
+    let q = &wd["quantization"][0];
+    assert_eq!(q["storage"], "F8_E4M3, F32 scales 128×128");
+    assert_eq!(q["base_storage"], serde_json::json!(["BF16"]));
+    let snr = q["snr_db"].as_f64().unwrap();
+    assert!((25.0..40.0).contains(&snr), "E4M3 SNR {snr} dB");
+    let page = std::fs::read_to_string(p("quant/report.html")).unwrap();
+    assert!(page.contains("id=\"quantization\""));
     // An unknown method is compared as stored, and says so on stderr and in the reports.
     let (wd, stderr) = compare(&p("base"), &p("unknown"), &p("unknown-out"));
     assert!(stderr.contains("does not dequantize"), "{stderr}");
