@@ -43,12 +43,29 @@ pub use crate::checkpoint::HubOrigin;
 pub struct RepoId {
     pub repo: String,
     pub revision: String,
+    /// One file of the repo to read (`ORG/NAME:FILE.gguf`, for repos of several GGUF
+    /// quants): only it is downloaded.
+    pub file: Option<String>,
 }
 
 impl RepoId {
     /// Parses a hub id; `None` for anything else (a model argument that is not an
     /// existing path is tried as a hub id only when it has this shape).
     pub fn parse(s: &str) -> Option<RepoId> {
+        let (s, file) = match s.split_once(':') {
+            Some((head, f))
+                if !f.is_empty()
+                    && !f.starts_with('/')
+                    && !f.split('/').any(|c| c.is_empty() || c == "." || c == "..")
+                    && f.chars().all(|c| {
+                        c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/')
+                    }) =>
+            {
+                (head, Some(f.to_string()))
+            }
+            Some(_) => return None,
+            None => (s, None),
+        };
         let (repo, revision) = match s.split_once('@') {
             Some((r, rev)) if !rev.is_empty() && !rev.contains("..") => (r, rev),
             Some(_) => return None,
@@ -71,6 +88,7 @@ impl RepoId {
         (part(org) && part(name) && rev_ok).then(|| RepoId {
             repo: repo.to_string(),
             revision: revision.to_string(),
+            file,
         })
     }
 
@@ -83,9 +101,13 @@ impl RepoId {
 impl std::fmt::Display for RepoId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         if self.revision == "main" {
-            write!(f, "{}", self.repo)
+            write!(f, "{}", self.repo)?;
         } else {
-            write!(f, "{}@{}", self.repo, self.revision)
+            write!(f, "{}@{}", self.repo, self.revision)?;
+        }
+        match &self.file {
+            Some(file) => write!(f, ":{file}"),
+            None => Ok(()),
         }
     }
 }
@@ -170,7 +192,11 @@ pub fn open_model(
             "no such file or directory; tried as a Hugging Face hub id too, which failed: {e}"
         ),
     })?;
-    let mut ck = crate::Checkpoint::open(&origin.snapshot)?;
+    let target = match &id.file {
+        Some(file) => origin.snapshot.join(file),
+        None => origin.snapshot.clone(),
+    };
+    let mut ck = crate::Checkpoint::open(&target)?;
     ck.source = PathBuf::from(id.to_string());
     ck.hub = Some(origin);
     Ok(ck)
@@ -205,7 +231,11 @@ pub fn resolve(
     let repo_dir = settings.cache.join(id.folder());
     if let Some(commit) = cached_commit(&repo_dir, &id.revision) {
         let snapshot = repo_dir.join("snapshots").join(&commit);
-        if weights_complete(&snapshot) {
+        let complete = match &id.file {
+            Some(file) => snapshot.join(file).is_file(),
+            None => weights_complete(&snapshot),
+        };
+        if complete {
             tracing::info!(repo = %id, commit = %commit, "found in the Hugging Face cache");
             return Ok(HubOrigin {
                 repo_id: id.repo.clone(),
@@ -447,7 +477,19 @@ fn download(
             .filter(|f| f.ends_with(ext) && !f.contains('/'))
             .collect()
     };
-    let weights: Vec<String> = if files.contains(&"model.safetensors.index.json") {
+    let weights: Vec<String> = if let Some(file) = &id.file {
+        if !files.contains(&file.as_str()) {
+            return Err(hub_error(
+                id,
+                format!(
+                    "revision {} has no file `{file}`{}",
+                    id.revision,
+                    gguf_list(&files)
+                ),
+            ));
+        }
+        vec![file.clone()]
+    } else if files.contains(&"model.safetensors.index.json") {
         fetch("model.safetensors.index.json", progress)?;
         shards_of(id, &snapshot.join("model.safetensors.index.json"))?
     } else if files.contains(&"model.safetensors") {
@@ -457,6 +499,16 @@ fn download(
             .into_iter()
             .map(String::from)
             .collect()
+    } else if !top_level(".gguf").is_empty() {
+        // A repo of GGUF quants: downloading all of them is never what is meant.
+        return Err(hub_error(
+            id,
+            format!(
+                "revision {} has no model.safetensors(.index.json){}",
+                id.revision,
+                gguf_list(&files)
+            ),
+        ));
     } else if files.contains(&"pytorch_model.bin.index.json") {
         fetch("pytorch_model.bin.index.json", progress)?;
         shards_of(id, &snapshot.join("pytorch_model.bin.index.json"))?
@@ -466,8 +518,9 @@ fn download(
         return Err(hub_error(
             id,
             format!(
-                "revision {} has no model.safetensors(.index.json) or pytorch_model.bin(.index.json)",
-                id.revision
+                "revision {} has no model.safetensors(.index.json) or pytorch_model.bin(.index.json){}",
+                id.revision,
+                gguf_list(&files)
             ),
         ));
     };
@@ -485,6 +538,22 @@ fn download(
         commit,
         snapshot,
     })
+}
+
+/// For a repo of GGUF files: which, and how to name one.
+fn gguf_list(files: &[&str]) -> String {
+    let ggufs: Vec<&str> = files
+        .iter()
+        .copied()
+        .filter(|f| f.ends_with(".gguf"))
+        .collect();
+    if ggufs.is_empty() {
+        return String::new();
+    }
+    format!(
+        "; it holds GGUF files ({}): name one as ORG/NAME:FILE.gguf",
+        ggufs.join(", ")
+    )
 }
 
 /// The shard files an index names (already checked to stay inside the snapshot).
@@ -669,7 +738,20 @@ mod tests {
         let id = RepoId::parse("meta-llama/Llama-3.1-8B@refs/pr/12").unwrap();
         assert_eq!(id.revision, "refs/pr/12");
         assert_eq!(id.to_string(), "meta-llama/Llama-3.1-8B@refs/pr/12");
+        let id = RepoId::parse("unsloth/Qwen3-8B-GGUF@v2:Qwen3-8B-Q4_K_M.gguf").unwrap();
+        assert_eq!(
+            (id.repo.as_str(), id.revision.as_str(), id.file.as_deref()),
+            ("unsloth/Qwen3-8B-GGUF", "v2", Some("Qwen3-8B-Q4_K_M.gguf"))
+        );
+        assert_eq!(
+            id.to_string(),
+            "unsloth/Qwen3-8B-GGUF@v2:Qwen3-8B-Q4_K_M.gguf"
+        );
         for bad in [
+            "a/b:",
+            "a/b:../x.gguf",
+            "a/b:/etc/passwd",
+            "a/b:x y.gguf",
             "model",
             "./a/b",
             "a/b/c",

@@ -597,3 +597,60 @@ fn huggingface_hub_and_weightdiff_share_one_cache() {
     args.extend(files.keys().map(std::ffi::OsStr::new));
     python(&args);
 }
+
+#[test]
+fn one_gguf_file_of_a_repo_is_named_after_a_colon_and_only_it_is_downloaded() {
+    if !crate::interop::python_has("numpy, safetensors, gguf") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/gguf_fixtures.py");
+    let out = crate::interop::python()
+        .arg(script)
+        .arg("models")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let q8 = std::fs::read(dir.path().join("llama_q8.gguf")).unwrap();
+    let other = std::fs::read(dir.path().join("llama.gguf")).unwrap();
+    let files = BTreeMap::from([
+        ("README.md".to_string(), b"# quants".to_vec()),
+        ("llama-Q8_0.gguf".to_string(), q8),
+        ("llama-F32.gguf".to_string(), other),
+    ]);
+    let hub = fake_hub("acme/llama-GGUF", files, None);
+    let cache = dir.path().join("cache");
+    wd(&cache)
+        .env("HF_ENDPOINT", &hub.url)
+        .args(["compare", "--quiet", "--no-lora", "-o"])
+        .arg(dir.path().join("out"))
+        .arg(dir.path().join("llama_q8.safetensors"))
+        .arg("acme/llama-GGUF:llama-Q8_0.gguf")
+        .assert()
+        .success();
+    let wd_json = read_json(&dir.path().join("out/weight_differences.json"));
+    assert_eq!(wd_json["finetuned"], "acme/llama-GGUF:llama-Q8_0.gguf");
+    assert_eq!(wd_json["quantization"][0]["storage"], "Q8_0");
+    let log = hub.log.lock().unwrap().clone();
+    let got: Vec<&String> = log.iter().filter(|l| l.starts_with("GET ")).collect();
+    assert!(got.iter().any(|l| l.contains("llama-Q8_0.gguf")), "{got:?}");
+    for never in ["llama-F32.gguf", "README.md"] {
+        assert!(!got.iter().any(|l| l.contains(never)), "{never}: {got:?}");
+    }
+    // Without a file: the error lists the repo's GGUF files and says how to name one.
+    wd(&cache)
+        .env("HF_ENDPOINT", &hub.url)
+        .args(["compare", "--quiet", "--no-lora", "-o"])
+        .arg(dir.path().join("out2"))
+        .arg(dir.path().join("llama_q8.safetensors"))
+        .arg("acme/llama-GGUF")
+        .assert()
+        .code(2)
+        .stderr(predicates::str::contains("llama-Q8_0.gguf"))
+        .stderr(predicates::str::contains("ORG/NAME:FILE.gguf"));
+}
