@@ -523,9 +523,9 @@ pub fn trajectory_labels(paths: &[PathBuf]) -> Vec<String> {
         let stem = p
             .file_name()
             .map(|n| {
-                n.to_string_lossy()
-                    .trim_end_matches(".safetensors")
-                    .to_string()
+                let n = n.to_string_lossy();
+                let n = n.trim_end_matches(".safetensors").trim_end_matches(".gguf");
+                n.to_string()
             })
             .filter(|n| !n.is_empty() && n != "." && n != "..")
             .unwrap_or_else(|| format!("finetuned-{}", i + 1));

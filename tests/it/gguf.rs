@@ -672,3 +672,39 @@ fn a_q8_0_quant_decodes_exactly_and_its_error_against_the_original_is_reported()
         "{m:?}"
     );
 }
+
+#[test]
+fn several_quants_against_the_original_in_one_pass_and_two_quants_against_each_other() {
+    if !ready() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    fixtures("models", dir.path());
+    let p = |n: &str| dir.path().join(n);
+    // The original against its Q8_0 quant and against gguf-py's dequantization of it
+    // (stored F32): one pass over the original, a directory per quant.
+    crate::common::weightdiff()
+        .args(["compare", "--no-lora", "--quiet", "-o"])
+        .arg(p("several"))
+        .arg(p("llama_q8.safetensors"))
+        .arg(p("llama_q8.gguf"))
+        .arg(p("llama_q8_dequant.safetensors"))
+        .assert()
+        .success();
+    let q8 = crate::common::read_json(&p("several/llama_q8/weight_differences.json"));
+    let deq = crate::common::read_json(&p("several/llama_q8_dequant/weight_differences.json"));
+    let name = "model.layers.0.mlp.up_proj.weight";
+    assert_eq!(
+        q8["all_differences"][name]["l2_diff"], deq["all_differences"][name]["l2_diff"],
+        "the quant and its reference dequantization differ from the original alike"
+    );
+    assert_eq!(q8["quantization"][0]["storage"], "Q8_0");
+    assert!(p("several/trajectory.json").is_file());
+    // Two encodings of one model against each other: the GGUF against gguf-py's F32.
+    let wd = compare_cli_json(
+        &p("llama_q8.gguf"),
+        &p("llama_q8_dequant.safetensors"),
+        &p("pair"),
+    );
+    assert_eq!(wd["modified_layers"].as_array().unwrap().len(), 0);
+}
