@@ -243,7 +243,12 @@ fn compare_pair(
     let mut c = pipeline::compare(base, ft, opts, obs)?;
     obs.stage_done();
     let unsettled = relatedness::needs_low_rank_evidence(&c);
+    let quantized = report::quantization::dominates(&c);
+    if let Some(q) = quantized.as_ref().filter(|_| lora.is_some()) {
+        obs.info(&report::quantization::skipped_sentence(q));
+    }
     if (unsettled || relatedness::assess(&c).verdict.is_none())
+        && quantized.is_none()
         && let Some(lo) = lora.filter(|_| c.complete)
     {
         obs.info(&format!(
@@ -472,7 +477,15 @@ fn compare_several(job: &CompareJob, obs: &dyn Observer) -> Result<Outcome> {
     let mut all_written: Vec<PathBuf> = Vec::new();
     let mut summaries = Vec::new();
     for ((c, ft), label) in cs.iter_mut().zip(&fts).zip(&labels) {
+        let quantized = report::quantization::dominates(c);
+        if let Some(q) = quantized.as_ref().filter(|_| job.lora.is_some()) {
+            obs.info(&format!(
+                "{label}: {}",
+                report::quantization::skipped_sentence(q)
+            ));
+        }
         if !not_a_derivative(c, job.lora.is_some(), obs)
+            && quantized.is_none()
             && let Some(lo) = job.lora.as_ref().filter(|_| c.complete)
         {
             c.lora = Some(pipeline::analyze_lora(&base, ft, c, lo)?);

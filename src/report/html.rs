@@ -149,6 +149,12 @@ fn summary(s: &mut String, c: &Comparison, lora: Option<&LoraDocs>) {
             }
         }
         let _ = writeln!(s, "</div>");
+    } else if let Some(q) = super::quantization::dominates(c) {
+        let _ = writeln!(
+            s,
+            "<div class=\"verdict\" id=\"verdict\" data-kind=\"\">{}</div>",
+            esc(&super::quantization::skipped_sentence(&q))
+        );
     } else {
         let _ = writeln!(
             s,

@@ -96,6 +96,49 @@ pub fn by_storage(c: &Comparison) -> Vec<QuantGroup> {
         .collect()
 }
 
+/// When every modified matrix is stored differently by the two models, their
+/// differences are quantization error, which would hide a fine-tune smaller than it: a
+/// low-rank verdict or adapter would describe the quantization. Returns the storages and
+/// their SNR, in words, for the message that says why the low-rank stage is skipped.
+pub fn dominates(c: &Comparison) -> Option<String> {
+    let groups = by_storage(c);
+    if groups.is_empty() {
+        return None;
+    }
+    let stored_differently: std::collections::BTreeSet<&str> = c
+        .mismatches
+        .iter()
+        .filter(|m| m.kind == "dtype")
+        .map(|m| m.name.as_str())
+        .collect();
+    let all = c
+        .results
+        .iter()
+        .filter(|(_, m)| m.is_modified() && m.shape.len() >= 2)
+        .all(|(n, _)| stored_differently.contains(n.as_str()));
+    all.then(|| {
+        groups
+            .iter()
+            .map(|g| {
+                format!(
+                    "{} ({})",
+                    g.storage,
+                    g.snr_db
+                        .map_or("exact".into(), |x| format!("SNR {x:.1} dB"))
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    })
+}
+
+/// The sentence the reports give when [`dominates`] skipped the low-rank stage.
+pub fn skipped_sentence(storages: &str) -> String {
+    format!(
+        "No LoRA analysis: the two models store every modified matrix differently ({storages}), so their differences are quantization error, which hides any fine-tune smaller than it; a low-rank verdict or adapter would describe the quantization."
+    )
+}
+
 /// The groups as lines of text (comparison_report.txt).
 pub fn lines(groups: &[QuantGroup]) -> Vec<String> {
     let mut out = Vec::new();

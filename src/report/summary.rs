@@ -119,6 +119,8 @@ pub fn render(c: &Comparison, lora: Option<&LoraDocs>, written: &[PathBuf], top:
 
     if let Some(docs) = lora.filter(|_| related.verdict.is_none()) {
         lora_section(w, c, docs);
+    } else if let Some(q) = super::quantization::dominates(c) {
+        let _ = writeln!(w, "\n{}", super::quantization::skipped_sentence(&q));
     }
 
     let _ = writeln!(w, "\nMost modified (by relative diff)");

@@ -83,6 +83,22 @@ fn fp8_against_its_bf16_original_shows_the_quantization_error_not_the_codes() {
     assert!((25.0..40.0).contains(&snr), "E4M3 SNR {snr} dB");
     let page = std::fs::read_to_string(p("quant/report.html")).unwrap();
     assert!(page.contains("id=\"quantization\""));
+    // With the low-rank stage on: no verdict of a fine-tune and no adapter made of
+    // quantization error; the reports say why.
+    let o = weightdiff()
+        .args(["compare", "-o"])
+        .arg(p("with-lora"))
+        .arg(p("base"))
+        .arg(p("fp8"))
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("quantization error"));
+    assert!(!p("with-lora/lora_adapter").exists());
+    let report = std::fs::read_to_string(p("with-lora/comparison_report.txt")).unwrap();
+    assert!(
+        report.contains("No LoRA analysis: the two models store every modified matrix differently")
+    );
     // An unknown method is compared as stored, and says so on stderr and in the reports.
     let (wd, stderr) = compare(&p("base"), &p("unknown"), &p("unknown-out"));
     assert!(stderr.contains("does not dequantize"), "{stderr}");
