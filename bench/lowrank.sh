@@ -5,7 +5,9 @@
 # analysis + rank-16 extraction). Page cache warm before each timed command. Prints the
 # medians, the ratio compare / compare --no-lora (target <= 3x) and the load.
 #
-# usage: bench/lowrank.sh [REPS] [PAIR_DIR...]
+# usage: [WD_BASE=/path/to/old/weightdiff] bench/lowrank.sh [REPS] [PAIR_DIR...]
+#   WD_BASE: an older build timed in the same alternation (rows <pair>_base_no_lora,
+#   <pair>_base_compare), for before/after ratios measured in one run
 #   (default 3 reps; pairs from make_pair.py, e.g. /work/data/p06 = --preset qwen3-0.6b
 #    --targets all-linear --dense-noise 0.01, /work/data/p32 = --preset qwen3-32b
 #    --layers 4 --targets none --dense-noise 0.01 --dense-noise-targets '.*')
@@ -26,6 +28,10 @@ for i in $(seq "$REPS"); do
     warm; timed "$RESULTS" "${tag}_mmappass" "$MMAPPASS" $files
     warm; timed "$RESULTS" "${tag}_no_lora" "$WD" compare "$pair/base" "$pair/ft" -o "$WORK/out-$tag-nl" --quiet --no-lora
     warm; timed "$RESULTS" "${tag}_compare" "$WD" compare "$pair/base" "$pair/ft" -o "$WORK/out-$tag" --quiet
+    if [ -n "${WD_BASE:-}" ]; then
+      warm; timed "$RESULTS" "${tag}_base_no_lora" "$WD_BASE" compare "$pair/base" "$pair/ft" -o "$WORK/out-$tag-bnl" --quiet --no-lora
+      warm; timed "$RESULTS" "${tag}_base_compare" "$WD_BASE" compare "$pair/base" "$pair/ft" -o "$WORK/out-$tag-b" --quiet
+    fi
   done
 done
 python3 - "$RESULTS" <<'PY'

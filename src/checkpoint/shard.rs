@@ -196,9 +196,9 @@ impl Shard {
         }
         let len_usize = usize::try_from(len).map_err(std::io::Error::other)?;
         let read = || -> std::io::Result<Window> {
-            let mut buf = vec![0u8; len_usize];
-            self.file.read_exact_at(&mut buf, offset)?;
-            Ok(Window::Read(buf))
+            let mut buf = take_buffer(len_usize);
+            self.file.read_exact_at(&mut buf[..len_usize], offset)?;
+            Ok(Window::Pooled(buf, len_usize))
         };
         if mode == ReadMode::Pread {
             return read();
@@ -233,12 +233,84 @@ pub enum ReadMode {
     Mmap,
 }
 
+/// Read buffers kept per thread for the next windows. A window's buffer is given back
+/// when the window drops, so a thread that reads window after window (the diff's workers,
+/// the low-rank stage's row blocks) reuses the same few buffers instead of asking the
+/// allocator for fresh `len`-byte zeroed memory each time: fresh pages cost a page
+/// fault and a zeroing per 4 KiB (14 % of the low-rank stage's time on the 32B-shaped
+/// pair, and ~2.3 s per GiB first touched on these machines, BENCHMARKS.md).
+/// The diff holds at most two windows per thread (base and fine-tuned) and the stage
+/// two more, so four buffers suffice; larger ones are kept first.
+const POOLED_BUFFERS: usize = 4;
+/// Buffers larger than this are not kept (a gathered PyTorch tensor, a one-off whole
+/// matrix): resident memory stays bounded by threads × POOLED_BUFFERS × this.
+const POOLED_MAX_BYTES: usize = 32 << 20;
+
+thread_local! {
+    static POOL: std::cell::RefCell<Vec<Vec<u8>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// A buffer of at least `len` bytes from this thread's pool: the smallest that holds
+/// `len`, else the largest, grown (only the growth is zeroed; the read overwrites the
+/// rest). Buffers are never shrunk, so a window smaller than its buffer costs nothing.
+fn take_buffer(len: usize) -> Vec<u8> {
+    let pooled = POOL
+        .try_with(|p| {
+            let mut p = p.borrow_mut();
+            let i = p
+                .iter()
+                .enumerate()
+                .filter(|(_, b)| b.len() >= len)
+                .min_by_key(|(_, b)| b.len())
+                .or_else(|| p.iter().enumerate().max_by_key(|(_, b)| b.len()))
+                .map(|(i, _)| i);
+            i.map(|i| p.swap_remove(i))
+        })
+        .ok()
+        .flatten();
+    let mut buf = pooled.unwrap_or_default();
+    if buf.len() < len {
+        buf.resize(len, 0);
+    }
+    buf
+}
+
+/// Returns a window's buffer to this thread's pool (the smallest goes when it is full).
+fn give_back(buf: Vec<u8>) {
+    if buf.is_empty() || buf.len() > POOLED_MAX_BYTES {
+        return;
+    }
+    let _ = POOL.try_with(|p| {
+        let mut p = p.borrow_mut();
+        p.push(buf);
+        if p.len() > POOLED_BUFFERS {
+            let i = p
+                .iter()
+                .enumerate()
+                .min_by_key(|(_, b)| b.len())
+                .map(|(i, _)| i)
+                .expect("non-empty");
+            p.swap_remove(i);
+        }
+    });
+}
+
 /// A view of some bytes of a shard: mapped, read into a buffer, or a range of a tensor
 /// gathered once and shared by its windows.
 pub enum Window {
     Mapped(Mmap),
     Read(Vec<u8>),
+    /// The first `.1` bytes of a buffer of this thread's pool, given back on drop.
+    Pooled(Vec<u8>, usize),
     Shared(std::sync::Arc<Vec<u8>>, std::ops::Range<usize>),
+}
+
+impl Drop for Window {
+    fn drop(&mut self) {
+        if let Window::Pooled(v, _) = self {
+            give_back(std::mem::take(v));
+        }
+    }
 }
 
 impl Deref for Window {
@@ -247,7 +319,40 @@ impl Deref for Window {
         match self {
             Window::Mapped(m) => m,
             Window::Read(v) => v,
+            Window::Pooled(v, len) => &v[..*len],
             Window::Shared(v, r) => &v[r.clone()],
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A window's buffer goes back to the thread's pool and serves the next read of the
+    /// same or a smaller size without a new allocation; reads still see only their bytes.
+    #[test]
+    fn read_buffers_are_reused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.bin");
+        let data: Vec<u8> = (0..4096u32).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&path, &data).unwrap();
+        let shard = Shard::from_tensors(
+            &path,
+            File::open(&path).unwrap(),
+            data.len() as u64,
+            Vec::new(),
+        );
+        let w = shard.window(0, 2048, ReadMode::Pread).unwrap();
+        assert_eq!(&w[..], &data[..2048]);
+        let ptr = w.as_ptr();
+        drop(w);
+        let w = shard.window(100, 1000, ReadMode::Pread).unwrap();
+        assert_eq!(w.as_ptr(), ptr, "the pooled buffer is reused");
+        assert_eq!(&w[..], &data[100..1100]);
+        // Two windows alive at once get two buffers.
+        let w2 = shard.window(0, 10, ReadMode::Pread).unwrap();
+        assert_ne!(w2.as_ptr(), ptr);
+        assert_eq!(&w2[..], &data[..10]);
     }
 }

@@ -23,8 +23,9 @@
 //! Memory beyond Δ itself: Ω, Y, Z, Q, B and the factors, O((m + n)·l). When Δ is too large
 //! to hold (see [`crate::lowrank::LowRankOptions::dense_budget_bytes`]), it is never
 //! materialized: each product streams row blocks of Δ decoded from the stored bytes, at
-//! the cost of one read of the tensor per product (2q + 2 reads, plus one for the
-//! residual check of extracted factors); a held Δ is read once, in the product
+//! the cost of one read of the tensor per product (2q + 2 reads; the residual of the
+//! stored factors is then derived from the sketch, `extract::derived_stored_residual`,
+//! not measured by one more read); a held Δ is read once, in the product
 //! precision, into a buffer each worker thread reuses from tensor to tensor.
 //!
 //! When l reaches min(m, n) the randomized method buys nothing and the exact thin SVD of
@@ -178,9 +179,13 @@ impl<'a> Operator<'a> {
             } else if src.single_precision() {
                 // Reused from this thread's last tensor: fresh pages cost ~20x more to
                 // touch than warm ones (BENCHMARKS.md).
+                // Every element is overwritten by the read: only growth is zeroed.
                 let mut buf = HELD_F32.with(|p| std::mem::take(&mut *p.borrow_mut()));
-                buf.clear();
-                buf.resize(m * n, 0.0);
+                if buf.len() > m * n {
+                    buf.truncate(m * n);
+                } else {
+                    buf.resize(m * n, 0.0);
+                }
                 let st = read_held(src, &mut buf, cancel, |r0, r1, out| {
                     src.read_rows_f32(r0, r1, out)
                 })?;
