@@ -90,10 +90,6 @@ pub enum Error {
     #[error("{0}")]
     Shared(Arc<Error>),
 
-    /// An error already rendered to text. Being replaced by [`Error::Shared`].
-    #[error("{0}")]
-    Message(String),
-
     /// What a job was doing when `error` happened ("cannot read the base model").
     #[error("{what}: {error}")]
     During { what: String, error: Box<Error> },

@@ -132,7 +132,11 @@ pub fn model_info(ck: &Checkpoint) -> ModelInfo {
         .collect();
     tensors.sort_by(|a, b| natural_cmp(&a.name, &b.name));
     let mut warnings = ck.warnings.clone();
-    warnings.extend(ck.broken.values().cloned());
+    warnings.extend(
+        ck.broken
+            .iter()
+            .map(|(name, e)| format!("tensor `{name}`: {e}")),
+    );
     ModelInfo {
         source: ck.source.display().to_string(),
         files: ck.shard_paths().map(|p| p.display().to_string()).collect(),
@@ -195,7 +199,7 @@ pub fn compare_many(
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(opts.threads.unwrap_or(0))
         .build()
-        .map_err(|e| Error::InvalidOption(format!("cannot start worker threads: {e}")))?;
+        .map_err(|e| Error::Threads(e.to_string()))?;
     let threads = pool.current_num_threads();
     pool.install(|| compare_in_pool(base, finetuned, opts, progress, threads))
 }
@@ -260,7 +264,7 @@ fn prepare_side(base: &Checkpoint, ft: &Checkpoint, opts: &CompareOptions) -> Si
             .map(|&i| {
                 let p = &paired.pairs[i];
                 let (sa, sb) = sizes(p);
-                (p.name.as_str(), compared_elements(p) * (sa + sb) as u64)
+                (p.name.as_str(), p.compared_elements() * (sa + sb) as u64)
             })
             .collect();
         let owner = plan::assign(&items, sh.count);
@@ -326,7 +330,7 @@ fn compare_in_pool(
                 ft: f,
                 pair: i,
                 windows: 0,
-                bytes: compared_elements(p) * (sa + sb) as u64,
+                bytes: p.compared_elements() * (sa + sb) as u64,
             });
         }
     }
@@ -349,7 +353,7 @@ fn compare_in_pool(
         let per = (opts.window_bytes / sa.max(sb) as u64).max(1);
         let n_max = members
             .iter()
-            .map(|&j| compared_elements(pair_of(&jobs[j])))
+            .map(|&j| pair_of(&jobs[j]).compared_elements())
             .max()
             .expect("non-empty");
         // A tensor with no elements still gets one (empty) window, so it is reported.
@@ -362,7 +366,7 @@ fn compare_in_pool(
             });
         }
         for &j in members {
-            jobs[j].windows = compared_elements(pair_of(&jobs[j])).div_ceil(per).max(1) as usize;
+            jobs[j].windows = pair_of(&jobs[j]).compared_elements().div_ceil(per).max(1) as usize;
         }
     }
     let remaining: Vec<AtomicUsize> = jobs.iter().map(|j| AtomicUsize::new(j.windows)).collect();
@@ -580,14 +584,6 @@ fn sizes(p: &TensorPair) -> (usize, usize) {
     (da.size(), db.size())
 }
 
-/// Elements compared: all of them, or the leading rows both shapes share.
-pub(crate) fn compared_elements(p: &TensorPair) -> u64 {
-    match p.leading_rows {
-        Some(rows) => rows as u64 * p.base.shape[1..].iter().map(|&d| d as u64).product::<u64>(),
-        None => p.base.numel(),
-    }
-}
-
 /// Runs one window of a group: reads the base window once, then compares it with the
 /// same window of every job (fine-tuned model) of the group that reaches this far.
 /// Returns, per member, `None` when the job has no such window.
@@ -606,7 +602,8 @@ fn run_group_unit(
     let in_window = |j: usize| u.idx < jobs[j].windows;
     // Elements of this window that job j compares (its tensor may be shorter: resized rows).
     let len_of = |j: usize| {
-        compared_elements(pair(j))
+        pair(j)
+            .compared_elements()
             .saturating_sub(u.start)
             .min(u.len)
     };
@@ -629,10 +626,10 @@ fn run_group_unit(
     let wa = match base.read(&first.base, u.start * sa, len * sa) {
         Ok(w) => w,
         Err(e) => {
-            let msg = e.to_string();
+            let shared = Arc::new(e);
             return members
                 .iter()
-                .map(|&j| in_window(j).then(|| Err(Error::Message(msg.clone()))))
+                .map(|&j| in_window(j).then(|| Err(Error::Shared(shared.clone()))))
                 .collect();
         }
     };
@@ -710,10 +707,12 @@ fn finish_tensor(p: &TensorPair, o: UnitOut, verify: bool) -> Result<TensorMetri
     if p.finetuned.shape != p.base.shape {
         m.finetuned_shape = Some(p.finetuned.shape.clone());
     }
-    m.dtype = da.to_string();
-    if da != db {
-        m.finetuned_dtype = Some(db.to_string());
+    // The storage (`Q4_K`, `F8_E4M3, F32 scales 128×128`), not only the decoded dtype.
+    let (sa, sb) = (p.base.dtype_name(), p.finetuned.dtype_name());
+    if sa != sb || da != db {
+        m.finetuned_dtype = Some(sb);
     }
+    m.dtype = sa;
     m.compared_rows = p.leading_rows;
     m.identical = o.identical && p.leading_rows.is_none();
     m.total_time = o.total;
@@ -936,7 +935,7 @@ pub fn analyze_lora_parts_with(
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(opts.threads.unwrap_or(0))
         .build()
-        .map_err(|e| Error::InvalidOption(format!("cannot start worker threads: {e}")))?;
+        .map_err(|e| Error::Threads(e.to_string()))?;
     // Tensors run in parallel; each one's linear algebra stays on its thread.
     faer::set_global_parallelism(faer::Par::Seq);
     pool.install(|| lora_parts(base, finetuned, c, opts, progress))
@@ -1299,10 +1298,11 @@ fn push_candidate(out: &mut Vec<SavedTensor>, finetuned: &Checkpoint, name: &str
     let Some(t) = finetuned.tensors().get(name) else {
         return Ok(());
     };
-    let dtype = *t
-        .dtype
-        .as_ref()
-        .map_err(|d| Error::InvalidOption(format!("{name}: unsupported dtype {d}")))?;
+    let dtype = *t.dtype.as_ref().map_err(|d| Error::Tensor {
+        path: finetuned.path_of(t).to_path_buf(),
+        tensor: name.to_string(),
+        reason: format!("unsupported dtype {d}"),
+    })?;
     out.push(SavedTensor {
         key,
         dtype,

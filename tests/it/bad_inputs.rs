@@ -170,6 +170,14 @@ fn a_tensor_listed_by_the_index_but_absent_from_its_shard_is_a_tensor_error() {
     let base = sharded_model(&dir.path().join("base"), index);
     let ft = sharded_model(&dir.path().join("ft"), index);
     assert_clean_failure(&base, &ft, 1, "absent from this shard", "ghost tensor");
+    // inspect names the tensor too.
+    weightdiff()
+        .arg("inspect")
+        .arg(&base)
+        .assert()
+        .code(1)
+        .stdout(predicates::str::contains("tensor `ghost`"))
+        .stdout(predicates::str::contains("absent from this shard"));
     let wd = read_json(&dir.path().join("out/weight_differences.json"));
     assert!(
         wd["errors"]["ghost"]
