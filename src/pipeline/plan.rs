@@ -1,11 +1,12 @@
-//! The shard plan: which tensor pairs one process of a sharded run (`compare --shard
-//! I/N`) compares.
+//! The plan: which tensor pairs a run compares (its shard of a sharded run, `compare
+//! --shard I/N`), and the windows each pair is cut into.
 //!
 //! Assignment: pairs are sorted by size (bytes of both sides, largest first) then name,
 //! and each goes to the shard with the fewest bytes so far (ties to the lower index).
 //! This balances bytes, and depends only on names and sizes, never on the order of the
 //! index or the files, so every process of a job computes the same plan.
 
+use super::*;
 use serde::{Deserialize, Serialize};
 
 /// Shard `index` (0-based) of `count`.
@@ -57,6 +58,95 @@ pub fn assign(items: &[(&str, u64)], count: usize) -> Vec<usize> {
         out[i] = s;
     }
     out
+}
+
+pub(super) struct Side {
+    pub(super) paired: pairing::Pairing,
+    pub(super) errors: BTreeMap<String, String>,
+    pub(super) filtered_out: usize,
+    /// Indices into `paired.pairs` of the pairs to compare (selected, decodable, this shard's).
+    pub(super) selected: Vec<usize>,
+    /// Results a resumed run takes from its journal.
+    pub(super) recovered: BTreeMap<String, TensorMetrics>,
+    pub(super) overlap: crate::comparison::Overlap,
+}
+
+pub(super) struct Job {
+    pub(super) ft: usize,
+    pub(super) pair: usize,
+    /// Windows of this job.
+    pub(super) windows: usize,
+    pub(super) bytes: u64,
+}
+
+pub(super) fn prepare_side(base: &Checkpoint, ft: &Checkpoint, opts: &CompareOptions) -> Side {
+    let paired = pairing::pair(base.tensors(), ft.tensors());
+    let mut errors: BTreeMap<String, String> = BTreeMap::new();
+    for (name, why) in base.broken.iter().chain(ft.broken.iter()) {
+        errors.insert(name.clone(), why.clone());
+    }
+    let wanted = |name: &str| {
+        opts.include.as_ref().is_none_or(|r| r.is_match(name))
+            && !opts.exclude.as_ref().is_some_and(|r| r.is_match(name))
+    };
+    let mut filtered_out = 0;
+    let mut selected = Vec::new();
+    for (i, p) in paired.pairs.iter().enumerate() {
+        if !wanted(&p.name) {
+            filtered_out += 1;
+            continue;
+        }
+        match (&p.base.dtype, &p.finetuned.dtype) {
+            (Ok(_), Ok(_)) => selected.push(i),
+            (Err(d), _) | (_, Err(d)) => {
+                let path = if p.base.dtype.is_err() {
+                    base.path_of(&p.base)
+                } else {
+                    ft.path_of(&p.finetuned)
+                };
+                errors.insert(
+                    p.name.clone(),
+                    format!("{}: unsupported dtype {d}", path.display()),
+                );
+            }
+        }
+    }
+    // A shard keeps its share of the pairs (module `shards` says how it is chosen).
+    if let Some(sh) = opts.shard {
+        let items: Vec<(&str, u64)> = selected
+            .iter()
+            .map(|&i| {
+                let p = &paired.pairs[i];
+                let (sa, sb) = sizes(p);
+                (p.name.as_str(), p.compared_elements() * (sa + sb) as u64)
+            })
+            .collect();
+        let owner = plan::assign(&items, sh.count);
+        selected = selected
+            .into_iter()
+            .zip(owner)
+            .filter(|(_, o)| *o == sh.index)
+            .map(|(i, _)| i)
+            .collect();
+    }
+    Side {
+        overlap: crate::relatedness::overlap(base, ft, &paired),
+        paired,
+        errors,
+        filtered_out,
+        selected,
+        recovered: BTreeMap::new(),
+    }
+}
+
+pub(super) fn sizes(p: &TensorPair) -> (usize, usize) {
+    let da = p.base.dtype.as_ref().expect("dtype checked before cutting");
+    let db = p
+        .finetuned
+        .dtype
+        .as_ref()
+        .expect("dtype checked before cutting");
+    (da.size(), db.size())
 }
 
 #[cfg(test)]

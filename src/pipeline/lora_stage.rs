@@ -1,0 +1,872 @@
+//! The low-rank stage: each modified matrix's delta streamed in row blocks from both
+//! checkpoints into the randomized SVD ([`crate::lowrank`]), the rank rule and verdict,
+//! the LoRA factors, and the adapter's contents by the PEFT policy ([`crate::peft`]);
+//! journaled per matrix so `--resume` redoes nothing, and stopped within a block on a
+//! cancel.
+
+use super::diff::lock;
+use super::*;
+
+/// Options of the low-rank stage (`compare` without `--no-lora`, and `extract-lora`).
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct LoraOptions {
+    pub lowrank: LowRankOptions,
+    /// Extract factors; when false the deltas are only analysed.
+    pub extract: bool,
+    /// Leaf module names to extract (`None`: every changed matrix).
+    pub modules: Option<Vec<String>>,
+    /// Storage dtype of the factors (`None`: the base tensor's, F32 for non-16-bit bases).
+    pub dtype: Option<DType>,
+    /// Give every module exactly the fixed rank of the rank rule.
+    pub uniform_rank: bool,
+    /// Leave changed 1-D tensors out of the adapter (with a note) instead of saving them
+    /// whole through `modules_to_save`.
+    pub skip_undecomposable: bool,
+    /// Worker threads; `None` for all cores.
+    pub threads: Option<usize>,
+    /// `--task-type`: overrides the task type read from `config.json`.
+    #[serde(default)]
+    pub task_type: Option<crate::peft::TaskOverride>,
+    /// The runtime the adapter is written for.
+    #[serde(default)]
+    pub profile: crate::peft::Profile,
+    /// Set (by a signal handler) to stop: the stage ends within a row block, the tensors
+    /// not finished are listed in [`LoraParts::not_analysed`] and the report is marked
+    /// incomplete.
+    #[serde(skip)]
+    pub cancel: Option<Arc<AtomicBool>>,
+    /// Journal finished matrices in this directory (with the diff's fingerprint), and
+    /// with `true` take the ones a journal there holds instead of redoing them
+    /// (`--resume`). The journal is keyed by the diff's fingerprint plus these options.
+    #[serde(skip)]
+    pub journal: Option<(PathBuf, Fingerprint, bool)>,
+}
+
+/// Δ rows of a pair, decoded from windows of both checkpoints.
+struct PairDelta<'a> {
+    base: &'a Checkpoint,
+    finetuned: &'a Checkpoint,
+    pair: &'a TensorPair,
+    m: usize,
+    n: usize,
+}
+
+/// Stored mantissa bits and smallest normal exponent of a float dtype, for the rounding
+/// error of a stored value: ulp(x) = 2^(max(⌊log₂|x|⌋, e_min) − bits).
+fn rounding_model(d: DType) -> Option<(i32, i32)> {
+    match d {
+        DType::BF16 => Some((7, -126)),
+        DType::F16 => Some((10, -14)),
+        DType::F32 => Some((23, -126)),
+        DType::F64 => Some((52, -1022)),
+        DType::F8E4M3 => Some((3, -6)),
+        DType::F8E5M2 => Some((2, -14)),
+        _ => None,
+    }
+}
+
+impl PairDelta<'_> {
+    fn dtypes(&self) -> (DType, DType) {
+        (
+            *self.pair.base.dtype.as_ref().expect("checked"),
+            *self.pair.finetuned.dtype.as_ref().expect("checked"),
+        )
+    }
+
+    /// The stored bytes of rows `r0..r1` of both tensors.
+    fn windows(&self, r0: usize, r1: usize) -> Result<(Window, Window)> {
+        let (da, db) = self.dtypes();
+        let (start, len) = ((r0 * self.n) as u64, ((r1 - r0) * self.n) as u64);
+        let (sa, sb) = (da.size() as u64, db.size() as u64);
+        let wa = self.base.read(&self.pair.base, start * sa, len * sa)?;
+        let wb = self
+            .finetuned
+            .read(&self.pair.finetuned, start * sb, len * sb)?;
+        Ok((wa, wb))
+    }
+}
+
+impl DeltaRows for PairDelta<'_> {
+    fn nrows(&self) -> usize {
+        self.m
+    }
+    fn ncols(&self) -> usize {
+        self.n
+    }
+    fn read_rows(&self, r0: usize, r1: usize, out: &mut [f64]) -> Result<(f64, f64)> {
+        let (da, db) = self.dtypes();
+        let (wa, wb) = self.windows(r0, r1)?;
+        let (wa, wb) = (&wa[..], &wb[..]);
+        let sb = db.size();
+        decode_f64(da, wa, out);
+        let (bits, emin) = rounding_model(db).unwrap_or((52, -1022));
+        let mut tmp = [0f64; 1024];
+        let (mut f2, mut var) = (0.0, 0.0);
+        for (o, c) in out.chunks_mut(1024).zip(wb.chunks(1024 * sb)) {
+            let t = &mut tmp[..o.len()];
+            decode_f64(db, c, t);
+            for (x, &y) in o.iter_mut().zip(t.iter()) {
+                let d = y - *x;
+                // Non-finite values cannot be decomposed; treat them as no change.
+                *x = if d.is_finite() { d } else { 0.0 };
+                f2 += *x * *x;
+                let e = ((((y.to_bits() >> 52) & 0x7ff) as i32) - 1023).max(emin) - bits;
+                // ulp² = (2^e)², built from the exponent bits.
+                var += f64::from_bits(((2 * e + 1023).max(1) as u64) << 52);
+            }
+        }
+        // A rounding error uniform in ±ulp/2 has variance ulp²/12.
+        Ok((f2, var / 12.0))
+    }
+
+    fn read_rows_f32(&self, r0: usize, r1: usize, out: &mut [f32]) -> Result<(f64, f64)> {
+        let (da, db) = self.dtypes();
+        if !self.single_precision() {
+            let mut tmp = vec![0f64; out.len()];
+            let st = self.read_rows(r0, r1, &mut tmp)?;
+            out.iter_mut().zip(tmp).for_each(|(o, t)| *o = t as f32);
+            return Ok(st);
+        }
+        let (wa, wb) = self.windows(r0, r1)?;
+        let (wa, wb) = (&wa[..], &wb[..]);
+        let (bits, emin) = rounding_model(db).expect("a float dtype of at most 16 bits");
+        let (f2, var) = kernels::fast::delta_f32(wa, da, wb, db, out, bits, emin);
+        // A rounding error uniform in ±ulp/2 has variance ulp²/12.
+        Ok((f2, var / 12.0))
+    }
+
+    fn single_precision(&self) -> bool {
+        let (da, db) = self.dtypes();
+        let narrow =
+            |d: DType| matches!(d, DType::BF16 | DType::F16 | DType::F8E4M3 | DType::F8E5M2);
+        narrow(da) && narrow(db)
+    }
+}
+
+/// Runs the low-rank stage over the modified tensors of a comparison.
+pub fn analyze_lora(
+    base: &Checkpoint,
+    finetuned: &Checkpoint,
+    c: &Comparison,
+    opts: &LoraOptions,
+) -> Result<LoraReport> {
+    analyze_lora_with(base, finetuned, c, opts, &NoProgress)
+}
+
+/// [`analyze_lora`], reporting progress.
+pub fn analyze_lora_with(
+    base: &Checkpoint,
+    finetuned: &Checkpoint,
+    c: &Comparison,
+    opts: &LoraOptions,
+    progress: &dyn Progress,
+) -> Result<LoraReport> {
+    let parts = analyze_lora_parts_with(base, finetuned, c, opts, progress)?;
+    Ok(assemble_lora(c, opts, parts))
+}
+
+/// The per-tensor half of [`analyze_lora`], for a shard's part.
+pub fn analyze_lora_parts(
+    base: &Checkpoint,
+    finetuned: &Checkpoint,
+    c: &Comparison,
+    opts: &LoraOptions,
+) -> Result<LoraParts> {
+    analyze_lora_parts_with(base, finetuned, c, opts, &NoProgress)
+}
+
+/// [`analyze_lora_parts`], reporting progress.
+pub fn analyze_lora_parts_with(
+    base: &Checkpoint,
+    finetuned: &Checkpoint,
+    c: &Comparison,
+    opts: &LoraOptions,
+    progress: &dyn Progress,
+) -> Result<LoraParts> {
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(opts.threads.unwrap_or(0))
+        .build()
+        .map_err(|e| Error::Threads(e.to_string()))?;
+    // Tensors run in parallel; each one's linear algebra stays on its thread.
+    faer::set_global_parallelism(faer::Par::Seq);
+    pool.install(|| lora_parts(base, finetuned, c, opts, progress))
+}
+
+/// `--uniform-rank` as a rank, checked against the rank rule.
+pub fn uniform_rank(opts: &LoraOptions) -> Result<Option<usize>> {
+    match (opts.uniform_rank, opts.lowrank.rank_rule) {
+        (false, _) => Ok(None),
+        (true, RankRule::Fixed { rank }) => Ok(Some(rank)),
+        (true, _) => Err(Error::InvalidOption(
+            "--uniform-rank needs a fixed rank (--rank), not an energy or ratio rule".into(),
+        )),
+    }
+}
+
+/// The adapter-side name of an aligned tensor name: the fine-tuned model's own name,
+/// which is the one the PEFT model built from that checkpoint's class uses.
+pub fn adapter_name(c: &Comparison, aligned: &str) -> String {
+    match &c.prefix {
+        Some(p) if p.side == pairing::Side::Finetuned => format!("{}{aligned}", p.prefix),
+        _ => aligned.to_string(),
+    }
+}
+
+/// The facts of the fine-tuned model (its config, else the base's) the adapter follows.
+pub fn model_facts(c: &Comparison, opts: &LoraOptions) -> ModelFacts {
+    let config = c.finetuned.config.as_ref().or(c.base.config.as_ref());
+    ModelFacts::from_config(config, opts.task_type)
+}
+
+/// Modified embedding tables and LM heads that are one storage under several names
+/// (a checkpoint that stores tied weights twice): every name but the canonical one →
+/// the canonical one. Equal shapes and bit-equal metrics in both models identify them.
+fn tied_duplicates(c: &Comparison, facts: &ModelFacts) -> BTreeMap<String, String> {
+    let tieable =
+        |n: &str| facts.kind_of(n) == ModuleKind::Embedding || pairing::module_type(n) == "lm_head";
+    let key = |m: &TensorMetrics| {
+        (
+            m.shape.clone(),
+            m.l2_diff.to_bits(),
+            m.base_l2.to_bits(),
+            m.finetuned_l2.to_bits(),
+            m.max_abs_diff.to_bits(),
+            m.mean_abs_diff.to_bits(),
+        )
+    };
+    let mut groups: BTreeMap<_, Vec<&str>> = BTreeMap::new();
+    for (n, m) in c
+        .results
+        .iter()
+        .filter(|(n, m)| m.is_modified() && tieable(n))
+    {
+        groups.entry(key(m)).or_default().push(n.as_str());
+    }
+    let mut out = BTreeMap::new();
+    for names in groups.into_values().filter(|g| g.len() > 1) {
+        // The input embedding is where PEFT applies a tied adapter.
+        let rank = |n: &str| match pairing::module_type(n).as_str() {
+            "shared" => 0,
+            "lm_head" => 2,
+            _ => 1,
+        };
+        let canon = *names
+            .iter()
+            .min_by(|a, b| rank(a).cmp(&rank(b)).then(natural_cmp(a, b)))
+            .expect("groups are not empty");
+        for n in names.iter().filter(|n| **n != canon) {
+            out.insert(n.to_string(), canon.to_string());
+        }
+    }
+    out
+}
+
+/// The per-tensor work of the low-rank stage (run in the caller's thread pool).
+pub fn lora_parts(
+    base: &Checkpoint,
+    finetuned: &Checkpoint,
+    c: &Comparison,
+    opts: &LoraOptions,
+    progress: &dyn Progress,
+) -> Result<LoraParts> {
+    let t0 = Instant::now();
+    let facts = model_facts(c, opts);
+    let paired = pairing::pair(base.tensors(), finetuned.tensors());
+    let by_name: BTreeMap<&str, &TensorPair> =
+        paired.pairs.iter().map(|p| (p.name.as_str(), p)).collect();
+    let has_prefix = |prefix: &str| paired.pairs.iter().any(|q| q.name.starts_with(prefix));
+    let tied = tied_duplicates(c, &facts);
+    let uniform_rank = uniform_rank(opts)?;
+    let mut skipped = Vec::new();
+    let mut matrices: Vec<(&TensorPair, ModuleKind, Option<Target>)> = Vec::new();
+    let mut vectors: Vec<&TensorPair> = Vec::new();
+    let mut saved_whole: Vec<String> = Vec::new();
+    for (name, m) in c.results.iter().filter(|(_, m)| m.is_modified()) {
+        let p = by_name[name.as_str()];
+        let da = *p.base.dtype.as_ref().expect("compared tensors have dtypes");
+        let db = *p
+            .finetuned
+            .dtype
+            .as_ref()
+            .expect("compared tensors have dtypes");
+        let module = name.rsplit_once('.').map_or("", |(m, _)| m);
+        let head = facts.head_of(name).is_some();
+        if head || (facts.fused_experts() && peft::is_router(module, has_prefix)) {
+            // Saved whole (a task head with the rest of its head, below); its matrices
+            // are still analysed for the report.
+            if !head {
+                push_unique(&mut saved_whole, adapter_name(c, module));
+            }
+            if p.base.shape.len() == 2 && m.compared_rows.is_none() && !da.is_integer() {
+                matrices.push((p, facts.kind_of(name), None));
+            }
+            continue;
+        }
+        if m.compared_rows.is_some() {
+            skipped.push((
+                name.clone(),
+                "shape changed (resized): the delta of the new rows has no base; not extracted"
+                    .into(),
+            ));
+        } else if da.is_integer() || db.is_integer() {
+            skipped.push((name.clone(), "integer tensor: not decomposable".into()));
+        } else if let Some(canon) = tied.get(name) {
+            skipped.push((
+                name.clone(),
+                format!(
+                    "tied to `{canon}` (one storage, stored twice): adapted once, through `{canon}`"
+                ),
+            ));
+        } else if p.base.shape.len() == 2 {
+            let module = pairing::module_type(name);
+            let wanted =
+                opts.extract && opts.modules.as_ref().is_none_or(|ms| ms.contains(&module));
+            let dtype = opts
+                .dtype
+                .unwrap_or(if matches!(da, DType::BF16 | DType::F16) {
+                    da
+                } else {
+                    DType::F32
+                });
+            matrices.push((
+                p,
+                facts.kind_of(name),
+                wanted.then_some(Target {
+                    dtype,
+                    uniform_rank,
+                }),
+            ));
+        } else if p.base.shape.len() <= 1 {
+            vectors.push(p);
+        } else {
+            skipped.push((
+                name.clone(),
+                format!(
+                    "{}-D tensor (fused experts or a convolution): not extracted; PEFT's \
+                     target_parameters form for fused parameters is not written by weightdiff",
+                    p.base.shape.len()
+                ),
+            ));
+        }
+    }
+
+    tracing::info!(
+        matrices = matrices.len(),
+        vectors = vectors.len(),
+        "low-rank analysis"
+    );
+    let (journal, recovered) = match &opts.journal {
+        None => (None, BTreeMap::new()),
+        Some((dir, fp, resume)) => {
+            let options = serde_json::to_string(opts).unwrap_or_default();
+            let fp = Fingerprint::new(format!("{} lowrank={options}", fp.description));
+            let (j, done) = LowRankJournal::open(dir, &fp, *resume)?;
+            (Some(Mutex::new(j)), done)
+        }
+    };
+    let journal_failure: Mutex<Option<Error>> = Mutex::new(None);
+    let cancel = lowrank::Cancel::new(opts.cancel.as_deref());
+    let elements = |p: &TensorPair| p.base.shape.iter().product::<usize>() as u64;
+    let elements_total: u64 = matrices.iter().map(|(p, _, _)| elements(p)).sum();
+    let (tensors_done, elements_done) = (AtomicUsize::new(0), AtomicU64::new(0));
+    let outs: Vec<Result<(TensorSpectrum, Option<Factors>)>> = matrices
+        .par_iter()
+        .map(|(p, _, target)| {
+            let journaled = recovered.get(&p.name).cloned();
+            if journaled.is_none() {
+                cancel.check()?;
+            }
+            let src = PairDelta {
+                base,
+                finetuned,
+                pair: p,
+                m: p.base.shape[0],
+                n: p.base.shape[1],
+            };
+            let out = match journaled {
+                Some(done) => Ok(done),
+                None => {
+                    let out = lowrank::analyze(&src, &p.name, &opts.lowrank, *target, cancel);
+                    if let (Ok((spectrum, factors)), Some(j)) = (&out, &journal)
+                        && let Err(e) = lock(j).record(&p.name, spectrum, factors.as_ref())
+                    {
+                        lock(&journal_failure).get_or_insert(e);
+                    }
+                    out
+                }
+            };
+            if !matches!(out, Err(Error::Cancelled)) {
+                let e = elements(p);
+                progress.lowrank(LowRankUpdate {
+                    tensors_done: tensors_done.fetch_add(1, Ordering::AcqRel) + 1,
+                    tensors_total: matrices.len(),
+                    elements_done: elements_done.fetch_add(e, Ordering::AcqRel) + e,
+                    elements_total,
+                    tensor: &p.name,
+                });
+            }
+            out
+        })
+        .collect();
+
+    if let Some(e) = journal_failure
+        .into_inner()
+        .unwrap_or_else(|p| p.into_inner())
+    {
+        return Err(e);
+    }
+    if let Some(j) = &journal {
+        lock(j).sync()?;
+    }
+    let mut spectra = Vec::new();
+    let mut extracted = Vec::new();
+    let mut errors = BTreeMap::new();
+    let mut not_analysed = Vec::new();
+    for ((p, kind, _), out) in matrices.iter().zip(outs) {
+        match out {
+            Ok((spectrum, factors)) => {
+                tracing::debug!(
+                    tensor = %p.name,
+                    detected_rank = ?spectrum.detected_rank,
+                    method = %spectrum.method,
+                    seconds = spectrum.time,
+                    "low-rank analysis"
+                );
+                spectra.push((p.name.clone(), spectrum));
+                if let Some(factors) = factors {
+                    let tensor = adapter_name(c, &p.name);
+                    extracted.push(ExtractedModule {
+                        module: tensor
+                            .strip_suffix(".weight")
+                            .unwrap_or(&tensor)
+                            .to_string(),
+                        tensor: p.name.clone(),
+                        kind: *kind,
+                        factors,
+                        bias: None,
+                    });
+                }
+            }
+            Err(Error::Cancelled) => not_analysed.push(p.name.clone()),
+            Err(e) => {
+                errors.insert(p.name.clone(), e.to_string());
+            }
+        }
+    }
+
+    // Bias deltas of the extracted modules, for PEFT's `lora_bias` (whether the adapter
+    // can use it depends on every module: decided in `assemble_lora`).
+    let mut bias_deltas = Vec::new();
+    let extracted_tensors: std::collections::BTreeSet<&str> =
+        extracted.iter().map(|e| e.tensor.as_str()).collect();
+    for v in &vectors {
+        let Some(module) = v.name.strip_suffix(".bias") else {
+            continue;
+        };
+        if extracted_tensors.contains(format!("{module}.weight").as_str()) {
+            let src = PairDelta {
+                base,
+                finetuned,
+                pair: v,
+                m: 1,
+                n: v.base.shape.iter().product(),
+            };
+            let mut delta = vec![0.0; src.n];
+            src.read_rows(0, 1, &mut delta)?;
+            bias_deltas.push((adapter_name(c, module), delta));
+        }
+    }
+
+    // Candidates for saving whole: the modules of changed 1-D tensors (whether each is
+    // saved depends on every tensor: is it extracted as a LoRA somewhere? decided in
+    // `assemble_lora`, which a merge of shards runs too), task heads and routers.
+    let mut candidates: Vec<SavedTensor> = Vec::new();
+    let ft_names: Vec<&str> = finetuned.tensors().keys().map(String::as_str).collect();
+    if opts.extract {
+        // The PEFT task model saves its head whole by itself: the adapter must carry it,
+        // changed or not, compared or only in the fine-tune.
+        for head in facts.task_type.map_or(&[][..], |t| t.head_modules()) {
+            let prefix = format!("{head}.");
+            if ft_names.iter().any(|n| n.starts_with(&prefix)) {
+                push_unique(&mut saved_whole, head.to_string());
+            }
+        }
+        for module in &saved_whole {
+            let prefix = format!("{module}.");
+            for n in ft_names.iter().filter(|n| n.starts_with(&prefix)) {
+                push_candidate(&mut candidates, finetuned, n)?;
+            }
+        }
+        if !opts.skip_undecomposable {
+            for v in &vectors {
+                // A module extracted here as a LoRA is never saved whole as well: its
+                // weight need not be read into memory (`assemble_lora` decides the rest).
+                let aligned = v.name.rsplit_once('.').map_or("", |(m, _)| m);
+                if extracted_tensors.contains(format!("{aligned}.weight").as_str()) {
+                    continue;
+                }
+                let name = adapter_name(c, &v.name);
+                let Some((module, _)) = name.rsplit_once('.') else {
+                    continue;
+                };
+                let prefix = format!("{module}.");
+                for n in ft_names
+                    .iter()
+                    .filter(|n| n.strip_prefix(&prefix).is_some_and(|r| !r.contains('.')))
+                {
+                    push_candidate(&mut candidates, finetuned, n)?;
+                }
+            }
+        }
+    }
+    let parts = LoraParts {
+        spectra,
+        extracted,
+        vectors: vectors.iter().map(|p| p.name.clone()).collect(),
+        candidates,
+        saved_whole,
+        bias_deltas,
+        skipped,
+        errors,
+        not_analysed,
+        total_time: t0.elapsed().as_secs_f64(),
+    };
+    Ok(parts)
+}
+
+fn push_unique(v: &mut Vec<String>, s: String) {
+    if !v.contains(&s) {
+        v.push(s);
+    }
+}
+
+/// Adds the fine-tuned tensor `name` (stored bytes) as a candidate for saving whole.
+fn push_candidate(out: &mut Vec<SavedTensor>, finetuned: &Checkpoint, name: &str) -> Result<()> {
+    let key = format!("base_model.model.{name}");
+    if out.iter().any(|c| c.key == key) {
+        return Ok(());
+    }
+    let Some(t) = finetuned.tensors().get(name) else {
+        return Ok(());
+    };
+    let dtype = *t.dtype.as_ref().map_err(|d| Error::Tensor {
+        path: finetuned.path_of(t).to_path_buf(),
+        tensor: name.to_string(),
+        reason: format!("unsupported dtype {d}"),
+    })?;
+    out.push(SavedTensor {
+        key,
+        dtype,
+        shape: t.shape.clone(),
+        bytes: finetuned.read(t, 0, t.nbytes())?.to_vec(),
+    });
+    Ok(())
+}
+
+/// What the low-rank stage computed for some tensors, before the decisions that need all
+/// of them (which modules are saved whole, whether biases go in, the verdict). A shard
+/// stores this; a merge concatenates the shards' parts and assembles them as a single run
+/// would.
+#[derive(Debug, Clone, Default)]
+pub struct LoraParts {
+    pub spectra: Vec<(String, TensorSpectrum)>,
+    pub extracted: Vec<ExtractedModule>,
+    /// Changed 1-D tensors (aligned names).
+    pub vectors: Vec<String>,
+    /// Fine-tuned tensors of modules that may be saved whole (`modules_to_save`).
+    pub candidates: Vec<SavedTensor>,
+    /// Modules saved whole whatever else is extracted: task heads, MoE routers.
+    pub saved_whole: Vec<String>,
+    /// Δ of the bias of extracted modules (module path → values).
+    pub bias_deltas: Vec<(String, Vec<f64>)>,
+    pub skipped: Vec<(String, String)>,
+    pub errors: BTreeMap<String, String>,
+    /// Matrices left unanalysed because the stage was stopped (`cancel`).
+    pub not_analysed: Vec<String>,
+    pub total_time: Second,
+}
+
+impl LoraParts {
+    /// Adds another shard's parts.
+    pub fn extend(&mut self, o: LoraParts) {
+        self.spectra.extend(o.spectra);
+        self.extracted.extend(o.extracted);
+        self.vectors.extend(o.vectors);
+        for c in o.candidates {
+            if !self.candidates.iter().any(|x| x.key == c.key) {
+                self.candidates.push(c);
+            }
+        }
+        for m in o.saved_whole {
+            push_unique(&mut self.saved_whole, m);
+        }
+        self.bias_deltas.extend(o.bias_deltas);
+        self.skipped.extend(o.skipped);
+        self.errors.extend(o.errors);
+        self.not_analysed.extend(o.not_analysed);
+        self.total_time += o.total_time;
+    }
+}
+
+/// Why a profile leaves an extracted module out, if it does.
+fn profile_excludes(profile: Profile, e: &ExtractedModule) -> Option<&'static str> {
+    match profile {
+        Profile::Peft => None,
+        Profile::Vllm if e.kind == ModuleKind::Embedding => {
+            Some("left out (--profile vllm): vLLM loads no LoRA on embedding tables")
+        }
+        Profile::Vllm if pairing::module_type(&e.tensor) == "lm_head" => {
+            Some("left out (--profile vllm): vLLM loads no LoRA on the LM head")
+        }
+        Profile::Vllm => None,
+    }
+}
+
+/// Turns parts into the report: natural order everywhere, `modules_to_save`, `lora_bias`
+/// and the profile's rules decided over all tensors, the verdict computed from the
+/// comparison and the spectra.
+pub fn assemble_lora(c: &Comparison, opts: &LoraOptions, mut parts: LoraParts) -> LoraReport {
+    let facts = model_facts(c, opts);
+    let profile = opts.profile;
+    parts.spectra.sort_by(|a, b| natural_cmp(&a.0, &b.0));
+    parts
+        .extracted
+        .sort_by(|a, b| natural_cmp(&a.tensor, &b.tensor));
+    parts.vectors.sort_by(|a, b| natural_cmp(a, b));
+    let mut skipped = parts.skipped;
+    let mut notes: Vec<String> = facts.task_note.iter().cloned().collect();
+
+    // The profile's exclusions.
+    let mut extracted = Vec::new();
+    for e in parts.extracted {
+        match profile_excludes(profile, &e) {
+            Some(why) => skipped.push((e.tensor.clone(), why.to_string())),
+            None => extracted.push(e),
+        }
+    }
+    let mut saved_whole = parts.saved_whole;
+    if profile == Profile::Vllm {
+        for m in saved_whole.drain(..) {
+            skipped.push((
+                m,
+                "left out (--profile vllm): vLLM does not load modules_to_save".into(),
+            ));
+        }
+    }
+
+    // Biases of extracted modules: through `lora_bias` when PEFT can take it for every
+    // module of the adapter (it is one flag; embedding layers reject it, and a module
+    // without a bias could not be merged).
+    let lora_modules: std::collections::BTreeSet<String> =
+        extracted.iter().map(|e| e.module.clone()).collect();
+    let compared: std::collections::BTreeSet<&str> =
+        c.results.iter().map(|(n, _)| n.as_str()).collect();
+    let bias_deltas: BTreeMap<String, Vec<f64>> = parts
+        .bias_deltas
+        .into_iter()
+        .filter(|(m, _)| lora_modules.contains(m))
+        .collect();
+    let no_bias_reason = if bias_deltas.is_empty() {
+        None
+    } else if profile == Profile::Vllm {
+        Some("left out (--profile vllm): vLLM loads no LoRA bias".to_string())
+    } else if let Some(e) = extracted.iter().find(|e| e.kind == ModuleKind::Embedding) {
+        Some(format!(
+            "bias of a module extracted as a LoRA, left out: PEFT's lora_bias is one flag for the adapter and its embedding layers reject it (`{}` is an embedding LoRA)",
+            e.module
+        ))
+    } else {
+        extracted
+            .iter()
+            .find(|e| {
+                let t = e.tensor.strip_suffix(".weight").unwrap_or(&e.tensor);
+                !compared.contains(format!("{t}.bias").as_str())
+            })
+            .map(|e| format!(
+                "bias of a module extracted as a LoRA, left out: PEFT's lora_bias is one flag for the adapter, and `{}` has no bias to merge it into",
+                e.module
+            ))
+    };
+    let lora_bias = !bias_deltas.is_empty() && no_bias_reason.is_none();
+    if lora_bias {
+        for e in &mut extracted {
+            let out = match e.kind {
+                ModuleKind::Conv1d => e.factors.n,
+                _ => e.factors.m,
+            };
+            e.bias = Some(
+                bias_deltas
+                    .get(&e.module)
+                    .cloned()
+                    .unwrap_or_else(|| vec![0.0; out]),
+            );
+        }
+    }
+
+    // Changed 1-D tensors: a bias in the LoRA, a module saved whole, or left out.
+    let in_saved = |aligned: &str| {
+        let n = adapter_name(c, aligned);
+        saved_whole.iter().any(|m| {
+            n.strip_prefix(m.as_str())
+                .is_some_and(|r| r.starts_with('.'))
+        })
+    };
+    let mut modules_to_save: Vec<String> = saved_whole.clone();
+    for v in &parts.vectors {
+        if in_saved(v) {
+            continue;
+        }
+        let module = adapter_name(c, v)
+            .rsplit_once('.')
+            .map_or(String::new(), |(m, _)| m.to_string());
+        let why = if !opts.extract {
+            "1-D tensor: analysed as changed, not decomposable".to_string()
+        } else if lora_modules.contains(&module) {
+            if lora_bias && v.ends_with(".bias") {
+                continue;
+            }
+            no_bias_reason.clone().filter(|_| v.ends_with(".bias")).unwrap_or_else(|| {
+                "1-D tensor of a module extracted as a LoRA: PEFT cannot also save that module whole".into()
+            })
+        } else if opts.skip_undecomposable {
+            "1-D tensor left out (--skip-undecomposable)".into()
+        } else if profile == Profile::Vllm {
+            "left out (--profile vllm): vLLM does not load modules_to_save".into()
+        } else if module.is_empty() {
+            "top-level tensor without a module: not representable in PEFT".into()
+        } else {
+            push_unique(&mut modules_to_save, module);
+            continue;
+        };
+        skipped.push((v.clone(), why));
+    }
+    skipped.sort_by(|a, b| natural_cmp(&a.0, &b.0));
+    let mut saved: Vec<SavedTensor> = parts
+        .candidates
+        .into_iter()
+        .filter(|t| {
+            let name = t.key.strip_prefix("base_model.model.").unwrap_or(&t.key);
+            modules_to_save.iter().any(|m| {
+                let rest = name
+                    .strip_prefix(m.as_str())
+                    .and_then(|r| r.strip_prefix('.'));
+                // A head or router is saved with everything under it; a module of a
+                // 1-D tensor with its own parameters only.
+                rest.is_some_and(|r| saved_whole.contains(m) || !r.contains('.'))
+            })
+        })
+        .collect();
+    saved.sort_by(|a, b| a.key.cmp(&b.key));
+
+    // transformers 5 stacks the experts of a fused-expert model into one 3-D parameter per
+    // projection, and PEFT converts a per-expert adapter to it by stacking the factors:
+    // every expert needs the same rank (padding with zero components is exact).
+    if facts.fused_experts() {
+        let is_expert = |e: &ExtractedModule| peft::expert_of(&e.tensor).is_some();
+        let top = extracted
+            .iter()
+            .filter(|e| is_expert(e))
+            .map(|e| e.factors.rank)
+            .max();
+        if let Some(top) = top {
+            for e in extracted.iter_mut().filter(|e| is_expert(e)) {
+                e.factors.pad_to(top);
+            }
+        }
+    }
+
+    // One rank for every module where the runtime takes one.
+    let mut uniform = uniform_rank(opts).ok().flatten();
+    if profile == Profile::Vllm {
+        let top = extracted.iter().map(|e| e.factors.rank).max().unwrap_or(0);
+        let r = uniform.unwrap_or(top).max(top);
+        match crate::peft::vllm_rank(r) {
+            Some(v) => {
+                for e in &mut extracted {
+                    e.factors.pad_to(v);
+                }
+                uniform = Some(v);
+            }
+            None => notes.push(format!(
+                "rank {r} is above the largest rank vLLM accepts (512): ranks left as extracted"
+            )),
+        }
+    }
+
+    let all_modules: Vec<String> = c
+        .finetuned
+        .tensors
+        .iter()
+        .filter_map(|t| t.name.rsplit_once('.').map(|(m, _)| m.to_string()))
+        .collect();
+    let target_names: Vec<String> = extracted.iter().map(|e| e.module.clone()).collect();
+    let target_modules = crate::peft::target_modules(&target_names, &all_modules);
+
+    let detected: BTreeMap<&str, Option<usize>> = parts
+        .spectra
+        .iter()
+        .map(|(n, s)| (n.as_str(), s.detected_rank))
+        .collect();
+    // Thin matrices changed in every direction cannot tell a LoRA from a dense change.
+    let uninformative: std::collections::BTreeSet<&str> = parts
+        .spectra
+        .iter()
+        .filter(|(_, s)| {
+            crate::lowrank::detect::is_full_spectrum(
+                &s.singular_values,
+                s.noise_floor,
+                s.shape[0],
+                s.shape[1],
+            )
+        })
+        .map(|(n, _)| n.as_str())
+        .collect();
+    let modified: Vec<(&String, &TensorMetrics)> = c
+        .results
+        .iter()
+        .filter(|(_, m)| m.is_modified())
+        .map(|(n, m)| (n, m))
+        .collect();
+    let modules: Vec<String> = modified
+        .iter()
+        .map(|(n, _)| pairing::module_type(n))
+        .collect();
+    // A task head is trained whole by design (PEFT's task models save it whole), and a
+    // thin matrix changed in every direction looks the same under a LoRA and a dense
+    // change: neither says whether the rest was a LoRA.
+    let evidence: Vec<Evidence> = modified
+        .iter()
+        .zip(&modules)
+        .filter(|((n, _), _)| facts.head_of(n).is_none() && !uninformative.contains(n.as_str()))
+        .map(|((n, m), module)| Evidence {
+            module,
+            is_matrix: m.shape.len() == 2,
+            detected_rank: detected.get(n.as_str()).copied().flatten(),
+        })
+        .collect();
+    LoraReport {
+        options: opts.lowrank.clone(),
+        dtype: opts.dtype,
+        uniform_rank: uniform,
+        base_model: c
+            .base
+            .hub
+            .as_ref()
+            .map_or_else(|| c.base.source.clone(), |h| h.repo_id.clone()),
+        base_revision: c.base.hub.as_ref().map(|h| h.commit.clone()),
+        verdict: verdict(&evidence),
+        spectra: parts.spectra,
+        extracted,
+        modules_to_save,
+        saved,
+        skipped,
+        errors: parts.errors,
+        not_analysed: parts.not_analysed,
+        total_time: parts.total_time,
+        facts,
+        profile,
+        lora_bias,
+        target_modules,
+        notes,
+    }
+}
