@@ -37,7 +37,7 @@ pub struct Factors {
     pub residual: f64,
     /// The same with the factors rounded to the storage dtype: measured against a held Δ,
     /// derived from the sketch for a streamed one (to ~1e-6 relative,
-    /// [`derived_stored_residual`]).
+    /// `derived_stored_residual`).
     pub residual_stored: f64,
 }
 
@@ -92,7 +92,7 @@ pub fn round_to(dtype: DType, v: f64) -> f64 {
 }
 
 /// Builds the factors for `target` and their stored residual against Δ (measured on the
-/// held Δ, or derived from the sketch for a streamed one: [`derived_stored_residual`]).
+/// held Δ, or derived from the sketch for a streamed one: `derived_stored_residual`).
 pub fn factors(
     d: &Decomposition,
     target: Target,
@@ -138,7 +138,7 @@ pub fn factors(
     })
 }
 
-/// The residual of a streamed Δ's factors is derived ([`derived_stored_residual`]) only
+/// The residual of a streamed Δ's factors is derived (`derived_stored_residual`) only
 /// when ‖R‖² = ‖Δ‖² − Σ_{i≤k} sᵢ² is at least this fraction of ‖Δ‖²: the sᵢ come from
 /// f32 products whose rounding leaves an absolute error of ~3e-8·‖Δ‖² in Σ sᵢ² (measured
 /// on the test pairs), so below this the cancellation would cost more than 1e-6 of the
