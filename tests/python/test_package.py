@@ -7,6 +7,7 @@ import inspect as pyinspect
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -204,8 +205,15 @@ def big_pair(root: Path):
     return root / "base", root / "finetuned"
 
 
-def test_ctrl_c_stops_a_long_comparison_within_a_second_and_the_gil_is_free(tmp_path):
-    base, ft = big_pair(tmp_path)
+@pytest.fixture(scope="module")
+def big(tmp_path_factory):
+    root = tmp_path_factory.mktemp("big")
+    yield big_pair(root)
+    shutil.rmtree(root)  # 400 MB that pytest would keep for three runs
+
+
+def test_ctrl_c_stops_a_long_comparison_within_a_second_and_the_gil_is_free(big):
+    base, ft = big
     ticks = 0
     stop = threading.Event()
 
@@ -238,6 +246,23 @@ def test_ctrl_c_stops_a_long_comparison_within_a_second_and_the_gil_is_free(tmp_
     assert raised - sent[0] < 1.0, f"KeyboardInterrupt {raised - sent[0]:.2f}s after SIGINT"
     # Another Python thread ran while the comparison did: the GIL was released.
     assert ticks > 100, ticks
+
+
+def test_console_script_stops_cleanly_on_sigint_like_the_binary(big, tmp_path):
+    base, ft = big
+    out = tmp_path / "out"
+    p = subprocess.Popen(
+        [BIN, "compare", base, ft, "-o", out, "--threads", "1", "-q"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(2.0)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=10)
+    assert p.returncode == 130, err
+    assert json.loads((out / "weight_differences.json").read_text())["complete"] is False
+    assert "stopped:" in err
 
 
 def stub_names():
