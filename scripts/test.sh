@@ -60,11 +60,18 @@ rm -rf target/wheels
   --interpreter "$build_venv/bin/python" --out target/wheels >&2
 wheel=$(ls target/wheels/weightdiff-*.whl)
 py_venv=$PWD/target/py-venv
-if ! { sha256sum "$wheel"; cat "$py_requirements"; } | cmp -s - "$py_venv/installed-wheel"; then
+# The wheel's package files (its dist-info's SBOM has a new timestamp every build).
+installed() {
+  "$build_venv/bin/python" -c 'import hashlib, sys, zipfile
+z = zipfile.ZipFile(sys.argv[1])
+print(hashlib.sha256(b"".join(z.read(n) for n in sorted(z.namelist()) if n.startswith("weightdiff/"))).hexdigest())' "$wheel"
+  cat "$py_requirements"
+}
+if ! installed | cmp -s - "$py_venv/installed-wheel"; then
   rm -rf "$py_venv"
   python3 -m venv "$py_venv" >&2
   "$py_venv/bin/pip" install --quiet --disable-pip-version-check -r "$py_requirements" "$wheel" >&2
-  { sha256sum "$wheel"; cat "$py_requirements"; } > "$py_venv/installed-wheel"
+  installed > "$py_venv/installed-wheel"
 fi
 # From a directory without a `weightdiff` package: the installed one is tested.
 (cd target && "$py_venv/bin/python" -m pytest -q -p no:cacheprovider ../tests/python/test_package.py)
