@@ -248,6 +248,13 @@ def test_ctrl_c_stops_a_long_comparison_within_a_second_and_the_gil_is_free(big)
     assert ticks > 100, ticks
 
 
+def test_progress_shows_as_tqdm_bars(big, capsys):
+    base, ft = big
+    weightdiff.compare(base, ft, include=r"layers\.[0-3]\.", threads=1)
+    err = capsys.readouterr().err
+    assert "diff" in err and "tensors" in err, err
+
+
 def test_console_script_stops_cleanly_on_sigint_like_the_binary(big, tmp_path):
     base, ft = big
     out = tmp_path / "out"
