@@ -7,12 +7,18 @@
 #     pip runs only when that file changed since the last install; its wheels come from pip's
 #     cache after the first download. `cargo test` finds the venv through WEIGHTDIFF_PYTHON.
 #     Debian and Ubuntu need their python3-venv package for it (installed under CI as root);
-#  2. the SLURM example on a single-node cluster (examples/slurm/test_cluster.sh), only under
+#  2. the Python package (pyproject.toml, python/): maturin (pinned in
+#     tests/python/package-requirements.txt, in target/py-build-venv) builds the wheel with
+#     the dev profile (its dependencies are optimized, see Cargo.toml; a release wheel
+#     costs minutes of compiling more); pip installs it into a fresh target/py-venv
+#     (made anew whenever the wheel changes) with pytest, pandas, pyarrow, polars and
+#     tqdm, and pytest runs tests/python/test_package.py there;
+#  3. the SLURM example on a single-node cluster (examples/slurm/test_cluster.sh), only under
 #     CI or with WEIGHTDIFF_SLURM_TEST=1: it installs Debian's slurm-wlm and munge when
 #     missing (apt-get: root) and starts (then stops) their daemons;
-#  3. under CI, Debian's chromium for the browser test of report.html (elsewhere that
+#  4. under CI, Debian's chromium for the browser test of report.html (elsewhere that
 #     test runs when a chromium is installed and says so when it is not);
-#  4. every Rust test (unit, integration, doc).
+#  5. every Rust test (unit, integration, doc).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -40,6 +46,35 @@ fi
 export WEIGHTDIFF_PYTHON=$venv/bin/python
 
 cargo build --locked
+
+py_requirements=tests/python/package-requirements.txt
+build_venv=$PWD/target/py-build-venv
+if ! cmp -s "$py_requirements" "$build_venv/installed-requirements.txt"; then
+  rm -rf "$build_venv"
+  python3 -m venv "$build_venv" >&2
+  "$build_venv/bin/pip" install --quiet --disable-pip-version-check "$(grep '^maturin==' "$py_requirements")" >&2
+  cp "$py_requirements" "$build_venv/installed-requirements.txt"
+fi
+rm -rf target/wheels
+"$build_venv/bin/maturin" build --locked --profile dev --strip --quiet \
+  --interpreter "$build_venv/bin/python" --out target/wheels >&2
+wheel=$(ls target/wheels/weightdiff-*.whl)
+py_venv=$PWD/target/py-venv
+# The wheel's package files (its dist-info's SBOM has a new timestamp every build).
+installed() {
+  "$build_venv/bin/python" -c 'import hashlib, sys, zipfile
+z = zipfile.ZipFile(sys.argv[1])
+print(hashlib.sha256(b"".join(z.read(n) for n in sorted(z.namelist()) if n.startswith("weightdiff/"))).hexdigest())' "$wheel"
+  cat "$py_requirements"
+}
+if ! installed | cmp -s - "$py_venv/installed-wheel"; then
+  rm -rf "$py_venv"
+  python3 -m venv "$py_venv" >&2
+  "$py_venv/bin/pip" install --quiet --disable-pip-version-check -r "$py_requirements" "$wheel" >&2
+  installed > "$py_venv/installed-wheel"
+fi
+# From a directory without a `weightdiff` package: the installed one is tested.
+(cd target && "$py_venv/bin/python" -m pytest -q -p no:cacheprovider ../tests/python/test_package.py)
 if [ -n "${CI:-}" ] || [ -n "${WEIGHTDIFF_SLURM_TEST:-}" ]; then
   if ! command -v slurmctld > /dev/null || ! command -v munged > /dev/null; then
     apt-get update -qq >&2

@@ -232,8 +232,10 @@ pub fn compare(job: &CompareJob, obs: &dyn Observer) -> Result<Outcome> {
     Ok(outcome)
 }
 
-/// The diff, then the low-rank stage when it is asked for and can say something.
-fn compare_pair(
+/// The diff, then the low-rank stage when it is asked for and can say something: what
+/// `compare` reports for one pair, before it writes anything (the Python binding's
+/// `compare()` returns it and writes only on `save`).
+pub fn compare_pair(
     base: &Checkpoint,
     ft: &Checkpoint,
     opts: &CompareOptions,
@@ -367,11 +369,24 @@ fn write_reports(c: Comparison, out: &Path, top: usize, obs: &dyn Observer) -> R
     })
 }
 
+/// The verdict of one comparison, as the `--json` summary gives it: the relatedness
+/// check's when the models are not a base and a derivative, else the low-rank stage's
+/// (`null` when that stage did not run).
+pub fn verdict(c: &Comparison) -> Value {
+    let related = relatedness::assess(c);
+    json!(
+        related
+            .verdict
+            .as_ref()
+            .or(c.lora.as_ref().map(|l| &l.verdict))
+    )
+}
+
 /// The `--json` summary of one comparison.
 fn summary_json(c: &Comparison, written: &[PathBuf], top: usize) -> Value {
     let related = relatedness::assess(c);
     json!({
-        "verdict": related.verdict.as_ref().or(c.lora.as_ref().map(|l| &l.verdict)),
+        "verdict": verdict(c),
         "relatedness": related,
         "base": c.base.source,
         "finetuned": c.finetuned.source,

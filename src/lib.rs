@@ -45,6 +45,8 @@
 //! ```
 
 pub mod checkpoint;
+#[cfg(feature = "cli")]
+pub mod cli;
 pub mod comparison;
 pub mod error;
 pub mod fsio;

@@ -24,10 +24,13 @@ const LAYERS: &[&str] = &[
     "parts",
     "report",
     "jobs",
+    "cli",
 ];
 
-/// Files of the binary, not the library (`crate::` there is the binary crate).
-const BINARY: &[&str] = &["main.rs", "cli.rs", "progress.rs"];
+/// Files of the binary, not the library (`crate::` there is the binary crate). The
+/// command line itself is the library's top layer, `cli` (shared with the Python
+/// package's console script).
+const BINARY: &[&str] = &["main.rs"];
 
 fn src() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("src")

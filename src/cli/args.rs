@@ -137,10 +137,10 @@ pub struct CompareArgs {
     pub no_lora: bool,
     /// PEFT task type of the adapter (default: from config.json's architectures).
     #[arg(long, value_name = "TYPE")]
-    pub task_type: Option<weightdiff::peft::TaskOverride>,
+    pub task_type: Option<crate::peft::TaskOverride>,
     /// The runtime the adapter is written for: `peft` or `vllm`.
     #[arg(long, default_value = "peft")]
-    pub profile: weightdiff::peft::Profile,
+    pub profile: crate::peft::Profile,
     /// Seed of the randomized SVD.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -150,7 +150,7 @@ pub struct CompareArgs {
     /// Compare only shard I of N (0 <= I < N, balanced by bytes) and write a part for
     /// `weightdiff merge` instead of the reports.
     #[arg(long, value_name = "I/N")]
-    pub shard: Option<weightdiff::pipeline::plan::Shard>,
+    pub shard: Option<crate::pipeline::plan::Shard>,
     /// Read through memory maps instead of positioned reads (a shard truncated during a
     /// read can then kill the process with SIGBUS).
     #[arg(long)]
@@ -201,11 +201,11 @@ pub struct ExtractArgs {
     /// PEFT task type of the adapter (default: from config.json's architectures; `none`
     /// for PEFT's base PeftModel).
     #[arg(long, value_name = "TYPE")]
-    pub task_type: Option<weightdiff::peft::TaskOverride>,
+    pub task_type: Option<crate::peft::TaskOverride>,
     /// The runtime to write for: `peft` (everything PEFT loads) or `vllm` (linear
     /// modules only, one rank vLLM accepts, no bias, no modules_to_save).
     #[arg(long, default_value = "peft")]
-    pub profile: weightdiff::peft::Profile,
+    pub profile: crate::peft::Profile,
     /// Seed of the randomized SVD.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -245,14 +245,9 @@ fn check_fraction(v: Option<f64>, flag: &str) -> anyhow::Result<()> {
 
 impl ExtractArgs {
     /// Options of the diff that finds the changed tensors, and of the LoRA stage.
-    pub fn options(
-        &self,
-    ) -> anyhow::Result<(
-        weightdiff::CompareOptions,
-        weightdiff::pipeline::LoraOptions,
-    )> {
-        use weightdiff::checkpoint::dtype::DType;
-        use weightdiff::lowrank::{LowRankOptions, RankRule};
+    pub fn options(&self) -> anyhow::Result<(crate::CompareOptions, crate::pipeline::LoraOptions)> {
+        use crate::checkpoint::dtype::DType;
+        use crate::lowrank::{LowRankOptions, RankRule};
         check_fraction(self.energy, "--energy")?;
         if let Some(x) = self.sv_ratio
             && (x.is_nan() || x < 1.0)
@@ -269,13 +264,13 @@ impl ExtractArgs {
         if self.uniform_rank && !matches!(rule, RankRule::Fixed { .. }) {
             anyhow::bail!("--uniform-rank needs a fixed --rank, not --energy or --sv-ratio");
         }
-        let compare = weightdiff::CompareOptions {
+        let compare = crate::CompareOptions {
             include: regex_opt(&self.include, "--include")?,
             exclude: regex_opt(&self.exclude, "--exclude")?,
             threads: self.threads,
             ..Default::default()
         };
-        let lora = weightdiff::pipeline::LoraOptions {
+        let lora = crate::pipeline::LoraOptions {
             lowrank: LowRankOptions {
                 rank_rule: rule,
                 max_rank: self.max_rank,
@@ -320,8 +315,8 @@ pub struct DisplayArgs {
 
 impl CompareArgs {
     /// The LoRA stage's options, `None` under `--no-lora`.
-    pub fn lora_options(&self) -> anyhow::Result<Option<weightdiff::pipeline::LoraOptions>> {
-        use weightdiff::lowrank::{LowRankOptions, RankRule};
+    pub fn lora_options(&self) -> anyhow::Result<Option<crate::pipeline::LoraOptions>> {
+        use crate::lowrank::{LowRankOptions, RankRule};
         if self.no_lora {
             return Ok(None);
         }
@@ -332,7 +327,7 @@ impl CompareArgs {
             (_, Some(f)) => RankRule::Energy { fraction: f },
             _ => RankRule::Fixed { rank: 16 },
         };
-        Ok(Some(weightdiff::pipeline::LoraOptions {
+        Ok(Some(crate::pipeline::LoraOptions {
             lowrank: LowRankOptions {
                 rank_rule: rule,
                 seed: self.seed,
@@ -347,7 +342,7 @@ impl CompareArgs {
     }
 
     /// Library options from the flags.
-    pub fn options(&self) -> anyhow::Result<weightdiff::CompareOptions> {
+    pub fn options(&self) -> anyhow::Result<crate::CompareOptions> {
         let re = regex_opt;
         if !(self.threshold >= 0.0 && self.threshold.is_finite()) {
             anyhow::bail!(
@@ -358,7 +353,7 @@ impl CompareArgs {
         if self.threads == Some(0) {
             anyhow::bail!("--threads must be at least 1");
         }
-        Ok(weightdiff::CompareOptions {
+        Ok(crate::CompareOptions {
             threshold: self.threshold,
             verify: self.verify,
             include: re(&self.include, "--include")?,
@@ -374,8 +369,8 @@ impl CompareArgs {
 
 impl CompareArgs {
     /// The library job these flags ask for.
-    pub fn job(&self) -> anyhow::Result<weightdiff::jobs::CompareJob> {
-        Ok(weightdiff::jobs::CompareJob {
+    pub fn job(&self) -> anyhow::Result<crate::jobs::CompareJob> {
+        Ok(crate::jobs::CompareJob {
             base: self.base.clone(),
             finetuned: self.finetuned.clone(),
             output: self.output.clone(),
@@ -390,9 +385,9 @@ impl CompareArgs {
 
 impl ExtractArgs {
     /// The library job these flags ask for.
-    pub fn job(&self) -> anyhow::Result<weightdiff::jobs::ExtractJob> {
+    pub fn job(&self) -> anyhow::Result<crate::jobs::ExtractJob> {
         let (options, lora) = self.options()?;
-        Ok(weightdiff::jobs::ExtractJob {
+        Ok(crate::jobs::ExtractJob {
             base: self.base.clone(),
             finetuned: self.finetuned.clone(),
             output: self.output.clone(),

@@ -1,11 +1,11 @@
 //! Progress on stderr: an indicatif bar with ETA on a terminal, otherwise a plain line
 //! every 10 tensors with ETA (for logs of batch jobs, SPEC §5).
 
+use crate::pipeline::{LowRankUpdate, Progress, ProgressUpdate};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::io::IsTerminal;
 use std::sync::{Mutex, OnceLock};
 use std::time::Instant;
-use weightdiff::pipeline::{LowRankUpdate, Progress, ProgressUpdate};
 
 /// Lines every this many tensors when stderr is not a terminal.
 const LINE_EVERY: usize = 10;
@@ -149,7 +149,7 @@ impl Downloads {
     }
 }
 
-impl weightdiff::hub::DownloadProgress for Downloads {
+impl crate::hub::DownloadProgress for Downloads {
     fn start(&self, file: &str, bytes: Option<u64>) {
         let size = bytes.map_or(String::new(), |b| format!(" ({:.1} MB)", b as f64 / 1e6));
         if !self.terminal {
