@@ -213,6 +213,16 @@ pub struct Performance {
     pub speedup: Option<f64>,
 }
 
+/// Where the diff puts each tensor's metrics the moment they are final (the journal, so
+/// that a killed run resumes without redoing them). Called from the worker threads,
+/// under a lock.
+pub trait ResultSink: Send {
+    /// Takes one finished tensor.
+    fn record(&mut self, name: &str, metrics: &TensorMetrics) -> crate::error::Result<()>;
+    /// Makes everything recorded so far durable.
+    fn sync(&mut self) -> crate::error::Result<()>;
+}
+
 /// How much of two models pairs up by name and shape, whatever `--include`/`--exclude`
 /// select: do they share an architecture? Written into `weight_differences.json` under
 /// `relatedness`, beside the figures [`crate::relatedness::assess`] derives from it.

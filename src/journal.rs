@@ -185,6 +185,15 @@ impl Journal {
     }
 }
 
+impl crate::comparison::ResultSink for Journal {
+    fn record(&mut self, name: &str, metrics: &TensorMetrics) -> Result<()> {
+        Journal::record(self, name, metrics)
+    }
+    fn sync(&mut self) -> Result<()> {
+        Journal::sync(self)
+    }
+}
+
 /// Removes the journals (the diff's and the low-rank stage's) of a finished run.
 pub fn remove(dir: &Path) -> Result<()> {
     for name in [JOURNAL_FILE, LOWRANK_JOURNAL_FILE, LOWRANK_FACTORS_FILE] {

@@ -288,7 +288,10 @@ impl NativeComparison {
 
     /// `weight_differences.json`, as a dict.
     fn document<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        Ok(pythonize(py, &report::json::WeightDifferences::of(&self.c))?)
+        Ok(pythonize(
+            py,
+            &report::json::WeightDifferences::of(&self.c),
+        )?)
     }
 
     /// The verdict of the `--json` summary (`None` without a low-rank stage on related

@@ -4,6 +4,7 @@
 
 use super::plan::{Job, Side, prepare_side, sizes};
 use super::*;
+use crate::comparison::ResultSink;
 
 /// One window of one pair.
 struct Unit {
@@ -73,8 +74,9 @@ fn compare_in_pool(
     let t_start = Instant::now();
     let mut sides: Vec<Side> = fts.iter().map(|ft| prepare_side(base, ft, opts)).collect();
 
-    // A resumed run takes the results its journal holds and computes the rest.
-    let journal = match &opts.journal_dir {
+    // A resumed run takes the results its journal holds and computes the rest; the
+    // journal is then where this run's results go as they finish.
+    let journal: Option<Mutex<Box<dyn ResultSink>>> = match &opts.journal_dir {
         None => None,
         Some(dir) => {
             let fp = fingerprint(base, fts[0], opts);
@@ -84,7 +86,7 @@ fn compare_in_pool(
                 (Journal::create(dir, &fp)?, BTreeMap::new())
             };
             sides[0].recovered = done;
-            Some(Mutex::new(j))
+            Some(Mutex::new(Box::new(j)))
         }
     };
 
