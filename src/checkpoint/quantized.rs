@@ -5,7 +5,8 @@
 //! **FP8 with block scales** (`quant_method: fp8` with `weight_block_size: [br, bc]`,
 //! the layout of DeepSeek-V3/R1 and the Qwen3 `-FP8` releases): a weight `W` [rows,
 //! cols] is stored as F8_E4M3 codes `Q`, and `W.weight_scale_inv` [⌈rows/br⌉, ⌈cols/bc⌉]
-//! (F32 or BF16, possibly in another shard) holds one scale per tile, edge tiles ragged:
+//! (F32, BF16, or F8_E8M0 with `scale_fmt: ue8m0`; possibly in another shard) holds one
+//! scale per tile, edge tiles ragged:
 //!
 //! ```text
 //! W[i][j] = f32(Q[i][j]) · S[i / br][j / bc]      (one f32 product, as the reference does)
@@ -120,13 +121,14 @@ fn fp8_block_scaled(ck: &mut Checkpoint, (br, bc): (u64, u64)) {
             );
             continue;
         }
-        let scale_dtype = match scale.dtype {
-            Ok(d @ (DType::F32 | DType::BF16)) => d,
+        let scale_dtype = match (&scale.dtype, scale.dtype_name().as_str()) {
+            (Ok(d @ (DType::F32 | DType::BF16)), _) => ScaleType::Float(*d),
+            (_, "F8_E8M0") => ScaleType::E8M0,
             _ => {
                 ck.broken.insert(
                     name,
                     bad(format!(
-                        "its scale tensor `{scale_name}` is {}; F32 and BF16 scales are decoded",
+                        "its scale tensor `{scale_name}` is {}; F32, BF16 and F8_E8M0 scales are decoded",
                         scale.dtype_name()
                     )),
                 );
@@ -163,12 +165,54 @@ fn fp8_block_scaled(ck: &mut Checkpoint, (br, bc): (u64, u64)) {
     }
 }
 
+/// How tile scales are stored: a float, or E8M0 (`scale_fmt: ue8m0`, DeepSeek-V3.1):
+/// a bare exponent byte, 2^(e − 127), 0xFF = NaN.
+#[derive(Debug, Clone, Copy)]
+enum ScaleType {
+    Float(DType),
+    E8M0,
+}
+
+impl ScaleType {
+    fn size(self) -> u64 {
+        match self {
+            ScaleType::Float(d) => d.size() as u64,
+            ScaleType::E8M0 => 1,
+        }
+    }
+
+    fn decode(self, bytes: &[u8], out: &mut [f32]) {
+        match self {
+            ScaleType::Float(d) => decode_f32(d, bytes, out),
+            ScaleType::E8M0 => {
+                for (o, &b) in out.iter_mut().zip(bytes) {
+                    *o = match b {
+                        0xFF => f32::NAN,
+                        // 2^-127 is subnormal: its one bit sits below the exponent field.
+                        0 => f32::from_bits(0x0040_0000),
+                        e => f32::from_bits((e as u32) << 23),
+                    };
+                }
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for ScaleType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ScaleType::Float(d) => write!(f, "{d}"),
+            ScaleType::E8M0 => f.write_str("F8_E8M0"),
+        }
+    }
+}
+
 /// An F8_E4M3 weight and its tile scales.
 #[derive(Debug)]
 struct Fp8BlockScaled {
     weight: TensorEntry,
     scale: TensorEntry,
-    scale_dtype: DType,
+    scale_dtype: ScaleType,
     /// The scale's file, for its errors.
     scale_path: std::path::PathBuf,
     block: (u64, u64),
@@ -203,10 +247,10 @@ impl Decode for Fp8BlockScaled {
         // The scale rows the window's rows fall in.
         let grid_cols = self.cols.div_ceil(bc);
         let (s0, s1) = (rows.start / br, rows.end.div_ceil(br));
-        let es = self.scale_dtype.size() as u64;
+        let es = self.scale_dtype.size();
         let scale_bytes = raw(&self.scale, s0 * grid_cols * es, (s1 - s0) * grid_cols * es)?;
         let mut scales = vec![0f32; ((s1 - s0) * grid_cols) as usize];
-        decode_f32(self.scale_dtype, &scale_bytes, &mut scales);
+        self.scale_dtype.decode(&scale_bytes, &mut scales);
         if let Some(i) = scales.iter().position(|s| !s.is_finite()) {
             return Err(Error::Tensor {
                 path: self.scale_path.clone(),
@@ -226,5 +270,18 @@ impl Decode for Fp8BlockScaled {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn e8m0_scales_are_powers_of_two() {
+        let mut out = [0f32; 5];
+        ScaleType::E8M0.decode(&[127, 128, 1, 0, 0xFF], &mut out);
+        assert_eq!(&out[..4], &[1.0, 2.0, 2f32.powi(-126), 2f32.powi(-127)]);
+        assert!(out[4].is_nan());
     }
 }

@@ -61,6 +61,17 @@ fn fp8_block_scaled_weights_equal_torchs_dequantization_bit_for_bit() {
         storage.contains(&"F8_E4M3, F32 scales 128×128"),
         "{storage:?}"
     );
+    // Power-of-two scales stored as F8_E8M0 (scale_fmt ue8m0).
+    let (wd, _) = compare(&p("reference_e8m0"), &p("fp8_e8m0"), &p("exact-e8m0"));
+    for (name, m) in wd["all_differences"].as_object().unwrap() {
+        assert_eq!(m["max_abs_diff"], 0.0, "{name}");
+    }
+    assert_eq!(wd["all_differences"].as_object().unwrap().len(), 6);
+    let storage = wd["mismatches"].to_string();
+    assert!(
+        storage.contains("F8_E4M3, F8_E8M0 scales 128×128"),
+        "{storage}"
+    );
 }
 
 #[test]

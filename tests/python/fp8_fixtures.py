@@ -11,7 +11,9 @@ writes
   than their weight (through model.safetensors.index.json);
 - OUT/reference/model.safetensors: torch's dequantization of OUT/fp8, f32 codes times
   the tile scale expanded over its tile (the reference the values must equal exactly);
-- OUT/unknown/: OUT/fp8 with quant_method `some_future_method` (not dequantized).
+- OUT/unknown/: OUT/fp8 with quant_method `some_future_method` (not dequantized);
+- OUT/fp8_e8m0/ and OUT/reference_e8m0/: the same with power-of-two scales stored as
+  F8_E8M0 (`scale_fmt: ue8m0`, torch.float8_e8m0fnu), as DeepSeek-V3.1 ships them.
 """
 
 import json
@@ -34,7 +36,7 @@ SHAPES = {
 }
 
 
-def quantize(w):
+def quantize(w, e8m0=False):
     rows, cols = w.shape
     gr, gc = -(-rows // BLOCK), -(-cols // BLOCK)
     scale = torch.zeros(gr, gc, dtype=torch.float32)
@@ -43,6 +45,8 @@ def quantize(w):
         for j in range(gc):
             tile = w[i * BLOCK:(i + 1) * BLOCK, j * BLOCK:(j + 1) * BLOCK].float()
             s = tile.abs().max().clamp(min=1e-12) / 448.0
+            if e8m0:
+                s = torch.exp2(torch.ceil(torch.log2(s)))
             scale[i, j] = s
             codes[i * BLOCK:(i + 1) * BLOCK, j * BLOCK:(j + 1) * BLOCK] = (tile / s).to(torch.float8_e4m3fn)
     return codes, scale
@@ -85,6 +89,23 @@ def main():
     (out / "fp8/config.json").write_text(json.dumps({**config, "quantization_config": qc}))
     save_file(reference, str(out / "reference/model.safetensors"), metadata={"format": "pt"})
     (out / "reference/config.json").write_text(json.dumps(config))
+    for d in ["fp8_e8m0", "reference_e8m0"]:
+        (out / d).mkdir(parents=True, exist_ok=True)
+    e8, ref8 = {}, {}
+    for n, w in base.items():
+        if w.dim() == 2:
+            codes, scale = quantize(w, e8m0=True)
+            e8[n] = codes
+            e8[n + "_scale_inv"] = scale.to(torch.float8_e8m0fnu)
+            ref8[n] = dequantize(codes, e8[n + "_scale_inv"].to(torch.float32))
+        else:
+            e8[n] = w
+            ref8[n] = w.float()
+    save_file(e8, str(out / "fp8_e8m0/model.safetensors"), metadata={"format": "pt"})
+    qc8 = {**qc, "scale_fmt": "ue8m0"}
+    (out / "fp8_e8m0/config.json").write_text(json.dumps({**config, "quantization_config": qc8}))
+    save_file(ref8, str(out / "reference_e8m0/model.safetensors"), metadata={"format": "pt"})
+    (out / "reference_e8m0/config.json").write_text(json.dumps(config))
     shutil.copytree(out / "fp8", out / "unknown", dirs_exist_ok=True)
     qc_unknown = {**qc, "quant_method": "some_future_method"}
     (out / "unknown/config.json").write_text(json.dumps({**config, "quantization_config": qc_unknown}))
