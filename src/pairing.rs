@@ -57,12 +57,30 @@ impl TensorPair {
     }
 }
 
+/// What differs between the two sides of a pair.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MismatchKind {
+    /// The shapes (a resized vocabulary is compared on its leading rows).
+    Shape,
+    /// The dtype or the storage (compared as values after decoding).
+    Dtype,
+}
+
+impl std::fmt::Display for MismatchKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            MismatchKind::Shape => "shape",
+            MismatchKind::Dtype => "dtype",
+        })
+    }
+}
+
 /// A pair whose shapes or dtypes differ.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Mismatch {
     pub name: String,
-    /// `"shape"` or `"dtype"`.
-    pub kind: String,
+    pub kind: MismatchKind,
     pub base_shape: Vec<usize>,
     pub finetuned_shape: Vec<usize>,
     pub base_dtype: String,
@@ -127,7 +145,7 @@ pub fn pair(
                     .to_string()
             };
             out.mismatches
-                .push(mismatch(name, "shape", be, fe, compared));
+                .push(mismatch(name, MismatchKind::Shape, be, fe, compared));
             if !same_tail {
                 continue;
             }
@@ -136,7 +154,7 @@ pub fn pair(
         if be.dtype != fe.dtype || be.dtype_name() != fe.dtype_name() {
             let compared = "values after decoding".to_string();
             out.mismatches
-                .push(mismatch(name, "dtype", be, fe, compared));
+                .push(mismatch(name, MismatchKind::Dtype, be, fe, compared));
         }
         out.pairs.push(TensorPair {
             name: name.clone(),
@@ -155,14 +173,14 @@ pub fn pair(
 
 fn mismatch(
     name: &str,
-    kind: &'static str,
+    kind: MismatchKind,
     be: &TensorEntry,
     fe: &TensorEntry,
     compared: String,
 ) -> Mismatch {
     Mismatch {
         name: name.to_string(),
-        kind: kind.to_string(),
+        kind,
         base_shape: be.shape.clone(),
         finetuned_shape: fe.shape.clone(),
         base_dtype: be.dtype_name(),

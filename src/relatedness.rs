@@ -18,7 +18,7 @@
 use crate::checkpoint::Checkpoint;
 use crate::comparison::{Comparison, Overlap};
 use crate::lowrank::detect::{Relation, Verdict, VerdictKind, relation_verdict};
-use crate::pairing::{Pairing, TensorPair};
+use crate::pairing::{MismatchKind, Pairing, TensorPair};
 use serde::Serialize;
 
 /// Config keys compared as evidence of architecture and size (Llama/Qwen/BERT names, then
@@ -172,7 +172,9 @@ pub fn assess(c: &Comparison) -> Relatedness {
             shape_mismatches: c
                 .mismatches
                 .iter()
-                .filter(|m| m.kind == "shape" && !c.results.iter().any(|(n, _)| n == &m.name))
+                .filter(|m| {
+                    m.kind == MismatchKind::Shape && !c.results.iter().any(|(n, _)| n == &m.name)
+                })
                 .count(),
             filters: &c.filters,
             names_share,

@@ -1,7 +1,7 @@
 //! `architecture_comparison.json`: the two models' structure side by side.
 
 use crate::comparison::{Comparison, ModelInfo};
-use crate::pairing::{layer_index, module_type};
+use crate::pairing::{MismatchKind, layer_index, module_type};
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
 
@@ -57,8 +57,8 @@ pub fn render(c: &Comparison) -> Value {
         "same_layer_count": same("layer_count"),
         "same_model_type": same("model_type"),
         "name_alignment": c.prefix,
-        "shape_mismatches": c.mismatches.iter().filter(|m| m.kind == "shape").collect::<Vec<_>>(),
-        "dtype_mismatches": c.mismatches.iter().filter(|m| m.kind == "dtype").collect::<Vec<_>>(),
+        "shape_mismatches": c.mismatches.iter().filter(|m| m.kind == MismatchKind::Shape).collect::<Vec<_>>(),
+        "dtype_mismatches": c.mismatches.iter().filter(|m| m.kind == MismatchKind::Dtype).collect::<Vec<_>>(),
         "only_in_base": c.only_in_base,
         "only_in_finetuned": c.only_in_finetuned,
     })

@@ -12,6 +12,7 @@
 //! pairing's dtype mismatches, which name each side's storage.
 
 use crate::comparison::Comparison;
+use crate::pairing::MismatchKind;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -36,7 +37,7 @@ pub fn by_storage(c: &Comparison) -> Vec<QuantGroup> {
     let storage: BTreeMap<&str, (&str, &str)> = c
         .mismatches
         .iter()
-        .filter(|m| m.kind == "dtype")
+        .filter(|m| m.kind == MismatchKind::Dtype)
         .map(|m| {
             (
                 m.name.as_str(),
@@ -108,7 +109,7 @@ pub fn dominates(c: &Comparison) -> Option<String> {
     let stored_differently: std::collections::BTreeSet<&str> = c
         .mismatches
         .iter()
-        .filter(|m| m.kind == "dtype")
+        .filter(|m| m.kind == MismatchKind::Dtype)
         .map(|m| m.name.as_str())
         .collect();
     let all = c

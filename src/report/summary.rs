@@ -4,7 +4,7 @@ use super::lora::{LoraDocs, LoraMetadata};
 use super::{fmt_bytes, fmt_opt, sci};
 use crate::comparison::Comparison;
 use crate::lowrank::detect::{Verdict, VerdictKind};
-use crate::pairing::{layer_index, module_type};
+use crate::pairing::{MismatchKind, layer_index, module_type};
 use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::path::PathBuf;
@@ -147,7 +147,7 @@ pub fn render(c: &Comparison, lora: Option<&LoraDocs>, written: &[PathBuf], top:
         summarise_names(&c.only_in_finetuned)
     );
     if c.mismatches.len() > LIST_FIRST {
-        for kind in ["shape", "dtype"] {
+        for kind in [MismatchKind::Shape, MismatchKind::Dtype] {
             let names: Vec<String> = c
                 .mismatches
                 .iter()

@@ -44,7 +44,10 @@ fn resized_vocabulary_compares_the_leading_rows() {
         &[f32_tensor("model.embed_tokens.weight", &[12, 4], &ft_v)],
     );
     assert_eq!(c.mismatches.len(), 1);
-    assert_eq!(c.mismatches[0].kind, "shape");
+    assert_eq!(
+        c.mismatches[0].kind,
+        weightdiff::pairing::MismatchKind::Shape
+    );
     assert_eq!(c.mismatches[0].finetuned_shape, [12, 4]);
     let m = &c.results[0].1;
     assert_eq!(m.compared_rows, Some(10));
@@ -78,7 +81,10 @@ fn dtype_mismatch_is_compared_after_decoding() {
         &[f32_tensor("w", &[8, 8], &v)],
     );
     assert_eq!(c.mismatches.len(), 1);
-    assert_eq!(c.mismatches[0].kind, "dtype");
+    assert_eq!(
+        c.mismatches[0].kind,
+        weightdiff::pairing::MismatchKind::Dtype
+    );
     assert_eq!(
         (
             c.mismatches[0].base_dtype.as_str(),
