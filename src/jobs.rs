@@ -245,12 +245,9 @@ pub fn compare_pair(
     let mut c = pipeline::compare(base, ft, opts, obs)?;
     obs.stage_done();
     let unsettled = relatedness::needs_low_rank_evidence(&c);
-    let quantized = report::quantization::dominates(&c);
-    if let Some(q) = quantized.as_ref().filter(|_| lora.is_some()) {
-        obs.info(&report::quantization::skipped_sentence(q));
-    }
+    let quantized = quantization_only(&c, lora.is_some(), "", obs);
     if (unsettled || relatedness::assess(&c).verdict.is_none())
-        && quantized.is_none()
+        && !quantized
         && let Some(lo) = lora.filter(|_| c.complete)
     {
         obs.info(&format!(
@@ -294,6 +291,22 @@ fn not_a_derivative(c: &Comparison, lora: bool, obs: &dyn Observer) -> bool {
             ""
         }
     ));
+    true
+}
+
+/// True when every modified matrix of `c` is stored differently by the two models
+/// ([`report::quantization::dominates`]): the low-rank stage is skipped, and when it was
+/// asked for (`lora`) the observer is told why, after `prefix`.
+fn quantization_only(c: &Comparison, lora: bool, prefix: &str, obs: &dyn Observer) -> bool {
+    let Some(q) = report::quantization::dominates(c) else {
+        return false;
+    };
+    if lora {
+        obs.info(&format!(
+            "{prefix}{}",
+            report::quantization::skipped_sentence(&q)
+        ));
+    }
     true
 }
 
@@ -492,15 +505,9 @@ fn compare_several(job: &CompareJob, obs: &dyn Observer) -> Result<Outcome> {
     let mut all_written: Vec<PathBuf> = Vec::new();
     let mut summaries = Vec::new();
     for ((c, ft), label) in cs.iter_mut().zip(&fts).zip(&labels) {
-        let quantized = report::quantization::dominates(c);
-        if let Some(q) = quantized.as_ref().filter(|_| job.lora.is_some()) {
-            obs.info(&format!(
-                "{label}: {}",
-                report::quantization::skipped_sentence(q)
-            ));
-        }
+        let quantized = quantization_only(c, job.lora.is_some(), &format!("{label}: "), obs);
         if !not_a_derivative(c, job.lora.is_some(), obs)
-            && quantized.is_none()
+            && !quantized
             && let Some(lo) = job.lora.as_ref().filter(|_| c.complete)
         {
             c.lora = Some(pipeline::analyze_lora(&base, ft, c, lo)?);

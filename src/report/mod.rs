@@ -34,13 +34,7 @@ pub const TRAJECTORY_TXT: &str = "trajectory.txt";
 pub fn write_comparison_reports(c: &Comparison, dir: &Path, top: usize) -> Result<Vec<PathBuf>> {
     std::fs::create_dir_all(dir)
         .map_err(|e| Error::io(dir, "cannot create output directory", e))?;
-    let mut written = Vec::new();
-    for o in outputs::of(Stage::Diff) {
-        let render = o.render.expect("every diff output has a renderer");
-        let path = o.path(dir);
-        write_atomic(&path, &render(c, top))?;
-        written.push(path);
-    }
+    let mut written = write_diff_files(c, dir, top, |_| true)?;
     let docs = match &c.lora {
         Some(lora) => {
             let (files, docs) = lora::write_lora_outputs(lora, dir)?;
@@ -50,6 +44,23 @@ pub fn write_comparison_reports(c: &Comparison, dir: &Path, top: usize) -> Resul
         None => None,
     };
     written.extend(write_pages(c, docs.as_ref(), dir, top, written.clone())?);
+    Ok(written)
+}
+
+/// Renders and writes the diff's files of [`outputs::OUTPUTS`] that `which` selects.
+fn write_diff_files(
+    c: &Comparison,
+    dir: &Path,
+    top: usize,
+    which: impl Fn(&outputs::Output) -> bool,
+) -> Result<Vec<PathBuf>> {
+    let mut written = Vec::new();
+    for o in outputs::of(Stage::Diff).filter(|o| which(o)) {
+        let render = o.render.expect("every diff output has a renderer");
+        let path = o.path(dir);
+        write_atomic(&path, &render(c, top))?;
+        written.push(path);
+    }
     Ok(written)
 }
 
@@ -150,13 +161,7 @@ fn render_recorded(
 ) -> Result<Vec<PathBuf>> {
     // The diff's files rendered again (`difference.txt`), then the pages, which list the
     // files a `compare` run writes, in its order, as far as they are still here.
-    let mut written = Vec::new();
-    for o in outputs::of(Stage::Diff).filter(|o| o.regenerated) {
-        let render = o.render.expect("every diff output has a renderer");
-        let path = o.path(dir);
-        write_atomic(&path, &render(c, top))?;
-        written.push(path);
-    }
+    let mut written = write_diff_files(c, dir, top, |o| o.regenerated)?;
     let present: Vec<PathBuf> = outputs::of(Stage::Diff)
         .chain(outputs::of(Stage::LowRank))
         .map(|o| o.path(dir))

@@ -31,11 +31,9 @@ pub struct QuantGroup {
     pub max_abs_diff: f64,
 }
 
-/// One group per storage of the fine-tuned side that differs from the base's; empty when
-/// both sides store every tensor alike.
-pub fn by_storage(c: &Comparison) -> Vec<QuantGroup> {
-    let storage: BTreeMap<&str, (&str, &str)> = c
-        .mismatches
+/// Tensor → (base storage, fine-tuned storage), for the pairs whose storages differ.
+fn stored_differently(c: &Comparison) -> BTreeMap<&str, (&str, &str)> {
+    c.mismatches
         .iter()
         .filter(|m| m.kind == MismatchKind::Dtype)
         .map(|m| {
@@ -44,7 +42,13 @@ pub fn by_storage(c: &Comparison) -> Vec<QuantGroup> {
                 (m.base_dtype.as_str(), m.finetuned_dtype.as_str()),
             )
         })
-        .collect();
+        .collect()
+}
+
+/// One group per storage of the fine-tuned side that differs from the base's; empty when
+/// both sides store every tensor alike.
+pub fn by_storage(c: &Comparison) -> Vec<QuantGroup> {
+    let storage = stored_differently(c);
     struct Acc<'a> {
         base: Vec<&'a str>,
         d2: f64,
@@ -106,17 +110,12 @@ pub fn dominates(c: &Comparison) -> Option<String> {
     if groups.is_empty() {
         return None;
     }
-    let stored_differently: std::collections::BTreeSet<&str> = c
-        .mismatches
-        .iter()
-        .filter(|m| m.kind == MismatchKind::Dtype)
-        .map(|m| m.name.as_str())
-        .collect();
+    let storage = stored_differently(c);
     let all = c
         .results
         .iter()
         .filter(|(_, m)| m.is_modified() && m.shape.len() >= 2)
-        .all(|(n, _)| stored_differently.contains(n.as_str()));
+        .all(|(n, _)| storage.contains_key(n.as_str()));
     all.then(|| {
         groups
             .iter()

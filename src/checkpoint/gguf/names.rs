@@ -176,18 +176,7 @@ impl Transform {
         row_len: usize,
         scratch: &mut Vec<f32>,
     ) -> Result<(), TransformError> {
-        match *self {
-            Transform::AddOne => {
-                for x in window.iter_mut() {
-                    *x -= 1.0;
-                }
-                Ok(())
-            }
-            Transform::PermuteRows { .. } => {
-                self.permute(window, first_row, hf_rows, row_len, scratch, true)
-            }
-            Transform::ExpertSlice { .. } | Transform::TruncatedRows { .. } => Ok(()),
-        }
+        self.run(window, first_row, hf_rows, row_len, scratch, true)
     }
 
     /// The converter's direction (HF → GGUF), for tests and for checking a map.
@@ -199,15 +188,29 @@ impl Transform {
         row_len: usize,
         scratch: &mut Vec<f32>,
     ) -> Result<(), TransformError> {
+        self.run(window, first_row, hf_rows, row_len, scratch, false)
+    }
+
+    /// [`Transform::undo`] (`to_hf`) or [`Transform::apply`].
+    fn run(
+        &self,
+        window: &mut [f32],
+        first_row: u64,
+        hf_rows: u64,
+        row_len: usize,
+        scratch: &mut Vec<f32>,
+        to_hf: bool,
+    ) -> Result<(), TransformError> {
         match *self {
             Transform::AddOne => {
+                let one = if to_hf { -1.0 } else { 1.0 };
                 for x in window.iter_mut() {
-                    *x += 1.0;
+                    *x += one;
                 }
                 Ok(())
             }
             Transform::PermuteRows { .. } => {
-                self.permute(window, first_row, hf_rows, row_len, scratch, false)
+                self.permute(window, first_row, hf_rows, row_len, scratch, to_hf)
             }
             Transform::ExpertSlice { .. } | Transform::TruncatedRows { .. } => Ok(()),
         }
