@@ -12,6 +12,7 @@
 //! Downloads honour `HF_ENDPOINT`, `HF_TOKEN` (else `$HF_HOME/token`) and
 //! `HF_HUB_OFFLINE=1`, under which nothing is fetched.
 
+use crate::checkpoint::formats::{self, Selected};
 use crate::error::{Error, Result};
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
@@ -275,36 +276,35 @@ fn cached_commit(repo_dir: &Path, revision: &str) -> Option<String> {
     is_commit(&commit).then_some(commit)
 }
 
-/// Whether a snapshot holds a complete set of weights, by the same preference order
-/// [`crate::Checkpoint::open`] uses.
+/// Whether a snapshot holds a complete set of weights: the files that opening it will
+/// read ([`formats::select`], the rule [`crate::Checkpoint::open`] applies).
 fn weights_complete(snapshot: &Path) -> bool {
-    let index_complete = |name: &str| {
-        let Ok(v) = crate::fsio::read_json(&snapshot.join(name)) else {
-            return false;
-        };
-        v["weight_map"].as_object().is_some_and(|m| {
-            !m.is_empty()
-                && m.values()
-                    .all(|f| f.as_str().is_some_and(|f| snapshot.join(f).is_file()))
-        })
+    let Ok(listing) = std::fs::read_dir(snapshot) else {
+        return false;
     };
-    if snapshot.join("model.safetensors.index.json").is_file() {
-        return index_complete("model.safetensors.index.json");
-    }
-    let loose_safetensors = std::fs::read_dir(snapshot).is_ok_and(|mut d| {
-        d.any(|e| {
-            e.is_ok_and(|e| {
-                e.path().extension().is_some_and(|x| x == "safetensors") && e.path().is_file()
+    let names: Vec<String> = listing
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().is_file())
+        .filter_map(|e| e.file_name().to_str().map(String::from))
+        .collect();
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    match formats::select(&names) {
+        None => false,
+        // One file of a layout that takes one of several (a GGUF quant) proves nothing:
+        // the repository may hold others, and which one is meant must be asked.
+        Some((f, Selected::Files(_))) => !matches!(f.select, formats::Select::Single),
+        Some((_, Selected::Ambiguous(_))) => false,
+        Some((_, Selected::Index(index))) => {
+            let Ok(v) = crate::fsio::read_json(&snapshot.join(index)) else {
+                return false;
+            };
+            v["weight_map"].as_object().is_some_and(|m| {
+                !m.is_empty()
+                    && m.values()
+                        .all(|f| f.as_str().is_some_and(|f| snapshot.join(f).is_file()))
             })
-        })
-    });
-    if loose_safetensors {
-        return true;
+        }
     }
-    if snapshot.join("pytorch_model.bin.index.json").is_file() {
-        return index_complete("pytorch_model.bin.index.json");
-    }
-    snapshot.join("pytorch_model.bin").is_file()
 }
 
 /// `GET /api/models/REPO/revision/REV`: the commit and the file list.
@@ -470,13 +470,9 @@ fn download(
             fetch(side, progress)?;
         }
     }
-    let top_level = |ext: &str| -> Vec<&str> {
-        files
-            .iter()
-            .copied()
-            .filter(|f| f.ends_with(ext) && !f.contains('/'))
-            .collect()
-    };
+    // Top-level files only: a weights file in a subfolder belongs to another model
+    // (an `original/` checkpoint, a `gguf/` folder).
+    let top_level: Vec<&str> = files.iter().copied().filter(|f| !f.contains('/')).collect();
     let weights: Vec<String> = if let Some(file) = &id.file {
         if !files.contains(&file.as_str()) {
             return Err(hub_error(
@@ -489,40 +485,41 @@ fn download(
             ));
         }
         vec![file.clone()]
-    } else if files.contains(&"model.safetensors.index.json") {
-        fetch("model.safetensors.index.json", progress)?;
-        shards_of(id, &snapshot.join("model.safetensors.index.json"))?
-    } else if files.contains(&"model.safetensors") {
-        vec!["model.safetensors".into()]
-    } else if !top_level(".safetensors").is_empty() {
-        top_level(".safetensors")
-            .into_iter()
-            .map(String::from)
-            .collect()
-    } else if !top_level(".gguf").is_empty() {
-        // A repo of GGUF quants: downloading all of them is never what is meant.
-        return Err(hub_error(
-            id,
-            format!(
-                "revision {} has no model.safetensors(.index.json){}",
-                id.revision,
-                gguf_list(&files)
-            ),
-        ));
-    } else if files.contains(&"pytorch_model.bin.index.json") {
-        fetch("pytorch_model.bin.index.json", progress)?;
-        shards_of(id, &snapshot.join("pytorch_model.bin.index.json"))?
-    } else if files.contains(&"pytorch_model.bin") {
-        vec!["pytorch_model.bin".into()]
     } else {
-        return Err(hub_error(
-            id,
-            format!(
-                "revision {} has no model.safetensors(.index.json) or pytorch_model.bin(.index.json){}",
-                id.revision,
-                gguf_list(&files)
-            ),
-        ));
+        match formats::select(&top_level) {
+            Some((_, Selected::Index(index))) => {
+                fetch(&index, progress)?;
+                shards_of(id, &snapshot.join(&index))?
+            }
+            Some((_, Selected::Files(files))) => files,
+            Some((format, Selected::Ambiguous(several))) => {
+                // A repo of GGUF quants: downloading all of them is never what is meant.
+                return Err(hub_error(
+                    id,
+                    format!(
+                        "revision {} holds several {} files ({}): name one as ORG/NAME:FILE{}",
+                        id.revision,
+                        format.name,
+                        several.join(", "),
+                        Path::new(&several[0])
+                            .extension()
+                            .map(|e| format!(".{}", e.to_string_lossy()))
+                            .unwrap_or_default()
+                    ),
+                ));
+            }
+            None => {
+                return Err(hub_error(
+                    id,
+                    format!(
+                        "revision {} has no {}{}",
+                        id.revision,
+                        formats::expected_names(),
+                        gguf_list(&files)
+                    ),
+                ));
+            }
+        }
     };
     for w in &weights {
         fetch(w, progress)?;

@@ -1,15 +1,17 @@
 //! Reading checkpoints: resolving a model argument to its files, validating them, and
 //! giving windows onto tensor bytes.
 //!
-//! A model argument is a Hugging Face directory (`model.safetensors`, or shards named
-//! by `model.safetensors.index.json`, or loose `*.safetensors` when there is no index;
-//! failing those, `pytorch_model.bin` or the shards of `pytorch_model.bin.index.json`),
-//! or a single `.safetensors` / `.bin` / `.pt` file (SPEC §1). Nothing here loads tensor
+//! A model argument is a Hugging Face directory (shards named by
+//! `model.safetensors.index.json`, or `model.safetensors`, or loose `*.safetensors`;
+//! failing those one `.gguf` file, then the PyTorch equivalents: the layouts of
+//! [`formats::DIRECTORY`], tried in order), or a single `.safetensors` / `.gguf` /
+//! `.bin` / `.pt` file ([`formats::FILES`]; SPEC §1). Nothing here loads tensor
 //! data: opening a checkpoint reads headers (or a PyTorch file's pickle) only. Hub ids
 //! are resolved to such a directory by [`crate::hub`].
 
 pub mod dtype;
 pub mod encoding;
+pub mod formats;
 pub mod gguf;
 pub mod index;
 pub mod layout;
@@ -145,14 +147,15 @@ fn refuse_side_file(path: &Path) -> Result<()> {
     })
 }
 
-/// Whether the file starts with GGUF's magic (read errors: not GGUF; the safetensors
-/// reader then reports them).
-fn is_gguf(path: &Path) -> bool {
+/// The first bytes of a file (fewer when it is shorter; none when it cannot be read:
+/// the format's reader then reports why).
+fn file_head(path: &Path) -> Vec<u8> {
     use std::io::Read;
-    let mut head = [0u8; 4];
-    std::fs::File::open(path)
-        .and_then(|mut f| f.read_exact(&mut head))
-        .is_ok_and(|()| gguf::recognise(&head))
+    let mut head = Vec::with_capacity(64);
+    if let Ok(f) = std::fs::File::open(path) {
+        let _ = f.take(64).read_to_end(&mut head);
+    }
+    head
 }
 
 /// Gathered non-contiguous tensors kept for the windows that follow.
@@ -185,18 +188,8 @@ impl Checkpoint {
         })?;
         if meta.is_file() {
             refuse_side_file(path)?;
-            if is_gguf(path) {
-                let mut ck = Checkpoint::empty(path);
-                ck.add_gguf(gguf::decode::open(path)?)?;
-                return Ok(ck);
-            }
-            let shard = if torch::is_torch_file(path) {
-                torch::open(path)?
-            } else {
-                Shard::open(path)?
-            };
             let mut ck = Checkpoint::empty(path);
-            ck.add_shard(shard, None);
+            ck.add_file(formats::recognise(path, &file_head(path)), path)?;
             return Ok(ck);
         }
         if !meta.is_dir() {
@@ -208,76 +201,76 @@ impl Checkpoint {
         let mut ck = Checkpoint::empty(path);
         ck.config = read_json_if_present(&path.join("config.json"))?;
         ck.generation_config = read_json_if_present(&path.join("generation_config.json"))?;
-        let index_path = path.join("model.safetensors.index.json");
-        if index_path.exists() {
-            let index = ck.add_indexed(path, &index_path, Shard::open)?;
-            for f in safetensors_files(path)? {
-                let named = f
-                    .strip_prefix(path)
-                    .ok()
-                    .and_then(|r| r.to_str())
-                    .is_some_and(|r| index.weight_map.values().any(|v| v == r));
-                if !named {
-                    ck.warnings
-                        .push(format!("{}: not named by the index; ignored", f.display()));
+        let no_weights = || Error::NotAModel {
+            path: path.into(),
+            reason: format!("no {} in this directory", formats::expected_names()),
+        };
+        let names = file_names(path)?;
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        let Some((format, selected)) = formats::select(&names) else {
+            return Err(no_weights());
+        };
+        tracing::debug!(model = %path.display(), format = format.name, "directory layout");
+        for skipped in names
+            .iter()
+            .filter(|n| torch::is_torch_file(Path::new(n)) && torch::is_training_state(n))
+        {
+            tracing::info!(file = %path.join(skipped).display(), "training state, not weights: skipped");
+        }
+        let taken: Vec<String> = match selected {
+            formats::Selected::Index(index) => {
+                let formats::Open::Shard(open) = format.format.open else {
+                    unreachable!("an index names shards of a sharded format")
+                };
+                let index = ck.add_indexed(path, &path.join(index), open)?;
+                if ck.shards.is_empty() {
+                    return Err(no_weights());
                 }
+                index.files().into_iter().map(String::from).collect()
             }
-            return Ok(ck);
-        }
-        let files = safetensors_files(path)?;
-        if files.is_empty() {
-            return ck.open_torch_dir(path);
-        }
-        for f in files {
-            check_inside(path, &f)?;
-            let shard = Shard::open(&f)?;
-            ck.add_shard(shard, None);
+            formats::Selected::Files(files) => {
+                for f in &files {
+                    let f = path.join(f);
+                    check_inside(path, &f)?;
+                    ck.add_file(format.format, &f)?;
+                }
+                files
+            }
+            formats::Selected::Ambiguous(files) => {
+                return Err(Error::NotAModel {
+                    path: path.into(),
+                    reason: format!(
+                        "it holds several {} files ({}): give one of them as the model",
+                        format.name,
+                        files.join(", ")
+                    ),
+                });
+            }
+        };
+        // Weight files the layout leaves out (a shard the index does not name, a
+        // `consolidated.safetensors` beside `model.safetensors`) are said, not read.
+        for n in names.iter().filter(|n| (format.weight_file)(n)) {
+            if !taken.iter().any(|t| t == n) {
+                let why = match format.select {
+                    formats::Select::Index(_) => "not named by the index",
+                    _ => "not part of this layout",
+                };
+                ck.warnings
+                    .push(format!("{}: {why}; ignored", path.join(n).display()));
+            }
         }
         Ok(ck)
     }
 
-    /// A directory without safetensors: `pytorch_model.bin.index.json` and its shards,
-    /// or `pytorch_model.bin`, or the other PyTorch files except training state
-    /// (`training_args.bin`, `optimizer.pt`, …), as `transformers` would look for them.
-    fn open_torch_dir(mut self, path: &Path) -> Result<Checkpoint> {
-        let index_path = path.join("pytorch_model.bin.index.json");
-        let (state, loose): (Vec<PathBuf>, Vec<PathBuf>) = list_files(path, torch::is_torch_file)?
-            .into_iter()
-            .partition(|f| {
-                f.file_name()
-                    .and_then(|n| n.to_str())
-                    .is_some_and(torch::is_training_state)
-            });
-        for f in &state {
-            tracing::info!(file = %f.display(), "training state, not weights: skipped");
-        }
-        let no_weights = || {
-            Error::NotAModel {
-            path: path.into(),
-            reason: "no model.safetensors, model.safetensors.index.json, *.safetensors, pytorch_model.bin or pytorch_model.bin.index.json in this directory".into(),
-        }
-        };
-        if index_path.exists() {
-            self.add_indexed(path, &index_path, torch::open)?;
-            if self.shards.is_empty() {
-                return Err(no_weights());
+    /// Adds the tensors of one weights file of `format`.
+    fn add_file(&mut self, format: &formats::FileFormat, path: &Path) -> Result<()> {
+        match format.open {
+            formats::Open::Shard(open) => {
+                self.add_shard(open(path)?, None);
+                Ok(())
             }
-            return Ok(self);
+            formats::Open::Model(open) => open(self, path),
         }
-        let files = if path.join("pytorch_model.bin").is_file() {
-            vec![path.join("pytorch_model.bin")]
-        } else {
-            loose
-        };
-        if files.is_empty() {
-            return Err(no_weights());
-        }
-        for f in files {
-            check_inside(path, &f)?;
-            let shard = torch::open(&f)?;
-            self.add_shard(shard, None);
-        }
-        Ok(self)
     }
 
     /// Adds the tensors of a GGUF file, each an F32 view decoded from its blocks.
@@ -518,29 +511,22 @@ fn check_inside(dir: &Path, file: &Path) -> Result<()> {
     })
 }
 
-/// The `*.safetensors` files directly inside `dir`, sorted.
-fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
-    list_files(dir, |p| p.extension().is_some_and(|x| x == "safetensors"))
-}
-
-/// The files directly inside `dir` that `keep` accepts, sorted.
-fn list_files(dir: &Path, keep: impl Fn(&Path) -> bool) -> Result<Vec<PathBuf>> {
-    let mut files = Vec::new();
+/// The names of the files directly inside `dir`, sorted. Links are followed; a dangling
+/// link or a link loop is listed too, so that when it is named like a weights file it
+/// is that file's error ("too many levels of symbolic links"), not "no weights here".
+fn file_names(dir: &Path) -> Result<Vec<String>> {
+    let mut names = Vec::new();
     for entry in std::fs::read_dir(dir).map_err(|e| Error::io(dir, "cannot list directory", e))? {
         let path = entry
             .map_err(|e| Error::io(dir, "cannot list directory", e))?
             .path();
-        if !keep(&path) {
+        let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
             continue;
-        }
-        // Follows links: a dangling link or a link loop named like a weights file is
-        // that file's error, not "no weights in this directory".
-        match std::fs::metadata(&path) {
-            Ok(m) if m.is_file() => files.push(path),
-            Ok(_) => {}
-            Err(e) => return Err(Error::io(&path, "cannot open", e)),
+        };
+        if std::fs::metadata(&path).map_or(true, |m| m.is_file()) {
+            names.push(name.to_string());
         }
     }
-    files.sort();
-    Ok(files)
+    names.sort();
+    Ok(names)
 }

@@ -708,3 +708,44 @@ fn several_quants_against_the_original_in_one_pass_and_two_quants_against_each_o
     );
     assert_eq!(wd["modified_layers"].as_array().unwrap().len(), 0);
 }
+
+#[test]
+fn a_directory_of_one_gguf_file_is_that_model_and_of_several_an_error_naming_them() {
+    if !ready() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    fixtures("models", dir.path());
+    let one = dir.path().join("one");
+    std::fs::create_dir(&one).unwrap();
+    std::fs::copy(
+        dir.path().join("llama_q8.gguf"),
+        one.join("llama-Q8_0.gguf"),
+    )
+    .unwrap();
+    let from_dir = compare_cli_json(
+        &dir.path().join("llama_q8_dequant.safetensors"),
+        &one,
+        &dir.path().join("out-dir"),
+    );
+    let from_file = compare_cli_json(
+        &dir.path().join("llama_q8_dequant.safetensors"),
+        &dir.path().join("llama_q8.gguf"),
+        &dir.path().join("out-file"),
+    );
+    assert_eq!(
+        crate::common::metrics_without_times(&from_dir),
+        crate::common::metrics_without_times(&from_file),
+        "the directory reads its one GGUF file"
+    );
+    std::fs::copy(dir.path().join("llama.gguf"), one.join("llama-F32.gguf")).unwrap();
+    crate::common::weightdiff()
+        .args(["compare", "--quiet", "--no-lora", "-o"])
+        .arg(dir.path().join("out-two"))
+        .arg(dir.path().join("llama_q8_dequant.safetensors"))
+        .arg(&one)
+        .assert()
+        .code(2)
+        .stderr(predicates::str::contains("several GGUF files"))
+        .stderr(predicates::str::contains("llama-F32.gguf, llama-Q8_0.gguf"));
+}

@@ -91,3 +91,39 @@ fn positioned_reads_give_the_same_numbers_as_mapped_windows() {
     };
     assert_eq!(run(ReadMode::Mmap), run(ReadMode::Pread));
 }
+
+#[test]
+fn model_safetensors_is_read_alone_and_other_weight_files_beside_it_are_reported() {
+    // Mistral's repositories hold `consolidated.safetensors` (other names, same weights)
+    // beside the Hugging Face files; transformers reads only `model.safetensors`.
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("m");
+    std::fs::create_dir(&model).unwrap();
+    write_file(
+        &model.join("model.safetensors"),
+        &[f32_tensor("model.norm.weight", &[2], &[1.0, 2.0])],
+    );
+    write_file(
+        &model.join("consolidated.safetensors"),
+        &[f32_tensor("norm.weight", &[2], &[1.0, 2.0])],
+    );
+    let out = weightdiff()
+        .args(["inspect", "--json"])
+        .arg(&model)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let doc = stdout_json(&out);
+    let names: Vec<&str> = doc["tensors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["model.norm.weight"]);
+    let problems = doc["problems"].to_string();
+    assert!(
+        problems.contains("consolidated.safetensors: not part of this layout; ignored"),
+        "{problems}"
+    );
+}
