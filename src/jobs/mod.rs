@@ -14,9 +14,14 @@ use crate::hub::{self, DownloadProgress};
 use crate::parts::{self, Shard};
 use crate::pipeline::{self, CompareOptions, LoraOptions, Progress};
 use crate::{fsio, journal, lowrank, peft, relatedness, report, synthetic};
-use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
+
+pub mod summary;
+pub use summary::{
+    AdapterSummary, CompareSummary, NotExtractedSummary, ShardSummary, Summary, TrajectorySummary,
+    WrittenSummary, verdict,
+};
 
 /// Tensor errors told one per line before the rest are counted (every one is in the
 /// reports).
@@ -42,7 +47,7 @@ pub struct Outcome {
     pub status: Status,
     /// The summary document printed by `--json` (none when the job stopped before it had
     /// anything to summarise).
-    pub summary: Option<Value>,
+    pub summary: Option<Summary>,
     /// The comparisons made (one per fine-tuned model), when the job compares.
     pub comparisons: Vec<Comparison>,
     /// Files written, in the order they were written.
@@ -376,47 +381,11 @@ fn write_reports(c: Comparison, out: &Path, top: usize, obs: &dyn Observer) -> R
     }
     Ok(Outcome {
         status: status(&c),
-        summary: Some(summary_json(&c, &written, top)),
+        summary: Some(Summary::Compare(Box::new(CompareSummary::of(
+            &c, &written, top,
+        )))),
         comparisons: vec![c],
         written,
-    })
-}
-
-/// The verdict of one comparison, as the `--json` summary gives it: the relatedness
-/// check's when the models are not a base and a derivative, else the low-rank stage's
-/// (`null` when that stage did not run).
-pub fn verdict(c: &Comparison) -> Value {
-    let related = relatedness::assess(c);
-    json!(
-        related
-            .verdict
-            .as_ref()
-            .or(c.lora.as_ref().map(|l| &l.verdict))
-    )
-}
-
-/// The `--json` summary of one comparison.
-fn summary_json(c: &Comparison, written: &[PathBuf], top: usize) -> Value {
-    let related = relatedness::assess(c);
-    json!({
-        "verdict": verdict(c),
-        "relatedness": related,
-        "base": c.base.source,
-        "finetuned": c.finetuned.source,
-        "compared": c.results.len(),
-        "modified": c.modified().len(),
-        "identical": c.results.iter().filter(|(_, m)| m.identical).count(),
-        "errors": c.errors,
-        "only_in_base": c.only_in_base.len(),
-        "only_in_finetuned": c.only_in_finetuned.len(),
-        "mismatches": c.mismatches.len(),
-        "top_modified": c.top_modified(top).iter().map(|(n, m)| json!({
-            "name": n, "relative_diff": m.relative_diff
-        })).collect::<Vec<_>>(),
-        "throughput_gbps": c.performance.throughput_gbps,
-        "total_time": c.performance.total_time,
-        "lowrank_time": c.lora.as_ref().map(|l| l.total_time),
-        "outputs": written,
     })
 }
 
@@ -471,10 +440,10 @@ fn compare_shard(
         } else {
             Status::TensorErrors
         },
-        summary: Some(json!({
-            "shard": shard.to_string(),
-            "compared": c.results.len(),
-            "outputs": written,
+        summary: Some(Summary::Shard(ShardSummary {
+            shard: shard.to_string(),
+            compared: c.results.len(),
+            outputs: written.clone(),
         })),
         comparisons: vec![c],
         written,
@@ -519,7 +488,7 @@ fn compare_several(job: &CompareJob, obs: &dyn Observer) -> Result<Outcome> {
         )?;
         remove_stale(&dir, &written, &[], obs)?;
         all_written.extend(written.iter().cloned());
-        summaries.push(summary_json(c, &written, job.top));
+        summaries.push(CompareSummary::of(c, &written, job.top));
         tell_errors(
             c.errors.iter(),
             &format!("{label}: "),
@@ -541,10 +510,10 @@ fn compare_several(job: &CompareJob, obs: &dyn Observer) -> Result<Outcome> {
     }
     Ok(Outcome {
         status: status_all,
-        summary: Some(json!({
-            "overall": report::trajectory::Trajectory::of(&cs).overall,
-            "checkpoints": summaries,
-            "outputs": outputs,
+        summary: Some(Summary::Trajectory(TrajectorySummary {
+            overall: report::trajectory::Trajectory::of(&cs).overall,
+            checkpoints: summaries,
+            outputs,
         })),
         comparisons: cs,
         written: all_written,
@@ -621,12 +590,12 @@ pub fn extract_lora(job: &ExtractJob, obs: &dyn Observer) -> Result<Outcome> {
         let related = relatedness::assess(&c);
         return Ok(Outcome {
             status: status(&c),
-            summary: Some(json!({
-                "verdict": related.verdict,
-                "relatedness": related,
-                "modules": 0,
-                "outputs": [],
-            })),
+            summary: Some(Summary::NotExtracted(Box::new(NotExtractedSummary {
+                verdict: related.verdict.clone(),
+                relatedness: related,
+                modules: 0,
+                outputs: Vec::new(),
+            }))),
             comparisons: vec![c],
             written: Vec::new(),
         });
@@ -687,17 +656,7 @@ pub fn extract_lora(job: &ExtractJob, obs: &dyn Observer) -> Result<Outcome> {
     for n in &lora.notes {
         obs.info(&format!("note: {n}"));
     }
-    let summary = json!({
-        "verdict": lora.verdict,
-        "modules": lora.extracted.len(),
-        "default_rank": rank,
-        "mean_residual": mean,
-        "modules_to_save": lora.modules_to_save,
-        "skipped": lora.skipped.len(),
-        "task_type": lora.facts.task_type,
-        "notes": lora.notes,
-        "outputs": written,
-    });
+    let summary = Summary::Adapter(Box::new(AdapterSummary::of(&lora, rank, mean, &written)));
     let status = if c.errors.is_empty() && lora.errors.is_empty() {
         Status::Done
     } else {
@@ -712,25 +671,33 @@ pub fn extract_lora(job: &ExtractJob, obs: &dyn Observer) -> Result<Outcome> {
     })
 }
 
+/// `inspect --json`.
+#[derive(Debug, serde::Serialize)]
+pub struct InspectDocument<'a> {
+    pub structure: &'a report::architecture::ModelStructure,
+    pub tensors: &'a [crate::comparison::TensorInfo],
+    pub problems: &'a [String],
+}
+
 /// What `weightdiff inspect` shows of one model.
 #[derive(Debug)]
 pub struct Inspection {
     pub info: crate::comparison::ModelInfo,
     /// Module counts, parameter count, bytes, dtypes (`architecture_comparison.json`'s
     /// per-model part).
-    pub structure: Value,
+    pub structure: report::architecture::ModelStructure,
     /// Some tensors cannot be read (exit 1).
     pub broken: bool,
 }
 
 impl Inspection {
     /// The `--json` document.
-    pub fn to_json(&self) -> Value {
-        json!({
-            "structure": self.structure,
-            "tensors": self.info.tensors,
-            "problems": self.info.warnings,
-        })
+    pub fn to_json(&self) -> InspectDocument<'_> {
+        InspectDocument {
+            structure: &self.structure,
+            tensors: &self.info.tensors,
+            problems: &self.info.warnings,
+        }
     }
 
     /// The text listing: a line per tensor, then the model's facts.
@@ -745,10 +712,14 @@ impl Inspection {
         let _ = writeln!(out, "model:      {}", info.source);
         let _ = writeln!(out, "files:      {}", info.files.len());
         let _ = writeln!(out, "tensors:    {}", info.tensors.len());
-        let _ = writeln!(out, "parameters: {}", s["parameter_count"]);
-        let _ = writeln!(out, "bytes:      {}", s["bytes"]);
-        let _ = writeln!(out, "dtypes:     {}", s["dtype_histogram"]);
-        if let Some(t) = s["model_type"].as_str() {
+        let _ = writeln!(out, "parameters: {}", s.parameter_count);
+        let _ = writeln!(out, "bytes:      {}", s.bytes);
+        let _ = writeln!(
+            out,
+            "dtypes:     {}",
+            serde_json::to_string(&s.dtype_histogram).unwrap_or_default()
+        );
+        if let Some(t) = s.model_type.as_ref().and_then(|t| t.as_str()) {
             let _ = writeln!(out, "model_type: {t}");
         }
         for w in &info.warnings {
@@ -830,7 +801,9 @@ pub fn regenerate(dir: &Path, top: usize, obs: &dyn Observer) -> Result<Outcome>
     }
     Ok(Outcome {
         status: Status::Done,
-        summary: Some(json!({ "outputs": written })),
+        summary: Some(Summary::Written(WrittenSummary {
+            outputs: written.clone(),
+        })),
         comparisons: Vec::new(),
         written,
     })
