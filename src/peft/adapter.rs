@@ -13,8 +13,8 @@ use super::{LoraReport, ModuleKind};
 use crate::checkpoint::dtype::{DType, encode};
 use crate::error::{Error, Result, ShardError};
 use crate::fsio::{to_json, write_atomic};
+use indexmap::IndexMap;
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value, json};
 use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -168,38 +168,73 @@ pub fn default_rank(r: &LoraReport) -> usize {
         .map_or(r.uniform_rank.unwrap_or(8), |(k, _)| *k)
 }
 
+/// `adapter_config.json`: PEFT's `LoraConfig` fields, with the values this writer uses
+/// (PEFT reads every field it knows and ignores the rest).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AdapterConfig {
+    /// Always `LORA`.
+    pub peft_type: String,
+    /// PEFT's task type (`CAUSAL_LM`, …); `null` loads as the base `PeftModel`.
+    pub task_type: Option<String>,
+    pub base_model_name_or_path: String,
+    /// The rank of most modules; the others are in `rank_pattern`.
+    pub r: usize,
+    /// Equal to the rank: the factors carry the scale, so alpha / r = 1.
+    pub lora_alpha: usize,
+    pub target_modules: crate::peft::TargetModules,
+    /// Anchored module-name regexes → rank, for modules whose rank is not `r` (in the
+    /// order of the extracted modules).
+    pub rank_pattern: IndexMap<String, usize>,
+    /// The same keys → alpha (= their rank).
+    pub alpha_pattern: IndexMap<String, usize>,
+    /// Modules saved whole (`null` when none).
+    pub modules_to_save: Option<Vec<String>>,
+    /// Always `none`: bias deltas go to `modules_to_save` or `lora_bias`.
+    pub bias: String,
+    /// Whether `lora_B` carries a bias (changed biases of target modules).
+    pub lora_bias: bool,
+    pub lora_dropout: f64,
+    /// GPT-2's `Conv1D` stores weights transposed.
+    pub fan_in_fan_out: bool,
+    pub use_rslora: bool,
+    pub use_dora: bool,
+    pub init_lora_weights: bool,
+    pub inference_mode: bool,
+    pub layers_to_transform: Option<Vec<usize>>,
+    pub layers_pattern: Option<String>,
+    /// The base model's hub revision, when it came from the hub.
+    pub revision: Option<String>,
+}
+
 /// `adapter_config.json`.
-pub fn config(r: &LoraReport) -> Value {
+pub fn config(r: &LoraReport) -> AdapterConfig {
     let rank = default_rank(r);
-    let mut rank_pattern = Map::new();
-    let mut alpha_pattern = Map::new();
+    let mut rank_pattern = IndexMap::new();
     for e in r.extracted.iter().filter(|e| e.factors.rank != rank) {
-        rank_pattern.insert(escape(&e.module), json!(e.factors.rank));
-        alpha_pattern.insert(escape(&e.module), json!(e.factors.rank));
+        rank_pattern.insert(escape(&e.module), e.factors.rank);
     }
-    let fan_in_fan_out = r.extracted.iter().any(|e| e.kind == ModuleKind::Conv1d);
-    json!({
-        "peft_type": "LORA",
-        "task_type": r.facts.task_type.map(|t| t.as_str()),
-        "base_model_name_or_path": r.base_model,
-        "r": rank,
-        "lora_alpha": rank,
-        "target_modules": r.target_modules,
-        "rank_pattern": rank_pattern,
-        "alpha_pattern": alpha_pattern,
-        "modules_to_save": if r.modules_to_save.is_empty() { Value::Null } else { json!(r.modules_to_save) },
-        "bias": "none",
-        "lora_bias": r.lora_bias,
-        "lora_dropout": 0.0,
-        "fan_in_fan_out": fan_in_fan_out,
-        "use_rslora": false,
-        "use_dora": false,
-        "init_lora_weights": true,
-        "inference_mode": true,
-        "layers_to_transform": null,
-        "layers_pattern": null,
-        "revision": r.base_revision,
-    })
+    AdapterConfig {
+        peft_type: "LORA".into(),
+        task_type: r.facts.task_type.map(|t| t.as_str().to_string()),
+        base_model_name_or_path: r.base_model.clone(),
+        r: rank,
+        lora_alpha: rank,
+        target_modules: r.target_modules.clone(),
+        alpha_pattern: rank_pattern.clone(),
+        rank_pattern,
+        modules_to_save: (!r.modules_to_save.is_empty()).then(|| r.modules_to_save.clone()),
+        bias: "none".into(),
+        lora_bias: r.lora_bias,
+        lora_dropout: 0.0,
+        fan_in_fan_out: r.extracted.iter().any(|e| e.kind == ModuleKind::Conv1d),
+        use_rslora: false,
+        use_dora: false,
+        init_lora_weights: true,
+        inference_mode: true,
+        layers_to_transform: None,
+        layers_pattern: None,
+        revision: r.base_revision.clone(),
+    }
 }
 
 /// The adapter's weights file, inside the adapter directory.
