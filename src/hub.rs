@@ -295,13 +295,8 @@ fn weights_complete(snapshot: &Path) -> bool {
         Some((f, Selected::Files(_))) => !matches!(f.select, formats::Select::Single),
         Some((_, Selected::Ambiguous(_))) => false,
         Some((_, Selected::Index(index))) => {
-            let Ok(v) = crate::fsio::read_json(&snapshot.join(index)) else {
-                return false;
-            };
-            v["weight_map"].as_object().is_some_and(|m| {
-                !m.is_empty()
-                    && m.values()
-                        .all(|f| f.as_str().is_some_and(|f| snapshot.join(f).is_file()))
+            crate::checkpoint::index::Index::read(&snapshot.join(index), snapshot).is_ok_and(|i| {
+                !i.weight_map.is_empty() && i.files().iter().all(|f| snapshot.join(f).is_file())
             })
         }
     }
