@@ -437,9 +437,7 @@ impl Checkpoint {
         if let Some(d) = &entry.encoded {
             // F32 elements of the decoded view: the pipeline cuts windows on elements.
             let raw = |e: &TensorEntry, s: u64, l: u64| self.read(e, s, l);
-            let bytes = encoding::decode_elements(d.as_ref(), &raw, start / 4..(start + len) / 4)?;
-            let n = bytes.len();
-            return Ok(Window::Shared(std::sync::Arc::new(bytes), 0..n));
+            return encoding::decode_elements(d.as_ref(), &raw, start / 4..(start + len) / 4);
         }
         let shard = &self.shards[entry.shard];
         let fail = |e: std::io::Error| Error::Tensor {

@@ -303,6 +303,8 @@ pub enum Window {
     /// The first `.1` bytes of a buffer of this thread's pool, given back on drop.
     Pooled(Vec<u8>, usize),
     Shared(std::sync::Arc<Vec<u8>>, std::ops::Range<usize>),
+    /// Bytes `.1` of decoded f32 values (an encoded tensor's window, `super::encoding`).
+    Decoded(std::sync::Arc<Vec<f32>>, std::ops::Range<usize>),
 }
 
 impl Drop for Window {
@@ -321,6 +323,7 @@ impl Deref for Window {
             Window::Read(v) => v,
             Window::Pooled(v, len) => &v[..*len],
             Window::Shared(v, r) => &v[r.clone()],
+            Window::Decoded(v, r) => &bytemuck::cast_slice::<f32, u8>(v)[r.clone()],
         }
     }
 }
