@@ -31,6 +31,21 @@ pub enum DType {
 }
 
 impl DType {
+    /// Stored mantissa bits and smallest normal exponent of a float dtype, for the
+    /// rounding error of a stored value: ulp(x) = 2^(max(⌊log₂|x|⌋, e_min) − bits).
+    /// `None` for integer types.
+    pub fn rounding(self) -> Option<(i32, i32)> {
+        match self {
+            DType::BF16 => Some((7, -126)),
+            DType::F16 => Some((10, -14)),
+            DType::F32 => Some((23, -126)),
+            DType::F64 => Some((52, -1022)),
+            DType::F8E4M3 => Some((3, -6)),
+            DType::F8E5M2 => Some((2, -14)),
+            _ => None,
+        }
+    }
+
     /// A float type weightdiff writes (adapters, synthetic models): F64, F32, F16, BF16.
     pub fn is_writable_float(self) -> bool {
         matches!(self, DType::F64 | DType::F32 | DType::F16 | DType::BF16)

@@ -31,6 +31,14 @@ pub trait Decode: Send + Sync + std::fmt::Debug {
     /// which must then hold exactly those rows' values, in the logical order (it comes
     /// holding an earlier window's values, kept for its memory: replace them).
     fn decode_rows(&self, raw: Raw<'_>, rows: Range<u64>, out: &mut Vec<f32>) -> Result<()>;
+    /// The rounding of the stored values, as [`super::dtype::DType::rounding`] gives it
+    /// for a float (mantissa bits, smallest normal exponent), when the encoding is a
+    /// float format whose error is relative to the value: the low-rank stage's noise
+    /// floor then comes from the quantization step, not from f32. `None`: no such model
+    /// (the decoded f32 is taken as exact).
+    fn rounding(&self) -> Option<(i32, i32)> {
+        None
+    }
 }
 
 /// Decoded buffers kept per thread, so a window's values land in memory already touched

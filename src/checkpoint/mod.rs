@@ -66,6 +66,21 @@ impl TensorEntry {
     pub fn nbytes(&self) -> u64 {
         self.len
     }
+    /// The rounding model of its stored values (mantissa bits, smallest normal
+    /// exponent): the encoding's for an encoded tensor, else the dtype's.
+    pub fn rounding(&self) -> Option<(i32, i32)> {
+        match (&self.encoded, &self.dtype) {
+            (Some(d), _) => d.rounding(),
+            (None, Ok(d)) => d.rounding(),
+            (None, Err(_)) => None,
+        }
+    }
+
+    /// Whether the values are decoded from another storage (quant blocks, scaled codes).
+    pub fn is_encoded(&self) -> bool {
+        self.encoded.is_some()
+    }
+
     /// The dtype as written in the header (an encoded tensor's storage, e.g. `Q4_K`).
     pub fn dtype_name(&self) -> String {
         if let Some(d) = &self.encoded {

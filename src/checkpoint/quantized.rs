@@ -236,6 +236,15 @@ impl Decode for Fp8BlockScaled {
         1
     }
 
+    /// E4M3's 3 mantissa bits, relative to the decoded value: ulp(W) ≈
+    /// 2^(⌊log₂|W|⌋ − 3). Exact for power-of-two tile scales (E8M0); otherwise within a
+    /// factor 2 of the true s·2^(⌊log₂|W/s|⌋ − 3), as ⌊log₂|W|⌋ and ⌊log₂|W/s|⌋ + log₂ s
+    /// differ by less than 1. Codes below E4M3's normal range (|W/s| < 2^−6) are rare
+    /// after amax scaling and are modelled as normal.
+    fn rounding(&self) -> Option<(i32, i32)> {
+        Some((3, -126))
+    }
+
     fn decode_rows(&self, raw: Raw<'_>, rows: Range<u64>, out: &mut Vec<f32>) -> Result<()> {
         let (br, bc) = self.block;
         let cols = self.cols as usize;

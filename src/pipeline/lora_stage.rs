@@ -51,20 +51,6 @@ struct PairDelta<'a> {
     n: usize,
 }
 
-/// Stored mantissa bits and smallest normal exponent of a float dtype, for the rounding
-/// error of a stored value: ulp(x) = 2^(max(⌊log₂|x|⌋, e_min) − bits).
-fn rounding_model(d: DType) -> Option<(i32, i32)> {
-    match d {
-        DType::BF16 => Some((7, -126)),
-        DType::F16 => Some((10, -14)),
-        DType::F32 => Some((23, -126)),
-        DType::F64 => Some((52, -1022)),
-        DType::F8E4M3 => Some((3, -6)),
-        DType::F8E5M2 => Some((2, -14)),
-        _ => None,
-    }
-}
-
 impl PairDelta<'_> {
     fn dtypes(&self) -> (DType, DType) {
         (
@@ -99,20 +85,33 @@ impl DeltaRows for PairDelta<'_> {
         let (wa, wb) = (&wa[..], &wb[..]);
         let sb = db.size();
         decode_f64(da, wa, out);
-        let (bits, emin) = rounding_model(db).unwrap_or((52, -1022));
+        // The fine-tuned side's rounding; a quantized base's too (both sides of a
+        // quantized pair carry their quantization error into Δ).
+        let (bits, emin) = self.pair.finetuned.rounding().unwrap_or((52, -1022));
+        let base_rounding = self
+            .pair
+            .base
+            .rounding()
+            .filter(|_| self.pair.base.is_encoded());
+        // ulp² = (2^e)², e = max(⌊log₂|v|⌋, e_min) − bits, built from the exponent bits.
+        let ulp2 = |v: f64, bits: i32, emin: i32| {
+            let e = ((((v.to_bits() >> 52) & 0x7ff) as i32) - 1023).max(emin) - bits;
+            f64::from_bits(((2 * e + 1023).max(1) as u64) << 52)
+        };
         let mut tmp = [0f64; 1024];
         let (mut f2, mut var) = (0.0, 0.0);
         for (o, c) in out.chunks_mut(1024).zip(wb.chunks(1024 * sb)) {
             let t = &mut tmp[..o.len()];
             decode_f64(db, c, t);
             for (x, &y) in o.iter_mut().zip(t.iter()) {
+                if let Some((bb, be)) = base_rounding {
+                    var += ulp2(*x, bb, be);
+                }
                 let d = y - *x;
                 // Non-finite values cannot be decomposed; treat them as no change.
                 *x = if d.is_finite() { d } else { 0.0 };
                 f2 += *x * *x;
-                let e = ((((y.to_bits() >> 52) & 0x7ff) as i32) - 1023).max(emin) - bits;
-                // ulp² = (2^e)², built from the exponent bits.
-                var += f64::from_bits(((2 * e + 1023).max(1) as u64) << 52);
+                var += ulp2(y, bits, emin);
             }
         }
         // A rounding error uniform in ±ulp/2 has variance ulp²/12.
@@ -129,7 +128,7 @@ impl DeltaRows for PairDelta<'_> {
         }
         let (wa, wb) = self.windows(r0, r1)?;
         let (wa, wb) = (&wa[..], &wb[..]);
-        let (bits, emin) = rounding_model(db).expect("a float dtype of at most 16 bits");
+        let (bits, emin) = db.rounding().expect("a float dtype of at most 16 bits");
         let (f2, var) = kernels::fast::delta_f32(wa, da, wb, db, out, bits, emin);
         // A rounding error uniform in ±ulp/2 has variance ulp²/12.
         Ok((f2, var / 12.0))
@@ -321,10 +320,14 @@ pub fn lora_parts(
             let module = pairing::module_type(name);
             let wanted =
                 opts.extract && opts.modules.as_ref().is_none_or(|ms| ms.contains(&module));
+            // The factors in the base's 16-bit dtype; for a quantized base (decoded to
+            // f32) in bf16, the dtype its dequantized model is run in.
             let dtype = opts
                 .dtype
                 .unwrap_or(if matches!(da, DType::BF16 | DType::F16) {
                     da
+                } else if p.base.is_encoded() {
+                    DType::BF16
                 } else {
                     DType::F32
                 });

@@ -18,12 +18,14 @@
 //! - `hub`: hub ids through a cache tree, offline refusal, downloads from a loopback hub
 //! - `interop`: Python's safetensors/numpy recompute our metrics independently
 //! - `peft`: the architecture matrix: adapters of tiny transformers models loaded by real PEFT
+//! - `fp8_lora`: a LoRA merged under FP8: detected, extracted as bf16, loaded by PEFT
 //! - `gguf`: GGUF reader, dequantizers and name map against files gguf-py writes; hostile GGUFs
 
 mod architecture;
 mod bad_inputs;
 mod common;
 mod conventions;
+mod fp8_lora;
 mod gguf;
 mod honest;
 mod html;
