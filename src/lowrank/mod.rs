@@ -206,6 +206,42 @@ fn default_refine_iters() -> usize {
 /// Ranks at which residuals are reported: the ranks vLLM accepts, plus the extracted one.
 pub const CANDIDATE_RANKS: &[usize] = &[1, 8, 16, 32, 64, 128, 256, 320, 512];
 
+/// How a spectrum was computed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Method {
+    /// A randomized sketch ([`rsvd`]).
+    Randomized,
+    /// The exact thin SVD of the whole Δ (small matrices).
+    Exact,
+}
+
+/// Where Δ was while its spectrum was computed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeltaPath {
+    /// Decoded once and held in memory.
+    InMemory,
+    /// Read again from the checkpoints for each product.
+    Streamed,
+}
+
+impl Method {
+    /// The name the reports use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Method::Randomized => "randomized",
+            Method::Exact => "exact",
+        }
+    }
+}
+
+impl std::fmt::Display for Method {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// The spectrum of one delta (`lora_analysis.json` → `tensors`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TensorSpectrum {
@@ -226,10 +262,10 @@ pub struct TensorSpectrum {
     pub frobenius_norm: f64,
     /// Relative residual sqrt(1 − Σ_{i≤k}σᵢ²/‖Δ‖²_F) at each candidate rank k computed.
     pub residuals: BTreeMap<usize, f64>,
-    /// `randomized` or `exact`.
-    pub method: String,
-    /// `in_memory` or `streamed`.
-    pub path: String,
+    /// How the values were computed.
+    pub method: Method,
+    /// Where Δ was while they were.
+    pub path: DeltaPath,
     /// Columns of the sketch the values come from (the screen's or the full one's).
     #[serde(default)]
     pub sketch_width: usize,
@@ -378,9 +414,13 @@ pub fn analyze(
         gap_ratio: det.gap_ratio,
         frobenius_norm: frob2.sqrt(),
         residuals,
-        method: d.method.to_string(),
-        path: d.path.to_string(),
-        sketch_width: if d.method == "exact" { m.min(n) } else { width },
+        method: d.method,
+        path: d.path,
+        sketch_width: if d.method == Method::Exact {
+            m.min(n)
+        } else {
+            width
+        },
         power_iters: d.power_iters,
         reads: op.reads,
         time: t0.elapsed().as_secs_f64(),

@@ -81,10 +81,8 @@ pub struct Decomposition {
     pub frob2: f64,
     /// Σ over elements of the expected squared rounding error of the fine-tuned value.
     pub rounding_var_sum: f64,
-    /// `"randomized"` or `"exact"`.
-    pub method: &'static str,
-    /// `"in_memory"` or `"streamed"`.
-    pub path: &'static str,
+    pub method: super::Method,
+    pub path: super::DeltaPath,
     /// Power iterations run.
     pub power_iters: usize,
     /// Passes over Δ's stored bytes (a held Δ is read once).
@@ -204,11 +202,11 @@ impl<'a> Operator<'a> {
         Ok(op)
     }
 
-    pub fn path(&self) -> &'static str {
+    pub fn path(&self) -> super::DeltaPath {
         if self.held.is_some() {
-            "in_memory"
+            super::DeltaPath::InMemory
         } else {
-            "streamed"
+            super::DeltaPath::Streamed
         }
     }
 
@@ -354,7 +352,7 @@ pub fn decompose(
         v: svd.V().to_owned(),
         frob2,
         rounding_var_sum,
-        method: "randomized",
+        method: super::Method::Randomized,
         path: op.path(),
         power_iters,
         reads: op.reads,
@@ -460,8 +458,8 @@ fn exact(op: &mut Operator<'_>, name: &str) -> Result<Decomposition> {
         v,
         frob2,
         rounding_var_sum,
-        method: "exact",
-        path: "in_memory",
+        method: super::Method::Exact,
+        path: super::DeltaPath::InMemory,
         power_iters: 0,
         reads: op.reads,
     })
@@ -506,7 +504,7 @@ mod tests {
             };
             let tol = if single { 1e-5 } else { 1e-9 };
             let r = run(&src, 16, &opts);
-            assert_eq!(r.method, "randomized");
+            assert_eq!(r.method, crate::lowrank::Method::Randomized);
             for (i, (got, want)) in r.s.iter().zip(&sig).take(16).enumerate() {
                 assert!((got - want).abs() <= 1e-3 * want, "σ{i}: {got} vs {want}");
             }
@@ -516,7 +514,7 @@ mod tests {
                 ..opts.clone()
             };
             let rs = run(&src, 16, &streamed);
-            assert_eq!(rs.path, "streamed");
+            assert_eq!(rs.path, crate::lowrank::DeltaPath::Streamed);
             for (x, y) in rs.s.iter().zip(&r.s).take(16) {
                 assert!((x - y).abs() <= tol * r.s[0]);
             }
@@ -533,7 +531,7 @@ mod tests {
             single: false,
         };
         let r = run(&src, 16, &LowRankOptions::default());
-        assert_eq!(r.method, "exact");
+        assert_eq!(r.method, crate::lowrank::Method::Exact);
         let e = a.singular_values().unwrap();
         for (x, y) in r.s.iter().zip(&e) {
             assert!((x - y).abs() < 1e-12);

@@ -3,7 +3,7 @@
 use crate::common::*;
 use std::collections::BTreeSet;
 use weightdiff::checkpoint::dtype::DType;
-use weightdiff::lowrank::{LowRankOptions, RankRule};
+use weightdiff::lowrank::{DeltaPath, LowRankOptions, Method, RankRule};
 use weightdiff::pipeline::{LoraOptions, NoProgress, analyze_lora};
 use weightdiff::synthetic::{BuiltPair, LoraEdit, ModelShape, NoiseEdit, PairSpec, build_pair};
 use weightdiff::{Checkpoint, CompareOptions, compare};
@@ -241,8 +241,16 @@ fn streamed_and_in_memory_deltas_give_the_same_factors() {
     streamed.lowrank.block_bytes = 8 * 128 * 10; // 10 rows per block
     let b = run(&pair, &streamed);
     let (la, lb) = (a.lora.unwrap(), b.lora.unwrap());
-    assert!(lb.spectra.iter().all(|(_, s)| s.path == "streamed"));
-    assert!(la.spectra.iter().all(|(_, s)| s.path == "in_memory"));
+    assert!(
+        lb.spectra
+            .iter()
+            .all(|(_, s)| s.path == DeltaPath::Streamed)
+    );
+    assert!(
+        la.spectra
+            .iter()
+            .all(|(_, s)| s.path == DeltaPath::InMemory)
+    );
     // A bf16 pair's products run in f32 (lowrank::rsvd): the two paths sum the blocks of
     // ΔᵀQ in different orders, so they agree to f32 rounding, far below the bf16 floor.
     for (x, y) in la.extracted.iter().zip(&lb.extracted) {
@@ -301,11 +309,11 @@ fn streamed_stored_residual_of_a_full_finetune_is_derived_as_measured() {
     for (x, y) in lh.extracted.iter().zip(&ls.extracted) {
         let s = spectrum(&ls, &y.tensor);
         // Matrices too thin for a sketch take the exact SVD (held either way).
-        if s.method != "randomized" {
+        if s.method != Method::Randomized {
             continue;
         }
-        assert_eq!(s.path, "streamed");
-        assert_eq!(spectrum(&lh, &x.tensor).path, "in_memory");
+        assert_eq!(s.path, DeltaPath::Streamed);
+        assert_eq!(spectrum(&lh, &x.tensor).path, DeltaPath::InMemory);
         let (r, e) = (x.factors.residual_stored, y.factors.residual_stored);
         assert!(r * r > weightdiff::lowrank::extract::DERIVED_MIN_RESIDUAL2);
         assert!(
