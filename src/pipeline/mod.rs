@@ -49,9 +49,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-/// Default window: 8 MiB per side keeps mapping overhead under 1 % while two threads
-/// hold at most 32 MiB of tensor data.
-pub const DEFAULT_WINDOW_BYTES: u64 = 8 << 20;
+/// Default window: 1 MiB per side. A window is copied from the page cache into a
+/// buffer and then read by the kernel; at 1 MiB the buffer is still in the CPU's cache
+/// when the kernel reads it, at 8 MiB it has gone to memory and comes back: 1 MiB ran
+/// the diff 1.5–1.7x faster than 8 MiB (BENCHMARKS.md, issue 11), 512 KiB no faster.
+pub const DEFAULT_WINDOW_BYTES: u64 = 1 << 20;
 
 /// Options of a comparison (the library side of `weightdiff compare`'s flags).
 #[derive(Debug, Clone)]
