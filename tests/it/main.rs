@@ -23,6 +23,7 @@
 mod architecture;
 mod bad_inputs;
 mod common;
+mod compressed;
 mod conventions;
 mod gguf;
 mod honest;
