@@ -24,6 +24,7 @@
 mod architecture;
 mod bad_inputs;
 mod common;
+mod compressed;
 mod conventions;
 mod fp8_lora;
 mod gguf;
