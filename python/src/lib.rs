@@ -378,6 +378,7 @@ fn compare(
         resume: false,
         shard: None,
         mmap,
+        read_mode: Default::default(),
         display: DisplayArgs {
             quiet: true,
             json: false,
@@ -389,12 +390,12 @@ fn compare(
     let lora = args.lora_options().map_err(option_error)?;
     let cs = run(py, &reporter, |w| {
         options.cancel = Some(w.cancel.clone());
-        let base = jobs::open(&args.base, "base", args.mmap, w)?;
+        let base = jobs::open(&args.base, "base", args.read_mode, w)?;
         let mut out = Vec::new();
         // One pair after the other: each gets exactly what `weightdiff compare BASE FT`
         // reports for it.
         for ft in &args.finetuned {
-            let ft = jobs::open(ft, "fine-tuned", args.mmap, w)?;
+            let ft = jobs::open(ft, "fine-tuned", args.read_mode, w)?;
             w.started();
             out.push(jobs::compare_pair(&base, &ft, &options, lora.as_ref(), w)?);
             if options
@@ -472,6 +473,7 @@ fn extract_lora<'py>(
         power_iters: 2,
         analysis_rank: 64,
         mmap: false,
+        read_mode: Default::default(),
         threads,
         display: DisplayArgs {
             quiet: true,

@@ -15,6 +15,7 @@ pub mod formats;
 pub mod gguf;
 pub mod index;
 pub mod layout;
+pub mod mapped;
 pub mod pickle;
 pub mod quantized;
 pub mod shard;
@@ -480,6 +481,16 @@ impl Checkpoint {
         }
         kept.push((entry.name.clone(), bytes.clone()));
         Ok(Window::Shared(bytes, range))
+    }
+
+    /// Call after using a window of `entry`: an error naming the shard and the tensor if
+    /// the file shrank while the window's bytes were read in place.
+    pub fn check(&self, entry: &TensorEntry, window: &Window) -> Result<()> {
+        window.intact().map_err(|e| Error::Tensor {
+            path: self.shards[entry.shard].path().to_path_buf(),
+            tensor: entry.name.clone(),
+            reason: format!("cannot read data: {e}"),
+        })
     }
 
     /// Total bytes of tensor data.

@@ -6,13 +6,14 @@
 //! bound and require the data section to end exactly at the end of the file), but
 //! without mapping the file: only the header bytes are read.
 //!
-//! Tensor data is read in windows (see [`Shard::window`]): a window is read (or mapped),
-//! used and dropped, so resident memory stays bounded by the windows in flight, never by
-//! the model size.
+//! Tensor data is read in windows (see [`Shard::window`]): a window is a range of the
+//! file mapped once for the run (the default, [`super::mapped`]) or read into a pooled
+//! buffer; it is used and dropped, so resident memory stays bounded by the windows in
+//! flight, never by the model size.
 
 use crate::checkpoint::dtype::DType;
+use crate::checkpoint::mapped::{Mapped, ShardMap};
 use crate::error::{Error, Result};
-use memmap2::{Mmap, MmapOptions};
 use std::fs::File;
 use std::io::Read;
 use std::ops::Deref;
@@ -54,6 +55,9 @@ pub struct Shard {
     pub metadata: Option<std::collections::HashMap<String, String>>,
     /// Things worth telling the user about this file that did not stop reading it.
     pub notes: Vec<String>,
+    /// The whole file mapped on its first in-place window (`None`: it could not be, and
+    /// windows are read instead).
+    map: std::sync::OnceLock<Option<std::sync::Arc<ShardMap>>>,
 }
 
 fn invalid(path: &Path, reason: impl Into<String>) -> Error {
@@ -139,6 +143,7 @@ impl Shard {
             tensors,
             metadata: meta.metadata().clone(),
             notes: Vec::new(),
+            map: Default::default(),
         })
     }
 
@@ -157,6 +162,7 @@ impl Shard {
             tensors,
             metadata: None,
             notes: Vec::new(),
+            map: Default::default(),
         }
     }
 
@@ -178,7 +184,9 @@ impl Shard {
     /// Bytes `[offset, offset + len)` of the file.
     ///
     /// The file's current length is checked first: a shard truncated since it was
-    /// opened gives an error for the tensors it no longer holds instead of a SIGBUS.
+    /// opened gives an error for the tensors it no longer holds. A shard that shrinks
+    /// while a mapped window is in use is caught by the SIGBUS guard of
+    /// [`super::mapped`]: the window then reports it through [`Window::intact`].
     pub fn window(&self, offset: u64, len: u64, mode: ReadMode) -> std::io::Result<Window> {
         if len == 0 {
             return Ok(Window::Read(Vec::new()));
@@ -195,42 +203,43 @@ impl Shard {
             return Err(std::io::Error::other("range past the end of the file"));
         }
         let len_usize = usize::try_from(len).map_err(std::io::Error::other)?;
-        let read = || -> std::io::Result<Window> {
-            let mut buf = take_buffer(len_usize);
-            self.file.read_exact_at(&mut buf[..len_usize], offset)?;
-            Ok(Window::Pooled(buf, len_usize))
-        };
-        if mode == ReadMode::Pread {
-            return read();
+        if mode == ReadMode::Mapped
+            && let Some(map) = self
+                .map
+                .get_or_init(|| ShardMap::map(&self.file, self.file_len))
+        {
+            return map.window(&self.path, offset, len).map(Window::InPlace);
         }
-        // SAFETY: the mapping is read-only and private to this window. The file must not
-        // be truncated while the window is alive (that would raise SIGBUS); its length was
-        // re-checked just above, which leaves only the window of a concurrent truncation
-        // during this one read (RELIABILITY.md).
-        let mapped = unsafe {
-            MmapOptions::new()
-                .offset(offset)
-                .len(len_usize)
-                .populate()
-                .map(&self.file)
-        };
-        match mapped {
-            Ok(m) => Ok(Window::Mapped(m)),
-            Err(_) => read(),
-        }
+        let mut buf = take_buffer(len_usize);
+        self.file.read_exact_at(&mut buf[..len_usize], offset)?;
+        Ok(Window::Pooled(buf, len_usize))
     }
 }
 
-/// How tensor bytes are read.
+/// How tensor bytes are read (`--read-mode`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum ReadMode {
-    /// Positioned reads into a buffer (the default): a file truncated mid-run gives an
-    /// error for the tensors it no longer holds, never a SIGBUS. Measured as fast as
-    /// mapping on a warm cache here (BENCHMARKS.md, RELIABILITY.md).
+    /// In place: each shard mapped once for the run, a window's pages populated before
+    /// use and released after it, a SIGBUS guard turning a file that shrinks during a
+    /// read into an error for the tensor being read ([`super::mapped`], RELIABILITY.md).
+    /// No copy of the bytes, but two `madvise` calls per window: with 1 MiB windows it
+    /// measured slower than `Pread` (BENCHMARKS.md), hence not the default.
+    Mapped,
+    /// Positioned reads (`pread`) into pooled buffers (the default): one kernel copy per
+    /// byte, into a buffer small enough to stay in cache; no signal handler installed.
     #[default]
     Pread,
-    /// Map each window (`--mmap`). Leaves a SIGBUS window if a file shrinks during a read.
-    Mmap,
+}
+
+impl std::str::FromStr for ReadMode {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "mapped" => Ok(ReadMode::Mapped),
+            "pread" => Ok(ReadMode::Pread),
+            _ => Err(format!("unknown read mode `{s}` (mapped or pread)")),
+        }
+    }
 }
 
 /// Read buffers kept per thread for the next windows. A window's buffer is given back
@@ -295,16 +304,28 @@ fn give_back(buf: Vec<u8>) {
     });
 }
 
-/// A view of some bytes of a shard: mapped, read into a buffer, or a range of a tensor
-/// gathered once and shared by its windows.
+/// A view of some bytes of a shard: in place in the shard's mapping, read into a buffer,
+/// or a range of a tensor gathered once and shared by its windows.
 pub enum Window {
-    Mapped(Mmap),
+    InPlace(Mapped),
     Read(Vec<u8>),
     /// The first `.1` bytes of a buffer of this thread's pool, given back on drop.
     Pooled(Vec<u8>, usize),
     Shared(std::sync::Arc<Vec<u8>>, std::ops::Range<usize>),
     /// Bytes `.1` of decoded f32 values (an encoded tensor's window, `super::encoding`).
     Decoded(std::sync::Arc<Vec<f32>>, std::ops::Range<usize>),
+}
+
+impl Window {
+    /// Call after using the bytes: an error if the file shrank while they were read in
+    /// place (the bytes seen past the new end were zeros, not the file's). Always `Ok`
+    /// for bytes that were copied.
+    pub fn intact(&self) -> std::io::Result<()> {
+        match self {
+            Window::InPlace(m) => m.intact(),
+            _ => Ok(()),
+        }
+    }
 }
 
 impl Drop for Window {
@@ -319,7 +340,7 @@ impl Deref for Window {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
         match self {
-            Window::Mapped(m) => m,
+            Window::InPlace(m) => m.bytes(),
             Window::Read(v) => v,
             Window::Pooled(v, len) => &v[..*len],
             Window::Shared(v, r) => &v[r.clone()],

@@ -151,9 +151,13 @@ pub struct CompareArgs {
     /// `weightdiff merge` instead of the reports.
     #[arg(long, value_name = "I/N")]
     pub shard: Option<crate::pipeline::plan::Shard>,
-    /// Read through memory maps instead of positioned reads (a shard truncated during a
-    /// read can then kill the process with SIGBUS).
-    #[arg(long)]
+    /// How tensor bytes are read: `pread` (positioned reads into buffers, the default)
+    /// or `mapped` (each shard mapped once, bytes used in place; a shard that shrinks
+    /// during a read is an error for its tensor).
+    #[arg(long, value_name = "MODE", default_value = "pread")]
+    pub read_mode: crate::checkpoint::shard::ReadMode,
+    /// The same as `--read-mode mapped` (kept for existing scripts).
+    #[arg(long, hide = true, conflicts_with = "read_mode")]
     pub mmap: bool,
     #[command(flatten)]
     pub display: DisplayArgs,
@@ -218,8 +222,13 @@ pub struct ExtractArgs {
     /// Singular values computed per tensor for the spectrum and rank detection.
     #[arg(long, default_value_t = 64)]
     pub analysis_rank: usize,
-    /// Read through memory maps instead of positioned reads.
-    #[arg(long)]
+    /// How tensor bytes are read: `pread` (positioned reads into buffers, the default)
+    /// or `mapped` (each shard mapped once, bytes used in place; a shard that shrinks
+    /// during a read is an error for its tensor).
+    #[arg(long, value_name = "MODE", default_value = "pread")]
+    pub read_mode: crate::checkpoint::shard::ReadMode,
+    /// The same as `--read-mode mapped` (kept for existing scripts).
+    #[arg(long, hide = true, conflicts_with = "read_mode")]
     pub mmap: bool,
     /// Worker threads (default: all cores).
     #[arg(long)]
@@ -378,7 +387,11 @@ impl CompareArgs {
             lora: self.lora_options()?,
             top: self.top,
             shard: self.shard,
-            mmap: self.mmap,
+            read_mode: if self.mmap {
+                crate::checkpoint::shard::ReadMode::Mapped
+            } else {
+                self.read_mode
+            },
         })
     }
 }
@@ -393,7 +406,11 @@ impl ExtractArgs {
             output: self.output.clone(),
             options,
             lora,
-            mmap: self.mmap,
+            read_mode: if self.mmap {
+                crate::checkpoint::shard::ReadMode::Mapped
+            } else {
+                self.read_mode
+            },
         })
     }
 }

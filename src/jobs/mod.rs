@@ -100,8 +100,8 @@ pub struct CompareJob {
     pub top: usize,
     /// Compare only this shard of the tensors and write a part for [`merge`].
     pub shard: Option<Shard>,
-    /// Read through memory maps.
-    pub mmap: bool,
+    /// How tensor bytes are read.
+    pub read_mode: ReadMode,
 }
 
 /// `weightdiff extract-lora`: the fine-tune's change as a PEFT adapter directory.
@@ -112,12 +112,17 @@ pub struct ExtractJob {
     pub output: PathBuf,
     pub options: CompareOptions,
     pub lora: LoraOptions,
-    pub mmap: bool,
+    pub read_mode: ReadMode,
 }
 
 /// Opens a model argument: a path, or a hub id resolved through the Hugging Face cache.
 /// `role` ("base", "fine-tuned" or empty) names it in the error.
-pub fn open(path: &Path, role: &str, mmap: bool, obs: &dyn Observer) -> Result<Checkpoint> {
+pub fn open(
+    path: &Path,
+    role: &str,
+    read_mode: ReadMode,
+    obs: &dyn Observer,
+) -> Result<Checkpoint> {
     let settings = hub::HubSettings::from_env();
     if let Some(id) = hub::hub_candidate(path) {
         obs.info(&format!(
@@ -136,9 +141,7 @@ pub fn open(path: &Path, role: &str, mmap: bool, obs: &dyn Observer) -> Result<C
             error: Box::new(e),
         }
     })?;
-    if mmap {
-        ck.read_mode = ReadMode::Mmap;
-    }
+    ck.read_mode = read_mode;
     for c in &ck.caveats {
         obs.warn(&format!("warning: {c}"));
     }
@@ -207,8 +210,8 @@ pub fn compare(job: &CompareJob, obs: &dyn Observer) -> Result<Outcome> {
     let Some(ft_path) = job.finetuned.first() else {
         return Err(Error::InvalidOption("no fine-tuned model given".into()));
     };
-    let base = open(&job.base, "base", job.mmap, obs)?;
-    let ft = open(ft_path, "fine-tuned", job.mmap, obs)?;
+    let base = open(&job.base, "base", job.read_mode, obs)?;
+    let ft = open(ft_path, "fine-tuned", job.read_mode, obs)?;
     let _lock = fsio::lock_output_dir(&job.output)?;
     obs.started();
     let out = &job.output;
@@ -453,11 +456,11 @@ fn compare_shard(
 /// `compare BASE FT1 FT2 …`: one pass over the base for all fine-tuned models, a report
 /// directory per model and `trajectory.json` across them.
 fn compare_several(job: &CompareJob, obs: &dyn Observer) -> Result<Outcome> {
-    let base = open(&job.base, "base", job.mmap, obs)?;
+    let base = open(&job.base, "base", job.read_mode, obs)?;
     let fts = job
         .finetuned
         .iter()
-        .map(|p| open(p, "fine-tuned", job.mmap, obs))
+        .map(|p| open(p, "fine-tuned", job.read_mode, obs))
         .collect::<Result<Vec<_>>>()?;
     let out = &job.output;
     let _lock = fsio::lock_output_dir(out)?;
@@ -555,8 +558,8 @@ pub fn merge(part_dirs: &[PathBuf], out: &Path, top: usize, obs: &dyn Observer) 
 
 /// `weightdiff extract-lora`.
 pub fn extract_lora(job: &ExtractJob, obs: &dyn Observer) -> Result<Outcome> {
-    let base = open(&job.base, "base", job.mmap, obs)?;
-    let ft = open(&job.finetuned, "fine-tuned", job.mmap, obs)?;
+    let base = open(&job.base, "base", job.read_mode, obs)?;
+    let ft = open(&job.finetuned, "fine-tuned", job.read_mode, obs)?;
     let out = &job.output;
     let _lock = fsio::lock_output_dir(out)?;
     obs.started();
@@ -731,7 +734,7 @@ impl Inspection {
 
 /// `weightdiff inspect`: a model's tensors and facts, from its headers alone.
 pub fn inspect(model: &Path, obs: &dyn Observer) -> Result<Inspection> {
-    let ck = open(model, "", false, obs)?;
+    let ck = open(model, "", ReadMode::default(), obs)?;
     let info = pipeline::model_info(&ck);
     let structure = report::architecture::model_structure(&info);
     Ok(Inspection {
@@ -757,8 +760,8 @@ pub fn demo(out: &Path, obs: &dyn Observer) -> Result<Outcome> {
         "the fine-tune edits {} tensors: a rank-4 LoRA merged into q_proj and v_proj, and noise on layer 1's norms",
         pair.edits.len()
     ));
-    let base = open(&pair.base, "base", false, obs)?;
-    let ft = open(&pair.finetuned, "fine-tuned", false, obs)?;
+    let base = open(&pair.base, "base", ReadMode::default(), obs)?;
+    let ft = open(&pair.finetuned, "fine-tuned", ReadMode::default(), obs)?;
     let reports = out.join("reports");
     let opts = CompareOptions {
         verify: true,

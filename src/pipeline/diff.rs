@@ -404,7 +404,7 @@ fn run_group_unit(
         }
     };
     let base_time = t0.elapsed().as_secs_f64();
-    members
+    let mut outs: Vec<_> = members
         .iter()
         .map(|&j| {
             if !in_window(j) {
@@ -420,7 +420,15 @@ fn run_group_unit(
                 }),
             )
         })
-        .collect()
+        .collect();
+    // The base window was read in place: fail its users if its shard shrank meanwhile.
+    if let Err(e) = base.check(&first.base, &wa) {
+        let shared = Arc::new(e);
+        for o in outs.iter_mut().flatten() {
+            *o = Err(Error::Shared(shared.clone()));
+        }
+    }
+    outs
 }
 
 /// Compares a base window (already read) with the same elements of the fine-tuned tensor.
@@ -449,6 +457,7 @@ fn compare_window(
         .verify
         .then(|| kernels::reference::diff(wa, da, &wb, db, opts.threshold));
     let t3 = Instant::now();
+    finetuned.check(&p.finetuned, &wb)?;
     Ok(UnitOut {
         fast,
         reference,

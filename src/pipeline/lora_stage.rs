@@ -70,6 +70,12 @@ impl PairDelta<'_> {
             .read(&self.pair.finetuned, start * sb, len * sb)?;
         Ok((wa, wb))
     }
+
+    /// After using the windows: an error if a shard shrank while they were read in place.
+    fn intact(&self, wa: &Window, wb: &Window) -> Result<()> {
+        self.base.check(&self.pair.base, wa)?;
+        self.finetuned.check(&self.pair.finetuned, wb)
+    }
 }
 
 impl DeltaRows for PairDelta<'_> {
@@ -81,8 +87,8 @@ impl DeltaRows for PairDelta<'_> {
     }
     fn read_rows(&self, r0: usize, r1: usize, out: &mut [f64]) -> Result<(f64, f64)> {
         let (da, db) = self.dtypes();
-        let (wa, wb) = self.windows(r0, r1)?;
-        let (wa, wb) = (&wa[..], &wb[..]);
+        let (win_a, win_b) = self.windows(r0, r1)?;
+        let (wa, wb) = (&win_a[..], &win_b[..]);
         let sb = db.size();
         decode_f64(da, wa, out);
         // The fine-tuned side's rounding; a quantized base's too (both sides of a
@@ -114,6 +120,7 @@ impl DeltaRows for PairDelta<'_> {
                 var += ulp2(y, bits, emin);
             }
         }
+        self.intact(&win_a, &win_b)?;
         // A rounding error uniform in ±ulp/2 has variance ulp²/12.
         Ok((f2, var / 12.0))
     }
@@ -126,10 +133,11 @@ impl DeltaRows for PairDelta<'_> {
             out.iter_mut().zip(tmp).for_each(|(o, t)| *o = t as f32);
             return Ok(st);
         }
-        let (wa, wb) = self.windows(r0, r1)?;
-        let (wa, wb) = (&wa[..], &wb[..]);
+        let (win_a, win_b) = self.windows(r0, r1)?;
+        let (wa, wb) = (&win_a[..], &win_b[..]);
         let (bits, emin) = db.rounding().expect("a float dtype of at most 16 bits");
         let (f2, var) = kernels::fast::delta_f32(wa, da, wb, db, out, bits, emin);
+        self.intact(&win_a, &win_b)?;
         // A rounding error uniform in ±ulp/2 has variance ulp²/12.
         Ok((f2, var / 12.0))
     }

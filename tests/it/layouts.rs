@@ -89,7 +89,7 @@ fn positioned_reads_give_the_same_numbers_as_mapped_windows() {
             &weightdiff::compare(&b, &f, &opts, &weightdiff::pipeline::NoProgress).unwrap(),
         )
     };
-    assert_eq!(run(ReadMode::Mmap), run(ReadMode::Pread));
+    assert_eq!(run(ReadMode::Mapped), run(ReadMode::Pread));
 }
 
 #[test]

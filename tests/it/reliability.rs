@@ -72,6 +72,77 @@ fn a_shard_truncated_during_the_run_fails_only_its_remaining_tensors() {
     assert_eq!(c.results.len() + c.errors.len(), 12 * 11 + 3);
 }
 
+/// The fault really happens: the shard is truncated after one of its windows was mapped
+/// and populated and before the diff touches it (a hook of `checkpoint::mapped`). The
+/// SIGBUS guard answers with zeros, that tensor is an error naming the shard ("shrank
+/// while it was being read"), the shard's later tensors fail on the length check, and
+/// every other tensor completes; the process lives.
+#[test]
+fn a_shard_truncated_while_a_mapped_window_is_read_fails_that_tensor_not_the_process() {
+    use weightdiff::checkpoint::{mapped, shard::ReadMode};
+    let dir = tempfile::tempdir().unwrap();
+    let pair = many_tensor_pair(dir.path());
+    let mut b = Checkpoint::open(&pair.base).unwrap();
+    let mut f = Checkpoint::open(&pair.finetuned).unwrap();
+    b.read_mode = ReadMode::Mapped;
+    f.read_mode = ReadMode::Mapped;
+    let victim = f
+        .path_of(&f.tensors()["model.layers.11.mlp.up_proj.weight"])
+        .to_path_buf();
+    let fired = Arc::new(AtomicBool::new(false));
+    let (v, fd) = (victim.clone(), fired.clone());
+    mapped::set_window_hook(Some(Box::new(move |path, _, _| {
+        if path == v && !fd.swap(true, Ordering::SeqCst) {
+            let file = std::fs::OpenOptions::new().write(true).open(&v).unwrap();
+            // Every page of the mapping is now past the end of the file.
+            file.set_len(0).unwrap();
+        }
+    })));
+    let faults = mapped::faults_handled();
+    let opts = CompareOptions {
+        threads: Some(1),
+        ..Default::default()
+    };
+    let c = compare(&b, &f, &opts, &NoProgress);
+    mapped::set_window_hook(None);
+    let c = c.unwrap();
+    assert!(fired.load(Ordering::SeqCst), "the hook truncated the shard");
+    assert!(
+        mapped::faults_handled() > faults,
+        "the read faulted and the guard answered"
+    );
+    let shard_name = victim.file_name().unwrap().to_string_lossy().to_string();
+    let during: Vec<_> = c
+        .errors
+        .iter()
+        .filter(|(_, e)| e.contains("shrank while it was being read"))
+        .collect();
+    assert_eq!(
+        during.len(),
+        1,
+        "exactly the tensor being read: {:?}",
+        c.errors
+    );
+    for e in c.errors.values() {
+        assert!(e.contains(&shard_name), "{e}");
+        assert!(
+            e.contains("shrank while") || e.contains("changed size"),
+            "{e}"
+        );
+    }
+    let in_victim = f
+        .tensors()
+        .values()
+        .filter(|t| f.path_of(t) == victim)
+        .count();
+    assert!(c.errors.len() <= in_victim);
+    assert_eq!(c.results.len() + c.errors.len(), 12 * 11 + 3);
+    assert!(
+        c.results.len() >= 12 * 11 + 3 - in_victim,
+        "other shards complete"
+    );
+}
+
 fn journal_opts(out: &Path, cancel: Option<Arc<AtomicBool>>, resume: bool) -> CompareOptions {
     CompareOptions {
         threads: Some(1),
