@@ -271,6 +271,8 @@ fn read_part(dir: &Path) -> Result<Part> {
                 // A part is written only for a finished stage.
                 not_analysed: Vec::new(),
                 total_time: l.total_time,
+                // Not recorded in a part: a shard's stage runs after its diff.
+                during_diff: (0, 0.0),
             };
             Some((l.options.clone(), parts))
         }

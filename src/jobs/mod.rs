@@ -250,27 +250,32 @@ pub fn compare_pair(
     lora: Option<&LoraOptions>,
     obs: &dyn Observer,
 ) -> Result<Comparison> {
-    let mut c = pipeline::compare(base, ft, opts, obs)?;
+    let lora = lora.map(|lo| LoraOptions {
+        cancel: opts.cancel.clone(),
+        journal: opts
+            .journal_dir
+            .clone()
+            .map(|d| (d, pipeline::fingerprint(base, ft, opts), opts.resume)),
+        ..lo.clone()
+    });
+    // The matrices the stage will analyse are analysed as the diff compares them.
+    let during = match &lora {
+        Some(lo) => Some(pipeline::DuringDiff::new(base, ft, lo)?),
+        None => None,
+    };
+    let mut c = pipeline::compare_during(base, ft, opts, obs, during.as_ref())?;
     obs.stage_done();
     let unsettled = relatedness::needs_low_rank_evidence(&c);
     let quantized = quantization_only(&c, lora.is_some(), "", obs);
     if (unsettled || relatedness::assess(&c).verdict.is_none())
         && !quantized
-        && let Some(lo) = lora.filter(|_| c.complete)
+        && let Some(lo) = lora.as_ref().filter(|_| c.complete)
     {
         obs.info(&format!(
             "analysing {} modified tensors for low rank...",
             c.modified().len()
         ));
-        let lo = LoraOptions {
-            cancel: opts.cancel.clone(),
-            journal: opts
-                .journal_dir
-                .clone()
-                .map(|d| (d, pipeline::fingerprint(base, ft, opts), opts.resume)),
-            ..lo.clone()
-        };
-        let l = pipeline::analyze_lora_with(base, ft, &c, &lo, obs)?;
+        let l = pipeline::analyze_lora_after(base, ft, &c, lo, obs, during.as_ref())?;
         obs.stage_done();
         // Stopped during the stage: the reports hold the diff and the tensors analysed.
         c.complete &= l.complete();
@@ -577,14 +582,20 @@ pub fn extract_lora(job: &ExtractJob, obs: &dyn Observer) -> Result<Outcome> {
             written: Vec::new(),
         }
     };
-    let mut c = pipeline::compare(&base, &ft, opts, obs)?;
+    let alongside = pipeline::DuringDiff::new(&base, &ft, &lora_opts)?;
+    let mut c = pipeline::compare_during(&base, &ft, opts, obs, Some(&alongside))?;
     obs.stage_done();
     if cancelled(opts) {
         return Ok(stopped(c));
     }
     if relatedness::needs_low_rank_evidence(&c) {
-        c.lora = Some(pipeline::analyze_lora_with(
-            &base, &ft, &c, &lora_opts, obs,
+        c.lora = Some(pipeline::analyze_lora_after(
+            &base,
+            &ft,
+            &c,
+            &lora_opts,
+            obs,
+            Some(&alongside),
         )?);
         obs.stage_done();
         relatedness::settle(&mut c);
@@ -606,7 +617,8 @@ pub fn extract_lora(job: &ExtractJob, obs: &dyn Observer) -> Result<Outcome> {
     let lora = match c.lora.take() {
         Some(l) => l,
         None => {
-            let l = pipeline::analyze_lora_with(&base, &ft, &c, &lora_opts, obs)?;
+            let l =
+                pipeline::analyze_lora_after(&base, &ft, &c, &lora_opts, obs, Some(&alongside))?;
             obs.stage_done();
             l
         }

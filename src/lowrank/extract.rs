@@ -13,7 +13,7 @@ use crate::checkpoint::dtype::DType;
 use crate::error::Result;
 
 /// What to extract for one tensor.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Target {
     /// Storage dtype of the factors (their rounding is part of the stored residual).
     pub dtype: DType,

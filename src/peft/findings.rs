@@ -70,8 +70,12 @@ pub struct LoraReport {
     /// Matrices not analysed because the stage was stopped; the report is complete
     /// only when this is empty.
     pub not_analysed: Vec<String>,
-    /// Wall-clock seconds of the stage.
+    /// Wall-clock seconds of the stage after the diff.
     pub total_time: f64,
+    /// Matrices analysed during the diff, while their bytes were in the page cache, and
+    /// the seconds of those analyses summed over the diff's workers (in the diff's wall
+    /// time, not in `total_time`).
+    pub during_diff: (usize, f64),
     /// The model facts the adapter follows (task type, module kinds).
     pub facts: crate::peft::ModelFacts,
     /// The runtime the adapter is written for.

@@ -36,7 +36,18 @@ pub fn compare(
     opts: &CompareOptions,
     progress: &dyn Progress,
 ) -> Result<Comparison> {
-    let mut v = compare_many(base, &[finetuned], opts, progress)?;
+    compare_during(base, finetuned, opts, progress, None)
+}
+
+/// [`compare`], running the low-rank analyses of `during` as their tensors are compared.
+pub fn compare_during(
+    base: &Checkpoint,
+    finetuned: &Checkpoint,
+    opts: &CompareOptions,
+    progress: &dyn Progress,
+    during: Option<&DuringDiff>,
+) -> Result<Comparison> {
+    let mut v = compare_many_during(base, &[finetuned], opts, progress, during)?;
     Ok(v.pop().expect("one comparison per fine-tuned model"))
 }
 
@@ -49,6 +60,16 @@ pub fn compare_many(
     opts: &CompareOptions,
     progress: &dyn Progress,
 ) -> Result<Vec<Comparison>> {
+    compare_many_during(base, finetuned, opts, progress, None)
+}
+
+fn compare_many_during(
+    base: &Checkpoint,
+    finetuned: &[&Checkpoint],
+    opts: &CompareOptions,
+    progress: &dyn Progress,
+    during: Option<&DuringDiff>,
+) -> Result<Vec<Comparison>> {
     if finetuned.len() != 1 && (opts.journal_dir.is_some() || opts.shard.is_some()) {
         return Err(Error::InvalidOption(
             "--resume and --shard work with one fine-tuned model at a time".into(),
@@ -59,7 +80,9 @@ pub fn compare_many(
         .build()
         .map_err(|e| Error::Threads(e.to_string()))?;
     let threads = pool.current_num_threads();
-    pool.install(|| compare_in_pool(base, finetuned, opts, progress, threads))
+    // The analyses during the diff belong to one fine-tuned model's stage.
+    let during = during.filter(|_| finetuned.len() == 1);
+    pool.install(|| compare_in_pool(base, finetuned, opts, progress, threads, during))
 }
 
 /// What one fine-tuned model contributes before the work starts.
@@ -70,6 +93,7 @@ fn compare_in_pool(
     opts: &CompareOptions,
     progress: &dyn Progress,
     threads: usize,
+    during: Option<&DuringDiff>,
 ) -> Result<Vec<Comparison>> {
     let t_start = Instant::now();
     let mut sides: Vec<Side> = fts.iter().map(|ft| prepare_side(base, ft, opts)).collect();
@@ -195,6 +219,7 @@ fn compare_in_pool(
             {
                 lock(&journal_failure).get_or_insert(e);
             }
+            let compared = result.as_ref().ok().cloned();
             *lock(&finals[j]) = Some(result);
             let d = done.fetch_add(1, Ordering::AcqRel) + 1;
             let b = bytes_done.fetch_add(jobs[j].bytes, Ordering::AcqRel) + jobs[j].bytes;
@@ -205,6 +230,10 @@ fn compare_in_pool(
                 bytes_total,
                 tensor: &p.name,
             });
+            // Its low-rank analysis now, while its bytes are in the page cache.
+            if let (Some(s), Some(m)) = (during, compared) {
+                s.tensor_compared(p, &m);
+            }
         }
     });
     if let Some(e) = journal_failure

@@ -150,6 +150,155 @@ impl DeltaRows for PairDelta<'_> {
     }
 }
 
+/// What is extracted from a modified 2-D tensor that becomes a LoRA module: nothing
+/// when extraction is off or its module is not asked for; else the factors in the base's
+/// 16-bit dtype, or for a quantized base (decoded to f32) in bf16, the dtype its
+/// dequantized model is run in.
+fn matrix_target(
+    p: &TensorPair,
+    opts: &LoraOptions,
+    uniform_rank: Option<usize>,
+) -> Option<Target> {
+    let da = *p.base.dtype.as_ref().expect("compared tensors have dtypes");
+    let module = pairing::module_type(&p.name);
+    let wanted = opts.extract && opts.modules.as_ref().is_none_or(|ms| ms.contains(&module));
+    let dtype = opts
+        .dtype
+        .unwrap_or(if matches!(da, DType::BF16 | DType::F16) {
+            da
+        } else if p.base.is_encoded() {
+            DType::BF16
+        } else {
+            DType::F32
+        });
+    wanted.then_some(Target {
+        dtype,
+        uniform_rank,
+    })
+}
+
+/// The low-rank analyses run *during* the diff: a matrix that the stage will analyse
+/// as a LoRA module is analysed by the diff's worker right after its last window, while
+/// its bytes are still in the page cache. After the diff, [`lora_parts`] takes these
+/// results instead of reading the matrix again.
+///
+/// Why: the stage reads each matrix again (two to three passes). Run after the whole
+/// diff, those passes read from the disk again for a pair larger than memory, and the
+/// diff of a pair read from disk leaves the cores idle while the stage leaves the disk
+/// idle; run alongside, the reads hit the page cache and the two overlap.
+///
+/// Only matrices whose treatment cannot depend on the rest of the comparison are taken
+/// here: modified 2-D float tensors of the same storage on both sides (a pair stored
+/// differently may be quantization-only, which skips the stage), not resized, not part
+/// of a task head or a router (saved whole), not an embedding or LM head (which may be
+/// tied to another tensor, known only once every tensor is compared). The analysis is
+/// the same call with the same options as the stage's, so the results are the same
+/// bytes; the stage checks the target matches before it takes one.
+pub struct DuringDiff<'a> {
+    base: &'a Checkpoint,
+    finetuned: &'a Checkpoint,
+    opts: LoraOptions,
+    facts: ModelFacts,
+    names: std::collections::BTreeSet<String>,
+    uniform_rank: Option<usize>,
+    done: Mutex<BTreeMap<String, DoneDuringDiff>>,
+}
+
+/// One matrix analysed during the diff.
+struct DoneDuringDiff {
+    target: Option<Target>,
+    spectrum: TensorSpectrum,
+    factors: Option<Factors>,
+}
+
+impl<'a> DuringDiff<'a> {
+    /// For `compare`'s default run: the stage's options as it will run with them.
+    pub fn new(
+        base: &'a Checkpoint,
+        finetuned: &'a Checkpoint,
+        opts: &LoraOptions,
+    ) -> Result<Self> {
+        let uniform_rank = uniform_rank(opts)?;
+        let paired = pairing::pair(base.tensors(), finetuned.tensors());
+        let config = finetuned.config.as_ref().or(base.config.as_ref());
+        // Each matrix's linear algebra stays on the diff's worker that runs it.
+        faer::set_global_parallelism(faer::Par::Seq);
+        Ok(DuringDiff {
+            base,
+            finetuned,
+            opts: opts.clone(),
+            facts: ModelFacts::from_config(config, opts.task_type),
+            names: paired.pairs.into_iter().map(|p| p.name).collect(),
+            uniform_rank,
+            done: Mutex::new(BTreeMap::new()),
+        })
+    }
+
+    fn eligible(&self, p: &TensorPair, m: &TensorMetrics) -> bool {
+        let (Ok(da), Ok(db)) = (&p.base.dtype, &p.finetuned.dtype) else {
+            return false;
+        };
+        let name = p.name.as_str();
+        let module = name.rsplit_once('.').map_or("", |(m, _)| m);
+        let has_prefix = |prefix: &str| {
+            self.names
+                .range(prefix.to_string()..)
+                .next()
+                .is_some_and(|n| n.starts_with(prefix))
+        };
+        m.is_modified()
+            && p.base.shape.len() == 2
+            && p.finetuned.shape == p.base.shape
+            && m.compared_rows.is_none()
+            && !da.is_integer()
+            && !db.is_integer()
+            && p.base.dtype_name() == p.finetuned.dtype_name()
+            && self.facts.head_of(name).is_none()
+            && !(self.facts.fused_experts() && peft::is_router(module, has_prefix))
+            && self.facts.kind_of(name) != ModuleKind::Embedding
+            && pairing::module_type(name) != "lm_head"
+    }
+
+    /// Called by the diff when a tensor is compared: analyses it now if it is eligible.
+    /// A failed or stopped analysis is left for the stage, which meets the same error.
+    pub(super) fn tensor_compared(&self, p: &TensorPair, m: &TensorMetrics) {
+        let cancel = lowrank::Cancel::new(self.opts.cancel.as_deref());
+        if !self.eligible(p, m) || cancel.is_set() {
+            return;
+        }
+        let src = PairDelta {
+            base: self.base,
+            finetuned: self.finetuned,
+            pair: p,
+            m: p.base.shape[0],
+            n: p.base.shape[1],
+        };
+        let target = matrix_target(p, &self.opts, self.uniform_rank);
+        if let Ok((spectrum, factors)) =
+            lowrank::analyze(&src, &p.name, &self.opts.lowrank, target, cancel)
+        {
+            lock(&self.done).insert(
+                p.name.clone(),
+                DoneDuringDiff {
+                    target,
+                    spectrum,
+                    factors,
+                },
+            );
+        }
+    }
+
+    /// The analysis of `name` done during the diff, if it was done for `target`.
+    fn take(
+        &self,
+        name: &str,
+        target: Option<Target>,
+    ) -> Option<(TensorSpectrum, Option<Factors>)> {
+        let d = lock(&self.done).remove(name)?;
+        (d.target == target).then_some((d.spectrum, d.factors))
+    }
+}
+
 /// Runs the low-rank stage over the modified tensors of a comparison.
 pub fn analyze_lora(
     base: &Checkpoint,
@@ -168,7 +317,20 @@ pub fn analyze_lora_with(
     opts: &LoraOptions,
     progress: &dyn Progress,
 ) -> Result<LoraReport> {
-    let parts = analyze_lora_parts_with(base, finetuned, c, opts, progress)?;
+    analyze_lora_after(base, finetuned, c, opts, progress, None)
+}
+
+/// [`analyze_lora_with`] after a diff that ran `during` ([`compare_during`]): the
+/// matrices analysed then are not read again.
+pub fn analyze_lora_after(
+    base: &Checkpoint,
+    finetuned: &Checkpoint,
+    c: &Comparison,
+    opts: &LoraOptions,
+    progress: &dyn Progress,
+    during: Option<&DuringDiff>,
+) -> Result<LoraReport> {
+    let parts = parts_in_pool(base, finetuned, c, opts, progress, during)?;
     Ok(assemble_lora(c, opts, parts))
 }
 
@@ -190,13 +352,24 @@ pub fn analyze_lora_parts_with(
     opts: &LoraOptions,
     progress: &dyn Progress,
 ) -> Result<LoraParts> {
+    parts_in_pool(base, finetuned, c, opts, progress, None)
+}
+
+fn parts_in_pool(
+    base: &Checkpoint,
+    finetuned: &Checkpoint,
+    c: &Comparison,
+    opts: &LoraOptions,
+    progress: &dyn Progress,
+    during: Option<&DuringDiff>,
+) -> Result<LoraParts> {
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(opts.threads.unwrap_or(0))
         .build()
         .map_err(|e| Error::Threads(e.to_string()))?;
     // Tensors run in parallel; each one's linear algebra stays on its thread.
     faer::set_global_parallelism(faer::Par::Seq);
-    pool.install(|| lora_parts(base, finetuned, c, opts, progress))
+    pool.install(|| lora_parts_after(base, finetuned, c, opts, progress, during))
 }
 
 /// `--uniform-rank` as a rank, checked against the rank rule.
@@ -276,6 +449,18 @@ pub fn lora_parts(
     opts: &LoraOptions,
     progress: &dyn Progress,
 ) -> Result<LoraParts> {
+    lora_parts_after(base, finetuned, c, opts, progress, None)
+}
+
+/// [`lora_parts`], taking the matrices analysed during the diff from `during`.
+fn lora_parts_after(
+    base: &Checkpoint,
+    finetuned: &Checkpoint,
+    c: &Comparison,
+    opts: &LoraOptions,
+    progress: &dyn Progress,
+    during: Option<&DuringDiff>,
+) -> Result<LoraParts> {
     let t0 = Instant::now();
     let facts = model_facts(c, opts);
     let paired = pairing::pair(base.tensors(), finetuned.tensors());
@@ -325,28 +510,7 @@ pub fn lora_parts(
                 ),
             ));
         } else if p.base.shape.len() == 2 {
-            let module = pairing::module_type(name);
-            let wanted =
-                opts.extract && opts.modules.as_ref().is_none_or(|ms| ms.contains(&module));
-            // The factors in the base's 16-bit dtype; for a quantized base (decoded to
-            // f32) in bf16, the dtype its dequantized model is run in.
-            let dtype = opts
-                .dtype
-                .unwrap_or(if matches!(da, DType::BF16 | DType::F16) {
-                    da
-                } else if p.base.is_encoded() {
-                    DType::BF16
-                } else {
-                    DType::F32
-                });
-            matrices.push((
-                p,
-                facts.kind_of(name),
-                wanted.then_some(Target {
-                    dtype,
-                    uniform_rank,
-                }),
-            ));
+            matrices.push((p, facts.kind_of(name), matrix_target(p, opts, uniform_rank)));
         } else if p.base.shape.len() <= 1 {
             vectors.push(p);
         } else {
@@ -380,6 +544,7 @@ pub fn lora_parts(
     let elements = |p: &TensorPair| p.base.shape.iter().product::<usize>() as u64;
     let elements_total: u64 = matrices.iter().map(|(p, _, _)| elements(p)).sum();
     let (tensors_done, elements_done) = (AtomicUsize::new(0), AtomicU64::new(0));
+    let (during_diff, during_time) = (AtomicUsize::new(0), Mutex::new(0.0f64));
     let outs: Vec<Result<(TensorSpectrum, Option<Factors>)>> = matrices
         .par_iter()
         .map(|(p, _, target)| {
@@ -397,7 +562,14 @@ pub fn lora_parts(
             let out = match journaled {
                 Some(done) => Ok(done),
                 None => {
-                    let out = lowrank::analyze(&src, &p.name, &opts.lowrank, *target, cancel);
+                    let out = match during.and_then(|d| d.take(&p.name, *target)) {
+                        Some(done) => {
+                            during_diff.fetch_add(1, Ordering::Relaxed);
+                            *lock(&during_time) += done.0.time;
+                            Ok(done)
+                        }
+                        None => lowrank::analyze(&src, &p.name, &opts.lowrank, *target, cancel),
+                    };
                     if let (Ok((spectrum, factors)), Some(j)) = (&out, &journal)
                         && let Err(e) = lock(j).record(&p.name, spectrum, factors.as_ref())
                     {
@@ -541,6 +713,10 @@ pub fn lora_parts(
         errors,
         not_analysed,
         total_time: t0.elapsed().as_secs_f64(),
+        during_diff: (
+            during_diff.into_inner(),
+            during_time.into_inner().unwrap_or_else(|p| p.into_inner()),
+        ),
     };
     Ok(parts)
 }
@@ -595,6 +771,9 @@ pub struct LoraParts {
     /// Matrices left unanalysed because the stage was stopped (`cancel`).
     pub not_analysed: Vec<String>,
     pub total_time: Second,
+    /// Matrices analysed during the diff ([`DuringDiff`]) and the seconds their analyses
+    /// took, summed over the diff's workers (not in `total_time`).
+    pub during_diff: (usize, Second),
 }
 
 impl LoraParts {
@@ -616,6 +795,8 @@ impl LoraParts {
         self.errors.extend(o.errors);
         self.not_analysed.extend(o.not_analysed);
         self.total_time += o.total_time;
+        self.during_diff.0 += o.during_diff.0;
+        self.during_diff.1 += o.during_diff.1;
     }
 }
 
@@ -874,6 +1055,7 @@ pub fn assemble_lora(c: &Comparison, opts: &LoraOptions, mut parts: LoraParts) -
         errors: parts.errors,
         not_analysed: parts.not_analysed,
         total_time: parts.total_time,
+        during_diff: parts.during_diff,
         facts,
         profile,
         lora_bias,

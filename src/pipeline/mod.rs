@@ -18,11 +18,11 @@ mod lora_stage;
 pub mod plan;
 
 pub(crate) use diff::performance;
-pub use diff::{compare, compare_many, fingerprint};
+pub use diff::{compare, compare_during, compare_many, fingerprint};
 pub use lora_stage::{
-    LoraOptions, LoraParts, adapter_name, analyze_lora, analyze_lora_parts,
-    analyze_lora_parts_with, analyze_lora_with, assemble_lora, lora_parts, model_facts,
-    uniform_rank,
+    DuringDiff, LoraOptions, LoraParts, adapter_name, analyze_lora, analyze_lora_after,
+    analyze_lora_parts, analyze_lora_parts_with, analyze_lora_with, assemble_lora, lora_parts,
+    model_facts, uniform_rank,
 };
 
 use crate::checkpoint::Checkpoint;

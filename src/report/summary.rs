@@ -241,6 +241,9 @@ pub fn render(c: &Comparison, lora: Option<&LoraDocs>, written: &[PathBuf], top:
         p.throughput_gbps,
         p.threads
     );
+    if let Some(l) = &c.lora {
+        let _ = writeln!(w, "{}", lowrank_time(l));
+    }
 
     let _ = writeln!(w, "\nOutputs");
     let _ = writeln!(w, "-------");
@@ -343,11 +346,7 @@ pub fn run_summary(c: &Comparison, out: &std::path::Path) -> Vec<String> {
         c.errors.len()
     )];
     if let Some(l) = &c.lora {
-        lines.push(format!(
-            "low-rank stage: {} matrices in {:.2}s",
-            l.spectra.len(),
-            l.total_time
-        ));
+        lines.push(lowrank_time(l));
     }
     let related = crate::relatedness::assess(c);
     lines.push(format!(
@@ -520,6 +519,26 @@ fn lora_section(w: &mut String, c: &Comparison, docs: &LoraDocs) {
     for (n, e) in &a.errors {
         let _ = writeln!(w, "analysis error: {n}: {e}");
     }
+}
+
+/// Where the low-rank stage's time went: the matrices analysed during the diff (their
+/// time is in the diff's wall time above, so its GB/s is not the read speed alone) and
+/// the stage after it.
+fn lowrank_time(l: &crate::comparison::LoraReport) -> String {
+    let (during, secs) = l.during_diff;
+    if during == 0 {
+        return format!(
+            "low-rank stage: {} matrices in {:.2}s",
+            l.spectra.len(),
+            l.total_time
+        );
+    }
+    format!(
+        "low-rank stage: {} matrices, {during} of them analysed during the diff ({secs:.2}s of \
+         worker time, within the diff's time) and the rest in {:.2}s after it",
+        l.spectra.len(),
+        l.total_time
+    )
 }
 
 #[cfg(test)]

@@ -621,3 +621,60 @@ fn the_vllm_profile_writes_linear_modules_at_one_vllm_rank_and_lists_what_it_lef
     }
     assert!(skipped.contains("--profile vllm"));
 }
+
+/// The matrices analysed while the diff compares them (`DuringDiff`, what `compare`
+/// and `extract-lora` run) give the same spectra and factors as the stage run after the
+/// diff, and only the embedding and LM head are left for after it.
+#[test]
+fn analyses_during_the_diff_equal_the_stage_after_it() {
+    use weightdiff::pipeline::{DuringDiff, analyze_lora_after, compare_during};
+    let dir = tempfile::tempdir().unwrap();
+    let spec = lora_and_noise_spec(8, ALL, None, "embed_tokens|lm_head|norm");
+    let pair = build_pair(&spec, dir.path()).unwrap();
+    let b = Checkpoint::open(&pair.base).unwrap();
+    let f = Checkpoint::open(&pair.finetuned).unwrap();
+    let lo = extract(8, None);
+    let after = run(&pair, &lo);
+    let during = DuringDiff::new(&b, &f, &lo).unwrap();
+    let c = compare_during(
+        &b,
+        &f,
+        &CompareOptions::default(),
+        &NoProgress,
+        Some(&during),
+    )
+    .unwrap();
+    let l = analyze_lora_after(&b, &f, &c, &lo, &NoProgress, Some(&during)).unwrap();
+    let a = after.lora.as_ref().unwrap();
+    assert_eq!(a.during_diff.0, 0);
+    let matrices = l.spectra.len();
+    assert!(l.spectra.iter().any(|(n, _)| n.contains("embed_tokens")));
+    assert!(l.spectra.iter().any(|(n, _)| n.contains("lm_head")));
+    assert_eq!(
+        l.during_diff.0,
+        matrices - 2,
+        "all but the embedding and LM head"
+    );
+    assert!(l.during_diff.1 > 0.0);
+    let strip = |s: &weightdiff::lowrank::TensorSpectrum| {
+        let mut v = serde_json::to_value(s).unwrap();
+        v.as_object_mut().unwrap().remove("time");
+        v
+    };
+    assert_eq!(a.spectra.len(), matrices);
+    for ((na, sa), (nb, sb)) in a.spectra.iter().zip(&l.spectra) {
+        assert_eq!(na, nb);
+        assert_eq!(strip(sa), strip(sb), "{na}");
+    }
+    assert_eq!(a.extracted.len(), l.extracted.len());
+    for (x, y) in a.extracted.iter().zip(&l.extracted) {
+        assert_eq!(x.tensor, y.tensor);
+        assert_eq!(
+            (&x.factors.a, &x.factors.b),
+            (&y.factors.a, &y.factors.b),
+            "{}",
+            x.tensor
+        );
+    }
+    assert_eq!(a.verdict.kind, l.verdict.kind);
+}
