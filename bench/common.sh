@@ -3,7 +3,8 @@
 # and one timed run.
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 SHARED=${SHARED:-$HERE/../shared/bench}
-PY=$("$SHARED/setup.sh")
+# NO_PEERS=1: a script that runs no Python peer skips the venv (~6 GB with torch).
+[ -n "${NO_PEERS:-}" ] || PY=$("$SHARED/setup.sh")
 mkdir -p "$WORK"
 cargo build --release --manifest-path "$HERE/Cargo.toml" >&2
 WD=$HERE/target/release/weightdiff

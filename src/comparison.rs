@@ -211,6 +211,19 @@ pub struct Performance {
     pub reference_time: Option<Second>,
     /// reference_time / compute_time, under `--verify`.
     pub speedup: Option<f64>,
+    /// The low-rank analyses run during the diff (`compare`'s default), whose time is
+    /// inside `total_time`: so `throughput_gbps` is then not the read speed alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lowrank_during_diff: Option<DuringDiffTime>,
+}
+
+/// Low-rank analyses run by the diff's workers as each matrix was compared.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+pub struct DuringDiffTime {
+    /// Matrices analysed.
+    pub matrices: usize,
+    /// Their seconds, summed over the workers.
+    pub worker_time: Second,
 }
 
 /// Where the diff puts each tensor's metrics the moment they are final (the journal, so

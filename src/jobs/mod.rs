@@ -276,6 +276,7 @@ pub fn compare_pair(
             c.modified().len()
         ));
         let l = pipeline::analyze_lora_after(base, ft, &c, lo, obs, during.as_ref())?;
+        note_during_diff(&mut c, &l);
         obs.stage_done();
         // Stopped during the stage: the reports hold the diff and the tensors analysed.
         c.complete &= l.complete();
@@ -286,6 +287,17 @@ pub fn compare_pair(
     }
     not_a_derivative(&c, lora.is_some(), obs);
     Ok(c)
+}
+
+/// Records in the diff's figures the analyses that ran during it (their time is in it).
+fn note_during_diff(c: &mut Comparison, l: &crate::comparison::LoraReport) {
+    let (matrices, worker_time) = l.during_diff;
+    if matrices > 0 {
+        c.performance.lowrank_during_diff = Some(crate::comparison::DuringDiffTime {
+            matrices,
+            worker_time,
+        });
+    }
 }
 
 /// The relatedness check before the low-rank stage: true when the two models are not a
@@ -589,14 +601,9 @@ pub fn extract_lora(job: &ExtractJob, obs: &dyn Observer) -> Result<Outcome> {
         return Ok(stopped(c));
     }
     if relatedness::needs_low_rank_evidence(&c) {
-        c.lora = Some(pipeline::analyze_lora_after(
-            &base,
-            &ft,
-            &c,
-            &lora_opts,
-            obs,
-            Some(&alongside),
-        )?);
+        let l = pipeline::analyze_lora_after(&base, &ft, &c, &lora_opts, obs, Some(&alongside))?;
+        note_during_diff(&mut c, &l);
+        c.lora = Some(l);
         obs.stage_done();
         relatedness::settle(&mut c);
     }
@@ -619,6 +626,7 @@ pub fn extract_lora(job: &ExtractJob, obs: &dyn Observer) -> Result<Outcome> {
         None => {
             let l =
                 pipeline::analyze_lora_after(&base, &ft, &c, &lora_opts, obs, Some(&alongside))?;
+            note_during_diff(&mut c, &l);
             obs.stage_done();
             l
         }

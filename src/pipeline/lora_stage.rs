@@ -190,10 +190,11 @@ fn matrix_target(
 /// Only matrices whose treatment cannot depend on the rest of the comparison are taken
 /// here: modified 2-D float tensors of the same storage on both sides (a pair stored
 /// differently may be quantization-only, which skips the stage), not resized, not part
-/// of a task head or a router (saved whole), not an embedding or LM head (which may be
-/// tied to another tensor, known only once every tensor is compared). The analysis is
-/// the same call with the same options as the stage's, so the results are the same
-/// bytes; the stage checks the target matches before it takes one.
+/// of a task head or a router (saved whole). An embedding or LM head stored twice under
+/// two names (tied) is known only once every tensor is compared: the stage then drops
+/// the analysis of the duplicate, the only work done here in vain. The analysis is the
+/// same call with the same options as the stage's, so the results are the same bytes;
+/// the stage checks the target matches before it takes one.
 pub struct DuringDiff<'a> {
     base: &'a Checkpoint,
     finetuned: &'a Checkpoint,
@@ -202,6 +203,11 @@ pub struct DuringDiff<'a> {
     names: std::collections::BTreeSet<String>,
     uniform_rank: Option<usize>,
     done: Mutex<BTreeMap<String, DoneDuringDiff>>,
+    /// The stage's journal, opened now: a matrix analysed during the diff is journaled
+    /// at once, so `--resume` after a kill mid-diff does not redo it.
+    journal: Option<Mutex<LowRankJournal>>,
+    recovered: BTreeMap<String, (TensorSpectrum, Option<Factors>)>,
+    journal_failure: Mutex<Option<Error>>,
 }
 
 /// One matrix analysed during the diff.
@@ -223,7 +229,11 @@ impl<'a> DuringDiff<'a> {
         let config = finetuned.config.as_ref().or(base.config.as_ref());
         // Each matrix's linear algebra stays on the diff's worker that runs it.
         faer::set_global_parallelism(faer::Par::Seq);
+        let (journal, recovered) = open_journal(opts)?;
         Ok(DuringDiff {
+            journal,
+            recovered,
+            journal_failure: Mutex::new(None),
             base,
             finetuned,
             opts: opts.clone(),
@@ -255,15 +265,13 @@ impl<'a> DuringDiff<'a> {
             && p.base.dtype_name() == p.finetuned.dtype_name()
             && self.facts.head_of(name).is_none()
             && !(self.facts.fused_experts() && peft::is_router(module, has_prefix))
-            && self.facts.kind_of(name) != ModuleKind::Embedding
-            && pairing::module_type(name) != "lm_head"
     }
 
     /// Called by the diff when a tensor is compared: analyses it now if it is eligible.
     /// A failed or stopped analysis is left for the stage, which meets the same error.
     pub(super) fn tensor_compared(&self, p: &TensorPair, m: &TensorMetrics) {
         let cancel = lowrank::Cancel::new(self.opts.cancel.as_deref());
-        if !self.eligible(p, m) || cancel.is_set() {
+        if !self.eligible(p, m) || cancel.is_set() || self.recovered.contains_key(&p.name) {
             return;
         }
         let src = PairDelta {
@@ -277,6 +285,11 @@ impl<'a> DuringDiff<'a> {
         if let Ok((spectrum, factors)) =
             lowrank::analyze(&src, &p.name, &self.opts.lowrank, target, cancel)
         {
+            if let Some(j) = &self.journal
+                && let Err(e) = lock(j).record(&p.name, &spectrum, factors.as_ref())
+            {
+                lock(&self.journal_failure).get_or_insert(e);
+            }
             lock(&self.done).insert(
                 p.name.clone(),
                 DoneDuringDiff {
@@ -296,6 +309,25 @@ impl<'a> DuringDiff<'a> {
     ) -> Option<(TensorSpectrum, Option<Factors>)> {
         let d = lock(&self.done).remove(name)?;
         (d.target == target).then_some((d.spectrum, d.factors))
+    }
+}
+
+/// The low-rank journal of `opts.journal` (keyed by the diff's fingerprint plus these
+/// options) and, with `--resume`, the matrices it holds.
+type Opened = (
+    Option<Mutex<LowRankJournal>>,
+    BTreeMap<String, (TensorSpectrum, Option<Factors>)>,
+);
+
+fn open_journal(opts: &LoraOptions) -> Result<Opened> {
+    match &opts.journal {
+        None => Ok((None, BTreeMap::new())),
+        Some((dir, fp, resume)) => {
+            let options = serde_json::to_string(opts).unwrap_or_default();
+            let fp = Fingerprint::new(format!("{} lowrank={options}", fp.description));
+            let (j, done) = LowRankJournal::open(dir, &fp, *resume)?;
+            Ok((Some(Mutex::new(j)), done))
+        }
     }
 }
 
@@ -530,16 +562,19 @@ fn lora_parts_after(
         vectors = vectors.len(),
         "low-rank analysis"
     );
-    let (journal, recovered) = match &opts.journal {
-        None => (None, BTreeMap::new()),
-        Some((dir, fp, resume)) => {
-            let options = serde_json::to_string(opts).unwrap_or_default();
-            let fp = Fingerprint::new(format!("{} lowrank={options}", fp.description));
-            let (j, done) = LowRankJournal::open(dir, &fp, *resume)?;
-            (Some(Mutex::new(j)), done)
+    // The journal the analyses during the diff have been recording into, or a new one.
+    let opened;
+    let (journal, recovered) = match during {
+        Some(d) => (&d.journal, &d.recovered),
+        None => {
+            opened = open_journal(opts)?;
+            (&opened.0, &opened.1)
         }
     };
     let journal_failure: Mutex<Option<Error>> = Mutex::new(None);
+    if let Some(e) = during.and_then(|d| lock(&d.journal_failure).take()) {
+        return Err(e);
+    }
     let cancel = lowrank::Cancel::new(opts.cancel.as_deref());
     let elements = |p: &TensorPair| p.base.shape.iter().product::<usize>() as u64;
     let elements_total: u64 = matrices.iter().map(|(p, _, _)| elements(p)).sum();
@@ -561,22 +596,23 @@ fn lora_parts_after(
             };
             let out = match journaled {
                 Some(done) => Ok(done),
-                None => {
-                    let out = match during.and_then(|d| d.take(&p.name, *target)) {
-                        Some(done) => {
-                            during_diff.fetch_add(1, Ordering::Relaxed);
-                            *lock(&during_time) += done.0.time;
-                            Ok(done)
-                        }
-                        None => lowrank::analyze(&src, &p.name, &opts.lowrank, *target, cancel),
-                    };
-                    if let (Ok((spectrum, factors)), Some(j)) = (&out, &journal)
-                        && let Err(e) = lock(j).record(&p.name, spectrum, factors.as_ref())
-                    {
-                        lock(&journal_failure).get_or_insert(e);
+                None => match during.and_then(|d| d.take(&p.name, *target)) {
+                    // Journaled when it was analysed.
+                    Some(done) => {
+                        during_diff.fetch_add(1, Ordering::Relaxed);
+                        *lock(&during_time) += done.0.time;
+                        Ok(done)
                     }
-                    out
-                }
+                    None => {
+                        let out = lowrank::analyze(&src, &p.name, &opts.lowrank, *target, cancel);
+                        if let (Ok((spectrum, factors)), Some(j)) = (&out, journal)
+                            && let Err(e) = lock(j).record(&p.name, spectrum, factors.as_ref())
+                        {
+                            lock(&journal_failure).get_or_insert(e);
+                        }
+                        out
+                    }
+                },
             };
             if !matches!(out, Err(Error::Cancelled)) {
                 let e = elements(p);
@@ -598,7 +634,7 @@ fn lora_parts_after(
     {
         return Err(e);
     }
-    if let Some(j) = &journal {
+    if let Some(j) = journal {
         lock(j).sync()?;
     }
     let mut spectra = Vec::new();

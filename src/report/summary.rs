@@ -241,8 +241,12 @@ pub fn render(c: &Comparison, lora: Option<&LoraDocs>, written: &[PathBuf], top:
         p.throughput_gbps,
         p.threads
     );
-    if let Some(l) = &c.lora {
-        let _ = writeln!(w, "{}", lowrank_time(l));
+    if let Some(d) = &p.lowrank_during_diff {
+        let _ = writeln!(
+            w,
+            "That time includes the low-rank analysis of {} matrices, run as each was compared ({:.3}s of worker time).",
+            d.matrices, d.worker_time
+        );
     }
 
     let _ = writeln!(w, "\nOutputs");

@@ -30,7 +30,8 @@ fn strip(v: &Value) -> Value {
 }
 
 fn text_without_timings(p: &Path) -> Vec<String> {
-    let re = regex::Regex::new(r"(?i)time|slowest|GB/s|speedup|read in|/tmp/").unwrap();
+    let re =
+        regex::Regex::new(r"(?i)time|slowest|GB/s|speedup|read in|low-rank stage:|/tmp/").unwrap();
     std::fs::read_to_string(p)
         .unwrap()
         .lines()
