@@ -192,54 +192,52 @@ fn compare_in_pool(
             .is_some_and(|c| c.load(Ordering::Relaxed))
     };
 
-    // The analyses during the diff are tasks of this scope: the worker that finished the
-    // tensor usually runs its analysis next (its bytes are in the cache), and a worker
-    // with no window left takes the ones still waiting instead of idling.
-    rayon::scope(|scope| {
-        units.par_iter().for_each(|u| {
-            let members = &groups[u.group];
-            let outs = run_group_unit(base, fts, &sides, &jobs, members, u, opts, cancelled());
-            for (&j, out) in members.iter().zip(outs) {
-                let Some(out) = out else { continue };
-                lock(&slots[j])[u.idx] = Some(out);
-                if remaining[j].fetch_sub(1, Ordering::AcqRel) != 1 {
-                    continue;
-                }
-                // The last window of this job: merge its windows in order and finish it.
-                let p = pair_of(&jobs[j]);
-                let outs = std::mem::take(&mut *lock(&slots[j]));
-                let result = merge_units(outs).and_then(|o| finish_tensor(p, o, opts.verify));
-                match &result {
-                    Ok(m) => tracing::debug!(
-                        tensor = %p.name,
-                        relative_diff = ?m.relative_diff,
-                        seconds = m.total_time,
-                        "compared"
-                    ),
-                    Err(e) => tracing::warn!(tensor = %p.name, "{e}"),
-                }
-                if let (Ok(m), Some(jr)) = (&result, &journal)
-                    && let Err(e) = lock(jr).record(&p.name, m)
-                {
-                    lock(&journal_failure).get_or_insert(e);
-                }
-                let compared = result.as_ref().ok().cloned();
-                *lock(&finals[j]) = Some(result);
-                let d = done.fetch_add(1, Ordering::AcqRel) + 1;
-                let b = bytes_done.fetch_add(jobs[j].bytes, Ordering::AcqRel) + jobs[j].bytes;
-                progress.update(ProgressUpdate {
-                    tensors_done: d,
-                    tensors_total,
-                    bytes_done: b,
-                    bytes_total,
-                    tensor: &p.name,
-                });
-                // Its low-rank analysis now, while its bytes are in the page cache.
-                if let (Some(s), Some(m)) = (during, compared) {
-                    scope.spawn(move |_| s.tensor_compared(p, &m));
-                }
+    units.par_iter().for_each(|u| {
+        let members = &groups[u.group];
+        let outs = run_group_unit(base, fts, &sides, &jobs, members, u, opts, cancelled());
+        for (&j, out) in members.iter().zip(outs) {
+            let Some(out) = out else { continue };
+            lock(&slots[j])[u.idx] = Some(out);
+            if remaining[j].fetch_sub(1, Ordering::AcqRel) != 1 {
+                continue;
             }
-        });
+            // The last window of this job: merge its windows in order and finish it.
+            let p = pair_of(&jobs[j]);
+            let outs = std::mem::take(&mut *lock(&slots[j]));
+            let result = merge_units(outs).and_then(|o| finish_tensor(p, o, opts.verify));
+            match &result {
+                Ok(m) => tracing::debug!(
+                    tensor = %p.name,
+                    relative_diff = ?m.relative_diff,
+                    seconds = m.total_time,
+                    "compared"
+                ),
+                Err(e) => tracing::warn!(tensor = %p.name, "{e}"),
+            }
+            if let (Ok(m), Some(jr)) = (&result, &journal)
+                && let Err(e) = lock(jr).record(&p.name, m)
+            {
+                lock(&journal_failure).get_or_insert(e);
+            }
+            let compared = result.as_ref().ok().cloned();
+            *lock(&finals[j]) = Some(result);
+            let d = done.fetch_add(1, Ordering::AcqRel) + 1;
+            let b = bytes_done.fetch_add(jobs[j].bytes, Ordering::AcqRel) + jobs[j].bytes;
+            progress.update(ProgressUpdate {
+                tensors_done: d,
+                tensors_total,
+                bytes_done: b,
+                bytes_total,
+                tensor: &p.name,
+            });
+            // Its low-rank analysis now, by this worker, while its bytes are in the page
+            // cache. (Spawned as a rayon task instead, it waits in the deque behind the
+            // rest of this worker's windows: the diff runs ahead and a pair larger than
+            // memory is read from disk again; BENCHMARKS.md, "Analyses during the diff".)
+            if let (Some(s), Some(m)) = (during, compared) {
+                s.tensor_compared(p, &m);
+            }
+        }
     });
     if let Some(e) = journal_failure
         .into_inner()
