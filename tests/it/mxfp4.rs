@@ -93,6 +93,17 @@ fn gpt_oss_mxfp4_experts_equal_transformers_dequantization_bit_for_bit() {
     assert_eq!(all[EXPERTS[1]]["inf_count"], 32);
     assert_eq!(all[EXPERTS[1]]["shape"], serde_json::json!([4, 64, 192]));
     assert_eq!(all[EXPERTS[0]]["shape"], serde_json::json!([4, 96, 64]));
+    // Tested, so a note of how the experts were read, not a caveat on their numbers.
+    let notes = wd["warnings"]["finetuned"].to_string();
+    assert!(
+        notes.contains("4 expert weights are compared by value, dequantized from their"),
+        "{notes}"
+    );
+    let report =
+        std::fs::read_to_string(dir.path().join("out-mxfp4/comparison_report.txt")).unwrap();
+    for text in [&notes, &report, &stderr] {
+        assert!(!text.contains("provisional"), "{text}");
+    }
     let storage = wd["mismatches"].to_string();
     assert_eq!(
         storage
