@@ -51,8 +51,9 @@ fn compare(dir: &Path, ft: &str) -> (Option<i32>, serde_json::Value, String) {
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&o.stderr).into_owned();
-    let wd = read_json(&out.join("weight_differences.json"));
-    (o.status.code(), wd, stderr)
+    let json = out.join("weight_differences.json");
+    assert!(json.exists(), "{ft}: no outputs ({:?}): {stderr}", o.status);
+    (o.status.code(), read_json(&json), stderr)
 }
 
 #[test]
