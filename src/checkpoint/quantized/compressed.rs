@@ -230,11 +230,10 @@ pub(super) fn apply(ck: &mut Checkpoint, qc: &Value) {
                 return Some(m.to_string());
             }
             let m = n.strip_suffix(".weight")?;
+            // The dtype first: the targets' patterns are matched only for codes.
             let codes = matches!(e.dtype, Ok(DType::I8 | DType::F8E4M3 | DType::F8E5M2));
-            let naive = scheme_of(&schemes, m)
-                .and_then(kind_of)
-                .is_some_and(|k| matches!(k, Kind::Naive));
-            (codes && naive).then(|| m.to_string())
+            (codes && matches!(scheme_of(&schemes, m).and_then(kind_of), Some(Kind::Naive)))
+                .then(|| m.to_string())
         })
         .collect();
     let mut decoded = BTreeSet::new();
