@@ -100,31 +100,53 @@ pub struct Pairing {
     pub mismatches: Vec<Mismatch>,
 }
 
+impl Pairing {
+    /// A name of `side` as it is paired: without the inferred prefix, if that side has it.
+    fn aligned(&self, side: Side, name: &str) -> String {
+        match &self.prefix {
+            Some(p) if p.side == side => name.strip_prefix(&p.prefix).unwrap_or(name).to_string(),
+            _ => name.to_string(),
+        }
+    }
+
+    /// Takes off the only-in lists the names the other side has but cannot read
+    /// (`Checkpoint::broken`, a tensor error each): they are not missing.
+    pub fn unlist_broken<'a>(
+        &mut self,
+        base_broken: impl IntoIterator<Item = &'a String>,
+        finetuned_broken: impl IntoIterator<Item = &'a String>,
+    ) {
+        let base: Vec<String> = base_broken
+            .into_iter()
+            .map(|n| self.aligned(Side::Base, n))
+            .collect();
+        let finetuned: Vec<String> = finetuned_broken
+            .into_iter()
+            .map(|n| self.aligned(Side::Finetuned, n))
+            .collect();
+        self.only_in_base.retain(|n| !finetuned.contains(n));
+        self.only_in_finetuned.retain(|n| !base.contains(n));
+    }
+}
+
 /// Pairs `base` with `finetuned`.
 pub fn pair(
     base: &BTreeMap<String, TensorEntry>,
     finetuned: &BTreeMap<String, TensorEntry>,
 ) -> Pairing {
-    let prefix = infer_prefix(base.keys(), finetuned.keys());
-    let strip = |side: Side, name: &str| -> String {
-        match &prefix {
-            Some(p) if p.side == side => name.strip_prefix(&p.prefix).unwrap_or(name).to_string(),
-            _ => name.to_string(),
-        }
+    let mut out = Pairing {
+        prefix: infer_prefix(base.keys(), finetuned.keys()),
+        ..Pairing::default()
     };
     let b: BTreeMap<String, &TensorEntry> = base
         .iter()
-        .map(|(k, v)| (strip(Side::Base, k), v))
+        .map(|(k, v)| (out.aligned(Side::Base, k), v))
         .collect();
     let f: BTreeMap<String, &TensorEntry> = finetuned
         .iter()
-        .map(|(k, v)| (strip(Side::Finetuned, k), v))
+        .map(|(k, v)| (out.aligned(Side::Finetuned, k), v))
         .collect();
 
-    let mut out = Pairing {
-        prefix,
-        ..Pairing::default()
-    };
     for (name, be) in &b {
         let Some(fe) = f.get(name) else {
             out.only_in_base.push(name.clone());
@@ -364,6 +386,24 @@ pub fn layer_index(name: &str) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_tensor_the_other_side_cannot_read_is_not_only_in_this_side() {
+        // The fine-tuned side wraps its names in `model.`; its broken `model.b` is `b`.
+        let mut p = Pairing {
+            prefix: Some(PrefixAlignment {
+                side: Side::Finetuned,
+                prefix: "model.".into(),
+                pairs_gained: 3,
+            }),
+            only_in_base: vec!["a".into(), "b".into()],
+            only_in_finetuned: vec!["c".into(), "d".into()],
+            ..Pairing::default()
+        };
+        p.unlist_broken(&["d".to_string()], &["model.b".to_string()]);
+        assert_eq!(p.only_in_base, ["a"]);
+        assert_eq!(p.only_in_finetuned, ["c"]);
+    }
 
     #[test]
     fn natural_order_sorts_layer_numbers_numerically() {

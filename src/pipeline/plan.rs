@@ -80,7 +80,8 @@ pub(super) struct Job {
 }
 
 pub(super) fn prepare_side(base: &Checkpoint, ft: &Checkpoint, opts: &CompareOptions) -> Side {
-    let paired = pairing::pair(base.tensors(), ft.tensors());
+    let mut paired = pairing::pair(base.tensors(), ft.tensors());
+    paired.unlist_broken(base.broken.keys(), ft.broken.keys());
     let mut errors: BTreeMap<String, String> = BTreeMap::new();
     for (name, why) in base.broken.iter().chain(ft.broken.iter()) {
         errors.insert(name.clone(), why.clone());

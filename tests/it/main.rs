@@ -19,6 +19,7 @@
 //! - `interop`: Python's safetensors/numpy recompute our metrics independently
 //! - `peft`: the architecture matrix: adapters of tiny transformers models loaded by real PEFT
 //! - `fp8_lora`: a LoRA merged under FP8: detected, extracted as bf16, loaded by PEFT
+//! - `mxfp4`: gpt-oss MXFP4 experts against transformers' own dequantization; bad blocks and scales
 //! - `gguf`: GGUF reader, dequantizers and name map against files gguf-py writes; hostile GGUFs
 
 mod architecture;
@@ -37,6 +38,7 @@ mod layouts;
 mod lora;
 mod metrics;
 mod mutations;
+mod mxfp4;
 mod outputs;
 mod pairing;
 mod peft;

@@ -12,6 +12,19 @@ For every case of CASES, writes
 - OUT/<case>_ref/model.safetensors: the same model after compressed-tensors'
   `ModelCompressor.decompress_model`, every tensor as f32 (the reference values).
 OUT/base/: the unquantized bf16 model, for the quantization-error comparison.
+
+    python ct_fixtures.py OUT --bad
+
+writes only bad inputs, each beside its reference OUT/<case>_ref/ (decompressed before the
+damage):
+- OUT/bad-pack/: pack-quantized INT4 (group 32) of BAD_SHAPES with `ignore` ["lm_head",
+  "re:.*v_proj$"] (compressed-tensors writes the names it matched), then damaged: q_proj's
+  `weight_packed` one int32 column short, k_proj's `weight_scale` one group short,
+  down_proj's `weight_scale` missing, up_proj's `weight_shape` [192, 2^62]; and the
+  ignored v_proj (bf16, as compressed-tensors leaves it) given a `weight_scale` of 2.0,
+  which must not be applied;
+- OUT/bad-int/: int-quantized INT8 per channel with q_proj's `weight_scale` missing (its
+  I8 codes must not pass for its values).
 """
 
 import json
@@ -104,9 +117,9 @@ def min_max(w, args):
     return b.amin((-1, -2)), b.amax((-1, -2))
 
 
-def quantize(root, fmt, wargs):
+def quantize(root, fmt, wargs, ignore=("lm_head",)):
     scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(**wargs), format=fmt)
-    qc = QuantizationConfig(config_groups={"group_0": scheme}, ignore=["lm_head"], format=fmt)
+    qc = QuantizationConfig(config_groups={"group_0": scheme}, ignore=list(ignore), format=fmt)
     apply_quantization_config(root, qc)
     for name, m in root.named_modules():
         if not hasattr(m, "quantization_scheme") or m.quantization_scheme is None:
@@ -127,9 +140,74 @@ def quantize(root, fmt, wargs):
     return comp
 
 
+def save(out, case, root, comp, config, tamper=lambda sd: sd):
+    """OUT/<case>/ (the compressed model, its state dict through `tamper`) and OUT/<case>_ref/."""
+    d = out / case
+    d.mkdir(parents=True, exist_ok=True)
+    sd = tamper({k: v.contiguous() for k, v in root.state_dict().items()})
+    save_file(sd, str(d / "model.safetensors"), metadata={"format": "pt"})
+    (d / "config.json").write_text(json.dumps(config))
+    comp.update_config(str(d))
+    comp.decompress_model(root)
+    r = out / f"{case}_ref"
+    r.mkdir(parents=True, exist_ok=True)
+    ref = {k: v.float().contiguous() for k, v in root.state_dict().items()
+           if not k.endswith(("_scale", "_zero_point", "_global_scale", "_shape"))}
+    save_file(ref, str(r / "model.safetensors"), metadata={"format": "pt"})
+    (r / "config.json").write_text(json.dumps(config))
+
+
+# The bad inputs: more modules, so that every bad one has good ones beside it.
+BAD_SHAPES = {
+    "model.layers.0.self_attn.q_proj": (96, 128),
+    "model.layers.0.self_attn.k_proj": (37, 128),
+    "model.layers.0.self_attn.v_proj": (37, 128),
+    "model.layers.0.self_attn.o_proj": (128, 96),
+    "model.layers.0.mlp.up_proj": (192, 64),
+    "model.layers.0.mlp.down_proj": (64, 192),
+    "lm_head": (50, 64),
+}
+
+
+def bad(out, config):
+    torch.manual_seed(20261202)
+    root = build(BAD_SHAPES, torch.bfloat16)
+    wargs = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 32}
+    comp = quantize(root, "pack-quantized", wargs, ignore=["lm_head", "re:.*v_proj$"])
+
+    def broken(sd):
+        a, m = "model.layers.0.self_attn.", "model.layers.0.mlp."
+        # Truncated codes: the last int32 word of every row gone ([96, 15] for [96, 16]).
+        sd[a + "q_proj.weight_packed"] = sd[a + "q_proj.weight_packed"][:, :-1].contiguous()
+        # A scale grid short of one group ([37, 3] for [37, 4]).
+        sd[a + "k_proj.weight_scale"] = sd[a + "k_proj.weight_scale"][:, :-1].contiguous()
+        del sd[m + "down_proj.weight_scale"]
+        # A shape that no packed tensor can hold.
+        sd[m + "up_proj.weight_shape"] = torch.tensor([192, 2**62], dtype=sd[m + "up_proj.weight_shape"].dtype)
+        # The ignored module, bf16 as stored, given a scale: it must stay as stored.
+        assert sd[a + "v_proj.weight"].dtype == torch.bfloat16
+        sd[a + "v_proj.weight_scale"] = torch.full((37, 4), 2.0, dtype=torch.bfloat16)
+        return sd
+
+    save(out, "bad-pack", root, comp, config, broken)
+    torch.manual_seed(20261202)
+    root = build(SHAPES, torch.bfloat16)
+    wargs = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel"}
+    comp = quantize(root, "int-quantized", wargs)
+
+    def no_scale(sd):
+        del sd["model.layers.0.self_attn.q_proj.weight_scale"]
+        return sd
+
+    save(out, "bad-int", root, comp, config, no_scale)
+
+
 def main():
     out = Path(sys.argv[1])
     config = {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3"}
+    if sys.argv[2:] == ["--bad"]:
+        bad(out, config)
+        return
     for case, (fmt, wargs, dtype) in cases().items():
         torch.manual_seed(20261202)
         shapes = BLOCK_SHAPES if wargs["strategy"] == "block" else SHAPES
@@ -141,19 +219,7 @@ def main():
             save_file({k: v.contiguous() for k, v in base.state_dict().items()}, str(out / "base/model.safetensors"), metadata={"format": "pt"})
             (out / "base/config.json").write_text(json.dumps(config))
         comp = quantize(root, fmt, wargs)
-        d = out / case
-        d.mkdir(parents=True, exist_ok=True)
-        sd = {k: v.contiguous() for k, v in root.state_dict().items()}
-        save_file(sd, str(d / "model.safetensors"), metadata={"format": "pt"})
-        (d / "config.json").write_text(json.dumps(config))
-        comp.update_config(str(d))
-        comp.decompress_model(root)
-        r = out / f"{case}_ref"
-        r.mkdir(parents=True, exist_ok=True)
-        ref = {k: v.float().contiguous() for k, v in root.state_dict().items()
-               if not k.endswith(("_scale", "_zero_point", "_global_scale", "_shape"))}
-        save_file(ref, str(r / "model.safetensors"), metadata={"format": "pt"})
-        (r / "config.json").write_text(json.dumps(config))
+        save(out, case, root, comp, config)
 
 
 if __name__ == "__main__":

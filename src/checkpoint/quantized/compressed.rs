@@ -3,14 +3,17 @@
 //! (`compressors/*/base.py` and `quantization/lifecycle/forward_helpers.py`, version
 //! 0.20.1).
 //!
-//! A module `M` is decoded when `M.weight_scale` exists and `M` is not in the `ignore`
+//! A module `M` is decoded when it has a part of a quantized weight (`M.weight_scale`,
+//! `weight_packed`, `weight_zero_point`, `weight_shape` or `weight_global_scale`), or I8 /
+//! F8 `M.weight` codes that a naive format's group targets, and `M` is not in the `ignore`
 //! list (an exact name or a `re:` pattern matched from the start of the name, as
-//! compressed-tensors matches it); an ignored module stays as stored. Its scheme is the
-//! `config_groups` entry whose targets name it (exact or `re:`), else the first entry
-//! whose targets are class names (`Linear`); its format is the group's `format`, else
-//! the top-level one. The weight becomes the logical F32 tensor `M.weight` [rows, cols];
-//! `weight_scale`, `weight_zero_point`, `weight_shape`, `weight_global_scale` and the
-//! activation parameters (`input_*`, `output_*`) are no longer tensors of the model.
+//! compressed-tensors matches it); an ignored module stays as stored, every tensor of it
+//! a tensor of the model. Its scheme is the `config_groups` entry whose targets name it
+//! (exact or `re:`), else the first entry whose targets are class names (`Linear`); its
+//! format is the group's `format`, else the top-level one. The weight becomes the
+//! logical F32 tensor `M.weight` [rows, cols]; `weight_scale`, `weight_zero_point`,
+//! `weight_shape`, `weight_global_scale` and the activation parameters (`input_*`,
+//! `output_*`) are no longer tensors of the model.
 //!
 //! **float-, int- and naive-quantized**: `M.weight` holds the codes `q` (I8 or F8_E4M3).
 //! **pack-quantized**: `M.weight_packed` I32 [rows, ⌈cols·b/32⌉] holds `b`-bit codes as
@@ -40,10 +43,11 @@
 //! per 32 values and no global scale: `W = bf16(e2m1(q) · 2^(e−127))`.
 //!
 //! A missing part (scale, zero point, `weight_shape`, global scale), a scale or zero
-//! point grid of the wrong shape, packed sizes that do not match the shape, or a
-//! non-finite scale is that weight's error naming the part; the other tensors are
-//! compared. Another format (sparse, marlin-24, …) or activation-ordered groups
-//! (`weight_g_idx`) are compared as stored, with a warning that they are not dequantized.
+//! point grid of the wrong shape, packed sizes that do not match the shape (or a shape no
+//! tensor can hold), or a non-finite scale is that weight's error naming its file and the
+//! part; the other tensors are compared. Another format (sparse, marlin-24, …) or
+//! activation-ordered groups (`weight_g_idx`) are compared as stored, with a warning that
+//! they are not dequantized.
 
 use super::super::dtype::{DType, decode_f32, decode_f64};
 use super::super::encoding::{Decode, Raw};
@@ -64,6 +68,15 @@ pub(super) fn e2m1(n: u8) -> f32 {
     let m = E2M1[(n & 7) as usize];
     if n & 8 != 0 { -m } else { m }
 }
+
+/// Suffixes of the tensors only a quantized weight has.
+const QUANTIZED_PARTS: [&str; 5] = [
+    ".weight_scale",
+    ".weight_packed",
+    ".weight_zero_point",
+    ".weight_shape",
+    ".weight_global_scale",
+];
 
 /// Parameters of a module that are not weights of the model.
 const PARAMS: [&str; 11] = [
@@ -171,6 +184,30 @@ fn is_class(target: &str) -> bool {
     !target.starts_with("re:") && !target.contains('.')
 }
 
+/// The `config_groups` entry of module `m`: the one whose targets name it, else the
+/// first whose targets are class names.
+fn scheme_of<'a>(schemes: &'a [Scheme], m: &str) -> Option<&'a Scheme> {
+    schemes
+        .iter()
+        .find(|s| s.targets.iter().any(|t| matches(t, m)))
+        .or_else(|| {
+            schemes
+                .iter()
+                .find(|s| s.targets.iter().any(|t| is_class(t)))
+        })
+}
+
+/// The decoder of a scheme's format, or `None`: not decoded.
+fn kind_of(s: &Scheme) -> Option<Kind> {
+    match s.format.as_str() {
+        "float-quantized" | "int-quantized" | "naive-quantized" => Some(Kind::Naive),
+        "pack-quantized" => Some(Kind::Packed(s.num_bits)),
+        "nvfp4-pack-quantized" => Some(Kind::Nvfp4),
+        "mxfp4-pack-quantized" => Some(Kind::Mxfp4),
+        _ => None,
+    }
+}
+
 pub(super) fn apply(ck: &mut Checkpoint, qc: &Value) {
     let schemes = schemes(qc);
     let ignore: Vec<String> = qc
@@ -182,10 +219,22 @@ pub(super) fn apply(ck: &mut Checkpoint, qc: &Value) {
                 .collect()
         })
         .unwrap_or_default();
-    let modules: Vec<String> = ck
+    // A module is quantized when it has any part of a quantized weight (so that one
+    // missing part is its error, not a tensor compared as stored), or I8/F8 codes where
+    // a naive format's group targets it (a missing scale must not pass codes for values).
+    let modules: BTreeSet<String> = ck
         .tensors
-        .keys()
-        .filter_map(|n| n.strip_suffix(".weight_scale").map(String::from))
+        .iter()
+        .filter_map(|(n, e)| {
+            if let Some(m) = QUANTIZED_PARTS.iter().find_map(|p| n.strip_suffix(p)) {
+                return Some(m.to_string());
+            }
+            let m = n.strip_suffix(".weight")?;
+            // The dtype first: the targets' patterns are matched only for codes.
+            let codes = matches!(e.dtype, Ok(DType::I8 | DType::F8E4M3 | DType::F8E5M2));
+            (codes && matches!(scheme_of(&schemes, m).and_then(kind_of), Some(Kind::Naive)))
+                .then(|| m.to_string())
+        })
         .collect();
     let mut decoded = BTreeSet::new();
     let mut as_stored = BTreeSet::new();
@@ -194,15 +243,7 @@ pub(super) fn apply(ck: &mut Checkpoint, qc: &Value) {
         if ignore.iter().any(|t| matches(t, &m)) {
             continue;
         }
-        let scheme = schemes
-            .iter()
-            .find(|s| s.targets.iter().any(|t| matches(t, &m)))
-            .or_else(|| {
-                schemes
-                    .iter()
-                    .find(|s| s.targets.iter().any(|t| is_class(t)))
-            });
-        let Some(scheme) = scheme else {
+        let Some(scheme) = scheme_of(&schemes, &m) else {
             as_stored.insert(format!("{m} (no config group targets it)"));
             continue;
         };
@@ -210,15 +251,9 @@ pub(super) fn apply(ck: &mut Checkpoint, qc: &Value) {
             as_stored.insert(format!("{m} (activation-ordered groups, weight_g_idx)"));
             continue;
         }
-        let kind = match scheme.format.as_str() {
-            "float-quantized" | "int-quantized" | "naive-quantized" => Kind::Naive,
-            "pack-quantized" => Kind::Packed(scheme.num_bits),
-            "nvfp4-pack-quantized" => Kind::Nvfp4,
-            "mxfp4-pack-quantized" => Kind::Mxfp4,
-            other => {
-                as_stored.insert(format!("{m} (format `{other}`)"));
-                continue;
-            }
+        let Some(kind) = kind_of(scheme) else {
+            as_stored.insert(format!("{m} (format `{}`)", scheme.format));
+            continue;
         };
         let name = format!("{m}.weight");
         let parts: Vec<TensorEntry> = PARAMS
@@ -249,9 +284,13 @@ pub(super) fn apply(ck: &mut Checkpoint, qc: &Value) {
                 decoded.insert(scheme.format.clone());
             }
             Err(why) => {
-                let path = get("weight_scale")
-                    .map(|s| ck.shards[s.shard].path().display().to_string())
-                    .unwrap_or_default();
+                // The scale's file, else the codes' (a missing scale), else any part's.
+                let part = ["weight_scale", "weight_packed", "weight"]
+                    .iter()
+                    .find_map(|p| get(p))
+                    .or_else(|| parts.first().cloned())
+                    .expect("a module is found by one of its parts");
+                let path = ck.shards[part.shard].path().display();
                 ck.broken.insert(
                     name,
                     format!("{path}: compressed-tensors {} weight: {why}", scheme.format),
@@ -389,7 +428,9 @@ fn build(
                 ));
             }
             let bytes = ck.read(&e, 0, e.nbytes()).map_err(|e| e.to_string())?;
-            let v = values(d, &bytes);
+            // In f64: exact for any size a tensor can have (f32 is not past 2^24).
+            let mut v = [0f64; 2];
+            decode_f64(d, &bytes, &mut v);
             if v.iter().any(|&x| x < 0.0) {
                 return Err(format!("`{}` holds a negative size {v:?}", e.name));
             }
@@ -407,13 +448,18 @@ fn build(
             if !(1..=8).contains(&b) {
                 return Err(format!("num_bits {b} is not packed (1 to 8 are)"));
             }
-            (DType::I32, (cols * b).div_ceil(32) * 4)
+            let Some(bits) = cols.checked_mul(b) else {
+                return Err(format!(
+                    "its shape [{rows}, {cols}] (`{m}.weight_shape`) is larger than any tensor"
+                ));
+            };
+            (DType::I32, bits.div_ceil(32) * 4)
         }
         Kind::Nvfp4 | Kind::Mxfp4 => (DType::U8, cols / 2),
     };
     if code_dtype != want_dtype
         || codes.shape.first().map(|&r| r as u64) != Some(rows)
-        || codes.nbytes() != rows * row_bytes
+        || rows.checked_mul(row_bytes) != Some(codes.nbytes())
     {
         return Err(format!(
             "`{}` is {code_dtype} {:?}, not the {want_dtype} [{rows}, {}] that packs [{rows}, {cols}]",
