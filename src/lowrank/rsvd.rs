@@ -18,7 +18,10 @@
 //! f32 product error (~√n·2⁻²⁴), and f64 otherwise (an f32 checkpoint's rounding is at
 //! the f32 product error, so f32 products would bury the floor the detector compares
 //! against). The small dense steps — the QR of Y (m × l), the SVD of B (l × n) — always
-//! run in f64; they cost O((m + n)·l²), nothing next to the products.
+//! run in f64; they cost O((m + n)·l²), nothing next to the products when they run at
+//! the matmul rate: the QRs are CholeskyQR2 and the SVDs of tall sketches the SVD of
+//! their l × l R (`cholesky_qr`, `tall_svd`), Householder only where Y is too
+//! ill-conditioned for the Gram matrix.
 //!
 //! Memory beyond Δ itself: Ω, Y, Z, Q, B and the factors, O((m + n)·l). When Δ is too large
 //! to hold (see [`crate::lowrank::LowRankOptions::dense_budget_bytes`]), it is never
@@ -308,8 +311,79 @@ fn held_tmul<T: Real>(buf: &[T], src: &dyn DeltaRows, q: MatRef<'_, f64>) -> Mat
     widen((d.transpose() * cast::<T>(q)).as_ref())
 }
 
+/// An orthonormal basis of the columns of a tall `y` (m × l, m ≥ l): its Q of `y = QR`.
 fn orthonormal(y: &Mat<f64>) -> Mat<f64> {
-    y.qr().compute_thin_Q()
+    match cholesky_qr(y) {
+        Some((q, _)) => q,
+        None => y.qr().compute_thin_Q(),
+    }
+}
+
+/// CholeskyQR2 (Fukaya, Nakatsukasa, Yanagisawa & Yamamoto, 2014): `y = QR` from the
+/// Gram matrix, twice. One pass, G = YᵀY = LLᵀ, Q₁ = Y L⁻ᵀ, is a QR of Y whose loss of
+/// orthogonality grows with cond(Y)², ‖Q₁ᵀQ₁ − I‖ ≈ u·cond(Y)²; when that is below 1
+/// (cond(Y) ≲ 10⁷ in f64) a second pass on Q₁ makes Q orthonormal to the rounding, and
+/// R = R₂R₁. All of it is two l × l Gram products and two triangular solves with m rows,
+/// O(m·l²) flops at the matmul rate, where Householder QR runs column by column (and
+/// faer's spends most of its time in the overflow-safe column norms: 9 % of a `compare`
+/// of an all-linear LoRA pair, BENCHMARKS.md).
+///
+/// `None` when Y is too ill-conditioned for it (Q₁ far from orthonormal, the Cholesky
+/// factorization failing on a numerically singular Gram matrix, non-finite values, as
+/// for an exactly low-rank Δ whose sketch has dependent columns): the caller then takes
+/// Householder QR, which is stable for any Y.
+fn cholesky_qr(y: &Mat<f64>) -> Option<(Mat<f64>, Mat<f64>)> {
+    let l = y.ncols();
+    if y.nrows() < l || l == 0 {
+        return None;
+    }
+    // One pass: overwrites `q` (Y on entry) with Y L⁻ᵀ and returns R = Lᵀ, after
+    // checking the Gram matrix against I when it is that of an almost orthonormal Q₁.
+    let pass = |q: &mut Mat<f64>, check: bool| -> Option<Mat<f64>> {
+        let g = q.transpose() * &*q;
+        if check {
+            let far = (0..l).any(|j| {
+                (0..l).any(|i| {
+                    let e = g[(i, j)] - if i == j { 1.0 } else { 0.0 };
+                    // NaN counts as far.
+                    e.abs().is_nan() || e.abs() >= 0.1
+                })
+            });
+            if far {
+                return None;
+            }
+        }
+        let llt = g.llt(faer::Side::Lower).ok()?;
+        let lower = llt.L();
+        // Qᵀ = L⁻¹ Yᵀ, solved in place on the transposed view of Y.
+        faer::linalg::triangular_solve::solve_lower_triangular_in_place(
+            lower,
+            q.as_mut().transpose_mut(),
+            Par::Seq,
+        );
+        Some(lower.transpose().to_owned())
+    };
+    let mut q = y.clone();
+    let r1 = pass(&mut q, false)?;
+    let r2 = pass(&mut q, true)?;
+    let finite = |m: &Mat<f64>| m.col_iter().all(|c| c.iter().all(|x| x.is_finite()));
+    if !finite(&q) || !finite(&r2) {
+        return None;
+    }
+    Some((q, r2 * r1))
+}
+
+/// The thin SVD of a tall `y` (m × l, m ≥ l): CholeskyQR2 and the SVD of the l × l R,
+/// y = Q R = (Q U_R) S V_Rᵀ, at O(m·l²) matmul flops instead of a bidiagonalization of
+/// all m rows; faer's thin SVD when [`cholesky_qr`] declines Y. Returns (U, s, V).
+fn tall_svd(name: &str, y: &Mat<f64>) -> Result<(Mat<f64>, Vec<f64>, Mat<f64>)> {
+    let values = |s: faer::diag::DiagRef<'_, f64>| s.column_vector().iter().copied().collect();
+    if let Some((q, r)) = cholesky_qr(y) {
+        let svd = r.thin_svd().map_err(|e| svd_failed(name, e))?;
+        return Ok((&q * svd.U(), values(svd.S()), svd.V().to_owned()));
+    }
+    let svd = y.thin_svd().map_err(|e| svd_failed(name, e))?;
+    Ok((svd.U().to_owned(), values(svd.S()), svd.V().to_owned()))
 }
 
 /// Decomposes Δ keeping `k` components plus `oversample`, with `power_iters` power
@@ -342,14 +416,13 @@ pub fn decompose(
     let q = orthonormal(&y);
     // B = QᵀΔ = (ΔᵀQ)ᵀ
     let bt = op.tmul(q.as_ref())?;
-    let svd = bt.transpose().thin_svd().map_err(|e| svd_failed(name, e))?;
-    let u = &q * svd.U();
-    let s: Vec<f64> = svd.S().column_vector().iter().copied().collect();
+    // Bᵀ = X S Wᵀ (n × l, tall), so B = W S Xᵀ and Δ ≈ Q B = (Q W) S Xᵀ.
+    let (x, s, w) = tall_svd(name, &bt)?;
     let (frob2, rounding_var_sum) = op.stats.expect("Δ was read");
     Ok(Decomposition {
-        u,
+        u: &q * &w,
         s,
-        v: svd.V().to_owned(),
+        v: x,
         frob2,
         rounding_var_sum,
         method: super::Method::Randomized,
@@ -377,11 +450,11 @@ pub fn refine(
     let w = w.min(d.v.ncols());
     let vw = d.v.as_ref().subcols(0, w);
     let y = op.mul(vw)?;
-    let svd = y.thin_svd().map_err(|e| svd_failed(name, e))?;
+    let (u, s, w) = tall_svd(name, &y)?;
     Ok(Decomposition {
-        u: svd.U().to_owned(),
-        s: svd.S().column_vector().iter().copied().collect(),
-        v: vw * svd.V(),
+        u,
+        s,
+        v: vw * &w,
         frob2: d.frob2,
         rounding_var_sum: d.rounding_var_sum,
         method: d.method,
@@ -520,6 +593,37 @@ mod tests {
             }
             assert!((rs.frob2 - r.frob2).abs() <= 1e-9 * r.frob2);
         }
+    }
+
+    /// CholeskyQR2 gives an orthonormal Q with QR = Y on a well-conditioned Y, even one
+    /// of condition number 10⁶; it declines an exactly rank-deficient Y (its Gram matrix
+    /// is singular), for which `orthonormal` still returns an orthonormal basis.
+    #[test]
+    fn cholesky_qr_is_orthonormal_or_declines() {
+        let mut g = Gaussian::new(5, "c", "test");
+        let (m, l) = (500, 24);
+        let x = Mat::<f64>::from_fn(m, l, |_, _| g.next());
+        let scaled =
+            Mat::<f64>::from_fn(m, l, |i, j| x[(i, j)] * 10f64.powf(-6.0 * j as f64 / 23.0));
+        let ortho_err = |q: &Mat<f64>| {
+            let e = q.transpose() * q - Mat::<f64>::identity(q.ncols(), q.ncols());
+            e.norm_max()
+        };
+        for y in [&x, &scaled] {
+            let (q, r) = cholesky_qr(y).expect("well enough conditioned");
+            assert!(ortho_err(&q) < 1e-13, "{}", ortho_err(&q));
+            assert!((&q * &r - y).norm_max() < 1e-12 * y.norm_max());
+            let (u, s, v) = tall_svd("c", y).unwrap();
+            let us = Mat::<f64>::from_fn(m, l, |i, j| u[(i, j)] * s[j]);
+            assert!((us * v.transpose() - y).norm_max() < 1e-12 * y.norm_max());
+            assert!(s.windows(2).all(|w| w[0] >= w[1]));
+        }
+        // Rank 8 in 24 columns.
+        let a = Mat::<f64>::from_fn(m, 8, |_, _| g.next());
+        let b = Mat::<f64>::from_fn(8, l, |_, _| g.next());
+        let low = &a * &b;
+        assert!(cholesky_qr(&low).is_none());
+        assert!(ortho_err(&orthonormal(&low)) < 1e-12);
     }
 
     #[test]
