@@ -78,6 +78,24 @@ pub trait DeltaRows: Sync {
     fn single_precision(&self) -> bool {
         false
     }
+    /// All of Δ in f32 for a held Δ of a [`Self::single_precision`] source, when the
+    /// source has a better way to fill it than by row blocks (the pipeline: Δ already
+    /// decoded from the windows the diff read, handed over by swapping `out` with it).
+    /// `out` comes holding an earlier tensor's buffer, kept for its memory; it must leave
+    /// holding exactly m·n values. `None`: read by row blocks with [`Self::read_rows_f32`].
+    fn read_all_f32(&self, out: &mut Vec<f32>, cancel: Cancel<'_>) -> Option<Result<(f64, f64)>> {
+        let _ = (out, cancel);
+        None
+    }
+    /// For a streamed [`Self::single_precision`] Δ: the first product of
+    /// [`rsvd::decompose`], (ΔΩ)ᵀ (l × m, f32) for the Ω of width `l` it draws
+    /// ([`rsvd::omega_t`]), with (Σ Δ², Σ rounding variance), when the source computed it
+    /// already (the pipeline: from the windows the diff read, block by block as the
+    /// stage's own pass would, so the bits are the same). `None`: the stage computes it.
+    fn sketched(&self, l: usize) -> Option<(faer::Mat<f32>, (f64, f64))> {
+        let _ = l;
+        None
+    }
 }
 
 /// A stop request the stage checks between row blocks and products (SIGINT/SIGTERM).
@@ -317,6 +335,38 @@ fn screen_settles(
 /// Computes the spectrum of Δ and, when `extract` is given, the LoRA factors: the
 /// screening sketch first, the full one when the screen does not settle the tensor
 /// (module docs).
+/// Components sketched for the analysis and for the largest rank the rule may pick.
+fn full_rank(opts: &LowRankOptions, extract: bool) -> usize {
+    match (extract, opts.rank_rule) {
+        (true, RankRule::Fixed { rank }) => opts.analysis_rank.max(rank),
+        (true, _) => opts.analysis_rank.max(opts.max_rank.unwrap_or(0)),
+        (false, _) => opts.analysis_rank,
+    }
+}
+
+/// Whether [`analyze`] starts with the narrow screen.
+fn screens(opts: &LowRankOptions, full_k: usize, m: usize, n: usize) -> bool {
+    let k1 = opts.screen_rank;
+    k1 > 0 && k1 < full_k && k1 + SCREEN_OVERSAMPLE < m.min(n)
+}
+
+/// The width l of the first sketch [`analyze`] draws for an m × n Δ (its first product is
+/// ΔΩ with Ω of l columns, [`rsvd::omega_t`]), or `None` when it computes Δ's exact SVD.
+pub fn first_sketch_width(
+    opts: &LowRankOptions,
+    extract: bool,
+    m: usize,
+    n: usize,
+) -> Option<usize> {
+    let full_k = full_rank(opts, extract);
+    let (k, oversample) = if screens(opts, full_k, m, n) {
+        (opts.screen_rank, SCREEN_OVERSAMPLE)
+    } else {
+        (full_k, opts.oversample)
+    };
+    rsvd::sketch_width(k, oversample, m, n)
+}
+
 pub fn analyze(
     src: &dyn DeltaRows,
     name: &str,
@@ -326,15 +376,10 @@ pub fn analyze(
 ) -> Result<(TensorSpectrum, Option<extract::Factors>)> {
     let t0 = std::time::Instant::now();
     let (m, n) = (src.nrows(), src.ncols());
-    // Sketch enough components for the analysis and for the largest rank the rule may pick.
-    let full_k = match (&extract, opts.rank_rule) {
-        (Some(_), RankRule::Fixed { rank }) => opts.analysis_rank.max(rank),
-        (Some(_), _) => opts.analysis_rank.max(opts.max_rank.unwrap_or(0)),
-        (None, _) => opts.analysis_rank,
-    };
+    let full_k = full_rank(opts, extract.is_some());
     let mut op = rsvd::Operator::new(src, opts, cancel)?;
     let k1 = opts.screen_rank;
-    let screen = if k1 > 0 && k1 < full_k && k1 + SCREEN_OVERSAMPLE < m.min(n) {
+    let screen = if screens(opts, full_k, m, n) {
         let d = rsvd::decompose(&mut op, name, k1, SCREEN_OVERSAMPLE, 0, opts.seed)?;
         let floor = detect::noise_floor(m, n, d.rounding_var_sum);
         let enough = match (&extract, opts.rank_rule) {

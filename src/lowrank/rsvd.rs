@@ -182,14 +182,20 @@ impl<'a> Operator<'a> {
                 // touch than warm ones (BENCHMARKS.md).
                 // Every element is overwritten by the read: only growth is zeroed.
                 let mut buf = HELD_F32.with(|p| std::mem::take(&mut *p.borrow_mut()));
-                if buf.len() > m * n {
-                    buf.truncate(m * n);
-                } else {
-                    buf.resize(m * n, 0.0);
-                }
-                let st = read_held(src, &mut buf, cancel, |r0, r1, out| {
-                    src.read_rows_f32(r0, r1, out)
-                })?;
+                let st = match src.read_all_f32(&mut buf, cancel) {
+                    Some(st) => st?,
+                    None => {
+                        if buf.len() > m * n {
+                            buf.truncate(m * n);
+                        } else {
+                            buf.resize(m * n, 0.0);
+                        }
+                        read_held(src, &mut buf, cancel, |r0, r1, out| {
+                            src.read_rows_f32(r0, r1, out)
+                        })?
+                    }
+                };
+                debug_assert_eq!(buf.len(), m * n, "read_all_f32 fills all of Δ");
                 (Held::F32(buf), st)
             } else {
                 let mut buf = vec![0f64; m * n];
@@ -239,6 +245,22 @@ impl<'a> Operator<'a> {
         }
     }
 
+    /// The first product ΔΩ of [`decompose`] for Ω of width `l`, when the source has
+    /// it already ([`DeltaRows::sketched`]; a streamed Δ only). It counts as a pass over
+    /// Δ: the source made one to compute it.
+    fn sketched(&mut self, l: usize) -> Option<Mat<f64>> {
+        if self.held.is_some() || !self.src.single_precision() {
+            return None;
+        }
+        let (yt, st) = self.src.sketched(l)?;
+        if yt.nrows() != l || yt.ncols() != self.src.nrows() {
+            return None;
+        }
+        self.reads += 1;
+        self.stats.get_or_insert(st);
+        Some(widen(yt.transpose()))
+    }
+
     /// Δᵀ · q (n × l).
     pub fn tmul(&mut self, q: MatRef<'_, f64>) -> Result<Mat<f64>> {
         match self.held.as_ref() {
@@ -254,21 +276,11 @@ impl<'a> Operator<'a> {
         let xt = cast::<T>(x.transpose());
         let mut yt = Mat::<T>::zeros(x.ncols(), m);
         let (mut f2, mut var) = (0.0, 0.0);
+        debug_assert_eq!(xt.ncols(), n);
         for_each_row_block::<T>(self.src, self.block_rows, self.cancel, |r0, rows, st| {
-            let blk = MatRef::from_row_major_slice(rows, rows.len() / n, n);
             f2 += st.0;
             var += st.1;
-            let k = blk.nrows();
-            // (ΔΩ)ᵀ = ΩᵀΔᵀ: Δᵀ is column-major as stored, which faer multiplies without
-            // repacking it (2x the rate of Δ·Ω here, BENCHMARKS.md).
-            matmul(
-                yt.as_mut().subcols_mut(r0, k),
-                Accum::Replace,
-                xt.as_ref(),
-                blk.transpose(),
-                T::of(1.0),
-                Par::Seq,
-            );
+            sketch_block(yt.as_mut(), xt.as_ref(), r0, rows);
         })?;
         self.reads += 1;
         self.stats.get_or_insert((f2, var));
@@ -386,6 +398,49 @@ fn tall_svd(name: &str, y: &Mat<f64>) -> Result<(Mat<f64>, Vec<f64>, Mat<f64>)> 
     Ok((svd.U().to_owned(), values(svd.S()), svd.V().to_owned()))
 }
 
+/// The sketch width l = k + oversample of [`decompose`] for an m × n Δ, `None` when it
+/// would be as wide as the matrix (the exact SVD is computed instead).
+pub fn sketch_width(k: usize, oversample: usize, m: usize, n: usize) -> Option<usize> {
+    let min_dim = m.min(n);
+    let l = (k + oversample).min(min_dim);
+    (l < min_dim && min_dim > 0).then_some(l)
+}
+
+/// Ω (n × l, column-major) of [`decompose`]: random signs seeded by (seed, tensor name).
+fn omega_signs(seed: u64, name: &str, n: usize, l: usize) -> Vec<f64> {
+    let mut g = Gaussian::new(seed, name, "rsvd-omega");
+    let mut signs = vec![0f64; n * l];
+    g.signs(&mut signs);
+    signs
+}
+
+/// Ωᵀ (l × n) of [`decompose`] in f32, for a source that computes its first product
+/// ([`DeltaRows::sketched`]) with [`sketch_block`].
+pub fn omega_t(seed: u64, name: &str, n: usize, l: usize) -> Mat<f32> {
+    let signs = omega_signs(seed, name, n, l);
+    Mat::from_fn(l, n, |i, j| signs[i * n + j] as f32)
+}
+
+/// Writes the rows `r0..` of Δ given in `rows` (row-major, n columns) into the
+/// transposed product `yt` = (ΔX)ᵀ = XᵀΔᵀ (l × m), with `xt` = Xᵀ (l × n): the one block
+/// step of a streamed Δ·X, shared by the stage's pass and a source's [`DeltaRows::sketched`]
+/// so both give the same bits.
+pub fn sketch_block<T: Real>(yt: faer::MatMut<'_, T>, xt: MatRef<'_, T>, r0: usize, rows: &[T]) {
+    let n = xt.ncols();
+    let blk = MatRef::from_row_major_slice(rows, rows.len() / n.max(1), n);
+    let k = blk.nrows();
+    // (ΔX)ᵀ = XᵀΔᵀ: Δᵀ is column-major as stored, which faer multiplies without
+    // repacking it (2x the rate of Δ·X here, BENCHMARKS.md).
+    matmul(
+        yt.subcols_mut(r0, k),
+        Accum::Replace,
+        xt,
+        blk.transpose(),
+        T::of(1.0),
+        Par::Seq,
+    );
+}
+
 /// Decomposes Δ keeping `k` components plus `oversample`, with `power_iters` power
 /// iterations, as described in the module docs. `k` is clamped to min(m, n); when the
 /// sketch would be as wide as the matrix, Δ's exact SVD is computed.
@@ -398,16 +453,15 @@ pub fn decompose(
     seed: u64,
 ) -> Result<Decomposition> {
     let (m, n) = (op.src.nrows(), op.src.ncols());
-    let min_dim = m.min(n);
-    let l = (k + oversample).min(min_dim);
-    if l >= min_dim || min_dim == 0 {
+    let Some(l) = sketch_width(k, oversample, m, n) else {
         return exact(op, name);
-    }
-    let mut g = Gaussian::new(seed, name, "rsvd-omega");
-    let mut signs = vec![0f64; n * l];
-    g.signs(&mut signs);
+    };
+    let signs = omega_signs(seed, name, n, l);
     let omega = MatRef::from_column_major_slice(&signs, n, l);
-    let mut y = op.mul(omega)?;
+    let mut y = match op.sketched(l) {
+        Some(y) => y,
+        None => op.mul(omega)?,
+    };
     for _ in 0..power_iters {
         let q = orthonormal(&y);
         let z = orthonormal(&op.tmul(q.as_ref())?);

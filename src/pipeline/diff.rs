@@ -2,6 +2,7 @@
 //! reduced to an [`Accum`] and dropped, the results merged per tensor in window order
 //! (so the numbers do not depend on the thread count), journaled as they finish.
 
+use super::lora_stage::Capture;
 use super::plan::{Job, Side, prepare_side, sizes};
 use super::*;
 use crate::comparison::ResultSink;
@@ -145,7 +146,14 @@ fn compare_in_pool(
         "comparing"
     );
     let pair_of = |j: &Job| &sides[j.ft].paired.pairs[j.pair];
-    // Cut every group into windows sized for the widest dtype among its pairs.
+    // Δ of the matrices analysed during the diff, taken from the windows as they are
+    // compared (see `Capture`).
+    let captures: Vec<Option<Capture>> = jobs
+        .iter()
+        .map(|j| during.and_then(|d| d.capture(pair_of(j))))
+        .collect();
+    // Cut every group into windows sized for the widest dtype among its pairs, or at the
+    // blocks a capture needs.
     let mut units = Vec::new();
     for (g, members) in groups.iter().enumerate() {
         let sa = sizes(pair_of(&jobs[members[0]])).0;
@@ -154,7 +162,11 @@ fn compare_in_pool(
             .map(|&j| sizes(pair_of(&jobs[j])).1)
             .max()
             .expect("non-empty group");
-        let per = (opts.window_bytes / sa.max(sb) as u64).max(1);
+        let per = match members[..] {
+            [j] => captures[j].as_ref().and_then(|c| c.window_elements()),
+            _ => None,
+        }
+        .unwrap_or((opts.window_bytes / sa.max(sb) as u64).max(1));
         let n_max = members
             .iter()
             .map(|&j| pair_of(&jobs[j]).compared_elements())
@@ -194,7 +206,17 @@ fn compare_in_pool(
 
     units.par_iter().for_each(|u| {
         let members = &groups[u.group];
-        let outs = run_group_unit(base, fts, &sides, &jobs, members, u, opts, cancelled());
+        let outs = run_group_unit(
+            base,
+            fts,
+            &sides,
+            &jobs,
+            &captures,
+            members,
+            u,
+            opts,
+            cancelled(),
+        );
         for (&j, out) in members.iter().zip(outs) {
             let Some(out) = out else { continue };
             lock(&slots[j])[u.idx] = Some(out);
@@ -235,7 +257,10 @@ fn compare_in_pool(
             // rest of this worker's windows: the diff runs ahead and a pair larger than
             // memory is read from disk again; BENCHMARKS.md, "Analyses during the diff".)
             if let (Some(s), Some(m)) = (during, compared) {
-                s.tensor_compared(p, &m);
+                s.tensor_compared(p, &m, captures[j].as_ref());
+            }
+            if let Some(c) = &captures[j] {
+                c.release();
             }
         }
     });
@@ -395,6 +420,7 @@ fn run_group_unit(
     fts: &[&Checkpoint],
     sides: &[Side],
     jobs: &[Job],
+    captures: &[Option<Capture>],
     members: &[usize],
     u: &Unit,
     opts: &CompareOptions,
@@ -445,8 +471,9 @@ fn run_group_unit(
             let p = pair(j);
             let n = len_of(j);
             let wa = &wa[..(n * sa) as usize];
+            let capture = captures[j].as_ref();
             Some(
-                compare_window(fts[jobs[j].ft], p, wa, u.start, n, opts).map(|mut o| {
+                compare_window(fts[jobs[j].ft], p, wa, u.start, n, opts, capture).map(|mut o| {
                     o.total += base_time;
                     o
                 }),
@@ -471,6 +498,7 @@ fn compare_window(
     start: u64,
     len: u64,
     opts: &CompareOptions,
+    capture: Option<&Capture>,
 ) -> Result<UnitOut> {
     let t0 = Instant::now();
     let da = *p.base.dtype.as_ref().expect("checked");
@@ -489,6 +517,11 @@ fn compare_window(
         .verify
         .then(|| kernels::reference::diff(wa, da, &wb, db, opts.threshold));
     let t3 = Instant::now();
+    match capture {
+        Some(c) if identical => c.skip(),
+        Some(c) => c.window(start, wa, &wb),
+        None => {}
+    }
     finetuned.check(&p.finetuned, &wb)?;
     Ok(UnitOut {
         fast,

@@ -49,6 +49,264 @@ struct PairDelta<'a> {
     pair: &'a TensorPair,
     m: usize,
     n: usize,
+    /// Δ as the diff decoded it from its own windows, if it did.
+    captured: Option<&'a Capture<'a>>,
+}
+
+/// Elements of Δ per chunk whose sums (Σ Δ², Σ ulp²/12) are taken on their own and then
+/// added in chunk order, whether Δ is captured from the diff's windows or read by the
+/// stage: the same sums in the same order give the same bits, so an analysis does not
+/// depend on which path fed it. The diff's windows are whole chunks (1 MiB of a 16-bit
+/// dtype is two); other windows are not captured.
+const CHUNK: usize = 1 << 18;
+
+/// What the diff computes from Δ of one matrix while it compares its windows, so the
+/// low-rank analysis that follows (during the diff) does not read the tensor again
+/// (re-reading and decoding a streamed Δ was half of a `compare` of a full fine-tune of
+/// the qwen3-32b shape, BENCHMARKS.md):
+/// - a Δ the analysis holds in memory: all of it, decoded to f32 ([`CHUNK`]s);
+/// - a streamed Δ: the first product of the sketch, (ΔΩ)ᵀ, block by block of the rows
+///   the stage's own pass would use ([`lowrank::rsvd::sketch_block`]); the diff then
+///   cuts this tensor's windows at those blocks ([`Capture::window_elements`]).
+pub(super) struct Capture<'a> {
+    len: usize,
+    dtypes: (DType, DType),
+    kind: Kind,
+    pool: &'a BufferPool,
+    state: Mutex<Captured>,
+}
+
+enum Kind {
+    Held,
+    /// The first product of a streamed Δ (m × n): Ω of width `l` for tensor `name`,
+    /// blocks of `block_rows` rows.
+    Sketch {
+        name: String,
+        seed: u64,
+        l: usize,
+        m: usize,
+        n: usize,
+        block_rows: usize,
+    },
+}
+
+#[derive(Default)]
+struct Captured {
+    /// Held: Δ. Sketch: one block of Δ, decoded before its product.
+    buf: Vec<f32>,
+    /// Per chunk (held) or block (sketch): (Σ Δ², Σ ulp²/12), `None` until decoded.
+    sums: Vec<Option<(f64, f64)>>,
+    /// Sketch: Ωᵀ (l × n) and the product (ΔΩ)ᵀ (l × m).
+    omega_t: Option<faer::Mat<f32>>,
+    yt: Option<faer::Mat<f32>>,
+    /// A window could not be captured (not whole chunks or blocks, identical bytes):
+    /// the stage reads Δ itself.
+    broken: bool,
+    /// Seconds spent on it, counted in the analysis's time.
+    seconds: f64,
+}
+
+/// Buffers of captured deltas, reused from tensor to tensor: fresh pages cost ~20x more
+/// to touch than warm ones (BENCHMARKS.md).
+#[derive(Default)]
+pub(super) struct BufferPool(Mutex<Vec<Vec<f32>>>);
+
+impl BufferPool {
+    /// Buffers kept: about one per tensor in flight on two threads.
+    const KEPT: usize = 2;
+
+    /// A buffer of `len` values (contents unspecified).
+    fn take(&self, len: usize) -> Vec<f32> {
+        let mut kept = lock(&self.0);
+        let i = kept
+            .iter()
+            .position(|b| b.capacity() >= len)
+            .or_else(|| (!kept.is_empty()).then_some(0));
+        let mut buf = i.map(|i| kept.swap_remove(i)).unwrap_or_default();
+        drop(kept);
+        if buf.len() > len {
+            buf.truncate(len);
+        } else {
+            buf.resize(len, 0.0);
+        }
+        buf
+    }
+
+    fn give(&self, buf: Vec<f32>) {
+        let mut kept = lock(&self.0);
+        if buf.capacity() > 0 && kept.len() < Self::KEPT {
+            kept.push(buf);
+        }
+    }
+}
+
+impl<'a> Capture<'a> {
+    /// The elements per window the diff must cut this tensor into, when it must (a
+    /// sketch's blocks of rows); held captures take any windows of whole [`CHUNK`]s.
+    pub(super) fn window_elements(&self) -> Option<u64> {
+        match &self.kind {
+            Kind::Held => None,
+            Kind::Sketch { n, block_rows, .. } => Some((n * block_rows) as u64),
+        }
+    }
+
+    /// Takes Δ of the window at element `start` (the diff's bytes of both sides).
+    pub(super) fn window(&self, start: u64, wa: &[u8], wb: &[u8]) {
+        let start = start as usize;
+        let len = wa.len() / self.dtypes.0.size();
+        let mut st = lock(&self.state);
+        let t0 = std::time::Instant::now();
+        self.take_window(&mut st, start, len, wa, wb);
+        st.seconds += t0.elapsed().as_secs_f64();
+    }
+
+    fn take_window(&self, st: &mut Captured, start: usize, len: usize, wa: &[u8], wb: &[u8]) {
+        let (da, db) = self.dtypes;
+        let (sa, sb) = (da.size(), db.size());
+        if st.broken || wb.len() != len * sb || start + len > self.len {
+            st.broken = true;
+            return;
+        }
+        match &self.kind {
+            Kind::Held => {
+                if !start.is_multiple_of(CHUNK)
+                    || (!len.is_multiple_of(CHUNK) && start + len != self.len)
+                {
+                    st.broken = true;
+                    return;
+                }
+                if st.buf.is_empty() {
+                    st.buf = self.pool.take(self.len);
+                    st.sums = vec![None; self.len.div_ceil(CHUNK)];
+                }
+                let Captured { buf, sums, .. } = st;
+                for c0 in (start..start + len).step_by(CHUNK) {
+                    let c1 = (c0 + CHUNK).min(start + len);
+                    let (a, b) = (
+                        &wa[(c0 - start) * sa..(c1 - start) * sa],
+                        &wb[(c0 - start) * sb..(c1 - start) * sb],
+                    );
+                    sums[c0 / CHUNK] = Some(delta_chunk(a, da, b, db, &mut buf[c0..c1]));
+                }
+            }
+            Kind::Sketch {
+                name,
+                seed,
+                l,
+                m,
+                n,
+                block_rows,
+            } => {
+                let block = n * block_rows;
+                if !start.is_multiple_of(block) || (len != block && start + len != self.len) {
+                    st.broken = true;
+                    return;
+                }
+                if st.yt.is_none() {
+                    st.buf = vec![0.0; block.min(self.len)];
+                    st.sums = vec![None; m.div_ceil(*block_rows)];
+                    st.omega_t = Some(lowrank::rsvd::omega_t(*seed, name, *n, *l));
+                    st.yt = Some(faer::Mat::zeros(*l, *m));
+                }
+                let Captured {
+                    buf,
+                    sums,
+                    omega_t,
+                    yt,
+                    ..
+                } = st;
+                let rows = &mut buf[..len];
+                sums[start / block] = Some(delta_chunk(wa, da, wb, db, rows));
+                let (Some(omega_t), Some(yt)) = (omega_t.as_ref(), yt.as_mut()) else {
+                    unreachable!("allocated above")
+                };
+                lowrank::rsvd::sketch_block(yt.as_mut(), omega_t.as_ref(), start / n, rows);
+            }
+        }
+    }
+
+    /// Gives back what the analysis did not take (the diff calls it after the tensor's
+    /// last window and its analysis), so an unused capture holds no memory for the rest of
+    /// the run.
+    pub(super) fn release(&self) {
+        let mut st = lock(&self.state);
+        let buf = std::mem::take(&mut st.buf);
+        if matches!(self.kind, Kind::Held) {
+            self.pool.give(buf);
+        }
+        st.sums = Vec::new();
+        st.omega_t = None;
+        st.yt = None;
+        st.broken = true;
+    }
+
+    /// Seconds spent taking the windows so far.
+    fn seconds(&self) -> f64 {
+        lock(&self.state).seconds
+    }
+
+    /// This window's bytes are identical: Δ is zero there but its rounding sum is not,
+    /// and a tensor with such windows is rarely modified: the stage reads it itself.
+    pub(super) fn skip(&self) {
+        lock(&self.state).broken = true;
+    }
+
+    /// The sums of every chunk or block, in order, once all are known.
+    fn total(st: &Captured) -> Option<(f64, f64)> {
+        let mut total = (0.0, 0.0);
+        for s in &st.sums {
+            let (f2, var) = (*s)?;
+            total.0 += f2;
+            total.1 += var;
+        }
+        Some(total)
+    }
+
+    /// A held capture's Δ, swapped into `out` (whose buffer goes back to the pool), with
+    /// its sums; `None` unless every chunk was decoded.
+    fn take_into(&self, out: &mut Vec<f32>) -> Option<(f64, f64)> {
+        let mut st = lock(&self.state);
+        if !matches!(self.kind, Kind::Held) || st.broken || st.buf.len() != self.len {
+            return None;
+        }
+        let total = Self::total(&st)?;
+        std::mem::swap(out, &mut st.buf);
+        self.pool.give(std::mem::take(&mut st.buf));
+        st.sums.clear();
+        Some(total)
+    }
+
+    /// A sketch capture's (ΔΩ)ᵀ for Ω of width `l`, with its sums; `None` unless every
+    /// block was taken.
+    fn take_sketch(&self, width: usize) -> Option<(faer::Mat<f32>, (f64, f64))> {
+        let mut st = lock(&self.state);
+        match self.kind {
+            Kind::Sketch { l, .. } if l == width && !st.broken => {}
+            _ => return None,
+        }
+        let total = Self::total(&st)?;
+        st.buf = Vec::new();
+        st.omega_t = None;
+        Some((st.yt.take()?, total))
+    }
+}
+
+impl Drop for Capture<'_> {
+    fn drop(&mut self) {
+        if matches!(self.kind, Kind::Held) {
+            let st = self.state.get_mut().unwrap_or_else(|p| p.into_inner());
+            self.pool.give(std::mem::take(&mut st.buf));
+        }
+    }
+}
+
+/// Δ of one chunk in f32 and its sums (Σ Δ², Σ ulp²/12), the same computation whether
+/// the chunk comes from the diff's window or the stage's read.
+fn delta_chunk(a: &[u8], da: DType, b: &[u8], db: DType, out: &mut [f32]) -> (f64, f64) {
+    let (bits, emin) = db.rounding().expect("a float dtype of at most 16 bits");
+    let (f2, var) = kernels::fast::delta_f32(a, da, b, db, out, bits, emin);
+    // A rounding error uniform in ±ulp/2 has variance ulp²/12.
+    (f2, var / 12.0)
 }
 
 impl PairDelta<'_> {
@@ -61,8 +319,13 @@ impl PairDelta<'_> {
 
     /// The stored bytes of rows `r0..r1` of both tensors.
     fn windows(&self, r0: usize, r1: usize) -> Result<(Window, Window)> {
+        self.element_windows(r0 * self.n, (r1 - r0) * self.n)
+    }
+
+    /// The stored bytes of elements `start..start + len` of both tensors.
+    fn element_windows(&self, start: usize, len: usize) -> Result<(Window, Window)> {
         let (da, db) = self.dtypes();
-        let (start, len) = ((r0 * self.n) as u64, ((r1 - r0) * self.n) as u64);
+        let (start, len) = (start as u64, len as u64);
         let (sa, sb) = (da.size() as u64, db.size() as u64);
         let wa = self.base.read(&self.pair.base, start * sa, len * sa)?;
         let wb = self
@@ -134,12 +397,51 @@ impl DeltaRows for PairDelta<'_> {
             return Ok(st);
         }
         let (win_a, win_b) = self.windows(r0, r1)?;
-        let (wa, wb) = (&win_a[..], &win_b[..]);
-        let (bits, emin) = db.rounding().expect("a float dtype of at most 16 bits");
-        let (f2, var) = kernels::fast::delta_f32(wa, da, wb, db, out, bits, emin);
+        let st = delta_chunk(&win_a, da, &win_b, db, out);
         self.intact(&win_a, &win_b)?;
-        // A rounding error uniform in ±ulp/2 has variance ulp²/12.
-        Ok((f2, var / 12.0))
+        Ok(st)
+    }
+
+    fn sketched(&self, l: usize) -> Option<(faer::Mat<f32>, (f64, f64))> {
+        self.captured?.take_sketch(l)
+    }
+
+    fn read_all_f32(
+        &self,
+        out: &mut Vec<f32>,
+        cancel: lowrank::Cancel<'_>,
+    ) -> Option<Result<(f64, f64)>> {
+        if !self.single_precision() {
+            return None;
+        }
+        if let Some(st) = self.captured.and_then(|c| c.take_into(out)) {
+            return Some(Ok(st));
+        }
+        let (da, db) = self.dtypes();
+        let len = self.m * self.n;
+        if out.len() > len {
+            out.truncate(len);
+        } else {
+            out.resize(len, 0.0);
+        }
+        let mut total = (0.0, 0.0);
+        for c0 in (0..len).step_by(CHUNK) {
+            let c1 = (c0 + CHUNK).min(len);
+            let read = cancel
+                .check()
+                .and_then(|()| self.element_windows(c0, c1 - c0));
+            let (win_a, win_b) = match read {
+                Ok(w) => w,
+                Err(e) => return Some(Err(e)),
+            };
+            let st = delta_chunk(&win_a, da, &win_b, db, &mut out[c0..c1]);
+            if let Err(e) = self.intact(&win_a, &win_b) {
+                return Some(Err(e));
+            }
+            total.0 += st.0;
+            total.1 += st.1;
+        }
+        Some(Ok(total))
     }
 
     fn single_precision(&self) -> bool {
@@ -208,6 +510,7 @@ pub struct DuringDiff<'a> {
     journal: Option<Mutex<LowRankJournal>>,
     recovered: BTreeMap<String, (TensorSpectrum, Option<Factors>)>,
     journal_failure: Mutex<Option<Error>>,
+    pool: BufferPool,
 }
 
 /// One matrix analysed during the diff.
@@ -241,10 +544,16 @@ impl<'a> DuringDiff<'a> {
             names: paired.pairs.into_iter().map(|p| p.name).collect(),
             uniform_rank,
             done: Mutex::new(BTreeMap::new()),
+            pool: BufferPool::default(),
         })
     }
 
     fn eligible(&self, p: &TensorPair, m: &TensorMetrics) -> bool {
+        m.is_modified() && m.compared_rows.is_none() && self.eligible_pair(p)
+    }
+
+    /// Whether `p`, if the diff finds it modified, is analysed during the diff.
+    fn eligible_pair(&self, p: &TensorPair) -> bool {
         let (Ok(da), Ok(db)) = (&p.base.dtype, &p.finetuned.dtype) else {
             return false;
         };
@@ -256,10 +565,9 @@ impl<'a> DuringDiff<'a> {
                 .next()
                 .is_some_and(|n| n.starts_with(prefix))
         };
-        m.is_modified()
-            && p.base.shape.len() == 2
+        p.base.shape.len() == 2
             && p.finetuned.shape == p.base.shape
-            && m.compared_rows.is_none()
+            && p.leading_rows.is_none()
             && !da.is_integer()
             && !db.is_integer()
             && p.base.dtype_name() == p.finetuned.dtype_name()
@@ -267,9 +575,56 @@ impl<'a> DuringDiff<'a> {
             && !(self.facts.fused_experts() && peft::is_router(module, has_prefix))
     }
 
-    /// Called by the diff when a tensor is compared: analyses it now if it is eligible.
-    /// A failed or stopped analysis is left for the stage, which meets the same error.
-    pub(super) fn tensor_compared(&self, p: &TensorPair, m: &TensorMetrics) {
+    /// Where the diff decodes Δ of `p` as it compares it, when `p` will be analysed
+    /// during the diff with Δ held in memory ([`Capture`]).
+    pub(super) fn capture(&self, p: &TensorPair) -> Option<Capture<'_>> {
+        let len = p.base.shape.iter().product::<usize>();
+        let src = PairDelta {
+            base: self.base,
+            finetuned: self.finetuned,
+            pair: p,
+            m: 0,
+            n: 0,
+            captured: None,
+        };
+        if !self.eligible_pair(p) || !src.single_precision() || self.recovered.contains_key(&p.name)
+        {
+            return None;
+        }
+        let lo = &self.opts.lowrank;
+        let (m, n) = (p.base.shape[0], p.base.shape[1]);
+        // As `lowrank::rsvd::Operator::new` decides, for f32 products.
+        let kind = if len.saturating_mul(4) <= lo.dense_budget_bytes {
+            Kind::Held
+        } else {
+            let extract = matrix_target(p, &self.opts, self.uniform_rank).is_some();
+            Kind::Sketch {
+                name: p.name.clone(),
+                seed: lo.seed,
+                l: lowrank::first_sketch_width(lo, extract, m, n)?,
+                m,
+                n,
+                block_rows: (lo.block_bytes / (4 * n.max(1))).max(1),
+            }
+        };
+        Some(Capture {
+            len,
+            dtypes: src.dtypes(),
+            kind,
+            pool: &self.pool,
+            state: Mutex::default(),
+        })
+    }
+
+    /// Called by the diff when a tensor is compared: analyses it now if it is eligible,
+    /// from Δ `captured` while it was compared when that holds all of it. A failed or
+    /// stopped analysis is left for the stage, which meets the same error.
+    pub(super) fn tensor_compared(
+        &self,
+        p: &TensorPair,
+        m: &TensorMetrics,
+        captured: Option<&Capture<'_>>,
+    ) {
         let cancel = lowrank::Cancel::new(self.opts.cancel.as_deref());
         if !self.eligible(p, m) || cancel.is_set() || self.recovered.contains_key(&p.name) {
             return;
@@ -280,11 +635,14 @@ impl<'a> DuringDiff<'a> {
             pair: p,
             m: p.base.shape[0],
             n: p.base.shape[1],
+            captured,
         };
         let target = matrix_target(p, &self.opts, self.uniform_rank);
-        if let Ok((spectrum, factors)) =
+        if let Ok((mut spectrum, factors)) =
             lowrank::analyze(&src, &p.name, &self.opts.lowrank, target, cancel)
         {
+            // The part of the analysis the diff's windows did.
+            spectrum.time += captured.map_or(0.0, Capture::seconds);
             if let Some(j) = &self.journal
                 && let Err(e) = lock(j).record(&p.name, &spectrum, factors.as_ref())
             {
@@ -593,6 +951,7 @@ fn lora_parts_after(
                 pair: p,
                 m: p.base.shape[0],
                 n: p.base.shape[1],
+                captured: None,
             };
             let out = match journaled {
                 Some(done) => Ok(done),
@@ -689,6 +1048,7 @@ fn lora_parts_after(
                 pair: v,
                 m: 1,
                 n: v.base.shape.iter().product(),
+                captured: None,
             };
             let mut delta = vec![0.0; src.n];
             src.read_rows(0, 1, &mut delta)?;

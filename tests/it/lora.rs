@@ -627,14 +627,28 @@ fn the_vllm_profile_writes_linear_modules_at_one_vllm_rank_and_lists_what_it_lef
 /// diff, and every matrix of a LoRA fine-tune is analysed then.
 #[test]
 fn analyses_during_the_diff_equal_the_stage_after_it() {
-    use weightdiff::pipeline::{DuringDiff, analyze_lora_after, compare_during};
     let dir = tempfile::tempdir().unwrap();
     let spec = lora_and_noise_spec(8, ALL, None, "embed_tokens|lm_head|norm");
     let pair = build_pair(&spec, dir.path()).unwrap();
+    // Δ held (the diff hands over all of it), streamed (the diff computes the sketch's
+    // first product at the stage's blocks), streamed in blocks of rows that do not
+    // divide the matrices.
+    let held = extract(8, None);
+    let mut streamed = extract(8, None);
+    streamed.lowrank.dense_budget_bytes = 0;
+    let mut ragged = streamed.clone();
+    ragged.lowrank.block_bytes = 4 * 64 * 7;
+    for lo in [held, streamed, ragged] {
+        during_equals_after(&pair, &lo);
+    }
+}
+
+fn during_equals_after(pair: &BuiltPair, lo: &LoraOptions) {
+    use weightdiff::pipeline::{DuringDiff, analyze_lora_after, compare_during};
     let b = Checkpoint::open(&pair.base).unwrap();
     let f = Checkpoint::open(&pair.finetuned).unwrap();
-    let lo = extract(8, None);
-    let after = run(&pair, &lo);
+    let lo = lo.clone();
+    let after = run(pair, &lo);
     let during = DuringDiff::new(&b, &f, &lo).unwrap();
     let c = compare_during(
         &b,
