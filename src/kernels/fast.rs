@@ -88,47 +88,156 @@ fn delta_f32_generic(
     emin: i32,
 ) -> (f64, f64) {
     let (sa, sb) = (da.size(), db.size());
-    let mut tb = [0f32; BLOCK];
+    let (mut ta, mut tb) = ([0f32; BLOCK], [0f32; BLOCK]);
     let (mut f2, mut var) = (0.0f64, 0.0f64);
     for ((o, ca), cb) in out
         .chunks_mut(BLOCK)
         .zip(a.chunks(BLOCK * sa))
         .zip(b.chunks(BLOCK * sb))
     {
-        decode_f32(da, ca, o);
-        let t = &mut tb[..o.len()];
-        decode_f32(db, cb, t);
-        for (x, &y) in o.iter_mut().zip(t.iter()) {
-            let d = y - *x;
-            *x = if d.is_finite() { d } else { 0.0 };
-        }
-        // LANES lanes each over exact chunks, so that the sums vectorize; f32 within a
-        // block, then f64.
-        let (mut sq, mut ulp2) = ([0f32; LANES], [0f32; LANES]);
-        // ulp² = 2^(2(e − bits)), built as the f32 whose exponent field is 2e − 2·bits + 127
-        // (flushed to 2^-126 below that).
-        let ulp_sq = |y: f32| {
-            let field = (((y.to_bits() >> 23) & 0xff) as i32).max(emin + 127);
-            f32::from_bits(((2 * field - 127 - 2 * bits).max(1) as u32) << 23)
-        };
-        let (xs, ys) = (o.chunks_exact(LANES), t.chunks_exact(LANES));
-        let (xr, yr) = (xs.remainder(), ys.remainder());
-        for (x, y) in xs.zip(ys) {
-            let x: &[f32; LANES] = x.try_into().expect("exact chunk");
-            let y: &[f32; LANES] = y.try_into().expect("exact chunk");
-            for i in 0..LANES {
-                sq[i] += x[i] * x[i];
-                ulp2[i] += ulp_sq(y[i]);
-            }
-        }
-        for (&x, &y) in xr.iter().zip(yr) {
-            sq[0] += x * x;
-            ulp2[0] += ulp_sq(y);
-        }
-        f2 += sq.iter().map(|&v| v as f64).sum::<f64>();
-        var += ulp2.iter().map(|&v| v as f64).sum::<f64>();
+        let (xa, xb) = (&mut ta[..o.len()], &mut tb[..o.len()]);
+        decode_f32(da, ca, xa);
+        decode_f32(db, cb, xb);
+        let (bf2, bvar) = delta_block(xa, xb, o, bits, emin);
+        f2 += bf2;
+        var += bvar;
     }
     (f2, var)
+}
+
+/// One block of [`delta_f32`]: `o` = xb − xa (non-finite as 0) and its (Σ Δ², Σ ulp(b)²),
+/// the f32 lanes of the block summed in f64. Shared with [`diff_delta`], so that Δ taken
+/// during the diff has the bits of Δ read by the low-rank stage.
+#[inline(always)]
+fn delta_block(xa: &[f32], xb: &[f32], o: &mut [f32], bits: i32, emin: i32) -> (f64, f64) {
+    for ((o, &x), &y) in o.iter_mut().zip(xa).zip(xb) {
+        let d = y - x;
+        *o = if d.is_finite() { d } else { 0.0 };
+    }
+    // LANES lanes each over exact chunks, so that the sums vectorize; f32 within a
+    // block, then f64.
+    let (mut sq, mut ulp2) = ([0f32; LANES], [0f32; LANES]);
+    // ulp² = 2^(2(e − bits)), built as the f32 whose exponent field is 2e − 2·bits + 127
+    // (flushed to 2^-126 below that).
+    let ulp_sq = |y: f32| {
+        let field = (((y.to_bits() >> 23) & 0xff) as i32).max(emin + 127);
+        f32::from_bits(((2 * field - 127 - 2 * bits).max(1) as u32) << 23)
+    };
+    let (xs, ys) = (o.chunks_exact(LANES), xb.chunks_exact(LANES));
+    let (xr, yr) = (xs.remainder(), ys.remainder());
+    for (x, y) in xs.zip(ys) {
+        let x: &[f32; LANES] = x.try_into().expect("exact chunk");
+        let y: &[f32; LANES] = y.try_into().expect("exact chunk");
+        for i in 0..LANES {
+            sq[i] += x[i] * x[i];
+            ulp2[i] += ulp_sq(y[i]);
+        }
+    }
+    for (&x, &y) in xr.iter().zip(yr) {
+        sq[0] += x * x;
+        ulp2[0] += ulp_sq(y);
+    }
+    (
+        sq.iter().map(|&v| v as f64).sum::<f64>(),
+        ulp2.iter().map(|&v| v as f64).sum::<f64>(),
+    )
+}
+
+/// [`diff`] and [`delta_f32`] of an f32-domain window pair in one pass over its bytes:
+/// the same [`Accum`] as `diff` (the same blocks, sums and order), Δ in `out`, and the
+/// (Σ Δ², Σ ulp(b)²) of every `chunk` elements (a multiple of [`BLOCK`], or the whole
+/// window), each equal to `delta_f32` of that chunk alone.
+#[allow(clippy::too_many_arguments)]
+pub fn diff_delta(
+    a: &[u8],
+    da: DType,
+    b: &[u8],
+    db: DType,
+    threshold: f64,
+    out: &mut [f32],
+    (bits, emin): (i32, i32),
+    chunk: usize,
+) -> (Accum, Vec<(f64, f64)>) {
+    let n = a.len() / da.size();
+    assert!(
+        n == b.len() / db.size() && n == out.len() && super::is_f32_domain(da, db),
+        "windows of different element counts, or not f32-domain"
+    );
+    assert!(
+        chunk.is_multiple_of(BLOCK) || chunk >= n,
+        "chunks of whole blocks"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU supports AVX2, checked just above.
+        return unsafe { diff_delta_avx2(a, da, b, db, threshold, out, bits, emin, chunk) };
+    }
+    diff_delta_generic(a, da, b, db, threshold, out, bits, emin, chunk)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn diff_delta_avx2(
+    a: &[u8],
+    da: DType,
+    b: &[u8],
+    db: DType,
+    threshold: f64,
+    out: &mut [f32],
+    bits: i32,
+    emin: i32,
+    chunk: usize,
+) -> (Accum, Vec<(f64, f64)>) {
+    diff_delta_generic(a, da, b, db, threshold, out, bits, emin, chunk)
+}
+
+/// `diff_f32`'s loop with [`delta_block`] on each block.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn diff_delta_generic(
+    a: &[u8],
+    da: DType,
+    b: &[u8],
+    db: DType,
+    threshold: f64,
+    out: &mut [f32],
+    bits: i32,
+    emin: i32,
+    chunk: usize,
+) -> (Accum, Vec<(f64, f64)>) {
+    let thr = threshold_f32(threshold);
+    let (sa, sb) = (da.size(), db.size());
+    let n = a.len() / sa;
+    let mut xa = [0f32; BLOCK];
+    let mut xb = [0f32; BLOCK];
+    let mut acc = Accum {
+        count: n as u64,
+        ..Accum::default()
+    };
+    let chunk = chunk.max(1);
+    let mut sums = Vec::with_capacity(n.div_ceil(chunk));
+    let mut cur = (0.0f64, 0.0f64);
+    let mut start = 0;
+    while start < n {
+        let k = BLOCK.min(n - start);
+        decode_f32(da, &a[start * sa..(start + k) * sa], &mut xa[..k]);
+        decode_f32(db, &b[start * sb..(start + k) * sb], &mut xb[..k]);
+        let s = block_sums_f32(&xa[..k], &xb[..k], thr);
+        if s.is_finite() {
+            s.add_to(&mut acc, k);
+        } else {
+            careful_f32(&xa[..k], &xb[..k], threshold, &mut acc);
+        }
+        let (f2, var) = delta_block(&xa[..k], &xb[..k], &mut out[start..start + k], bits, emin);
+        cur.0 += f2;
+        cur.1 += var;
+        start += k;
+        if start % chunk == 0 || start == n {
+            sums.push(std::mem::take(&mut cur));
+        }
+    }
+    (acc, sums)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -400,4 +509,57 @@ fn identical_generic(a: &[u8], da: DType) -> Accum {
     acc.sum_b2 = acc.sum_a2;
     acc.sum_ab = acc.sum_a2;
     acc
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::checkpoint::dtype::encode;
+
+    /// The fused pass gives the bits of `diff` and of `delta_f32` chunk by chunk, on a
+    /// window with a ragged last block, non-finite values and both 16-bit dtypes.
+    #[test]
+    fn diff_delta_equals_diff_and_delta_chunk_by_chunk() {
+        let mut g = crate::rng::Gaussian::new(7, "k", "test");
+        let n = 5 * BLOCK + 37;
+        let a: Vec<f64> = (0..n).map(|_| g.next()).collect();
+        let mut b: Vec<f64> = a.iter().map(|x| x + 0.01 * g.next()).collect();
+        b[3] = f64::NAN;
+        b[2 * BLOCK + 5] = f64::INFINITY;
+        for dt in [DType::BF16, DType::F16] {
+            let (ea, eb) = (encode(dt, &a).unwrap(), encode(dt, &b).unwrap());
+            let rounding = dt.rounding().unwrap();
+            for chunk in [2 * BLOCK, n] {
+                let mut out = vec![0f32; n];
+                let (acc, sums) = diff_delta(&ea, dt, &eb, dt, 1e-6, &mut out, rounding, chunk);
+                assert_eq!(
+                    format!("{acc:?}"),
+                    format!("{:?}", diff(&ea, dt, &eb, dt, 1e-6))
+                );
+                assert_eq!(sums.len(), n.div_ceil(chunk));
+                let size = dt.size();
+                for (c, got) in sums.iter().enumerate() {
+                    let (c0, c1) = (c * chunk, ((c + 1) * chunk).min(n));
+                    let mut want = vec![0f32; c1 - c0];
+                    let st = delta_f32(
+                        &ea[c0 * size..c1 * size],
+                        dt,
+                        &eb[c0 * size..c1 * size],
+                        dt,
+                        &mut want,
+                        rounding.0,
+                        rounding.1,
+                    );
+                    assert_eq!(got.0.to_bits(), st.0.to_bits());
+                    assert_eq!(got.1.to_bits(), st.1.to_bits());
+                    let same = out[c0..c1]
+                        .iter()
+                        .zip(&want)
+                        .all(|(x, y)| x.to_bits() == y.to_bits());
+                    assert!(same, "chunk {c}");
+                }
+                assert_eq!(out[3], 0.0);
+            }
+        }
+    }
 }

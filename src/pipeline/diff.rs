@@ -508,7 +508,12 @@ fn compare_window(
     let t1 = Instant::now();
     let identical = da == db && wa[..] == wb[..];
     let fast = if identical {
+        if let Some(c) = capture {
+            c.skip();
+        }
         kernels::fast::identical(wa, da)
+    } else if let Some(acc) = capture.and_then(|c| c.diff_window(start, wa, &wb, opts.threshold)) {
+        acc
     } else {
         kernels::fast::diff(wa, da, &wb, db, opts.threshold)
     };
@@ -517,11 +522,6 @@ fn compare_window(
         .verify
         .then(|| kernels::reference::diff(wa, da, &wb, db, opts.threshold));
     let t3 = Instant::now();
-    match capture {
-        Some(c) if identical => c.skip(),
-        Some(c) => c.window(start, wa, &wb),
-        None => {}
-    }
     finetuned.check(&p.finetuned, &wb)?;
     Ok(UnitOut {
         fast,

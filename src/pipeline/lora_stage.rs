@@ -102,7 +102,8 @@ struct Captured {
     /// A window could not be captured (not whole chunks or blocks, identical bytes):
     /// the stage reads Δ itself.
     broken: bool,
-    /// Seconds spent on it, counted in the analysis's time.
+    /// Seconds of the sketch's products, counted in the analysis's time (Δ's decoding
+    /// is the diff's own, shared).
     seconds: f64,
 }
 
@@ -150,44 +151,60 @@ impl<'a> Capture<'a> {
         }
     }
 
-    /// Takes Δ of the window at element `start` (the diff's bytes of both sides).
-    pub(super) fn window(&self, start: u64, wa: &[u8], wb: &[u8]) {
+    /// Compares the window at element `start` (the diff's bytes of both sides) with the
+    /// diff's kernel and takes Δ in the same pass ([`kernels::fast::diff_delta`]): the
+    /// window's sums, or `None` when this capture cannot take the window (the diff then
+    /// compares it alone and the stage reads Δ itself).
+    pub(super) fn diff_window(
+        &self,
+        start: u64,
+        wa: &[u8],
+        wb: &[u8],
+        threshold: f64,
+    ) -> Option<Accum> {
         let start = start as usize;
         let len = wa.len() / self.dtypes.0.size();
         let mut st = lock(&self.state);
-        let t0 = std::time::Instant::now();
-        self.take_window(&mut st, start, len, wa, wb);
-        st.seconds += t0.elapsed().as_secs_f64();
+        let acc = self.take_window(&mut st, start, len, wa, wb, threshold);
+        if acc.is_none() {
+            st.broken = true;
+        }
+        acc
     }
 
-    fn take_window(&self, st: &mut Captured, start: usize, len: usize, wa: &[u8], wb: &[u8]) {
+    fn take_window(
+        &self,
+        st: &mut Captured,
+        start: usize,
+        len: usize,
+        wa: &[u8],
+        wb: &[u8],
+        threshold: f64,
+    ) -> Option<Accum> {
         let (da, db) = self.dtypes;
-        let (sa, sb) = (da.size(), db.size());
-        if st.broken || wb.len() != len * sb || start + len > self.len {
-            st.broken = true;
-            return;
+        let rounding = db.rounding()?;
+        if st.broken || wb.len() != len * db.size() || start + len > self.len {
+            return None;
         }
         match &self.kind {
             Kind::Held => {
                 if !start.is_multiple_of(CHUNK)
                     || (!len.is_multiple_of(CHUNK) && start + len != self.len)
                 {
-                    st.broken = true;
-                    return;
+                    return None;
                 }
                 if st.buf.is_empty() {
                     st.buf = self.pool.take(self.len);
                     st.sums = vec![None; self.len.div_ceil(CHUNK)];
                 }
-                let Captured { buf, sums, .. } = st;
-                for c0 in (start..start + len).step_by(CHUNK) {
-                    let c1 = (c0 + CHUNK).min(start + len);
-                    let (a, b) = (
-                        &wa[(c0 - start) * sa..(c1 - start) * sa],
-                        &wb[(c0 - start) * sb..(c1 - start) * sb],
-                    );
-                    sums[c0 / CHUNK] = Some(delta_chunk(a, da, b, db, &mut buf[c0..c1]));
+                let out = &mut st.buf[start..start + len];
+                let (acc, sums) =
+                    kernels::fast::diff_delta(wa, da, wb, db, threshold, out, rounding, CHUNK);
+                for (i, (f2, var)) in sums.into_iter().enumerate() {
+                    // A rounding error uniform in ±ulp/2 has variance ulp²/12.
+                    st.sums[start / CHUNK + i] = Some((f2, var / 12.0));
                 }
+                Some(acc)
             }
             Kind::Sketch {
                 name,
@@ -199,8 +216,7 @@ impl<'a> Capture<'a> {
             } => {
                 let block = n * block_rows;
                 if !start.is_multiple_of(block) || (len != block && start + len != self.len) {
-                    st.broken = true;
-                    return;
+                    return None;
                 }
                 if st.yt.is_none() {
                     st.buf = vec![0.0; block.min(self.len)];
@@ -213,14 +229,19 @@ impl<'a> Capture<'a> {
                     sums,
                     omega_t,
                     yt,
+                    seconds,
                     ..
                 } = st;
                 let rows = &mut buf[..len];
-                sums[start / block] = Some(delta_chunk(wa, da, wb, db, rows));
-                let (Some(omega_t), Some(yt)) = (omega_t.as_ref(), yt.as_mut()) else {
-                    unreachable!("allocated above")
-                };
+                let (acc, s) =
+                    kernels::fast::diff_delta(wa, da, wb, db, threshold, rows, rounding, len);
+                let (f2, var) = s.first().copied().unwrap_or_default();
+                sums[start / block] = Some((f2, var / 12.0));
+                let (omega_t, yt) = (omega_t.as_ref()?, yt.as_mut()?);
+                let t0 = std::time::Instant::now();
                 lowrank::rsvd::sketch_block(yt.as_mut(), omega_t.as_ref(), start / n, rows);
+                *seconds += t0.elapsed().as_secs_f64();
+                Some(acc)
             }
         }
     }
@@ -240,7 +261,7 @@ impl<'a> Capture<'a> {
         st.broken = true;
     }
 
-    /// Seconds spent taking the windows so far.
+    /// Seconds of the products computed so far.
     fn seconds(&self) -> f64 {
         lock(&self.state).seconds
     }
