@@ -18,6 +18,34 @@
 pub mod fast;
 pub mod reference;
 
+/// The largest error in quantization steps of a window: max |b − a| / step over the
+/// elements where a, b and the step are finite and the step is not 0, with `steps` the
+/// little-endian f32 step of each element of the encoded side
+/// ([`crate::checkpoint::encoding`]). A step of 0 (a zero scale: its block decodes to 0
+/// whatever the codes) is left out; its error is in `max_abs_diff`. In f64 (|b − a| and
+/// the division), so a ratio is exact to f64 rounding.
+pub fn max_error_steps(wa: &[u8], da: DType, wb: &[u8], db: DType, steps: &[u8]) -> f64 {
+    const CHUNK: usize = 1024;
+    let (sa, sb) = (da.size(), db.size());
+    let n = steps.len() / 4;
+    let (mut a, mut b, mut s) = ([0f64; CHUNK], [0f64; CHUNK], [0f32; CHUNK]);
+    let mut max = 0f64;
+    for i in (0..n).step_by(CHUNK) {
+        let k = CHUNK.min(n - i);
+        crate::checkpoint::dtype::decode_f64(da, &wa[i * sa..(i + k) * sa], &mut a[..k]);
+        crate::checkpoint::dtype::decode_f64(db, &wb[i * sb..(i + k) * sb], &mut b[..k]);
+        crate::checkpoint::dtype::decode_f32(DType::F32, &steps[i * 4..(i + k) * 4], &mut s[..k]);
+        for j in 0..k {
+            let r = (b[j] - a[j]).abs() / s[j] as f64;
+            // NaN (0/0, a non-finite value) and ∞ (a zero step) are left out.
+            if r.is_finite() && r > max {
+                max = r;
+            }
+        }
+    }
+    max
+}
+
 use crate::checkpoint::dtype::DType;
 
 /// Running sums over element pairs (a = base, b = fine-tuned, d = b − a).

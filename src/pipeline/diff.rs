@@ -23,6 +23,8 @@ struct Unit {
 struct UnitOut {
     fast: Accum,
     reference: Option<Accum>,
+    /// max |Δ| / step, when exactly one side is encoded.
+    max_error_steps: Option<f64>,
     identical: bool,
     total: Second,
     compute: Second,
@@ -338,6 +340,10 @@ fn merge_units(outs: Vec<Option<Result<UnitOut>>>) -> Result<UnitOut> {
                 if let (Some(r), Some(or)) = (a.reference.as_mut(), o.reference.as_ref()) {
                     r.merge(or);
                 }
+                a.max_error_steps = match (a.max_error_steps, o.max_error_steps) {
+                    (Some(x), Some(y)) => Some(x.max(y)),
+                    (x, y) => x.or(y),
+                };
                 a.identical &= o.identical;
                 a.total += o.total;
                 a.compute += o.compute;
@@ -446,7 +452,7 @@ fn run_group_unit(
             let n = len_of(j);
             let wa = &wa[..(n * sa) as usize];
             Some(
-                compare_window(fts[jobs[j].ft], p, wa, u.start, n, opts).map(|mut o| {
+                compare_window(base, fts[jobs[j].ft], p, wa, u.start, n, opts).map(|mut o| {
                     o.total += base_time;
                     o
                 }),
@@ -465,6 +471,7 @@ fn run_group_unit(
 
 /// Compares a base window (already read) with the same elements of the fine-tuned tensor.
 fn compare_window(
+    base: &Checkpoint,
     finetuned: &Checkpoint,
     p: &TensorPair,
     wa: &[u8],
@@ -484,6 +491,18 @@ fn compare_window(
     } else {
         kernels::fast::diff(wa, da, &wb, db, opts.threshold)
     };
+    // The error in quantization steps, only for a pair of which one side is encoded (a
+    // quant against its original): other pairs pay nothing.
+    let max_error_steps = if p.base.is_encoded() == p.finetuned.is_encoded() {
+        None
+    } else {
+        let steps = if p.finetuned.is_encoded() {
+            finetuned.read_steps(&p.finetuned, start * sb, len * sb)?
+        } else {
+            base.read_steps(&p.base, start * da.size() as u64, len * da.size() as u64)?
+        };
+        steps.map(|s| kernels::max_error_steps(wa, da, &wb, db, &s))
+    };
     let t2 = Instant::now();
     let reference = opts
         .verify
@@ -493,6 +512,7 @@ fn compare_window(
     Ok(UnitOut {
         fast,
         reference,
+        max_error_steps,
         identical,
         total: (t3 - t0).as_secs_f64(),
         compute: (t2 - t1).as_secs_f64(),
@@ -514,6 +534,7 @@ fn finish_tensor(p: &TensorPair, o: UnitOut, verify: bool) -> Result<TensorMetri
         )?;
     }
     let mut m = metrics_from_accum(&o.fast);
+    m.max_error_steps = o.max_error_steps;
     m.shape = p.base.shape.clone();
     if p.finetuned.shape != p.base.shape {
         m.finetuned_shape = Some(p.finetuned.shape.clone());

@@ -71,6 +71,17 @@ impl PairDelta<'_> {
         Ok((wa, wb))
     }
 
+    /// The quantization steps of rows `r0..r1` of each encoded side (`None` for a side
+    /// stored as plain elements, or whose format has no step model: taken as exact).
+    fn steps(&self, r0: usize, r1: usize) -> Result<(Option<Window>, Option<Window>)> {
+        let (start, len) = ((r0 * self.n * 4) as u64, ((r1 - r0) * self.n * 4) as u64);
+        let a = self.base.read_steps(&self.pair.base, start, len)?;
+        let b = self
+            .finetuned
+            .read_steps(&self.pair.finetuned, start, len)?;
+        Ok((a, b))
+    }
+
     /// After using the windows: an error if a shard shrank while they were read in place.
     fn intact(&self, wa: &Window, wb: &Window) -> Result<()> {
         self.base.check(&self.pair.base, wa)?;
@@ -91,37 +102,49 @@ impl DeltaRows for PairDelta<'_> {
         let (wa, wb) = (&win_a[..], &win_b[..]);
         let sb = db.size();
         decode_f64(da, wa, out);
-        // The fine-tuned side's rounding; a quantized base's too (both sides of a
-        // quantized pair carry their quantization error into Δ).
+        // The fine-tuned side's rounding, or for an encoded side its quantization step
+        // per element; an encoded base's steps too (both sides of a quantized pair carry
+        // their quantization error into Δ). A plain base is taken as exact.
+        let (steps_a, steps_b) = self.steps(r0, r1)?;
         let (bits, emin) = self.pair.finetuned.rounding().unwrap_or((52, -1022));
-        let base_rounding = self
-            .pair
-            .base
-            .rounding()
-            .filter(|_| self.pair.base.is_encoded());
         // ulp² = (2^e)², e = max(⌊log₂|v|⌋, e_min) − bits, built from the exponent bits.
         let ulp2 = |v: f64, bits: i32, emin: i32| {
             let e = ((((v.to_bits() >> 52) & 0x7ff) as i32) - 1023).max(emin) - bits;
             f64::from_bits(((2 * e + 1023).max(1) as u64) << 52)
         };
+        let step2 = |w: &Option<Window>, i: usize| {
+            w.as_ref().map_or(0.0, |w| {
+                let s = f32::from_le_bytes(w[i * 4..i * 4 + 4].try_into().expect("4 bytes")) as f64;
+                s * s
+            })
+        };
         let mut tmp = [0f64; 1024];
         let (mut f2, mut var) = (0.0, 0.0);
-        for (o, c) in out.chunks_mut(1024).zip(wb.chunks(1024 * sb)) {
+        for (c, (o, chunk)) in out.chunks_mut(1024).zip(wb.chunks(1024 * sb)).enumerate() {
             let t = &mut tmp[..o.len()];
-            decode_f64(db, c, t);
-            for (x, &y) in o.iter_mut().zip(t.iter()) {
-                if let Some((bb, be)) = base_rounding {
-                    var += ulp2(*x, bb, be);
-                }
+            decode_f64(db, chunk, t);
+            for (k, (x, &y)) in o.iter_mut().zip(t.iter()).enumerate() {
+                let i = c * 1024 + k;
+                var += step2(&steps_a, i);
                 let d = y - *x;
                 // Non-finite values cannot be decomposed; treat them as no change.
                 *x = if d.is_finite() { d } else { 0.0 };
                 f2 += *x * *x;
-                var += ulp2(y, bits, emin);
+                var += if self.pair.finetuned.is_encoded() {
+                    step2(&steps_b, i)
+                } else {
+                    ulp2(y, bits, emin)
+                };
             }
         }
         self.intact(&win_a, &win_b)?;
-        // A rounding error uniform in ±ulp/2 has variance ulp²/12.
+        if let Some(w) = &steps_a {
+            self.base.check(&self.pair.base, w)?;
+        }
+        if let Some(w) = &steps_b {
+            self.finetuned.check(&self.pair.finetuned, w)?;
+        }
+        // A rounding error uniform in ±ulp/2 (±step/2) has variance ulp²/12.
         Ok((f2, var / 12.0))
     }
 
