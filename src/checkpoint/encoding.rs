@@ -66,6 +66,18 @@ pub trait Decode: Send + Sync + std::fmt::Debug {
         let _ = (raw, rows, out);
         Ok(false)
     }
+    /// [`Self::decode_rows`] into `values` and [`Self::decode_steps`] into `steps` (its
+    /// result), for a decoder that does both in one pass over the codes.
+    fn decode_rows_and_steps(
+        &self,
+        raw: Raw<'_>,
+        rows: Range<u64>,
+        values: &mut Vec<f32>,
+        steps: &mut Vec<f32>,
+    ) -> Result<bool> {
+        self.decode_rows(raw, rows.clone(), values)?;
+        self.decode_steps(raw, rows, steps)
+    }
 }
 
 /// Decoded buffers kept per thread, so a window's values land in memory already touched
@@ -123,13 +135,28 @@ pub fn step_elements(d: &dyn Decode, raw: Raw<'_>, elements: Range<u64>) -> Resu
     cut_window(d, elements, |rows, out| d.decode_steps(raw, rows, out))
 }
 
-/// Runs `fill` on the whole granules of rows covering `elements` and cuts the window of
-/// `elements` out of what it wrote; `None` when `fill` returned false.
-fn cut_window(
+/// The logical elements `elements` of an encoded tensor and their quantization steps
+/// (`None` when the format has no step model), decoded in one call.
+pub fn decode_elements_and_steps(
     d: &dyn Decode,
+    raw: Raw<'_>,
     elements: Range<u64>,
-    fill: impl FnOnce(Range<u64>, &mut Vec<f32>) -> Result<bool>,
-) -> Result<Option<Window>> {
+) -> Result<(Window, Option<Window>)> {
+    let (rows, skip, n) = granules(d, &elements);
+    let (mut values, mut steps) = (free_buffer(), free_buffer());
+    let has_steps = d.decode_rows_and_steps(
+        raw,
+        rows.clone(),
+        Arc::get_mut(&mut values).expect("a free buffer is unique"),
+        Arc::get_mut(&mut steps).expect("a free buffer is unique"),
+    )?;
+    let values = cut(d, &rows, values, skip, n);
+    Ok((values, has_steps.then(|| cut(d, &rows, steps, skip, n))))
+}
+
+/// The whole granules of rows covering `elements`, and where `elements` start in them
+/// and how many they are.
+fn granules(d: &dyn Decode, elements: &Range<u64>) -> (Range<u64>, usize, usize) {
     let (rows, row_len) = d.rows();
     let row_len = row_len.max(1);
     let g = d.row_granule().max(1);
@@ -141,23 +168,38 @@ fn cut_window(
         .saturating_mul(g)
         .min(rows);
     let skip = (elements.start - first * row_len) as usize;
-    let n = (elements.end - elements.start) as usize;
-    let mut values = free_buffer();
-    if !fill(
-        first..last,
-        Arc::get_mut(&mut values).expect("a free buffer is unique"),
-    )? {
-        return Ok(None);
-    }
+    (first..last, skip, (elements.end - elements.start) as usize)
+}
+
+/// The window of `n` values from `skip` of a buffer the decoder filled for `rows`.
+fn cut(d: &dyn Decode, rows: &Range<u64>, values: Arc<Vec<f32>>, skip: usize, n: usize) -> Window {
     // The decoder's contract (`decode_rows` fills exactly the rows asked), not input.
     assert!(
         values.len() >= skip + n,
-        "decoder of {} gave {} values for rows {first}..{last}",
+        "decoder of {} gave {} values for rows {rows:?}",
         d.storage(),
         values.len()
     );
     keep(&values);
-    Ok(Some(Window::Decoded(values, skip * 4..(skip + n) * 4)))
+    Window::Decoded(values, skip * 4..(skip + n) * 4)
+}
+
+/// Runs `fill` on the whole granules of rows covering `elements` and cuts the window of
+/// `elements` out of what it wrote; `None` when `fill` returned false.
+fn cut_window(
+    d: &dyn Decode,
+    elements: Range<u64>,
+    fill: impl FnOnce(Range<u64>, &mut Vec<f32>) -> Result<bool>,
+) -> Result<Option<Window>> {
+    let (rows, skip, n) = granules(d, &elements);
+    let mut values = free_buffer();
+    if !fill(
+        rows.clone(),
+        Arc::get_mut(&mut values).expect("a free buffer is unique"),
+    )? {
+        return Ok(None);
+    }
+    Ok(Some(cut(d, &rows, values, skip, n)))
 }
 
 #[cfg(test)]

@@ -500,6 +500,25 @@ impl Checkpoint {
         encoding::step_elements(d.as_ref(), &raw, start / 4..(start + len) / 4)
     }
 
+    /// [`Self::read`] and [`Self::read_steps`] of the same bytes, decoded in one pass
+    /// where the format allows it (the diff of a quant against its original).
+    pub fn read_with_steps(
+        &self,
+        entry: &TensorEntry,
+        start: u64,
+        len: u64,
+    ) -> Result<(Window, Option<Window>)> {
+        let Some(d) = &entry.encoded else {
+            return Ok((self.read(entry, start, len)?, None));
+        };
+        assert!(
+            start + len <= entry.len,
+            "window past the end of tensor data"
+        );
+        let raw = |e: &TensorEntry, s: u64, l: u64| self.read(e, s, l);
+        encoding::decode_elements_and_steps(d.as_ref(), &raw, start / 4..(start + len) / 4)
+    }
+
     /// Call after using a window of `entry`: an error naming the shard and the tensor if
     /// the file shrank while the window's bytes were read in place.
     pub fn check(&self, entry: &TensorEntry, window: &Window) -> Result<()> {

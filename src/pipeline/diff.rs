@@ -483,7 +483,15 @@ fn compare_window(
     let da = *p.base.dtype.as_ref().expect("checked");
     let db = *p.finetuned.dtype.as_ref().expect("checked");
     let sb = db.size() as u64;
-    let wb = finetuned.read(&p.finetuned, start * sb, len * sb)?;
+    // The error in quantization steps is computed only for a pair of which one side is
+    // encoded (a quant against its original): other pairs pay nothing. An encoded
+    // fine-tuned side decodes its values and steps in one pass.
+    let one_encoded = p.base.is_encoded() != p.finetuned.is_encoded();
+    let (wb, steps_b) = if one_encoded && p.finetuned.is_encoded() {
+        finetuned.read_with_steps(&p.finetuned, start * sb, len * sb)?
+    } else {
+        (finetuned.read(&p.finetuned, start * sb, len * sb)?, None)
+    };
     let t1 = Instant::now();
     let identical = da == db && wa[..] == wb[..];
     let fast = if identical {
@@ -491,15 +499,16 @@ fn compare_window(
     } else {
         kernels::fast::diff(wa, da, &wb, db, opts.threshold)
     };
-    // The error in quantization steps, only for a pair of which one side is encoded (a
-    // quant against its original): other pairs pay nothing.
-    let max_error_steps = if p.base.is_encoded() == p.finetuned.is_encoded() {
+    let max_error_steps = if !one_encoded {
         None
     } else {
-        let steps = if p.finetuned.is_encoded() {
-            finetuned.read_steps(&p.finetuned, start * sb, len * sb)?
-        } else {
-            base.read_steps(&p.base, start * da.size() as u64, len * da.size() as u64)?
+        let steps = match steps_b {
+            Some(s) => Some(s),
+            None if p.base.is_encoded() => {
+                let sa = da.size() as u64;
+                base.read_steps(&p.base, start * sa, len * sa)?
+            }
+            None => None,
         };
         steps.map(|s| kernels::max_error_steps(wa, da, &wb, db, &s))
     };

@@ -4,7 +4,7 @@ use super::super::dtype::{DType, extend_e4m3_scaled};
 use super::super::encoding::{Decode, Raw};
 use super::super::shard::Window;
 use super::super::{Checkpoint, TensorEntry};
-use super::{SCALE_SUFFIX, ScaleType, pow2};
+use super::{SCALE_SUFFIX, ScaleType};
 use crate::error::{Error, Result};
 use std::ops::Range;
 use std::sync::Arc;
@@ -157,9 +157,42 @@ impl Decode for Fp8BlockScaled {
             for (tile, &s) in row.chunks(bc as usize).zip(srow) {
                 let s = s.abs();
                 // Exponent field E (bits 6..3, bias 7): e = max(E, 1) − 7, step 2^(e − 3).
+                // 2^(max(E, 1) − 10) as the f32 of exponent field max(E, 1) + 117.
                 out.extend(
-                    tile.iter()
-                        .map(|&b| s * pow2((((b >> 3) & 0x0f) as i32).max(1) - 10)),
+                    tile.iter().map(|&b| {
+                        s * f32::from_bits((((b as u32 >> 3) & 0x0f).max(1) + 117) << 23)
+                    }),
+                );
+            }
+        }
+        Ok(true)
+    }
+
+    /// Both in one pass over the codes (the diff of an FP8 quant against its original).
+    fn decode_rows_and_steps(
+        &self,
+        raw: Raw<'_>,
+        rows: Range<u64>,
+        values: &mut Vec<f32>,
+        steps: &mut Vec<f32>,
+    ) -> Result<bool> {
+        let (br, bc) = self.block;
+        let cols = self.cols as usize;
+        let (codes, scales, s0) = self.codes_and_scales(raw, &rows)?;
+        let grid_cols = self.cols.div_ceil(bc) as usize;
+        values.clear();
+        values.reserve(codes.len());
+        steps.clear();
+        steps.reserve(codes.len());
+        for (i, row) in codes.chunks_exact(cols).enumerate() {
+            let srow = &scales[((rows.start + i as u64) / br - s0) as usize * grid_cols..];
+            for (tile, &s) in row.chunks(bc as usize).zip(srow) {
+                extend_e4m3_scaled(tile, s, values);
+                let s = s.abs();
+                steps.extend(
+                    tile.iter().map(|&b| {
+                        s * f32::from_bits((((b as u32 >> 3) & 0x0f).max(1) + 117) << 23)
+                    }),
                 );
             }
         }
