@@ -37,6 +37,11 @@ pub struct TensorMetrics {
     /// max |d| over finite pairs.
     #[serde(deserialize_with = "null_as_infinity")]
     pub max_abs_diff: f64,
+    /// max |d| / step over finite pairs, the step being the quantization step of the one
+    /// encoded side at that element ([`crate::checkpoint::encoding`]); absent unless
+    /// exactly one side is encoded. ≤ 0.5 for a round-to-nearest quant of the other side.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_error_steps: Option<f64>,
     /// sqrt(Σd² / n).
     #[serde(deserialize_with = "null_as_infinity")]
     pub rms_diff: f64,
@@ -124,6 +129,7 @@ pub fn metrics_from_accum(acc: &Accum) -> TensorMetrics {
         num_elements: acc.count,
         mean_abs_diff: per(acc.sum_abs_d),
         max_abs_diff: acc.max_abs_d,
+        max_error_steps: None,
         rms_diff: per(acc.sum_d2).sqrt(),
         l2_diff,
         base_l2,
@@ -337,6 +343,7 @@ mod tests {
             num_elements: 2,
             mean_abs_diff: f64::INFINITY,
             max_abs_diff: f64::INFINITY,
+            max_error_steps: None,
             rms_diff: f64::INFINITY,
             l2_diff: f64::INFINITY,
             base_l2: 1.0,

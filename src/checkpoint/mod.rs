@@ -68,10 +68,11 @@ impl TensorEntry {
         self.len
     }
     /// The rounding model of its stored values (mantissa bits, smallest normal
-    /// exponent): the encoding's for an encoded tensor, else the dtype's.
+    /// exponent): the dtype's. `None` for an encoded tensor, whose error is its
+    /// quantization step ([`Checkpoint::read_steps`]), and for integer dtypes.
     pub fn rounding(&self) -> Option<(i32, i32)> {
         match (&self.encoded, &self.dtype) {
-            (Some(d), _) => d.rounding(),
+            (Some(_), _) => None,
             (None, Ok(d)) => d.rounding(),
             (None, Err(_)) => None,
         }
@@ -481,6 +482,41 @@ impl Checkpoint {
         }
         kept.push((entry.name.clone(), bytes.clone()));
         Ok(Window::Shared(bytes, range))
+    }
+
+    /// The quantization steps of the decoded values that [`Self::read`] gives for the
+    /// same bytes `[start, start + len)` of an encoded `entry` (one f32 step per f32
+    /// value, [`encoding`]'s definition); `None` for a tensor stored as plain elements or
+    /// a format without a step model.
+    pub fn read_steps(&self, entry: &TensorEntry, start: u64, len: u64) -> Result<Option<Window>> {
+        let Some(d) = &entry.encoded else {
+            return Ok(None);
+        };
+        assert!(
+            start + len <= entry.len,
+            "window past the end of tensor data"
+        );
+        let raw = |e: &TensorEntry, s: u64, l: u64| self.read(e, s, l);
+        encoding::step_elements(d.as_ref(), &raw, start / 4..(start + len) / 4)
+    }
+
+    /// [`Self::read`] and [`Self::read_steps`] of the same bytes, decoded in one pass
+    /// where the format allows it (the diff of a quant against its original).
+    pub fn read_with_steps(
+        &self,
+        entry: &TensorEntry,
+        start: u64,
+        len: u64,
+    ) -> Result<(Window, Option<Window>)> {
+        let Some(d) = &entry.encoded else {
+            return Ok((self.read(entry, start, len)?, None));
+        };
+        assert!(
+            start + len <= entry.len,
+            "window past the end of tensor data"
+        );
+        let raw = |e: &TensorEntry, s: u64, l: u64| self.read(e, s, l);
+        encoding::decode_elements_and_steps(d.as_ref(), &raw, start / 4..(start + len) / 4)
     }
 
     /// Call after using a window of `entry`: an error naming the shard and the tensor if

@@ -18,6 +18,159 @@
 pub mod fast;
 pub mod reference;
 
+/// The largest error in quantization steps of a window: max |b − a| / step over the
+/// elements where the ratio is finite, with `steps` the little-endian f32 step of each
+/// element of the encoded side ([`crate::checkpoint::encoding`]). A step of 0 (a zero
+/// scale: its block decodes to 0 whatever the codes) gives ∞ and a non-finite value NaN:
+/// both are left out (their error is in `max_abs_diff`). In f32 for f32-domain dtypes
+/// (|b − a| and the division each round at 2⁻²⁴ relative: the ratio is good to ~1e-7,
+/// far below any bound it is read against), f64 otherwise. One pass over blocks of
+/// [`fast::BLOCK`] values, vectorized (AVX2 chosen at run time).
+pub fn max_error_steps(wa: &[u8], da: DType, wb: &[u8], db: DType, steps: &[u8]) -> f64 {
+    if !is_f32_domain(da, db) {
+        return max_error_steps_f64(wa, da, wb, db, steps);
+    }
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2 (checked just above).
+        return unsafe { max_error_steps_avx2(wa, da, wb, db, steps) };
+    }
+    max_error_steps_f32(wa, da, wb, db, steps)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn max_error_steps_avx2(wa: &[u8], da: DType, wb: &[u8], db: DType, steps: &[u8]) -> f64 {
+    max_error_steps_f32(wa, da, wb, db, steps)
+}
+
+#[inline(always)]
+fn max_error_steps_f32(wa: &[u8], da: DType, wb: &[u8], db: DType, steps: &[u8]) -> f64 {
+    use crate::checkpoint::dtype::decode_f32;
+    const N: usize = fast::BLOCK;
+    const LANES: usize = 16;
+    let (sa, sb) = (da.size(), db.size());
+    let n = steps.len() / 4;
+    let (mut a, mut b, mut s) = ([0f32; N], [0f32; N], [0f32; N]);
+    let mut max = [0f32; LANES];
+    // Decoded windows are f32 buffers: read them in place rather than copy them.
+    let b_f32: Option<&[f32]> = (db == DType::F32)
+        .then(|| bytemuck::try_cast_slice(wb).ok())
+        .flatten();
+    let s_f32: Option<&[f32]> = bytemuck::try_cast_slice(steps).ok();
+    for i in (0..n).step_by(N) {
+        let k = N.min(n - i);
+        decode_f32(da, &wa[i * sa..(i + k) * sa], &mut a[..k]);
+        let b: &[f32] = match b_f32 {
+            Some(v) => &v[i..i + k],
+            None => {
+                decode_f32(db, &wb[i * sb..(i + k) * sb], &mut b[..k]);
+                &b[..k]
+            }
+        };
+        let s: &[f32] = match s_f32 {
+            Some(v) => &v[i..i + k],
+            None => {
+                decode_f32(DType::F32, &steps[i * 4..(i + k) * 4], &mut s[..k]);
+                &s[..k]
+            }
+        };
+        lanes_max(&a[..k], b, s, &mut max);
+    }
+    max.iter().fold(0f32, |m, &x| m.max(x)) as f64
+}
+
+/// max(|b − a| / s) into 16 lanes, leaving out ∞ and NaN; a select per lane (NaN
+/// compares false), so the loop vectorizes.
+#[inline(always)]
+fn lanes_max(a: &[f32], b: &[f32], s: &[f32], max: &mut [f32; 16]) {
+    let n = a.len().min(b.len()).min(s.len());
+    let (a, b, s) = (&a[..n], &b[..n], &s[..n]);
+    let (ca, cb, cs) = (a.chunks_exact(16), b.chunks_exact(16), s.chunks_exact(16));
+    let (ra, rb, rs) = (ca.remainder(), cb.remainder(), cs.remainder());
+    for ((pa, pb), ps) in ca.zip(cb).zip(cs) {
+        let pa: &[f32; 16] = pa.try_into().expect("16 values");
+        let pb: &[f32; 16] = pb.try_into().expect("16 values");
+        let ps: &[f32; 16] = ps.try_into().expect("16 values");
+        for j in 0..16 {
+            let r = (pb[j] - pa[j]).abs() / ps[j];
+            // ∞ and NaN (which compares false) to 0, then a plain max: two selects.
+            let r = if r < f32::INFINITY { r } else { 0.0 };
+            max[j] = if r > max[j] { r } else { max[j] };
+        }
+    }
+    for (j, ((&x, &y), &z)) in ra.iter().zip(rb).zip(rs).enumerate() {
+        let r = (y - x).abs() / z;
+        max[j] = if r > max[j] && r < f32::INFINITY {
+            r
+        } else {
+            max[j]
+        };
+    }
+}
+
+fn max_error_steps_f64(wa: &[u8], da: DType, wb: &[u8], db: DType, steps: &[u8]) -> f64 {
+    use crate::checkpoint::dtype::{decode_f32, decode_f64};
+    const CHUNK: usize = 1024;
+    let (sa, sb) = (da.size(), db.size());
+    let n = steps.len() / 4;
+    let (mut a, mut b, mut s) = ([0f64; CHUNK], [0f64; CHUNK], [0f32; CHUNK]);
+    let mut max = 0f64;
+    for i in (0..n).step_by(CHUNK) {
+        let k = CHUNK.min(n - i);
+        decode_f64(da, &wa[i * sa..(i + k) * sa], &mut a[..k]);
+        decode_f64(db, &wb[i * sb..(i + k) * sb], &mut b[..k]);
+        decode_f32(DType::F32, &steps[i * 4..(i + k) * 4], &mut s[..k]);
+        for j in 0..k {
+            let r = (b[j] - a[j]).abs() / s[j] as f64;
+            if r.is_finite() && r > max {
+                max = r;
+            }
+        }
+    }
+    max
+}
+
+#[cfg(test)]
+mod step_tests {
+    use super::*;
+
+    fn bytes(v: &[f32]) -> Vec<u8> {
+        v.iter().flat_map(|x| x.to_le_bytes()).collect()
+    }
+
+    #[test]
+    fn max_error_steps_leaves_out_zero_steps_and_non_finite_values_at_every_length() {
+        for n in [0usize, 1, 15, 17, 4095, 4097, 9000] {
+            let a: Vec<f32> = (0..n).map(|i| i as f32 * 0.01).collect();
+            let mut b: Vec<f32> = a.iter().map(|x| x + 0.001).collect();
+            let mut s = vec![0.004f32; n];
+            if n > 10 {
+                b[n - 1] = a[n - 1] + 0.003; // 0.75 steps, in the tail
+                s[3] = 0.0; // a zero step: left out
+                b[5] = f32::NAN; // left out
+            }
+            let want = if n > 10 {
+                0.75
+            } else if n > 0 {
+                0.25
+            } else {
+                0.0
+            };
+            for (da, wa) in [
+                (DType::F32, bytes(&a)),
+                (
+                    DType::F64,
+                    a.iter().flat_map(|&x| (x as f64).to_le_bytes()).collect(),
+                ),
+            ] {
+                let got = max_error_steps(&wa, da, &bytes(&b), DType::F32, &bytes(&s));
+                assert!((got - want).abs() < 1e-3, "n {n} {da}: {got}");
+            }
+        }
+    }
+}
+
 use crate::checkpoint::dtype::DType;
 
 /// Running sums over element pairs (a = base, b = fine-tuned, d = b − a).

@@ -19,7 +19,7 @@
 //! - **nothing is above the floor**: the delta is rounding noise;
 //! - **the delta is provably not of rank ≤ `analysis_rank`**: a rank-R matrix has
 //!   R ≥ ‖X‖²_F / σ₁(X)² (the stable rank). The signal energy is ‖Δ‖²_F minus the expected
-//!   rounding energy Σ ulp²/12, and σ₁ ≤ [`SCREEN_TOP_MARGIN`]·s₁ (s₁, the screen's
+//!   rounding energy Σ ulp²/12 (Σ step²/12 for quantized sides), and σ₁ ≤ [`SCREEN_TOP_MARGIN`]·s₁ (s₁, the screen's
 //!   largest value, is a lower bound on σ₁; without power iterations it can be low by
 //!   up to ~40 % on a flat spectrum). When (‖Δ‖²_F − Σ ulp²/12) / (margin·s₁)² exceeds
 //!   `analysis_rank`, no cliff can lie within the analysed range, so the full sketch
@@ -62,7 +62,9 @@ pub trait DeltaRows: Sync {
     fn ncols(&self) -> usize;
     /// Writes rows `r0..r1` of Δ, row-major, into `out` ((r1 − r0)·n values) and returns
     /// (Σ Δ² over those rows, Σ of the expected squared rounding error ulp²/12 of the
-    /// fine-tuned values there).
+    /// fine-tuned values there; for a quantized side, of each value's quantization step
+    /// instead, step²/12, [`crate::checkpoint::encoding`], on both sides when both are
+    /// quantized).
     fn read_rows(&self, r0: usize, r1: usize, out: &mut [f64]) -> Result<(f64, f64)>;
     /// The same in f32 (the sums still in f64). The default rounds [`Self::read_rows`].
     fn read_rows_f32(&self, r0: usize, r1: usize, out: &mut [f32]) -> Result<(f64, f64)> {

@@ -24,6 +24,8 @@ struct Unit {
 struct UnitOut {
     fast: Accum,
     reference: Option<Accum>,
+    /// max |Δ| / step, when exactly one side is encoded.
+    max_error_steps: Option<f64>,
     identical: bool,
     total: Second,
     compute: Second,
@@ -363,6 +365,10 @@ fn merge_units(outs: Vec<Option<Result<UnitOut>>>) -> Result<UnitOut> {
                 if let (Some(r), Some(or)) = (a.reference.as_mut(), o.reference.as_ref()) {
                     r.merge(or);
                 }
+                a.max_error_steps = match (a.max_error_steps, o.max_error_steps) {
+                    (Some(x), Some(y)) => Some(x.max(y)),
+                    (x, y) => x.or(y),
+                };
                 a.identical &= o.identical;
                 a.total += o.total;
                 a.compute += o.compute;
@@ -473,10 +479,12 @@ fn run_group_unit(
             let wa = &wa[..(n * sa) as usize];
             let capture = captures[j].as_ref();
             Some(
-                compare_window(fts[jobs[j].ft], p, wa, u.start, n, opts, capture).map(|mut o| {
-                    o.total += base_time;
-                    o
-                }),
+                compare_window(base, fts[jobs[j].ft], p, wa, u.start, n, opts, capture).map(
+                    |mut o| {
+                        o.total += base_time;
+                        o
+                    },
+                ),
             )
         })
         .collect();
@@ -491,7 +499,9 @@ fn run_group_unit(
 }
 
 /// Compares a base window (already read) with the same elements of the fine-tuned tensor.
+#[allow(clippy::too_many_arguments)]
 fn compare_window(
+    base: &Checkpoint,
     finetuned: &Checkpoint,
     p: &TensorPair,
     wa: &[u8],
@@ -504,7 +514,15 @@ fn compare_window(
     let da = *p.base.dtype.as_ref().expect("checked");
     let db = *p.finetuned.dtype.as_ref().expect("checked");
     let sb = db.size() as u64;
-    let wb = finetuned.read(&p.finetuned, start * sb, len * sb)?;
+    // The error in quantization steps is computed only for a pair of which one side is
+    // encoded (a quant against its original): other pairs pay nothing. An encoded
+    // fine-tuned side decodes its values and steps in one pass.
+    let one_encoded = p.base.is_encoded() != p.finetuned.is_encoded();
+    let (wb, steps_b) = if one_encoded && p.finetuned.is_encoded() {
+        finetuned.read_with_steps(&p.finetuned, start * sb, len * sb)?
+    } else {
+        (finetuned.read(&p.finetuned, start * sb, len * sb)?, None)
+    };
     let t1 = Instant::now();
     let identical = da == db && wa[..] == wb[..];
     let fast = if identical {
@@ -517,6 +535,19 @@ fn compare_window(
     } else {
         kernels::fast::diff(wa, da, &wb, db, opts.threshold)
     };
+    let max_error_steps = if !one_encoded {
+        None
+    } else {
+        let steps = match steps_b {
+            Some(s) => Some(s),
+            None if p.base.is_encoded() => {
+                let sa = da.size() as u64;
+                base.read_steps(&p.base, start * sa, len * sa)?
+            }
+            None => None,
+        };
+        steps.map(|s| kernels::max_error_steps(wa, da, &wb, db, &s))
+    };
     let t2 = Instant::now();
     let reference = opts
         .verify
@@ -526,6 +557,7 @@ fn compare_window(
     Ok(UnitOut {
         fast,
         reference,
+        max_error_steps,
         identical,
         total: (t3 - t0).as_secs_f64(),
         compute: (t2 - t1).as_secs_f64(),
@@ -547,6 +579,7 @@ fn finish_tensor(p: &TensorPair, o: UnitOut, verify: bool) -> Result<TensorMetri
         )?;
     }
     let mut m = metrics_from_accum(&o.fast);
+    m.max_error_steps = o.max_error_steps;
     m.shape = p.base.shape.clone();
     if p.finetuned.shape != p.base.shape {
         m.finetuned_shape = Some(p.finetuned.shape.clone());

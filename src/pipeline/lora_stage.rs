@@ -355,6 +355,27 @@ impl PairDelta<'_> {
         Ok((wa, wb))
     }
 
+    /// [`Self::windows`], with the quantization steps of each encoded side, decoded with
+    /// its values (`None` for a side stored as plain elements, or whose format has no step
+    /// model: taken as exact).
+    #[allow(clippy::type_complexity)]
+    fn windows_and_steps(
+        &self,
+        r0: usize,
+        r1: usize,
+    ) -> Result<((Window, Option<Window>), (Window, Option<Window>))> {
+        let (da, db) = self.dtypes();
+        let (start, len) = ((r0 * self.n) as u64, ((r1 - r0) * self.n) as u64);
+        let (sa, sb) = (da.size() as u64, db.size() as u64);
+        let a = self
+            .base
+            .read_with_steps(&self.pair.base, start * sa, len * sa)?;
+        let b = self
+            .finetuned
+            .read_with_steps(&self.pair.finetuned, start * sb, len * sb)?;
+        Ok((a, b))
+    }
+
     /// After using the windows: an error if a shard shrank while they were read in place.
     fn intact(&self, wa: &Window, wb: &Window) -> Result<()> {
         self.base.check(&self.pair.base, wa)?;
@@ -371,41 +392,54 @@ impl DeltaRows for PairDelta<'_> {
     }
     fn read_rows(&self, r0: usize, r1: usize, out: &mut [f64]) -> Result<(f64, f64)> {
         let (da, db) = self.dtypes();
-        let (win_a, win_b) = self.windows(r0, r1)?;
+        // The fine-tuned side's rounding, or for an encoded side its quantization step
+        // per element; an encoded base's steps too (both sides of a quantized pair carry
+        // their quantization error into Δ). A plain base is taken as exact.
+        let ((win_a, steps_a), (win_b, steps_b)) = self.windows_and_steps(r0, r1)?;
         let (wa, wb) = (&win_a[..], &win_b[..]);
         let sb = db.size();
         decode_f64(da, wa, out);
-        // The fine-tuned side's rounding; a quantized base's too (both sides of a
-        // quantized pair carry their quantization error into Δ).
         let (bits, emin) = self.pair.finetuned.rounding().unwrap_or((52, -1022));
-        let base_rounding = self
-            .pair
-            .base
-            .rounding()
-            .filter(|_| self.pair.base.is_encoded());
         // ulp² = (2^e)², e = max(⌊log₂|v|⌋, e_min) − bits, built from the exponent bits.
         let ulp2 = |v: f64, bits: i32, emin: i32| {
             let e = ((((v.to_bits() >> 52) & 0x7ff) as i32) - 1023).max(emin) - bits;
             f64::from_bits(((2 * e + 1023).max(1) as u64) << 52)
         };
+        // Σ step² of each encoded side's steps (f32 values, squared and summed in f64).
+        let sum_sq = |w: &Option<Window>| -> f64 {
+            w.as_ref().map_or(0.0, |w| {
+                w.chunks_exact(4)
+                    .map(|c| {
+                        let s = f32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64;
+                        s * s
+                    })
+                    .sum()
+            })
+        };
+        let plain_ft = !self.pair.finetuned.is_encoded();
         let mut tmp = [0f64; 1024];
-        let (mut f2, mut var) = (0.0, 0.0);
-        for (o, c) in out.chunks_mut(1024).zip(wb.chunks(1024 * sb)) {
+        let (mut f2, mut var) = (0.0, sum_sq(&steps_a) + sum_sq(&steps_b));
+        for (o, chunk) in out.chunks_mut(1024).zip(wb.chunks(1024 * sb)) {
             let t = &mut tmp[..o.len()];
-            decode_f64(db, c, t);
+            decode_f64(db, chunk, t);
             for (x, &y) in o.iter_mut().zip(t.iter()) {
-                if let Some((bb, be)) = base_rounding {
-                    var += ulp2(*x, bb, be);
-                }
                 let d = y - *x;
                 // Non-finite values cannot be decomposed; treat them as no change.
                 *x = if d.is_finite() { d } else { 0.0 };
                 f2 += *x * *x;
-                var += ulp2(y, bits, emin);
+                if plain_ft {
+                    var += ulp2(y, bits, emin);
+                }
             }
         }
         self.intact(&win_a, &win_b)?;
-        // A rounding error uniform in ±ulp/2 has variance ulp²/12.
+        if let Some(w) = &steps_a {
+            self.base.check(&self.pair.base, w)?;
+        }
+        if let Some(w) = &steps_b {
+            self.finetuned.check(&self.pair.finetuned, w)?;
+        }
+        // A rounding error uniform in ±ulp/2 (±step/2) has variance ulp²/12.
         Ok((f2, var / 12.0))
     }
 

@@ -166,20 +166,34 @@ fn summary(s: &mut String, c: &Comparison, lora: Option<&LoraDocs>) {
     if !quant.is_empty() {
         let _ = writeln!(
             s,
-            "<h2>Quantization error</h2>\n<p class=\"note\">The two models store these tensors differently; Δ relative to the base.</p>\n<table id=\"quantization\"><thead><tr><th>storage (fine-tuned)</th><th>base</th><th>tensors</th><th>relative error</th><th>median</th><th>SNR (dB)</th><th>max |Δ|</th></tr></thead><tbody>"
+            "<h2>Quantization error</h2>\n<p class=\"note\">The two models store these tensors differently; Δ relative to the base.</p>\n<table id=\"quantization\"><thead><tr><th>storage (fine-tuned)</th><th>base</th><th>tensors</th><th>relative error</th><th>median</th><th>SNR (dB)</th><th>max |Δ|</th><th title=\"max |Δ| / quantization step: ≤ 0.5 for a round-to-nearest quant of the base\">max error (steps)</th></tr></thead><tbody>"
         );
+        let steps = super::quantization::steps_text;
         for g in &quant {
             let _ = writeln!(
                 s,
-                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
                 esc(&g.storage),
                 esc(&g.base_storage.join(", ")),
                 g.tensors,
                 g.relative_error.map_or("n/a".into(), |x| sci(x, 3)),
                 g.median_relative_error.map_or("n/a".into(), |x| sci(x, 2)),
                 g.snr_db.map_or("inf".into(), |x| format!("{x:.1}")),
-                sci(g.max_abs_diff, 2)
+                sci(g.max_abs_diff, 2),
+                steps(g.max_error_steps)
             );
+            for m in &g.modules {
+                let _ = writeln!(
+                    s,
+                    "<tr class=\"module\"><td>&nbsp;&nbsp;{}</td><td></td><td>{}</td><td>{}</td><td></td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                    esc(&m.module),
+                    m.tensors,
+                    m.relative_error.map_or("n/a".into(), |x| sci(x, 3)),
+                    m.snr_db.map_or("inf".into(), |x| format!("{x:.1}")),
+                    sci(m.max_abs_diff, 2),
+                    steps(m.max_error_steps)
+                );
+            }
         }
         let _ = writeln!(s, "</tbody></table>");
     }

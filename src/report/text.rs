@@ -81,6 +81,9 @@ pub fn render(c: &Comparison, top: usize) -> String {
         let _ = writeln!(w, "  Identical: {}", if m.identical { "yes" } else { "no" });
         let _ = writeln!(w, "  Mean abs diff: {}", sci(m.mean_abs_diff, 6));
         let _ = writeln!(w, "  Max abs diff: {}", sci(m.max_abs_diff, 6));
+        if let Some(x) = m.max_error_steps {
+            let _ = writeln!(w, "  Max error (quantization steps): {x:.4}");
+        }
         let _ = writeln!(w, "  RMS diff: {}", sci(m.rms_diff, 6));
         let _ = writeln!(w, "  L2 diff: {}", sci(m.l2_diff, 6));
         let _ = writeln!(w, "  Base L2: {}", sci(m.base_l2, 6));

@@ -156,3 +156,40 @@ fn a_missing_or_misshapen_scale_is_that_weights_error_naming_the_scale() {
     assert!(e.contains(scale) && e.contains("missing"), "{e}");
     assert_eq!(wd["all_differences"].as_object().unwrap().len(), 5);
 }
+
+/// Issue 13, item 3: torch's FP8 (round to nearest of x / s in E4M3) of the bf16 base is
+/// within half a step of it at every element (the f32 division and product round at
+/// 2⁻²⁴, far below the tolerance); the base plus noise of 1e-3 is not.
+#[test]
+fn fp8_error_in_steps_tells_a_faithful_quant_from_other_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    if !fixtures(dir.path()) {
+        return;
+    }
+    let p = |n: &str| dir.path().join(n);
+    for fp8 in ["fp8", "fp8_e8m0"] {
+        let (wd, _) = compare(&p("base"), &p(fp8), &p(&format!("steps-{fp8}")));
+        let mut quantized = 0;
+        for (name, m) in wd["all_differences"].as_object().unwrap() {
+            match m["max_error_steps"].as_f64() {
+                Some(s) => {
+                    quantized += 1;
+                    assert!(s <= 0.5 + 1e-4, "{fp8} {name}: {s} steps");
+                    assert!(s > 0.2, "{fp8} {name}: {s} steps");
+                }
+                // bf16 on both sides: not quantized, no steps.
+                None => assert_eq!(m["shape"].as_array().unwrap().len(), 1, "{name}"),
+            }
+        }
+        assert_eq!(quantized, 4, "{fp8}");
+        let q = &wd["quantization"][0];
+        assert!(q["max_error_steps"].as_f64().unwrap() <= 0.5 + 1e-4);
+        assert_eq!(q["modules"].as_array().unwrap().len(), 4, "{q}");
+        let (wd, _) = compare(&p("noisy"), &p(fp8), &p(&format!("noisy-{fp8}")));
+        for (name, m) in wd["all_differences"].as_object().unwrap() {
+            if let Some(s) = m["max_error_steps"].as_f64() {
+                assert!(s > 2.0, "{fp8} {name} against another model: {s} steps");
+            }
+        }
+    }
+}

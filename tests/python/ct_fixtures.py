@@ -11,7 +11,16 @@ For every case of CASES, writes
   `lm_head` is in the `ignore` list and stays as stored;
 - OUT/<case>_ref/model.safetensors: the same model after compressed-tensors'
   `ModelCompressor.decompress_model`, every tensor as f32 (the reference values).
-OUT/base/: the unquantized bf16 model, for the quantization-error comparison.
+OUT/base/: the unquantized bf16 model, for the quantization-error comparison;
+OUT/other/: another bf16 model of the same shapes (another seed), whose error against the
+quants of OUT/base in quantization steps is far above 0.5.
+
+    python ct_fixtures.py OUT --lora
+
+writes OUT/lora-base/ and OUT/lora-ft/: LORA_SHAPES in bf16, W and W + B·A (a merged LoRA
+of rank LORA_RANK on every module), each quantized by compressed-tensors as pack-quantized
+INT4, symmetric, group 32 (round to nearest, as above): the fine-tune's delta is rank
+LORA_RANK plus the two sides' INT4 rounding.
 
     python ct_fixtures.py OUT --bad
 
@@ -202,11 +211,45 @@ def bad(out, config):
     save(out, "bad-int", root, comp, config, no_scale)
 
 
+LORA_SHAPES = {
+    "model.layers.0.self_attn.q_proj": (256, 256),
+    "model.layers.0.self_attn.v_proj": (128, 256),
+    "model.layers.0.mlp.down_proj": (256, 384),
+}
+LORA_RANK = 4
+
+
+def lora(out, config):
+    torch.manual_seed(20261203)
+    root = build(LORA_SHAPES, torch.bfloat16)
+    deltas = {}
+    for n, (o, i) in LORA_SHAPES.items():
+        # B·A with singular values ~ 1 (entries ~ 1/sqrt(o·i)·r): well above the INT4
+        # rounding's floor (~ step/sqrt(12)·(sqrt(o) + sqrt(i)) ≈ 0.2), each column of
+        # B a different size so the spectrum has no ties.
+        b = torch.randn(o, LORA_RANK) * torch.linspace(1.5, 3.0, LORA_RANK) / o ** 0.5
+        a = torch.randn(LORA_RANK, i) / i ** 0.5
+        deltas[n] = b @ a
+    ft = build(LORA_SHAPES, torch.bfloat16)
+    ft.load_state_dict(root.state_dict())
+    with torch.no_grad():
+        for n, m in ft.named_modules():
+            if n in deltas:
+                m.weight.copy_((m.weight.float() + deltas[n]).to(torch.bfloat16))
+    wargs = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 32}
+    for name, model in [("lora-base", root), ("lora-ft", ft)]:
+        comp = quantize(model, "pack-quantized", wargs)
+        save(out, name, model, comp, config)
+
+
 def main():
     out = Path(sys.argv[1])
     config = {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3"}
     if sys.argv[2:] == ["--bad"]:
         bad(out, config)
+        return
+    if sys.argv[2:] == ["--lora"]:
+        lora(out, config)
         return
     for case, (fmt, wargs, dtype) in cases().items():
         torch.manual_seed(20261202)
@@ -218,6 +261,11 @@ def main():
             (out / "base").mkdir(parents=True, exist_ok=True)
             save_file({k: v.contiguous() for k, v in base.state_dict().items()}, str(out / "base/model.safetensors"), metadata={"format": "pt"})
             (out / "base/config.json").write_text(json.dumps(config))
+            torch.manual_seed(20261203)
+            other = build(shapes, torch.bfloat16)
+            (out / "other").mkdir(parents=True, exist_ok=True)
+            save_file({k: v.contiguous() for k, v in other.state_dict().items()}, str(out / "other/model.safetensors"), metadata={"format": "pt"})
+            (out / "other/config.json").write_text(json.dumps(config))
         comp = quantize(root, fmt, wargs)
         save(out, case, root, comp, config)
 

@@ -12,6 +12,8 @@ writes
 - OUT/reference/model.safetensors: torch's dequantization of OUT/fp8, f32 codes times
   the tile scale expanded over its tile (the reference the values must equal exactly);
 - OUT/unknown/: OUT/fp8 with quant_method `some_future_method` (not dequantized);
+- OUT/noisy/: OUT/base plus N(0, 1e-3) noise, bf16 (another model than the one OUT/fp8
+  quantizes: its error in quantization steps is far above 0.5);
 - OUT/fp8_e8m0/ and OUT/reference_e8m0/: the same with power-of-two scales stored as
   F8_E8M0 (`scale_fmt: ue8m0`, torch.float8_e8m0fnu), as DeepSeek-V3.1 ships them.
 """
@@ -106,6 +108,10 @@ def main():
     (out / "fp8_e8m0/config.json").write_text(json.dumps({**config, "quantization_config": qc8}))
     save_file(ref8, str(out / "reference_e8m0/model.safetensors"), metadata={"format": "pt"})
     (out / "reference_e8m0/config.json").write_text(json.dumps(config))
+    (out / "noisy").mkdir(parents=True, exist_ok=True)
+    noisy = {n: (w.float() + torch.randn(w.shape) * 1e-3).to(torch.bfloat16) for n, w in base.items()}
+    save_file(noisy, str(out / "noisy/model.safetensors"), metadata={"format": "pt"})
+    (out / "noisy/config.json").write_text(json.dumps(config))
     shutil.copytree(out / "fp8", out / "unknown", dirs_exist_ok=True)
     qc_unknown = {**qc, "quant_method": "some_future_method"}
     (out / "unknown/config.json").write_text(json.dumps({**config, "quantization_config": qc_unknown}))

@@ -1,7 +1,7 @@
 """GGUF fixtures for tests/it/gguf.rs, written by gguf-py (llama.cpp's `gguf` package).
 
     python gguf_fixtures.py quants  OUT   # OUT/quants.gguf + OUT/expected.gguf
-    python gguf_fixtures.py models  OUT   # OUT/{llama,gemma3,qwen3moe,llama_q8}.gguf + OUT/*.safetensors
+    python gguf_fixtures.py models  OUT   # OUT/{llama,gemma3,qwen3moe,llama_q8,llama_q4_0,llama_q5_0}.gguf + OUT/*.safetensors
     python gguf_fixtures.py hostile OUT   # OUT/base.gguf + OUT/offsets.json
 
 quants: for every type, blocks written as raw bytes (`raw_dtype`) into quants.gguf, and
@@ -217,13 +217,14 @@ def unpermute(w, n_head):
             .swapaxes(1, 2).reshape(w.shape))
 
 
-def llama_q8(out):
-    """A llama converted the way llama.cpp does (Q/K permuted) and quantized to Q8_0 by
-    gguf-py, with its HF original and gguf-py's own dequantization in HF order
-    (`llama_q8_dequant.safetensors`): the GGUF read by weightdiff must equal the latter
-    exactly, and differ from the former by Q8_0's rounding."""
+def llama_q8(out, qtype=Q.Q8_0, stem="llama_q8"):
+    """A llama converted the way llama.cpp does (Q/K permuted) and quantized to `qtype`
+    (Q8_0; also Q4_0 and Q5_0 as `llama_q4_0`, `llama_q5_0`) by gguf-py, with its HF
+    original `STEM.safetensors` and gguf-py's own dequantization in HF order
+    (`STEM_dequant.safetensors`): the GGUF read by weightdiff must equal the latter
+    exactly, and differ from the former by the quantization's rounding."""
     n_head, n_kv, hd, hidden, ff, vocab = 4, 2, 8, 32, 64, 64
-    hf, deq, w = {}, {}, writer(out / "llama_q8.gguf", "llama")
+    hf, deq, w = {}, {}, writer(out / f"{stem}.gguf", "llama")
     w.add_head_count(n_head)
     w.add_head_count_kv(n_kv)
     w.add_block_count(1)
@@ -233,9 +234,9 @@ def llama_q8(out):
         hf[hf_name] = value
         stored = value if heads is None else permute(value, heads)
         if value.ndim == 2:
-            q = gguf.quants.quantize(np.ascontiguousarray(stored), Q.Q8_0)
-            w.add_tensor(gguf_name, q, raw_dtype=Q.Q8_0)
-            back = gguf.quants.dequantize(q, Q.Q8_0).reshape(value.shape)
+            q = gguf.quants.quantize(np.ascontiguousarray(stored), qtype)
+            w.add_tensor(gguf_name, q, raw_dtype=qtype)
+            back = gguf.quants.dequantize(q, qtype).reshape(value.shape)
             deq[hf_name] = back if heads is None else unpermute(back, heads)
         else:
             w.add_tensor(gguf_name, np.ascontiguousarray(stored))
@@ -255,9 +256,9 @@ def llama_q8(out):
     put("model.norm.weight", "output_norm.weight", f32(hidden))
     put("lm_head.weight", "output.weight", f32(vocab, hidden))
     finish(w)
-    save_file(hf, str(out / "llama_q8.safetensors"))
+    save_file(hf, str(out / f"{stem}.safetensors"))
     save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in deq.items()},
-              str(out / "llama_q8_dequant.safetensors"))
+              str(out / f"{stem}_dequant.safetensors"))
 
 
 def names(out):
@@ -316,6 +317,8 @@ def main():
         gemma3(out)
         qwen3moe(out)
         llama_q8(out)
+        llama_q8(out, Q.Q4_0, "llama_q4_0")
+        llama_q8(out, Q.Q5_0, "llama_q5_0")
     elif command == "names":
         names(out)
     elif command == "hostile":

@@ -53,20 +53,42 @@ impl Decode for GgufDecode {
     }
 
     fn decode_rows(&self, _: Raw<'_>, rows: Range<u64>, out: &mut Vec<f32>) -> Result<()> {
+        self.read(rows, out, false)
+    }
+
+    /// The stored type's steps ([`super::quant::steps`]), moved as the values are (rows
+    /// un-permuted, an expert's slice); Gemma's `+ 1` shifts values, not their spacing.
+    fn decode_steps(&self, _: Raw<'_>, rows: Range<u64>, out: &mut Vec<f32>) -> Result<bool> {
+        self.read(rows, out, true)?;
+        Ok(true)
+    }
+}
+
+impl GgufDecode {
+    /// Rows `rows` of the HF tensor, values or (`steps`) their quantization steps.
+    fn read(&self, rows: Range<u64>, out: &mut Vec<f32>, steps: bool) -> Result<()> {
         let bs = block_size(self.stored.ggml_type) as u64;
         let e0 = self.first + rows.start * self.row_len;
         let e1 = self.first + rows.end * self.row_len;
         let (b0, b1) = (e0 / bs, e1.div_ceil(bs));
         let mut blocks = vec![0f32; ((b1 - b0) * bs) as usize];
         let mut raw = Vec::new();
-        self.file
-            .read_blocks(&self.stored, b0, &mut raw, &mut blocks)
-            .map_err(Error::from)?;
+        if steps {
+            self.file
+                .read_block_steps(&self.stored, b0, &mut raw, &mut blocks)
+        } else {
+            self.file
+                .read_blocks(&self.stored, b0, &mut raw, &mut blocks)
+        }
+        .map_err(Error::from)?;
         let skip = (e0 - b0 * bs) as usize;
         out.clear();
         out.extend_from_slice(&blocks[skip..skip + (e1 - e0) as usize]);
         let mut scratch = Vec::new();
         for t in &self.transforms {
+            if steps && matches!(t, Transform::AddOne) {
+                continue;
+            }
             t.undo(
                 out,
                 rows.start,

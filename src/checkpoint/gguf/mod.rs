@@ -701,6 +701,29 @@ impl GgufFile {
         raw: &mut Vec<u8>,
         out: &mut [f32],
     ) -> Result<()> {
+        self.read_blocks_or_steps(t, first_block, raw, out, false)
+    }
+
+    /// [`Self::read_blocks`], but the quantization step of each element
+    /// ([`quant::steps`]) instead of its value.
+    pub fn read_block_steps(
+        &self,
+        t: &GgufTensor,
+        first_block: u64,
+        raw: &mut Vec<u8>,
+        out: &mut [f32],
+    ) -> Result<()> {
+        self.read_blocks_or_steps(t, first_block, raw, out, true)
+    }
+
+    fn read_blocks_or_steps(
+        &self,
+        t: &GgufTensor,
+        first_block: u64,
+        raw: &mut Vec<u8>,
+        out: &mut [f32],
+        steps: bool,
+    ) -> Result<()> {
         let (bs, ts) = (block_size(t.ggml_type), type_size(t.ggml_type));
         let dequant = |source| GgufError::Dequant {
             path: self.path.clone(),
@@ -739,7 +762,11 @@ impl GgufFile {
         };
         raw.resize(len as usize, 0);
         self.read_bytes(t, range, raw)?;
-        dequantize(t.ggml_type, raw, out).map_err(dequant)
+        if steps {
+            quant::steps(t.ggml_type, raw, out).map_err(dequant)
+        } else {
+            dequantize(t.ggml_type, raw, out).map_err(dequant)
+        }
     }
 }
 

@@ -396,6 +396,131 @@ pub fn dequantize(t: GgmlType, bytes: &[u8], out: &mut [f32]) -> Result<(), Dequ
     Ok(())
 }
 
+/// The quantization step of every element of whole blocks of type `t` (the spacing of
+/// the type's values at that element, [`crate::checkpoint::encoding`]'s definition), in
+/// the order [`dequantize`] gives their values: the block's `|d|` for the integer codes
+/// (times the sub-block scale for the K-quants), E2M1's step times the scale for MXFP4
+/// and NVFP4, the larger gap to a neighbouring codebook value times the scale for
+/// IQ4_NL / IQ4_XS, the ulp of the value for F32, F16 and BF16. Same contract as
+/// [`dequantize`].
+pub fn steps(t: GgmlType, bytes: &[u8], out: &mut [f32]) -> Result<(), DequantError> {
+    use crate::checkpoint::quantized::float_step;
+    // Checks the lengths and the type, and leaves the values for the float types.
+    dequantize(t, bytes, out)?;
+    use GgmlType::*;
+    match t {
+        F32 => out.iter_mut().for_each(|v| *v = float_step(*v, 23, -126)),
+        F16 => out.iter_mut().for_each(|v| *v = float_step(*v, 10, -14)),
+        BF16 => out.iter_mut().for_each(|v| *v = float_step(*v, 7, -126)),
+        Q8_0 | Q4_0 | Q4_1 | Q5_0 | Q5_1 | IQ4_NL | TQ1_0 | TQ2_0 | Q8_K => {
+            let (ts, bs) = (type_size(t), block_size(t));
+            for (b, o) in bytes.chunks_exact(ts).zip(out.chunks_exact_mut(bs)) {
+                let d = match t {
+                    Q8_K => f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+                    TQ1_0 => f16(b, 52),
+                    TQ2_0 => f16(b, 64),
+                    _ => f16(b, 0),
+                }
+                .abs();
+                if t == IQ4_NL {
+                    let (lo, hi) = o.split_at_mut(16);
+                    for j in 0..16 {
+                        let q = b[2 + j];
+                        lo[j] = d * iq4nl_gap((q & 0x0f) as usize);
+                        hi[j] = d * iq4nl_gap((q >> 4) as usize);
+                    }
+                } else {
+                    o.fill(d);
+                }
+            }
+        }
+        Q2_K => each(bytes, out, |b: &[u8; 84], o: &mut [f32; 256]| {
+            let d = f16(b, 80);
+            for (sub, o) in o.chunks_exact_mut(16).enumerate() {
+                o.fill((d * (b[sub] & 0x0f) as f32).abs());
+            }
+        }),
+        Q3_K => each(bytes, out, |b: &[u8; 110], o: &mut [f32; 256]| {
+            let sc = q3_k_scales(&b[96..108]);
+            let d = f16(b, 108);
+            for (sub, o) in o.chunks_exact_mut(16).enumerate() {
+                o.fill((d * sc[sub] as f32).abs());
+            }
+        }),
+        Q4_K | Q5_K => {
+            let ts = type_size(t);
+            for (b, o) in bytes.chunks_exact(ts).zip(out.chunks_exact_mut(QK_K)) {
+                let d = f16(b, 0);
+                let (sc, _) = k_scale_min(&b[4..16]);
+                for (j, o) in o.chunks_exact_mut(32).enumerate() {
+                    o.fill((d * sc[j] as f32).abs());
+                }
+            }
+        }
+        Q6_K => each(bytes, out, |b: &[u8; 210], o: &mut [f32; 256]| {
+            let d = f16(b, 208);
+            for (sub, o) in o.chunks_exact_mut(16).enumerate() {
+                o.fill((d * (b[192 + sub] as i8) as f32).abs());
+            }
+        }),
+        IQ4_XS => each(bytes, out, |b: &[u8; 136], o: &mut [f32; 256]| {
+            let d = f16(b, 0);
+            let scales_h = u16::from_le_bytes([b[2], b[3]]);
+            let (scales_l, qs) = (&b[4..8], &b[8..136]);
+            for (j, o) in o.chunks_exact_mut(32).enumerate() {
+                let low = (scales_l[j / 2] >> (4 * (j % 2))) & 0x0f;
+                let high = ((scales_h >> (2 * j)) & 3) as u8;
+                let dl = (d * ((low | (high << 4)) as i32 - 32) as f32).abs();
+                let q = &qs[16 * j..][..16];
+                let (lo, hi) = o.split_at_mut(16);
+                for i in 0..16 {
+                    lo[i] = dl * iq4nl_gap((q[i] & 0x0f) as usize);
+                    hi[i] = dl * iq4nl_gap((q[i] >> 4) as usize);
+                }
+            }
+        }),
+        MXFP4 => each(bytes, out, |b: &[u8; 17], o: &mut [f32; 32]| {
+            e2m1_doubled_steps(e8m0_half(b[0]), &b[1..17], o)
+        }),
+        NVFP4 => each(bytes, out, |b: &[u8; 36], o: &mut [f32; 64]| {
+            for (s, o) in o.chunks_exact_mut(16).enumerate() {
+                e2m1_doubled_steps(ue4m3_half(b[s]), &b[4 + 8 * s..][..8], o);
+            }
+        }),
+        _ => return Err(DequantError::Unsupported(t)),
+    }
+    Ok(())
+}
+
+/// The larger gap from codebook value `k` of IQ4_NL to its neighbours (one side at the ends).
+fn iq4nl_gap(k: usize) -> f32 {
+    let v = |i: usize| IQ4NL_VALUES[i] as i32;
+    let below = if k > 0 { v(k) - v(k - 1) } else { 0 };
+    let above = if k < 15 { v(k + 1) - v(k) } else { 0 };
+    below.max(above) as f32
+}
+
+/// Steps of E2M1 nibbles (low nibbles first, then high) with a halved scale `d`: on the
+/// doubled table, 1 below 4 (0.5 below 2), 2 below 8, 4 above.
+fn e2m1_doubled_steps(d: f32, qs: &[u8], o: &mut [f32]) {
+    let step = |n: u8| {
+        let m = E2M1_DOUBLED[n as usize].unsigned_abs();
+        d.abs()
+            * if m < 4 {
+                1.0
+            } else if m < 8 {
+                2.0
+            } else {
+                4.0
+            }
+    };
+    let half = qs.len();
+    for (i, &q) in qs.iter().enumerate() {
+        o[i] = step(q & 0x0f);
+        o[i + half] = step(q >> 4);
+    }
+}
+
 /// Runs `decode` on each (block, output) pair. The fixed-size array types let the
 /// compiler drop bounds checks inside the block decoders.
 #[inline(always)]
@@ -790,6 +915,81 @@ mod tests {
         dequantize(GgmlType::Q4_0, &b, &mut out).unwrap();
         assert_eq!(out[0], -8.0);
         assert_eq!(out[16], 7.0);
+    }
+
+    #[test]
+    fn steps_are_each_blocks_scale_by_hand() {
+        let f16b = |x: f32| half::f16::from_f32(x).to_bits().to_le_bytes();
+        // Q8_0, Q4_0, Q5_0: |d| for every element (a negative d too).
+        let mut b = [0u8; 34];
+        b[0..2].copy_from_slice(&f16b(-0.5));
+        b[2] = 0x80;
+        let mut out = [0f32; 32];
+        steps(GgmlType::Q8_0, &b, &mut out).unwrap();
+        assert_eq!(out, [0.5; 32]);
+        let mut b = [0u8; 18];
+        b[0..2].copy_from_slice(&f16b(0.25));
+        steps(GgmlType::Q4_0, &b, &mut out).unwrap();
+        assert_eq!(out, [0.25; 32]);
+        let mut b = [0u8; 22];
+        b[0..2].copy_from_slice(&f16b(-0.125));
+        b[6] = 0xff;
+        steps(GgmlType::Q5_0, &b, &mut out).unwrap();
+        assert_eq!(out, [0.125; 32]);
+        // Q4_K: d times each sub-block's 6-bit scale (the min does not change the step).
+        let mut b = [0u8; 144];
+        b[0..2].copy_from_slice(&f16b(2.0));
+        b[2..4].copy_from_slice(&f16b(1.0));
+        b[4] = 3; // sub-block 0 scale
+        b[8] = 5; // sub-block 0 min
+        b[12] = 0x21; // sub-block 4: scale 1, min 2
+        let mut out = [0f32; 256];
+        steps(GgmlType::Q4_K, &b, &mut out).unwrap();
+        assert_eq!(out[0], 6.0);
+        assert_eq!(out[31], 6.0);
+        assert_eq!(out[32], 0.0, "sub-block 1 has scale 0");
+        assert_eq!(out[128], 2.0);
+        // Q6_K: d times the signed 8-bit sub-block scale, as a magnitude.
+        let mut b = [0u8; 210];
+        b[192] = (-3i8) as u8;
+        b[193] = 4;
+        b[208..210].copy_from_slice(&f16b(0.5));
+        steps(GgmlType::Q6_K, &b, &mut out).unwrap();
+        assert_eq!((out[0], out[15], out[16]), (1.5, 1.5, 2.0));
+        // MXFP4: E8M0 128 = 2 times E2M1's 0.5 / 1 / 2 (codes 0.5, 2, 6; -1.5, 3).
+        let mut b = [0u8; 17];
+        b[0] = 128;
+        b[1] = 0x71; // element 0: 0.5, element 16: 6
+        b[2] = 0x5B; // element 1: -1.5, element 17: 3
+        b[3] = 0x04; // element 2: 2
+        let mut out = [0f32; 32];
+        steps(GgmlType::MXFP4, &b, &mut out).unwrap();
+        assert_eq!(
+            (out[0], out[16], out[1], out[17], out[2]),
+            (1.0, 4.0, 1.0, 2.0, 2.0)
+        );
+        // NVFP4: sub-block scales in unsigned E4M3 (0x38 = 1.0, 0x40 = 2.0).
+        let mut b = [0u8; 36];
+        b[0] = 0x38;
+        b[1] = 0x40;
+        b[4] = 0x06; // sub-block 0 element 0: 4
+        b[12] = 0x03; // sub-block 1 element 0: 1.5
+        let mut out = [0f32; 64];
+        steps(GgmlType::NVFP4, &b, &mut out).unwrap();
+        assert_eq!((out[0], out[1], out[16]), (2.0, 0.5, 1.0));
+        // IQ4_NL: the larger gap to a neighbouring codebook value (-127 → 23, 1 → 12, 113 → 24).
+        let mut b = [0u8; 18];
+        b[0..2].copy_from_slice(&f16b(0.5));
+        b[2] = 0xF0; // element 0: code 0 (-127), element 16: code 15 (113)
+        b[3] = 0x08; // element 1: code 8 (1)
+        let mut out = [0f32; 32];
+        steps(GgmlType::IQ4_NL, &b, &mut out).unwrap();
+        assert_eq!((out[0], out[16], out[1]), (11.5, 12.0, 6.0));
+        // Plain floats: the ulp of the value.
+        let mut out = [0f32; 2];
+        let b: Vec<u8> = [f16b(1.0), f16b(-3.0)].concat();
+        steps(GgmlType::F16, &b, &mut out).unwrap();
+        assert_eq!(out, [1.0 / 1024.0, 2.0 / 1024.0]);
     }
 
     #[test]

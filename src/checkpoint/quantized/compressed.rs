@@ -52,7 +52,7 @@
 use super::super::dtype::{DType, decode_f32, decode_f64};
 use super::super::encoding::{Decode, Raw};
 use super::super::{Checkpoint, TensorEntry};
-use super::caveat;
+use super::{caveat, e2m1_step, float_step};
 use crate::error::{Error, Result};
 use serde_json::Value;
 use std::collections::BTreeSet;
@@ -630,51 +630,23 @@ impl CtWeight {
         ((r - g0) * self.scale_cols + c) as usize
     }
 
-    fn fail(&self, e: &TensorEntry, reason: String) -> Error {
-        Error::Tensor {
-            path: self.scale_path.clone(),
-            tensor: e.name.clone(),
-            reason,
-        }
-    }
-}
-
-impl Decode for CtWeight {
-    fn storage(&self) -> String {
-        let codes = match self.kind {
-            Kind::Naive => self.code_dtype.to_string(),
-            Kind::Packed(b) => format!("I{b} packed"),
-            Kind::Nvfp4 | Kind::Mxfp4 => "E2M1 packed".to_string(),
-        };
-        let scale = match self.kind {
-            Kind::Mxfp4 => "F8_E8M0".to_string(),
-            _ => self.scale_dtype.to_string(),
-        };
-        let mut s = format!("{codes}, {scale} scales {}", self.grid);
-        if self.global.is_some() {
-            s.push_str(", F32 global scale");
-        }
-        if self.zero.is_some() {
-            s.push_str(", zero points");
-        }
-        s
-    }
-
-    fn rows(&self) -> (u64, u64) {
-        (self.rows, self.cols)
-    }
-
-    fn row_granule(&self) -> u64 {
-        1
-    }
-
-    fn decode_rows(&self, raw: Raw<'_>, rows: Range<u64>, out: &mut Vec<f32>) -> Result<()> {
+    /// The codes of `rows` as f32 values (exact) into `out`, and the scales (divided by
+    /// the global scale) and zero points of the grid rows they cover, with the first
+    /// grid row's index; `None` for no rows.
+    #[allow(clippy::type_complexity)]
+    fn codes_and_grid(
+        &self,
+        raw: Raw<'_>,
+        rows: &Range<u64>,
+        out: &mut Vec<f32>,
+    ) -> Result<Option<(Vec<f32>, Option<Vec<f32>>, u64)>> {
+        let rows = rows.clone();
         let n = (rows.end - rows.start) as usize;
         let cols = self.cols as usize;
         out.clear();
         out.resize(n * cols, 0.0);
         if n == 0 {
-            return Ok(());
+            return Ok(None);
         }
         // The codes, as f32 values (exact).
         let bytes = raw(
@@ -785,8 +757,53 @@ impl Decode for CtWeight {
                 Some(zs)
             }
         };
+        Ok(Some((scales, zeros, g.start)))
+    }
+
+    fn fail(&self, e: &TensorEntry, reason: String) -> Error {
+        Error::Tensor {
+            path: self.scale_path.clone(),
+            tensor: e.name.clone(),
+            reason,
+        }
+    }
+}
+
+impl Decode for CtWeight {
+    fn storage(&self) -> String {
+        let codes = match self.kind {
+            Kind::Naive => self.code_dtype.to_string(),
+            Kind::Packed(b) => format!("I{b} packed"),
+            Kind::Nvfp4 | Kind::Mxfp4 => "E2M1 packed".to_string(),
+        };
+        let scale = match self.kind {
+            Kind::Mxfp4 => "F8_E8M0".to_string(),
+            _ => self.scale_dtype.to_string(),
+        };
+        let mut s = format!("{codes}, {scale} scales {}", self.grid);
+        if self.global.is_some() {
+            s.push_str(", F32 global scale");
+        }
+        if self.zero.is_some() {
+            s.push_str(", zero points");
+        }
+        s
+    }
+
+    fn rows(&self) -> (u64, u64) {
+        (self.rows, self.cols)
+    }
+
+    fn row_granule(&self) -> u64 {
+        1
+    }
+
+    fn decode_rows(&self, raw: Raw<'_>, rows: Range<u64>, out: &mut Vec<f32>) -> Result<()> {
+        let Some((scales, zeros, g0)) = self.codes_and_grid(raw, &rows, out)? else {
+            return Ok(());
+        };
+        let cols = self.cols as usize;
         let arith = self.arith;
-        let g0 = g.start;
         let fp4 = matches!(self.kind, Kind::Nvfp4 | Kind::Mxfp4);
         for (k, row) in out.chunks_exact_mut(cols).enumerate() {
             let i = rows.start + k as u64;
@@ -804,6 +821,28 @@ impl Decode for CtWeight {
             }
         }
         Ok(())
+    }
+
+    /// `|s|` for integer codes, `|s| · 2^(e − m)` for F8 codes (m = 3 for E4M3, 2 for
+    /// E5M2), `|s| · e2m1_step(q)` for NVFP4 / MXFP4 (s: the scale over the global scale).
+    fn decode_steps(&self, raw: Raw<'_>, rows: Range<u64>, out: &mut Vec<f32>) -> Result<bool> {
+        let Some((scales, _, g0)) = self.codes_and_grid(raw, &rows, out)? else {
+            return Ok(true);
+        };
+        let cols = self.cols as usize;
+        let unit: fn(f32) -> f32 = match (self.kind, self.code_dtype) {
+            (Kind::Nvfp4 | Kind::Mxfp4, _) => e2m1_step,
+            (Kind::Naive, DType::F8E4M3) => |q| float_step(q, 3, -6),
+            (Kind::Naive, DType::F8E5M2) => |q| float_step(q, 2, -14),
+            _ => |_| 1.0,
+        };
+        for (k, row) in out.chunks_exact_mut(cols).enumerate() {
+            let i = rows.start + k as u64;
+            for (j, v) in row.iter_mut().enumerate() {
+                *v = unit(*v) * scales[self.cell(i, j as u64, g0)].abs();
+            }
+        }
+        Ok(true)
     }
 }
 
@@ -829,6 +868,115 @@ fn unpack_row(words: &[u32], b: u32, out: &mut [f32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::checkpoint::shard::Window;
+
+    fn entry(name: &str, dtype: DType, shape: Vec<usize>, len: u64) -> TensorEntry {
+        TensorEntry {
+            name: name.into(),
+            dtype: Ok(dtype),
+            shape,
+            shard: 0,
+            offset: 0,
+            len,
+            layout: None,
+            encoded: None,
+        }
+    }
+
+    /// A weight of `kind` with codes `codes` [rows, row_bytes] and `scales` (F32 unless
+    /// NVFP4: F8_E4M3 bytes, with a global scale `global`).
+    fn weight(kind: Kind, code_dtype: DType, grid: Grid, (rows, cols): (u64, u64)) -> CtWeight {
+        let (scale_dtype, scale_cols) = match grid {
+            Grid::Group(g) => (
+                if matches!(kind, Kind::Nvfp4) {
+                    DType::F8E4M3
+                } else {
+                    DType::F32
+                },
+                cols / g,
+            ),
+            _ => (DType::F32, 1),
+        };
+        let row_bytes = match kind {
+            Kind::Nvfp4 | Kind::Mxfp4 => cols / 2,
+            _ => cols,
+        };
+        CtWeight {
+            kind,
+            codes: entry(
+                "codes",
+                code_dtype,
+                vec![rows as usize, row_bytes as usize],
+                rows * row_bytes,
+            ),
+            code_dtype,
+            scale: entry("scale", scale_dtype, vec![], 64),
+            scale_dtype,
+            zero: None,
+            global: matches!(kind, Kind::Nvfp4).then(|| entry("global", DType::F32, vec![1], 4)),
+            grid,
+            arith: Arith::F32,
+            scale_path: "x".into(),
+            rows,
+            cols,
+            scale_cols,
+            row_bytes,
+        }
+    }
+
+    fn steps_of(w: &CtWeight, codes: &[u8], scales: &[u8], global: f32) -> Vec<f32> {
+        let raw = |e: &TensorEntry, s: u64, l: u64| -> Result<Window> {
+            let b = match e.name.as_str() {
+                "codes" => codes.to_vec(),
+                "scale" => scales.to_vec(),
+                _ => global.to_le_bytes().to_vec(),
+            };
+            Ok(Window::Shared(Arc::new(b), s as usize..(s + l) as usize))
+        };
+        let mut out = Vec::new();
+        assert!(w.decode_steps(&raw, 0..w.rows, &mut out).unwrap());
+        out
+    }
+
+    fn f32s(v: &[f32]) -> Vec<u8> {
+        v.iter().flat_map(|x| x.to_le_bytes()).collect()
+    }
+
+    #[test]
+    fn int_codes_step_by_their_group_scale() {
+        let w = weight(Kind::Naive, DType::I8, Grid::Group(2), (2, 4));
+        let codes = [1u8, 0x80, 7, 0, 0, 0, 0x7f, 3];
+        let got = steps_of(&w, &codes, &f32s(&[0.5, -2.0, 1.0, 0.25]), 0.0);
+        assert_eq!(got, [0.5, 0.5, 2.0, 2.0, 1.0, 1.0, 0.25, 0.25]);
+        // Packed int4: the same steps whatever the codes.
+        let w = weight(Kind::Packed(4), DType::I32, Grid::Channel, (2, 8));
+        let w = CtWeight { row_bytes: 4, ..w };
+        let got = steps_of(
+            &w,
+            &[0x12, 0x34, 0x56, 0x78, 0, 0, 0, 0],
+            &f32s(&[0.125, 3.0]),
+            0.0,
+        );
+        assert_eq!(got, [[0.125; 8], [3.0; 8]].concat());
+    }
+
+    #[test]
+    fn fp8_codes_step_by_the_scale_times_their_exponent_spacing() {
+        let w = weight(Kind::Naive, DType::F8E4M3, Grid::Tensor, (1, 4));
+        // 1.0, 0, 448, -0.5 with a tensor scale of 2.
+        let got = steps_of(&w, &[0x38, 0x00, 0x7E, 0xB0], &f32s(&[2.0]), 0.0);
+        assert_eq!(got, [0.25, 2.0 / 512.0, 64.0, 0.125]);
+    }
+
+    #[test]
+    fn nvfp4_codes_step_by_e2m1_spacing_times_scale_over_global() {
+        let w = weight(Kind::Nvfp4, DType::U8, Grid::Group(16), (1, 16));
+        // Elements 0, 1: 0.5 and 6; 2, 3: 3 and -2. Scale E4M3 1.0 over a global 2.
+        let codes = [0x71, 0xC5, 0, 0, 0, 0, 0, 0];
+        let got = steps_of(&w, &codes, &[0x38], 2.0);
+        assert_eq!(&got[..4], [0.25, 1.0, 0.5, 0.5]);
+        assert_eq!(got[4], 0.25);
+    }
 
     #[test]
     fn codes_cross_word_boundaries_little_end_first() {

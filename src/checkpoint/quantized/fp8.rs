@@ -2,6 +2,7 @@
 
 use super::super::dtype::{DType, extend_e4m3_scaled};
 use super::super::encoding::{Decode, Raw};
+use super::super::shard::Window;
 use super::super::{Checkpoint, TensorEntry};
 use super::{SCALE_SUFFIX, ScaleType};
 use crate::error::{Error, Result};
@@ -125,22 +126,89 @@ impl Decode for Fp8BlockScaled {
         1
     }
 
-    /// E4M3's 3 mantissa bits, relative to the decoded value: ulp(W) ≈
-    /// 2^(⌊log₂|W|⌋ − 3). Exact for power-of-two tile scales (E8M0); otherwise within a
-    /// factor 2 of the true s·2^(⌊log₂|W/s|⌋ − 3), as ⌊log₂|W|⌋ and ⌊log₂|W/s|⌋ + log₂ s
-    /// differ by less than 1. Codes below E4M3's normal range (|W/s| < 2^−6) are rare
-    /// after amax scaling and are modelled as normal.
-    fn rounding(&self) -> Option<(i32, i32)> {
-        Some((3, -126))
-    }
-
     fn decode_rows(&self, raw: Raw<'_>, rows: Range<u64>, out: &mut Vec<f32>) -> Result<()> {
         let (br, bc) = self.block;
         let cols = self.cols as usize;
-        let n = (rows.end - rows.start) as usize;
-        let codes = raw(&self.weight, rows.start * self.cols, n as u64 * self.cols)?;
+        let (codes, scales, s0) = self.codes_and_scales(raw, &rows)?;
+        let grid_cols = self.cols.div_ceil(bc) as usize;
+        // One pass: a tile's columns at a time, code → f32 times its scale (the
+        // reference's one f32 product); no division per element.
+        out.clear();
+        out.reserve(codes.len());
+        for (i, row) in codes.chunks_exact(cols).enumerate() {
+            let srow = &scales[((rows.start + i as u64) / br - s0) as usize * grid_cols..];
+            for (tile, &s) in row.chunks(bc as usize).zip(srow) {
+                extend_e4m3_scaled(tile, s, out);
+            }
+        }
+        Ok(())
+    }
+
+    /// `|s| · 2^(e − 3)` with `e` the code's exponent (E4M3 subnormals and zero: −6).
+    fn decode_steps(&self, raw: Raw<'_>, rows: Range<u64>, out: &mut Vec<f32>) -> Result<bool> {
+        let (br, bc) = self.block;
+        let cols = self.cols as usize;
+        let (codes, scales, s0) = self.codes_and_scales(raw, &rows)?;
+        let grid_cols = self.cols.div_ceil(bc) as usize;
+        out.clear();
+        out.reserve(codes.len());
+        for (i, row) in codes.chunks_exact(cols).enumerate() {
+            let srow = &scales[((rows.start + i as u64) / br - s0) as usize * grid_cols..];
+            for (tile, &s) in row.chunks(bc as usize).zip(srow) {
+                let s = s.abs();
+                // Exponent field E (bits 6..3, bias 7): e = max(E, 1) − 7, step 2^(e − 3).
+                // 2^(max(E, 1) − 10) as the f32 of exponent field max(E, 1) + 117.
+                out.extend(
+                    tile.iter().map(|&b| {
+                        s * f32::from_bits((((b as u32 >> 3) & 0x0f).max(1) + 117) << 23)
+                    }),
+                );
+            }
+        }
+        Ok(true)
+    }
+
+    /// Both in one pass over the codes (the diff of an FP8 quant against its original).
+    fn decode_rows_and_steps(
+        &self,
+        raw: Raw<'_>,
+        rows: Range<u64>,
+        values: &mut Vec<f32>,
+        steps: &mut Vec<f32>,
+    ) -> Result<bool> {
+        let (br, bc) = self.block;
+        let cols = self.cols as usize;
+        let (codes, scales, s0) = self.codes_and_scales(raw, &rows)?;
+        let grid_cols = self.cols.div_ceil(bc) as usize;
+        values.clear();
+        values.reserve(codes.len());
+        steps.clear();
+        steps.reserve(codes.len());
+        for (i, row) in codes.chunks_exact(cols).enumerate() {
+            let srow = &scales[((rows.start + i as u64) / br - s0) as usize * grid_cols..];
+            for (tile, &s) in row.chunks(bc as usize).zip(srow) {
+                extend_e4m3_scaled(tile, s, values);
+                let s = s.abs();
+                steps.extend(
+                    tile.iter().map(|&b| {
+                        s * f32::from_bits((((b as u32 >> 3) & 0x0f).max(1) + 117) << 23)
+                    }),
+                );
+            }
+        }
+        Ok(true)
+    }
+}
+
+impl Fp8BlockScaled {
+    /// The codes of `rows` and the tile scales of the tile rows they fall in (checked
+    /// finite), with the first tile row's index.
+    fn codes_and_scales(&self, raw: Raw<'_>, rows: &Range<u64>) -> Result<(Window, Vec<f32>, u64)> {
+        let br = self.block.0;
+        let n = rows.end - rows.start;
+        let codes = raw(&self.weight, rows.start * self.cols, n * self.cols)?;
         // The scale rows the window's rows fall in.
-        let grid_cols = self.cols.div_ceil(bc);
+        let grid_cols = self.cols.div_ceil(self.block.1);
         let (s0, s1) = (rows.start / br, rows.end.div_ceil(br));
         let es = self.scale_dtype.size();
         let scale_bytes = raw(&self.scale, s0 * grid_cols * es, (s1 - s0) * grid_cols * es)?;
@@ -158,16 +226,69 @@ impl Decode for Fp8BlockScaled {
                 ),
             });
         }
-        // One pass: a tile's columns at a time, code → f32 times its scale (the
-        // reference's one f32 product); no division per element.
-        out.clear();
-        out.reserve(n * cols);
-        for (i, row) in codes.chunks_exact(cols).enumerate() {
-            let srow = &scales[((rows.start + i as u64) / br - s0) as usize * grid_cols as usize..];
-            for (tile, &s) in row.chunks(bc as usize).zip(srow) {
-                extend_e4m3_scaled(tile, s, out);
-            }
+        Ok((codes, scales, s0))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(name: &str, dtype: DType, shape: Vec<usize>, len: u64) -> TensorEntry {
+        TensorEntry {
+            name: name.into(),
+            dtype: Ok(dtype),
+            shape,
+            shard: 0,
+            offset: 0,
+            len,
+            layout: None,
+            encoded: None,
         }
-        Ok(())
+    }
+
+    #[test]
+    fn fp8_steps_are_the_tile_scale_times_the_codes_exponent_spacing() {
+        // 2×4 codes in 1×2 tiles: scales [[2, 0.5], [1, 4]].
+        let codes: Vec<u8> = vec![0x38, 0x00, 0x01, 0x7E, 0xB8, 0x40, 0x08, 0x37];
+        let scales: Vec<u8> = [2f32, 0.5, 1.0, 4.0]
+            .iter()
+            .flat_map(|s| s.to_le_bytes())
+            .collect();
+        let d = Fp8BlockScaled {
+            weight: entry("w", DType::F8E4M3, vec![2, 4], 8),
+            scale: entry("w_scale_inv", DType::F32, vec![2, 2], 16),
+            scale_dtype: ScaleType::Float(DType::F32),
+            scale_path: "x".into(),
+            block: (1, 2),
+            rows: 2,
+            cols: 4,
+        };
+        let raw = |e: &TensorEntry, s: u64, l: u64| -> Result<Window> {
+            let bytes = if e.name == "w" { &codes } else { &scales };
+            Ok(Window::Shared(
+                Arc::new(bytes.clone()),
+                s as usize..(s + l) as usize,
+            ))
+        };
+        let mut out = Vec::new();
+        assert!(d.decode_steps(&raw, 0..2, &mut out).unwrap());
+        // 0x38 = 1.0: 2^-3; 0x00 and 0x01 (zero, subnormal): 2^-9; 0x7E = 448: 2^5;
+        // 0xB8 = -1.0: 2^-3; 0x40 = 2.0: 2^-2; 0x08 = 2^-6 (smallest normal): 2^-9;
+        // 0x37 = 0.9375: 2^-4.
+        let want = [
+            2.0 / 8.0,
+            2.0 / 512.0,
+            0.5 / 512.0,
+            0.5 * 32.0,
+            1.0 / 8.0,
+            1.0 / 4.0,
+            4.0 / 512.0,
+            4.0 / 16.0,
+        ];
+        assert_eq!(out, want);
+        // Rows from 1: the same steps as the second row of the whole.
+        assert!(d.decode_steps(&raw, 1..2, &mut out).unwrap());
+        assert_eq!(out, want[4..]);
     }
 }

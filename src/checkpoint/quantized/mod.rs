@@ -73,6 +73,36 @@ pub fn apply(ck: &mut Checkpoint) {
     }
 }
 
+/// 2^k as an f32 (0 below f32's subnormals), for steps built from exponents.
+#[inline(always)]
+pub(crate) fn pow2(k: i32) -> f32 {
+    f64::from_bits(((k.clamp(-1022, 1023) + 1023) as u64) << 52) as f32
+}
+
+/// The step of a float code of value `q` with `bits` stored mantissa bits and smallest
+/// normal exponent `emin`: 2^(max(⌊log₂|q|⌋, emin) − bits) (the spacing of the codes at
+/// `q`; below the normal range, the subnormals' fixed spacing). Exact for every value of
+/// the 8-bit and 16-bit float formats (all of them are f32 normals or zero).
+#[inline(always)]
+pub(crate) fn float_step(q: f32, bits: i32, emin: i32) -> f32 {
+    let e = ((q.to_bits() >> 23) & 0xff) as i32 - 127;
+    pow2(e.max(emin) - bits)
+}
+
+/// The step of an E2M1 value `q` (in code units, before its scale): 0.5 below 2, 1 in
+/// [2, 4), 2 from 4 (the spacing of {0, 0.5, 1, 1.5, 2, 3, 4, 6} at and above `|q|`).
+#[inline(always)]
+pub(crate) fn e2m1_step(q: f32) -> f32 {
+    let m = q.abs();
+    if m < 2.0 {
+        0.5
+    } else if m < 4.0 {
+        1.0
+    } else {
+        2.0
+    }
+}
+
 /// A warning that the numbers may be wrong.
 pub(super) fn caveat(ck: &mut Checkpoint, w: String) {
     ck.caveats.push(w.clone());
@@ -117,6 +147,34 @@ impl std::fmt::Display for ScaleType {
         match self {
             ScaleType::Float(d) => write!(f, "{d}"),
             ScaleType::E8M0 => f.write_str("F8_E8M0"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod step_tests {
+    use super::*;
+
+    #[test]
+    fn float_steps_are_the_spacing_of_the_codes_at_each_value() {
+        // E4M3: 3 mantissa bits, normals from 2^-6.
+        assert_eq!(float_step(1.0, 3, -6), 0.125);
+        assert_eq!(float_step(1.875, 3, -6), 0.125);
+        assert_eq!(float_step(448.0, 3, -6), 32.0);
+        assert_eq!(float_step(-3.0, 3, -6), 0.25);
+        // Zero and subnormals: the fixed spacing 2^-9.
+        assert_eq!(float_step(0.0, 3, -6), 1.0 / 512.0);
+        assert_eq!(float_step(3.0 / 512.0, 3, -6), 1.0 / 512.0);
+        // E5M2 and f32's own ulp (subnormal spacing 2^-149).
+        assert_eq!(float_step(1.0, 2, -14), 0.25);
+        assert_eq!(float_step(0.0, 23, -126), f32::from_bits(1));
+    }
+
+    #[test]
+    fn e2m1_steps_are_half_one_and_two() {
+        let want = [0.5, 0.5, 0.5, 0.5, 1.0, 1.0, 2.0, 2.0];
+        for (n, w) in (0u8..16).zip(want.iter().cycle()) {
+            assert_eq!(e2m1_step(compressed::e2m1(n)), *w, "nibble {n}");
         }
     }
 }

@@ -30,8 +30,8 @@
 use super::super::dtype::DType;
 use super::super::encoding::{Decode, Raw};
 use super::super::{Checkpoint, TensorEntry};
-use super::ScaleType;
 use super::compressed::e2m1;
+use super::{ScaleType, e2m1_step};
 use crate::error::{Error, Result};
 use std::ops::Range;
 use std::path::PathBuf;
@@ -139,6 +139,25 @@ impl Decode for Mxfp4Experts {
     }
 
     fn decode_rows(&self, raw: Raw<'_>, rows: Range<u64>, out: &mut Vec<f32>) -> Result<()> {
+        self.each(raw, rows, out, |q, s| q * s)
+    }
+
+    /// `2^(e − 127) · e2m1_step(q)`.
+    fn decode_steps(&self, raw: Raw<'_>, rows: Range<u64>, out: &mut Vec<f32>) -> Result<bool> {
+        self.each(raw, rows, out, |q, s| e2m1_step(q) * s)?;
+        Ok(true)
+    }
+}
+
+impl Mxfp4Experts {
+    /// `f(e2m1 value, scale)` of every logical element of `rows`, in order, into `out`.
+    fn each(
+        &self,
+        raw: Raw<'_>,
+        rows: Range<u64>,
+        out: &mut Vec<f32>,
+        f: impl Fn(f32, f32) -> f32,
+    ) -> Result<()> {
         let (rr, gg) = (self.rows, self.groups);
         let k_len = gg * 32;
         out.clear();
@@ -175,11 +194,54 @@ impl Decode for Mxfp4Experts {
                     let cell = (r * gg + k / 32 - g0) as usize;
                     let byte = b[cell * 16 + (k % 32 / 2) as usize];
                     let nib = if k % 2 == 0 { byte & 0x0f } else { byte >> 4 };
-                    out[base + ((k - k0) * rr + r) as usize] = e2m1(nib) * s[cell];
+                    out[base + ((k - k0) * rr + r) as usize] = f(e2m1(nib), s[cell]);
                 }
             }
             at = e * k_len + k1;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::checkpoint::shard::Window;
+
+    #[test]
+    fn gpt_oss_steps_are_e2m1_spacing_times_the_e8m0_scale() {
+        let entry = |name: &str, shape: Vec<usize>, len: u64| TensorEntry {
+            name: name.into(),
+            dtype: Ok(DType::U8),
+            shape,
+            shard: 0,
+            offset: 0,
+            len,
+            layout: None,
+            encoded: None,
+        };
+        // One expert, one stored row, one group: logical [1, 32, 1]; scale 2^(128−127).
+        let d = Mxfp4Experts {
+            blocks: entry("b", vec![1, 1, 1, 16], 16),
+            scales: entry("s", vec![1, 1, 1], 1),
+            scale_path: "x".into(),
+            experts: 1,
+            rows: 1,
+            groups: 1,
+        };
+        let mut blocks = vec![0u8; 16];
+        blocks[0] = 0x71; // k 0: 0.5, k 1: 6
+        blocks[1] = 0xD4; // k 2: 2, k 3: -3
+        let raw = |e: &TensorEntry, s: u64, l: u64| -> Result<Window> {
+            let b = if e.name == "b" {
+                blocks.clone()
+            } else {
+                vec![128]
+            };
+            Ok(Window::Shared(Arc::new(b), s as usize..(s + l) as usize))
+        };
+        let mut out = Vec::new();
+        assert!(d.decode_steps(&raw, 0..32, &mut out).unwrap());
+        assert_eq!(&out[..5], [1.0, 4.0, 2.0, 2.0, 1.0]);
     }
 }
