@@ -164,12 +164,12 @@ impl<'a> Operator<'a> {
     /// precision (read once, now), else streamed at each product.
     pub fn new(src: &'a dyn DeltaRows, opts: &LowRankOptions, cancel: Cancel<'a>) -> Result<Self> {
         let (m, n) = (src.nrows(), src.ncols());
-        let size = if src.single_precision() { 4 } else { 8 };
-        let fits = m.saturating_mul(n).saturating_mul(size) <= opts.dense_budget_bytes;
+        let single = src.single_precision();
+        let fits = Self::holds(opts, m, n, single);
         let mut op = Operator {
             src,
             held: None,
-            block_rows: (opts.block_bytes / (size * n.max(1))).max(1),
+            block_rows: Self::rows_per_block(opts, n, single),
             cancel,
             reads: 0,
             stats: None,
@@ -185,11 +185,7 @@ impl<'a> Operator<'a> {
                 let st = match src.read_all_f32(&mut buf, cancel) {
                     Some(st) => st?,
                     None => {
-                        if buf.len() > m * n {
-                            buf.truncate(m * n);
-                        } else {
-                            buf.resize(m * n, 0.0);
-                        }
+                        buf.resize(m * n, 0.0);
                         read_held(src, &mut buf, cancel, |r0, r1, out| {
                             src.read_rows_f32(r0, r1, out)
                         })?
@@ -209,6 +205,19 @@ impl<'a> Operator<'a> {
             op.reads = 1;
         }
         Ok(op)
+    }
+
+    /// Whether an m × n Δ is held in memory (products in f32 when `single`), as
+    /// [`Self::new`] decides.
+    pub fn holds(opts: &LowRankOptions, m: usize, n: usize, single: bool) -> bool {
+        let size = if single { 4 } else { 8 };
+        m.saturating_mul(n).saturating_mul(size) <= opts.dense_budget_bytes
+    }
+
+    /// Rows per block of a streamed Δ with n columns, as [`Self::new`] cuts them.
+    pub fn rows_per_block(opts: &LowRankOptions, n: usize, single: bool) -> usize {
+        let size = if single { 4 } else { 8 };
+        (opts.block_bytes / (size * n.max(1))).max(1)
     }
 
     pub fn path(&self) -> super::DeltaPath {
@@ -456,11 +465,13 @@ pub fn decompose(
     let Some(l) = sketch_width(k, oversample, m, n) else {
         return exact(op, name);
     };
-    let signs = omega_signs(seed, name, n, l);
-    let omega = MatRef::from_column_major_slice(&signs, n, l);
+    // Ω is drawn only when the source has not computed ΔΩ already.
     let mut y = match op.sketched(l) {
         Some(y) => y,
-        None => op.mul(omega)?,
+        None => {
+            let signs = omega_signs(seed, name, n, l);
+            op.mul(MatRef::from_column_major_slice(&signs, n, l))?
+        }
     };
     for _ in 0..power_iters {
         let q = orthonormal(&y);

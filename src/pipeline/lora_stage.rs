@@ -125,11 +125,7 @@ impl BufferPool {
             .or_else(|| (!kept.is_empty()).then_some(0));
         let mut buf = i.map(|i| kept.swap_remove(i)).unwrap_or_default();
         drop(kept);
-        if buf.len() > len {
-            buf.truncate(len);
-        } else {
-            buf.resize(len, 0.0);
-        }
+        buf.resize(len, 0.0);
         buf
     }
 
@@ -474,11 +470,7 @@ impl DeltaRows for PairDelta<'_> {
         }
         let (da, db) = self.dtypes();
         let len = self.m * self.n;
-        if out.len() > len {
-            out.truncate(len);
-        } else {
-            out.resize(len, 0.0);
-        }
+        out.resize(len, 0.0);
         let mut total = (0.0, 0.0);
         for c0 in (0..len).step_by(CHUNK) {
             let c1 = (c0 + CHUNK).min(len);
@@ -500,11 +492,15 @@ impl DeltaRows for PairDelta<'_> {
     }
 
     fn single_precision(&self) -> bool {
-        let (da, db) = self.dtypes();
-        let narrow =
-            |d: DType| matches!(d, DType::BF16 | DType::F16 | DType::F8E4M3 | DType::F8E5M2);
-        narrow(da) && narrow(db)
+        f32_products(self.dtypes())
     }
+}
+
+/// Whether the products with Δ of a pair stored so run in f32 (both sides 16- or 8-bit
+/// floats; see [`lowrank::rsvd`]).
+fn f32_products((da, db): (DType, DType)) -> bool {
+    let narrow = |d: DType| matches!(d, DType::BF16 | DType::F16 | DType::F8E4M3 | DType::F8E5M2);
+    narrow(da) && narrow(db)
 }
 
 /// What is extracted from a modified 2-D tensor that becomes a LoRA module: nothing
@@ -633,23 +629,19 @@ impl<'a> DuringDiff<'a> {
     /// Where the diff decodes Δ of `p` as it compares it, when `p` will be analysed
     /// during the diff with Δ held in memory ([`Capture`]).
     pub(super) fn capture(&self, p: &TensorPair) -> Option<Capture<'_>> {
-        let len = p.base.shape.iter().product::<usize>();
-        let src = PairDelta {
-            base: self.base,
-            finetuned: self.finetuned,
-            pair: p,
-            m: 0,
-            n: 0,
-            captured: None,
-        };
-        if !self.eligible_pair(p) || !src.single_precision() || self.recovered.contains_key(&p.name)
-        {
+        if !self.eligible_pair(p) || self.recovered.contains_key(&p.name) {
+            return None;
+        }
+        let dtypes = (
+            *p.base.dtype.as_ref().ok()?,
+            *p.finetuned.dtype.as_ref().ok()?,
+        );
+        if !f32_products(dtypes) {
             return None;
         }
         let lo = &self.opts.lowrank;
         let (m, n) = (p.base.shape[0], p.base.shape[1]);
-        // As `lowrank::rsvd::Operator::new` decides, for f32 products.
-        let kind = if len.saturating_mul(4) <= lo.dense_budget_bytes {
+        let kind = if lowrank::rsvd::Operator::holds(lo, m, n, true) {
             Kind::Held
         } else {
             let extract = matrix_target(p, &self.opts, self.uniform_rank).is_some();
@@ -659,12 +651,12 @@ impl<'a> DuringDiff<'a> {
                 l: lowrank::first_sketch_width(lo, extract, m, n)?,
                 m,
                 n,
-                block_rows: (lo.block_bytes / (4 * n.max(1))).max(1),
+                block_rows: lowrank::rsvd::Operator::rows_per_block(lo, n, true),
             }
         };
         Some(Capture {
-            len,
-            dtypes: src.dtypes(),
+            len: m * n,
+            dtypes,
             kind,
             pool: &self.pool,
             state: Mutex::default(),

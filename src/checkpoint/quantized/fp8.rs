@@ -127,44 +127,18 @@ impl Decode for Fp8BlockScaled {
     }
 
     fn decode_rows(&self, raw: Raw<'_>, rows: Range<u64>, out: &mut Vec<f32>) -> Result<()> {
-        let (br, bc) = self.block;
-        let cols = self.cols as usize;
-        let (codes, scales, s0) = self.codes_and_scales(raw, &rows)?;
-        let grid_cols = self.cols.div_ceil(bc) as usize;
         // One pass: a tile's columns at a time, code → f32 times its scale (the
         // reference's one f32 product); no division per element.
         out.clear();
-        out.reserve(codes.len());
-        for (i, row) in codes.chunks_exact(cols).enumerate() {
-            let srow = &scales[((rows.start + i as u64) / br - s0) as usize * grid_cols..];
-            for (tile, &s) in row.chunks(bc as usize).zip(srow) {
-                extend_e4m3_scaled(tile, s, out);
-            }
-        }
-        Ok(())
+        out.reserve(self.values(&rows));
+        self.each_tile(raw, &rows, |tile, s| extend_e4m3_scaled(tile, s, out))
     }
 
     /// `|s| · 2^(e − 3)` with `e` the code's exponent (E4M3 subnormals and zero: −6).
     fn decode_steps(&self, raw: Raw<'_>, rows: Range<u64>, out: &mut Vec<f32>) -> Result<bool> {
-        let (br, bc) = self.block;
-        let cols = self.cols as usize;
-        let (codes, scales, s0) = self.codes_and_scales(raw, &rows)?;
-        let grid_cols = self.cols.div_ceil(bc) as usize;
         out.clear();
-        out.reserve(codes.len());
-        for (i, row) in codes.chunks_exact(cols).enumerate() {
-            let srow = &scales[((rows.start + i as u64) / br - s0) as usize * grid_cols..];
-            for (tile, &s) in row.chunks(bc as usize).zip(srow) {
-                let s = s.abs();
-                // Exponent field E (bits 6..3, bias 7): e = max(E, 1) − 7, step 2^(e − 3).
-                // 2^(max(E, 1) − 10) as the f32 of exponent field max(E, 1) + 117.
-                out.extend(
-                    tile.iter().map(|&b| {
-                        s * f32::from_bits((((b as u32 >> 3) & 0x0f).max(1) + 117) << 23)
-                    }),
-                );
-            }
-        }
+        out.reserve(self.values(&rows));
+        self.each_tile(raw, &rows, |tile, s| extend_e4m3_steps(tile, s, out))?;
         Ok(true)
     }
 
@@ -176,31 +150,55 @@ impl Decode for Fp8BlockScaled {
         values: &mut Vec<f32>,
         steps: &mut Vec<f32>,
     ) -> Result<bool> {
-        let (br, bc) = self.block;
-        let cols = self.cols as usize;
-        let (codes, scales, s0) = self.codes_and_scales(raw, &rows)?;
-        let grid_cols = self.cols.div_ceil(bc) as usize;
         values.clear();
-        values.reserve(codes.len());
+        values.reserve(self.values(&rows));
         steps.clear();
-        steps.reserve(codes.len());
-        for (i, row) in codes.chunks_exact(cols).enumerate() {
-            let srow = &scales[((rows.start + i as u64) / br - s0) as usize * grid_cols..];
-            for (tile, &s) in row.chunks(bc as usize).zip(srow) {
-                extend_e4m3_scaled(tile, s, values);
-                let s = s.abs();
-                steps.extend(
-                    tile.iter().map(|&b| {
-                        s * f32::from_bits((((b as u32 >> 3) & 0x0f).max(1) + 117) << 23)
-                    }),
-                );
-            }
-        }
+        steps.reserve(self.values(&rows));
+        self.each_tile(raw, &rows, |tile, s| {
+            extend_e4m3_scaled(tile, s, values);
+            extend_e4m3_steps(tile, s, steps);
+        })?;
         Ok(true)
     }
 }
 
+/// The step of each E4M3 code of `tile` under scale `s`, appended to `out`.
+fn extend_e4m3_steps(tile: &[u8], s: f32, out: &mut Vec<f32>) {
+    let s = s.abs();
+    // Exponent field E (bits 6..3, bias 7): e = max(E, 1) − 7, step 2^(e − 3), i.e.
+    // 2^(max(E, 1) − 10), the f32 of exponent field max(E, 1) + 117.
+    out.extend(
+        tile.iter()
+            .map(|&b| s * f32::from_bits((((b as u32 >> 3) & 0x0f).max(1) + 117) << 23)),
+    );
+}
+
 impl Fp8BlockScaled {
+    /// Values in `rows`.
+    fn values(&self, rows: &Range<u64>) -> usize {
+        ((rows.end - rows.start) * self.cols) as usize
+    }
+
+    /// Calls `f(codes, scale)` for each tile-row segment of `rows`, in the logical order.
+    fn each_tile(
+        &self,
+        raw: Raw<'_>,
+        rows: &Range<u64>,
+        mut f: impl FnMut(&[u8], f32),
+    ) -> Result<()> {
+        let (br, bc) = self.block;
+        let cols = self.cols as usize;
+        let (codes, scales, s0) = self.codes_and_scales(raw, rows)?;
+        let grid_cols = self.cols.div_ceil(bc) as usize;
+        for (i, row) in codes.chunks_exact(cols).enumerate() {
+            let srow = &scales[((rows.start + i as u64) / br - s0) as usize * grid_cols..];
+            for (tile, &s) in row.chunks(bc as usize).zip(srow) {
+                f(tile, s);
+            }
+        }
+        Ok(())
+    }
+
     /// The codes of `rows` and the tile scales of the tile rows they fall in (checked
     /// finite), with the first tile row's index.
     fn codes_and_scales(&self, raw: Raw<'_>, rows: &Range<u64>) -> Result<(Window, Vec<f32>, u64)> {
