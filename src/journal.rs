@@ -437,6 +437,7 @@ mod lowrank_tests {
             residuals: BTreeMap::new(),
             method: crate::lowrank::Method::Exact,
             path: crate::lowrank::DeltaPath::InMemory,
+            products: crate::lowrank::rsvd::Precision::F64,
             sketch_width: 2,
             power_iters: 0,
             reads: 1,

@@ -38,6 +38,7 @@
 pub mod detect;
 pub mod extract;
 pub mod rsvd;
+pub mod tiles;
 
 use crate::error::{Error, Result};
 use serde::{Deserialize, Serialize};
@@ -80,6 +81,13 @@ pub trait DeltaRows: Sync {
     fn single_precision(&self) -> bool {
         false
     }
+    /// Whether the range sketch may round Δ to bf16 (8 significant bits): true when one
+    /// side is stored with at most bf16's precision, so that Δ's own storage rounding is
+    /// at least about that of bf16(Δ) ([`tiles`]). It then runs on AMX tiles where the
+    /// CPU has them ([`rsvd::Products`]).
+    fn bf16_products(&self) -> bool {
+        false
+    }
     /// All of Δ in f32 for a held Δ of a [`Self::single_precision`] source, when the
     /// source has a better way to fill it than by row blocks (the pipeline: Δ already
     /// decoded from the windows the diff read, handed over by swapping `out` with it).
@@ -90,11 +98,12 @@ pub trait DeltaRows: Sync {
         None
     }
     /// For a streamed [`Self::single_precision`] Δ: the first product of
-    /// [`rsvd::decompose`], (ΔΩ)ᵀ (l × m, f32) for the Ω of width `l` it draws
-    /// ([`rsvd::omega_t`]), with (Σ Δ², Σ rounding variance), when the source computed it
-    /// already (the pipeline: from the windows the diff read, block by block as the
-    /// stage's own pass would, so the bits are the same). `None`: the stage computes it.
-    fn sketched(&self, l: usize) -> Option<(faer::Mat<f32>, (f64, f64))> {
+    /// [`rsvd::decompose`], ΔΩ (m × l) for the Ω of width `l` it draws
+    /// ([`rsvd::RowProduct::omega`]), with (Σ Δ², Σ rounding variance), when the source
+    /// computed it already (the pipeline: from the windows the diff read, block by block
+    /// as the stage's own pass would, so the bits are the same). `None`: the stage
+    /// computes it.
+    fn sketched(&self, l: usize) -> Option<(faer::Mat<f64>, (f64, f64))> {
         let _ = l;
         None
     }
@@ -192,6 +201,14 @@ pub struct LowRankOptions {
     pub rank_rule: RankRule,
     /// Upper bound on any extracted rank.
     pub max_rank: Option<usize>,
+    /// Lets the products run on AMX tiles with Δ in bf16 where the CPU has them and the
+    /// pair allows it ([`tiles`], [`rsvd::Products`]); false keeps them in f32.
+    #[serde(default = "yes")]
+    pub tiles: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 impl Default for LowRankOptions {
@@ -207,6 +224,7 @@ impl Default for LowRankOptions {
             block_bytes: 1 << 20,
             rank_rule: RankRule::Fixed { rank: 16 },
             max_rank: None,
+            tiles: true,
         }
     }
 }
@@ -286,6 +304,9 @@ pub struct TensorSpectrum {
     pub method: Method,
     /// Where Δ was while they were.
     pub path: DeltaPath,
+    /// The precision of the products with Δ.
+    #[serde(default)]
+    pub products: rsvd::Precision,
     /// Columns of the sketch the values come from (the screen's or the full one's).
     #[serde(default)]
     pub sketch_width: usize,
@@ -353,7 +374,7 @@ fn screens(opts: &LowRankOptions, full_k: usize, m: usize, n: usize) -> bool {
 }
 
 /// The width l of the first sketch [`analyze`] draws for an m × n Δ (its first product is
-/// ΔΩ with Ω of l columns, [`rsvd::omega_t`]), or `None` when it computes Δ's exact SVD.
+/// ΔΩ with Ω of l columns, [`rsvd::RowProduct::omega`]), or `None` when it computes Δ's exact SVD.
 pub fn first_sketch_width(
     opts: &LowRankOptions,
     extract: bool,
@@ -463,6 +484,11 @@ pub fn analyze(
         residuals,
         method: d.method,
         path: d.path,
+        // The exact SVD runs in f64 on the held Δ.
+        products: match d.method {
+            Method::Exact => rsvd::Precision::F64,
+            Method::Randomized => op.precision(),
+        },
         sketch_width: if d.method == Method::Exact {
             m.min(n)
         } else {

@@ -13,11 +13,17 @@
 //! computed sᵢ are the true residuals of the factors we write.
 //!
 //! **Precision.** The products with Δ (all the flops: 2·m·n·l per product) run in the
-//! precision [`DeltaRows::single_precision`] allows: f32 for deltas of 16- and 8-bit
-//! checkpoints, whose storage rounding (2⁻⁹ relative for bf16) is some 10⁴ times the
-//! f32 product error (~√n·2⁻²⁴), and f64 otherwise (an f32 checkpoint's rounding is at
-//! the f32 product error, so f32 products would bury the floor the detector compares
-//! against). The small dense steps — the QR of Y (m × l), the SVD of B (l × n) — always
+//! precision [`DeltaRows::single_precision`] allows ([`Products`]): f32 for deltas of
+//! 16- and 8-bit checkpoints, whose storage rounding (2⁻⁹ relative for bf16) is some 10⁴
+//! times the f32 product error (~√n·2⁻²⁴), and f64 otherwise (an f32 checkpoint's
+//! rounding is at the f32 product error, so f32 products would bury the floor the
+//! detector compares against). The range sketch of a streamed Δ (Y = ΔΩ and the ΔZ of
+//! power iterations, used only through their column space) runs on AMX tiles with Δ in
+//! bf16 where the CPU has them and one side is stored in bf16 or fp8
+//! ([`DeltaRows::bf16_products`], [`super::tiles`]); the products whose values are
+//! reported (B = QᵀΔ, the refinement's ΔV) stay f32, so the identity above is exact
+//! whatever the sketch ran in. The small dense steps — the QR of Y (m × l), the SVD of
+//! B (l × n) — always
 //! run in f64; they cost O((m + n)·l²), nothing next to the products when they run at
 //! the matmul rate: the QRs are CholeskyQR2 and the SVDs of tall sketches the SVD of
 //! their l × l R (`cholesky_qr`, `tall_svd`), Householder only where Y is too
@@ -34,6 +40,7 @@
 //! When l reaches min(m, n) the randomized method buys nothing and the exact thin SVD of
 //! Δ is computed instead.
 
+use super::tiles::{Right, Tiles};
 use super::{Cancel, DeltaRows, LowRankOptions, for_each_row_block};
 use crate::error::Result;
 use crate::rng::Gaussian;
@@ -72,6 +79,64 @@ impl Real for f64 {
     }
 }
 
+/// The precision of the products with Δ (module docs).
+#[derive(Clone, Copy, Debug)]
+pub enum Products {
+    /// f64 on faer.
+    F64,
+    /// f32 on faer.
+    F32,
+    /// f32 on faer, and the range sketch of a streamed Δ in bf16 with f32 sums on AMX
+    /// tiles ([`super::tiles`]).
+    Tiles(Tiles),
+}
+
+/// The precision the products with one Δ ran in, as the reports name it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Precision {
+    F64,
+    #[default]
+    F32,
+    /// The range sketch's products in bf16 on AMX tiles, the others in f32
+    /// ([`super::tiles`]).
+    F32Bf16Sketch,
+}
+
+impl Products {
+    /// For a source whose products may run in f32 (`single`, [`DeltaRows::single_precision`])
+    /// and with Δ in bf16 (`bf16`, [`DeltaRows::bf16_products`], and allowed by
+    /// [`LowRankOptions::tiles`]).
+    pub fn choose(single: bool, bf16: bool) -> Products {
+        match (single, bf16.then(Tiles::get).flatten()) {
+            (true, Some(t)) => Products::Tiles(t),
+            (true, None) => Products::F32,
+            (false, _) => Products::F64,
+        }
+    }
+
+    /// The products of `src` under `opts`.
+    pub fn of(src: &dyn DeltaRows, opts: &LowRankOptions) -> Products {
+        Self::choose(src.single_precision(), opts.tiles && src.bf16_products())
+    }
+
+    /// The tiles, for a streamed Δ's range sketch.
+    pub fn range_tiles(self) -> Option<Tiles> {
+        match self {
+            Products::Tiles(t) => Some(t),
+            _ => None,
+        }
+    }
+
+    /// Bytes per element of Δ as held and read.
+    fn element_bytes(self) -> usize {
+        match self {
+            Products::F64 => 8,
+            Products::F32 | Products::Tiles(_) => 4,
+        }
+    }
+}
+
 /// A truncated decomposition Δ ≈ U diag(s) Vᵀ, singular values non-increasing.
 pub struct Decomposition {
     /// m × l
@@ -102,7 +167,10 @@ pub enum Held {
 /// Δ as the products see it: held (in the chosen precision) or streamed by row blocks.
 pub struct Operator<'a> {
     src: &'a dyn DeltaRows,
+    products: Products,
     held: Option<Held>,
+    /// Whether a product ran on tiles.
+    tiles_used: bool,
     block_rows: usize,
     cancel: Cancel<'a>,
     /// Passes over the stored bytes so far.
@@ -164,12 +232,14 @@ impl<'a> Operator<'a> {
     /// precision (read once, now), else streamed at each product.
     pub fn new(src: &'a dyn DeltaRows, opts: &LowRankOptions, cancel: Cancel<'a>) -> Result<Self> {
         let (m, n) = (src.nrows(), src.ncols());
-        let single = src.single_precision();
-        let fits = Self::holds(opts, m, n, single);
+        let products = Products::of(src, opts);
+        let fits = Self::holds(opts, m, n, products);
         let mut op = Operator {
             src,
+            products,
             held: None,
-            block_rows: Self::rows_per_block(opts, n, single),
+            tiles_used: false,
+            block_rows: Self::rows_per_block(opts, n, products),
             cancel,
             reads: 0,
             stats: None,
@@ -177,7 +247,7 @@ impl<'a> Operator<'a> {
         if fits {
             let (held, stats) = if m * n == 0 {
                 (Held::F64(Vec::new()), (0.0, 0.0))
-            } else if src.single_precision() {
+            } else if !matches!(products, Products::F64) {
                 // Reused from this thread's last tensor: fresh pages cost ~20x more to
                 // touch than warm ones (BENCHMARKS.md).
                 // Every element is overwritten by the read: only growth is zeroed.
@@ -207,17 +277,45 @@ impl<'a> Operator<'a> {
         Ok(op)
     }
 
-    /// Whether an m × n Δ is held in memory (products in f32 when `single`), as
-    /// [`Self::new`] decides.
-    pub fn holds(opts: &LowRankOptions, m: usize, n: usize, single: bool) -> bool {
-        let size = if single { 4 } else { 8 };
+    /// Whether an m × n Δ is held in memory, as [`Self::new`] decides.
+    pub fn holds(opts: &LowRankOptions, m: usize, n: usize, products: Products) -> bool {
+        let size = products.element_bytes();
         m.saturating_mul(n).saturating_mul(size) <= opts.dense_budget_bytes
     }
 
-    /// Rows per block of a streamed Δ with n columns, as [`Self::new`] cuts them.
-    pub fn rows_per_block(opts: &LowRankOptions, n: usize, single: bool) -> usize {
-        let size = if single { 4 } else { 8 };
-        (opts.block_bytes / (size * n.max(1))).max(1)
+    /// Rows per block of a streamed Δ with n columns, as [`Self::new`] cuts them. On
+    /// tiles a block is twice `block_bytes` (Δ is in bf16 there) and whole 32-row panels
+    /// of them ([`super::tiles`]), up to 32 rows of at most 8 × `block_bytes`.
+    pub fn rows_per_block(opts: &LowRankOptions, n: usize, products: Products) -> usize {
+        let size = products.element_bytes();
+        let n = n.max(1);
+        match products {
+            Products::Tiles(_) => {
+                let rows = 2 * opts.block_bytes / (size * n);
+                if rows >= 32 {
+                    rows / 32 * 32
+                } else if 32 * size * n <= 8 * opts.block_bytes {
+                    32
+                } else {
+                    rows.max(1)
+                }
+            }
+            _ => (opts.block_bytes / (size * n)).max(1),
+        }
+    }
+
+    /// The precision of the products.
+    pub fn products(&self) -> Products {
+        self.products
+    }
+
+    /// The precision the products so far ran in.
+    pub fn precision(&self) -> Precision {
+        match (self.products, self.tiles_used) {
+            (Products::F64, _) => Precision::F64,
+            (_, true) => Precision::F32Bf16Sketch,
+            (_, false) => Precision::F32,
+        }
     }
 
     pub fn path(&self) -> super::DeltaPath {
@@ -244,13 +342,40 @@ impl<'a> Operator<'a> {
         self.cancel
     }
 
-    /// Δ · x (m × l).
+    /// Δ · x (m × l) in f32 or f64: the products whose values are reported.
     pub fn mul(&mut self, x: MatRef<'_, f64>) -> Result<Mat<f64>> {
-        match self.held.as_ref() {
-            Some(Held::F32(b)) => Ok(held_mul::<f32>(b, self.src, x)),
-            Some(Held::F64(b)) => Ok(held_mul::<f64>(b, self.src, x)),
-            None if self.src.single_precision() => self.streamed_mul::<f32>(x),
-            None => self.streamed_mul::<f64>(x),
+        self.product(x, None)
+    }
+
+    /// Δ · x (m × l) of the range sketch (only its column space is used): on tiles for a
+    /// streamed Δ when they run ([`super::tiles`]), else as [`Self::mul`].
+    pub fn mul_range(&mut self, x: MatRef<'_, f64>) -> Result<Mat<f64>> {
+        self.product(x, self.products.range_tiles())
+    }
+
+    fn product(&mut self, x: MatRef<'_, f64>, tiles: Option<Tiles>) -> Result<Mat<f64>> {
+        match (self.held.as_ref(), self.products) {
+            (Some(Held::F32(b)), _) => Ok(held_mul::<f32>(b, self.src, x)),
+            (Some(Held::F64(b)), _) => Ok(held_mul::<f64>(b, self.src, x)),
+            (None, Products::F64) => self.streamed_mul::<f64>(x),
+            (None, _) => {
+                self.tiles_used |= tiles.is_some();
+                let mut p = RowProduct::new(tiles, x, self.src.nrows());
+                let (mut f2, mut var) = (0.0, 0.0);
+                for_each_row_block::<f32>(
+                    self.src,
+                    self.block_rows,
+                    self.cancel,
+                    |r0, rows, st| {
+                        f2 += st.0;
+                        var += st.1;
+                        p.add(r0, rows);
+                    },
+                )?;
+                self.reads += 1;
+                self.stats.get_or_insert((f2, var));
+                Ok(p.finish())
+            }
         }
     }
 
@@ -258,25 +383,27 @@ impl<'a> Operator<'a> {
     /// it already ([`DeltaRows::sketched`]; a streamed Δ only). It counts as a pass over
     /// Δ: the source made one to compute it.
     fn sketched(&mut self, l: usize) -> Option<Mat<f64>> {
-        if self.held.is_some() || !self.src.single_precision() {
+        if self.held.is_some() || matches!(self.products, Products::F64) {
             return None;
         }
-        let (yt, st) = self.src.sketched(l)?;
-        if yt.nrows() != l || yt.ncols() != self.src.nrows() {
+        let (y, st) = self.src.sketched(l)?;
+        if y.ncols() != l || y.nrows() != self.src.nrows() {
             return None;
         }
         self.reads += 1;
         self.stats.get_or_insert(st);
-        Some(widen(yt.transpose()))
+        // The source sketched with the same choice of products ([`RowProduct::omega`]).
+        self.tiles_used |= self.products.range_tiles().is_some();
+        Some(y)
     }
 
     /// Δᵀ · q (n × l).
     pub fn tmul(&mut self, q: MatRef<'_, f64>) -> Result<Mat<f64>> {
-        match self.held.as_ref() {
-            Some(Held::F32(b)) => Ok(held_tmul::<f32>(b, self.src, q)),
-            Some(Held::F64(b)) => Ok(held_tmul::<f64>(b, self.src, q)),
-            None if self.src.single_precision() => self.streamed_tmul::<f32>(q),
-            None => self.streamed_tmul::<f64>(q),
+        match (self.held.as_ref(), self.products) {
+            (Some(Held::F32(b)), _) => Ok(held_tmul::<f32>(b, self.src, q)),
+            (Some(Held::F64(b)), _) => Ok(held_tmul::<f64>(b, self.src, q)),
+            (None, Products::F64) => self.streamed_tmul::<f64>(q),
+            (None, _) => self.streamed_tmul::<f32>(q),
         }
     }
 
@@ -423,18 +550,73 @@ fn omega_signs(seed: u64, name: &str, n: usize, l: usize) -> Vec<f64> {
     signs
 }
 
-/// Ωᵀ (l × n) of [`decompose`] in f32, for a source that computes its first product
-/// ([`DeltaRows::sketched`]) with [`sketch_block`].
-pub fn omega_t(seed: u64, name: &str, n: usize, l: usize) -> Mat<f32> {
-    let signs = omega_signs(seed, name, n, l);
-    Mat::from_fn(l, n, |i, j| signs[i * n + j] as f32)
+/// Y = ΔX (m × l) built block by block of Δ's rows in f32 products, on faer or on
+/// tiles: the streamed Δ·X of the stage's pass, and of a source that computes the first
+/// product of [`decompose`] itself ([`DeltaRows::sketched`]), so both give the same bits.
+pub struct RowProduct {
+    kind: RowKind,
+    m: usize,
+    l: usize,
+}
+
+enum RowKind {
+    /// Xᵀ (l × n) and (ΔX)ᵀ (l × m).
+    Faer { xt: Mat<f32>, yt: Mat<f32> },
+    /// X packed for the tiles, and Y row-major.
+    Tiles { x: Right, y: Vec<f32> },
+}
+
+impl RowProduct {
+    /// For X (n × l) and m rows of Δ: on `tiles` (a range sketch) or in f32 on faer.
+    pub fn new(tiles: Option<Tiles>, x: MatRef<'_, f64>, m: usize) -> RowProduct {
+        let l = x.ncols();
+        let kind = match tiles {
+            Some(t) => RowKind::Tiles {
+                x: Right::new(t, x),
+                y: vec![0.0; m * l],
+            },
+            None => RowKind::Faer {
+                xt: cast::<f32>(x.transpose()),
+                yt: Mat::zeros(l, m),
+            },
+        };
+        RowProduct { kind, m, l }
+    }
+
+    /// For the Ω of width `l` that [`decompose`] draws for an m × n Δ named `name`.
+    pub fn omega(
+        tiles: Option<Tiles>,
+        seed: u64,
+        name: &str,
+        (m, n): (usize, usize),
+        l: usize,
+    ) -> Self {
+        let signs = omega_signs(seed, name, n, l);
+        Self::new(tiles, MatRef::from_column_major_slice(&signs, n, l), m)
+    }
+
+    /// Adds the rows `r0..` of Δ given in `rows` (row-major).
+    pub fn add(&mut self, r0: usize, rows: &[f32]) {
+        match &mut self.kind {
+            RowKind::Faer { xt, yt } => sketch_block(yt.as_mut(), xt.as_ref(), r0, rows),
+            RowKind::Tiles { x, y } => x.mul_rows(rows, r0, y),
+        }
+    }
+
+    /// Y (m × l).
+    pub fn finish(self) -> Mat<f64> {
+        let (m, l) = (self.m, self.l);
+        match self.kind {
+            RowKind::Faer { yt, .. } => widen(yt.transpose()),
+            RowKind::Tiles { y, .. } => Mat::from_fn(m, l, |i, j| y[i * l + j] as f64),
+        }
+    }
 }
 
 /// Writes the rows `r0..` of Δ given in `rows` (row-major, n columns) into the
 /// transposed product `yt` = (ΔX)ᵀ = XᵀΔᵀ (l × m), with `xt` = Xᵀ (l × n): the one block
-/// step of a streamed Δ·X, shared by the stage's pass and a source's [`DeltaRows::sketched`]
-/// so both give the same bits.
-pub fn sketch_block<T: Real>(yt: faer::MatMut<'_, T>, xt: MatRef<'_, T>, r0: usize, rows: &[T]) {
+/// step of a streamed Δ·X on faer.
+fn sketch_block<T: Real>(yt: faer::MatMut<'_, T>, xt: MatRef<'_, T>, r0: usize, rows: &[T]) {
     let n = xt.ncols();
     let blk = MatRef::from_row_major_slice(rows, rows.len() / n.max(1), n);
     let k = blk.nrows();
@@ -470,13 +652,13 @@ pub fn decompose(
         Some(y) => y,
         None => {
             let signs = omega_signs(seed, name, n, l);
-            op.mul(MatRef::from_column_major_slice(&signs, n, l))?
+            op.mul_range(MatRef::from_column_major_slice(&signs, n, l))?
         }
     };
     for _ in 0..power_iters {
         let q = orthonormal(&y);
         let z = orthonormal(&op.tmul(q.as_ref())?);
-        y = op.mul(z.as_ref())?;
+        y = op.mul_range(z.as_ref())?;
     }
     let q = orthonormal(&y);
     // B = QᵀΔ = (ΔᵀQ)ᵀ

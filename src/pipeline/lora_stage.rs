@@ -66,7 +66,7 @@ const CHUNK: usize = 1 << 18;
 /// the qwen3-32b shape, BENCHMARKS.md):
 /// - a Δ the analysis holds in memory: all of it, decoded to f32 ([`CHUNK`]s);
 /// - a streamed Δ: the first product of the sketch, (ΔΩ)ᵀ, block by block of the rows
-///   the stage's own pass would use ([`lowrank::rsvd::sketch_block`]); the diff then
+///   the stage's own pass would use ([`lowrank::rsvd::RowProduct`]); the diff then
 ///   cuts this tensor's windows at those blocks ([`Capture::window_elements`]).
 pub(super) struct Capture<'a> {
     len: usize,
@@ -87,6 +87,7 @@ enum Kind {
         m: usize,
         n: usize,
         block_rows: usize,
+        products: lowrank::rsvd::Products,
     },
 }
 
@@ -96,9 +97,8 @@ struct Captured {
     buf: Vec<f32>,
     /// Per chunk (held) or block (sketch): (Σ Δ², Σ ulp²/12), `None` until decoded.
     sums: Vec<Option<(f64, f64)>>,
-    /// Sketch: Ωᵀ (l × n) and the product (ΔΩ)ᵀ (l × m).
-    omega_t: Option<faer::Mat<f32>>,
-    yt: Option<faer::Mat<f32>>,
+    /// Sketch: the product ΔΩ, block by block.
+    product: Option<lowrank::rsvd::RowProduct>,
     /// A window could not be captured (not whole chunks or blocks, identical bytes):
     /// the stage reads Δ itself.
     broken: bool,
@@ -209,22 +209,27 @@ impl<'a> Capture<'a> {
                 m,
                 n,
                 block_rows,
+                products,
             } => {
                 let block = n * block_rows;
                 if !start.is_multiple_of(block) || (len != block && start + len != self.len) {
                     return None;
                 }
-                if st.yt.is_none() {
+                if st.product.is_none() {
                     st.buf = vec![0.0; block.min(self.len)];
                     st.sums = vec![None; m.div_ceil(*block_rows)];
-                    st.omega_t = Some(lowrank::rsvd::omega_t(*seed, name, *n, *l));
-                    st.yt = Some(faer::Mat::zeros(*l, *m));
+                    st.product = Some(lowrank::rsvd::RowProduct::omega(
+                        products.range_tiles(),
+                        *seed,
+                        name,
+                        (*m, *n),
+                        *l,
+                    ));
                 }
                 let Captured {
                     buf,
                     sums,
-                    omega_t,
-                    yt,
+                    product,
                     seconds,
                     ..
                 } = st;
@@ -233,9 +238,9 @@ impl<'a> Capture<'a> {
                     kernels::fast::diff_delta(wa, da, wb, db, threshold, rows, rounding, len);
                 let (f2, var) = s.first().copied().unwrap_or_default();
                 sums[start / block] = Some((f2, var / 12.0));
-                let (omega_t, yt) = (omega_t.as_ref()?, yt.as_mut()?);
+                let product = product.as_mut()?;
                 let t0 = std::time::Instant::now();
-                lowrank::rsvd::sketch_block(yt.as_mut(), omega_t.as_ref(), start / n, rows);
+                product.add(start / n, rows);
                 *seconds += t0.elapsed().as_secs_f64();
                 Some(acc)
             }
@@ -252,8 +257,7 @@ impl<'a> Capture<'a> {
             self.pool.give(buf);
         }
         st.sums = Vec::new();
-        st.omega_t = None;
-        st.yt = None;
+        st.product = None;
         st.broken = true;
     }
 
@@ -293,9 +297,9 @@ impl<'a> Capture<'a> {
         Some(total)
     }
 
-    /// A sketch capture's (ΔΩ)ᵀ for Ω of width `l`, with its sums; `None` unless every
+    /// A sketch capture's ΔΩ for Ω of width `l`, with its sums; `None` unless every
     /// block was taken.
-    fn take_sketch(&self, width: usize) -> Option<(faer::Mat<f32>, (f64, f64))> {
+    fn take_sketch(&self, width: usize) -> Option<(faer::Mat<f64>, (f64, f64))> {
         let mut st = lock(&self.state);
         match self.kind {
             Kind::Sketch { l, .. } if l == width && !st.broken => {}
@@ -303,8 +307,7 @@ impl<'a> Capture<'a> {
         }
         let total = Self::total(&st)?;
         st.buf = Vec::new();
-        st.omega_t = None;
-        Some((st.yt.take()?, total))
+        Some((st.product.take()?.finish(), total))
     }
 }
 
@@ -453,7 +456,7 @@ impl DeltaRows for PairDelta<'_> {
         Ok(st)
     }
 
-    fn sketched(&self, l: usize) -> Option<(faer::Mat<f32>, (f64, f64))> {
+    fn sketched(&self, l: usize) -> Option<(faer::Mat<f64>, (f64, f64))> {
         self.captured?.take_sketch(l)
     }
 
@@ -494,6 +497,10 @@ impl DeltaRows for PairDelta<'_> {
     fn single_precision(&self) -> bool {
         f32_products(self.dtypes())
     }
+
+    fn bf16_products(&self) -> bool {
+        bf16_products(self.dtypes())
+    }
 }
 
 /// Whether the products with Δ of a pair stored so run in f32 (both sides 16- or 8-bit
@@ -501,6 +508,13 @@ impl DeltaRows for PairDelta<'_> {
 fn f32_products((da, db): (DType, DType)) -> bool {
     let narrow = |d: DType| matches!(d, DType::BF16 | DType::F16 | DType::F8E4M3 | DType::F8E5M2);
     narrow(da) && narrow(db)
+}
+
+/// Whether the range sketch of such a pair may round Δ to bf16: one side is stored in
+/// bf16 or fp8, with at most bf16's 8 significant bits ([`lowrank::tiles`]).
+fn bf16_products((da, db): (DType, DType)) -> bool {
+    let coarse = |d: DType| matches!(d, DType::BF16 | DType::F8E4M3 | DType::F8E5M2);
+    f32_products((da, db)) && (coarse(da) || coarse(db))
 }
 
 /// What is extracted from a modified 2-D tensor that becomes a LoRA module: nothing
@@ -641,7 +655,8 @@ impl<'a> DuringDiff<'a> {
         }
         let lo = &self.opts.lowrank;
         let (m, n) = (p.base.shape[0], p.base.shape[1]);
-        let kind = if lowrank::rsvd::Operator::holds(lo, m, n, true) {
+        let products = lowrank::rsvd::Products::choose(true, lo.tiles && bf16_products(dtypes));
+        let kind = if lowrank::rsvd::Operator::holds(lo, m, n, products) {
             Kind::Held
         } else {
             let extract = matrix_target(p, &self.opts, self.uniform_rank).is_some();
@@ -651,7 +666,8 @@ impl<'a> DuringDiff<'a> {
                 l: lowrank::first_sketch_width(lo, extract, m, n)?,
                 m,
                 n,
-                block_rows: lowrank::rsvd::Operator::rows_per_block(lo, n, true),
+                block_rows: lowrank::rsvd::Operator::rows_per_block(lo, n, products),
+                products,
             }
         };
         Some(Capture {

@@ -3,6 +3,7 @@
 use crate::common::*;
 use std::collections::BTreeSet;
 use weightdiff::checkpoint::dtype::DType;
+use weightdiff::lowrank::rsvd::Precision;
 use weightdiff::lowrank::{DeltaPath, LowRankOptions, Method, RankRule};
 use weightdiff::pipeline::{LoraOptions, NoProgress, analyze_lora};
 use weightdiff::synthetic::{BuiltPair, LoraEdit, ModelShape, NoiseEdit, PairSpec, build_pair};
@@ -203,10 +204,33 @@ fn extraction_reconstructs_to_the_storage_noise() {
         );
         assert_eq!(e.factors.rank, 8);
     }
-    // bf16 pair: the residual is the rounding noise the detector predicts.
+    // bf16 pair: the residual is the rounding noise the detector predicts, held in f32,
+    // and streamed with the range sketch on AMX tiles (where this CPU has them) or not.
     let dir = tempfile::tempdir().unwrap();
     let pair = lora_pair(dir.path(), 8, ATTN, DType::BF16);
-    let c = run(&pair, &extract(16, None));
+    for (tiles, budget) in [(true, None), (true, Some(0)), (false, Some(0))] {
+        let mut opts = extract(16, None);
+        opts.lowrank.tiles = tiles;
+        if let Some(b) = budget {
+            opts.lowrank.dense_budget_bytes = b;
+        }
+        let c = run(&pair, &opts);
+        check_bf16_extraction(&c, tiles && budget.is_some());
+    }
+}
+
+/// The precision the products of a bf16 pair ran in: the range sketch of a streamed Δ
+/// on tiles when allowed and this CPU has them (so CI on such a CPU runs that path),
+/// else everything in f32.
+fn bf16_products(tiles_streamed: bool) -> weightdiff::lowrank::rsvd::Precision {
+    if tiles_streamed && weightdiff::lowrank::tiles::Tiles::get().is_some() {
+        Precision::F32Bf16Sketch
+    } else {
+        Precision::F32
+    }
+}
+
+fn check_bf16_extraction(c: &weightdiff::comparison::Comparison, tiles: bool) {
     let l = c.lora.as_ref().unwrap();
     for e in &l.extracted {
         let s = &l.spectra.iter().find(|(n, _)| n == &e.tensor).unwrap().1;
@@ -227,7 +251,21 @@ fn extraction_reconstructs_to_the_storage_noise() {
             e.module,
             e.factors.residual_stored
         );
-        assert!(e.factors.residual_stored >= e.factors.residual * (1.0 - 1e-9));
+        // Eckart–Young: the stored factors cannot beat the exact truncation (whatever
+        // the range sketch ran in: the products that measure Δ are f32, lowrank::tiles).
+        assert!(
+            e.factors.residual_stored >= e.factors.residual * (1.0 - 1e-9),
+            "{}: stored {} < exact {}",
+            e.module,
+            e.factors.residual_stored,
+            e.factors.residual
+        );
+        let method = if s.method == Method::Exact {
+            Precision::F64
+        } else {
+            bf16_products(tiles)
+        };
+        assert_eq!(s.products, method, "{}", e.module);
     }
 }
 
@@ -297,10 +335,17 @@ fn streamed_stored_residual_of_a_full_finetune_is_derived_as_measured() {
         ..PairSpec::tiny()
     };
     let pair = build_pair(&spec, dir.path()).unwrap();
-    let held = run(&pair, &extract(4, Some(DType::BF16)));
+    for tiles in [false, true] {
+        derived_as_measured(&pair, tiles);
+    }
+}
+
+fn derived_as_measured(pair: &BuiltPair, tiles: bool) {
     let mut opts = extract(4, Some(DType::BF16));
+    opts.lowrank.tiles = tiles;
+    let held = run(pair, &opts);
     opts.lowrank.dense_budget_bytes = 0;
-    let streamed = run(&pair, &opts);
+    let streamed = run(pair, &opts);
     let (lh, ls) = (held.lora.unwrap(), streamed.lora.unwrap());
     let spectrum = |l: &weightdiff::comparison::LoraReport, t: &str| {
         l.spectra.iter().find(|(n, _)| n == t).unwrap().1.clone()
@@ -319,6 +364,13 @@ fn streamed_stored_residual_of_a_full_finetune_is_derived_as_measured() {
         assert!(
             (r - e).abs() < 1e-6 * r,
             "{}: measured {r}, derived {e}",
+            x.module
+        );
+        assert_eq!(s.products, bf16_products(tiles), "{}", x.module);
+        assert_eq!(
+            spectrum(&lh, &x.tensor).products,
+            Precision::F32,
+            "{}",
             x.module
         );
         assert!(e >= y.factors.residual, "{}", x.module);
