@@ -1,9 +1,12 @@
 //! The fast kernel: blocks decoded to f32 (or f64), 16-lane accumulation, f64 totals.
 //!
-//! The same generic body is compiled twice, once for the baseline target and once with
-//! AVX2 enabled (`#[target_feature]`), and the AVX2 copy is chosen at run time. This is
-//! how the prototype reached 18–33 GB/s on bf16 while staying a portable binary
-//! (`../shared/bench/README.md`), without writing intrinsics by hand.
+//! The same generic body is compiled three times, for the baseline target, with AVX2 and
+//! with AVX-512 enabled (`#[target_feature]`), and the widest copy the CPU runs is chosen
+//! at run time. This is how the prototype reached 18–33 GB/s on bf16 while staying a
+//! portable binary (`../shared/bench/README.md`), without writing intrinsics by hand.
+//! The copies give the same bits: the order of every sum is fixed by the code's 16 lanes,
+//! which AVX-512 holds in one register (27 % less CPU than AVX2 for `compare --no-lora`
+//! of the 32B-shaped pair, BENCHMARKS.md).
 
 use super::{Accum, threshold_f32};
 use crate::checkpoint::dtype::{DType, decode_f32, decode_f64};
@@ -23,6 +26,11 @@ pub fn diff(a: &[u8], da: DType, b: &[u8], db: DType, threshold: f64) -> Accum {
         "windows of different element counts"
     );
     #[cfg(target_arch = "x86_64")]
+    if avx512() {
+        // SAFETY: the CPU supports AVX-512 F/BW/VL, checked just above.
+        return unsafe { diff_avx512(a, da, b, db, threshold) };
+    }
+    #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
         // SAFETY: the CPU supports AVX2, checked just above.
         return unsafe { diff_avx2(a, da, b, db, threshold) };
@@ -30,9 +38,25 @@ pub fn diff(a: &[u8], da: DType, b: &[u8], db: DType, threshold: f64) -> Accum {
     diff_generic(a, da, b, db, threshold)
 }
 
+/// Whether the AVX-512 copies of the kernels can run (F, BW, VL, and the FMA and F16C
+/// every such CPU has).
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn avx512() -> bool {
+    std::arch::is_x86_feature_detected!("avx512f")
+        && std::arch::is_x86_feature_detected!("avx512bw")
+        && std::arch::is_x86_feature_detected!("avx512vl")
+        && std::arch::is_x86_feature_detected!("fma")
+        && std::arch::is_x86_feature_detected!("f16c")
+}
+
 /// Sums of a window of a tensor compared with itself (byte-identical pair): only Σa²
 /// and the non-finite counts need computing; every d-based sum is zero.
 pub fn identical(a: &[u8], da: DType) -> Accum {
+    #[cfg(target_arch = "x86_64")]
+    if avx512() {
+        // SAFETY: the CPU supports AVX-512, checked just above.
+        return unsafe { identical_avx512(a, da) };
+    }
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
         // SAFETY: the CPU supports AVX2, checked just above.
@@ -56,10 +80,29 @@ pub fn delta_f32(
     emin: i32,
 ) -> (f64, f64) {
     #[cfg(target_arch = "x86_64")]
+    if avx512() {
+        // SAFETY: the CPU supports AVX-512, checked just above.
+        return unsafe { delta_f32_avx512(a, da, b, db, out, bits, emin) };
+    }
+    #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
         // SAFETY: the CPU supports AVX2, checked just above.
         return unsafe { delta_f32_avx2(a, da, b, db, out, bits, emin) };
     }
+    delta_f32_generic(a, da, b, db, out, bits, emin)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+unsafe fn delta_f32_avx512(
+    a: &[u8],
+    da: DType,
+    b: &[u8],
+    db: DType,
+    out: &mut [f32],
+    bits: i32,
+    emin: i32,
+) -> (f64, f64) {
     delta_f32_generic(a, da, b, db, out, bits, emin)
 }
 
@@ -168,6 +211,11 @@ pub fn diff_delta(
         "chunks of whole blocks"
     );
     #[cfg(target_arch = "x86_64")]
+    if avx512() {
+        // SAFETY: the CPU supports AVX-512, checked just above.
+        return unsafe { diff_delta_avx512(a, da, b, db, threshold, out, bits, emin, chunk) };
+    }
+    #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
         // SAFETY: the CPU supports AVX2, checked just above.
         return unsafe { diff_delta_avx2(a, da, b, db, threshold, out, bits, emin, chunk) };
@@ -179,6 +227,23 @@ pub fn diff_delta(
 #[target_feature(enable = "avx2")]
 #[allow(clippy::too_many_arguments)]
 unsafe fn diff_delta_avx2(
+    a: &[u8],
+    da: DType,
+    b: &[u8],
+    db: DType,
+    threshold: f64,
+    out: &mut [f32],
+    bits: i32,
+    emin: i32,
+    chunk: usize,
+) -> (Accum, Vec<(f64, f64)>) {
+    diff_delta_generic(a, da, b, db, threshold, out, bits, emin, chunk)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn diff_delta_avx512(
     a: &[u8],
     da: DType,
     b: &[u8],
@@ -238,6 +303,18 @@ fn diff_delta_generic(
         }
     }
     (acc, sums)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+unsafe fn diff_avx512(a: &[u8], da: DType, b: &[u8], db: DType, threshold: f64) -> Accum {
+    diff_generic(a, da, b, db, threshold)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+unsafe fn identical_avx512(a: &[u8], da: DType) -> Accum {
+    identical_generic(a, da)
 }
 
 #[cfg(target_arch = "x86_64")]

@@ -4,7 +4,7 @@
 //! Two independent implementations compute the same [`Accum`]:
 //! - [`fast`]: decodes blocks of [`fast::BLOCK`] values into f32 (or f64 for F64 and
 //!   integer types), accumulates each block in f32 over 16 independent lanes (which the
-//!   compiler turns into SIMD; AVX2 is chosen at run time), and adds block totals in
+//!   compiler turns into SIMD; AVX-512 or AVX2 is chosen at run time), and adds block totals in
 //!   f64. A block holding a non-finite value or overflowing f32 is redone element by
 //!   element in f64, so NaN/Inf are counted and excluded without a branch in the hot loop.
 //! - [`reference`](mod@reference): one element at a time, decoded independently, summed in f64.
@@ -25,16 +25,27 @@ pub mod reference;
 /// both are left out (their error is in `max_abs_diff`). In f32 for f32-domain dtypes
 /// (|b − a| and the division each round at 2⁻²⁴ relative: the ratio is good to ~1e-7,
 /// far below any bound it is read against), f64 otherwise. One pass over blocks of
-/// [`fast::BLOCK`] values, vectorized (AVX2 chosen at run time).
+/// [`fast::BLOCK`] values, vectorized (AVX-512 or AVX2 chosen at run time).
 pub fn max_error_steps(wa: &[u8], da: DType, wb: &[u8], db: DType, steps: &[u8]) -> f64 {
     if !is_f32_domain(da, db) {
         return max_error_steps_f64(wa, da, wb, db, steps);
+    }
+    #[cfg(target_arch = "x86_64")]
+    if fast::avx512() {
+        // SAFETY: the CPU has AVX-512 (checked just above).
+        return unsafe { max_error_steps_avx512(wa, da, wb, db, steps) };
     }
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
         // SAFETY: the CPU has AVX2 (checked just above).
         return unsafe { max_error_steps_avx2(wa, da, wb, db, steps) };
     }
+    max_error_steps_f32(wa, da, wb, db, steps)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+unsafe fn max_error_steps_avx512(wa: &[u8], da: DType, wb: &[u8], db: DType, steps: &[u8]) -> f64 {
     max_error_steps_f32(wa, da, wb, db, steps)
 }
 
