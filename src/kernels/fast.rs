@@ -38,11 +38,12 @@ pub fn diff(a: &[u8], da: DType, b: &[u8], db: DType, threshold: f64) -> Accum {
     diff_generic(a, da, b, db, threshold)
 }
 
-/// Whether the AVX-512 copies of the kernels can run (F, BW, VL, and the FMA and F16C
-/// every such CPU has).
+/// Whether the AVX-512 copies of the kernels can run (F, BW, VL, and the AVX2, FMA and
+/// F16C every such CPU has).
 #[cfg(target_arch = "x86_64")]
 pub(crate) fn avx512() -> bool {
     std::arch::is_x86_feature_detected!("avx512f")
+        && std::arch::is_x86_feature_detected!("avx2")
         && std::arch::is_x86_feature_detected!("avx512bw")
         && std::arch::is_x86_feature_detected!("avx512vl")
         && std::arch::is_x86_feature_detected!("fma")
@@ -592,6 +593,119 @@ fn identical_generic(a: &[u8], da: DType) -> Accum {
 mod tests {
     use super::*;
     use crate::checkpoint::dtype::encode;
+
+    /// Every compiled copy of the kernels gives the bits of the generic one (the run-time
+    /// choice picks AVX-512 on such a CPU, so this is what runs the others there), on
+    /// windows with a ragged last block, non-finite values, and each float dtype.
+    #[test]
+    fn simd_copies_give_the_generic_bits() {
+        let mut g = crate::rng::Gaussian::new(11, "k", "test");
+        let n = 3 * BLOCK + 91;
+        let a: Vec<f64> = (0..n).map(|_| g.next()).collect();
+        let mut b: Vec<f64> = a.iter().map(|x| x + 0.01 * g.next()).collect();
+        b[7] = f64::NAN;
+        b[BLOCK + 3] = f64::NEG_INFINITY;
+        b[2 * BLOCK] = 1e30;
+        for dt in [DType::BF16, DType::F16, DType::F32, DType::F64] {
+            let (ea, eb) = (encode(dt, &a).unwrap(), encode(dt, &b).unwrap());
+            let want = format!("{:?}", diff_generic(&ea, dt, &eb, dt, 1e-6));
+            let same = format!("{:?}", identical_generic(&ea, dt));
+            #[cfg(target_arch = "x86_64")]
+            {
+                let mut copies = 0;
+                // SAFETY: each copy runs only where the CPU has its features.
+                if std::arch::is_x86_feature_detected!("avx2") {
+                    assert_eq!(
+                        format!("{:?}", unsafe { diff_avx2(&ea, dt, &eb, dt, 1e-6) }),
+                        want
+                    );
+                    assert_eq!(format!("{:?}", unsafe { identical_avx2(&ea, dt) }), same);
+                    copies += 1;
+                }
+                if avx512() {
+                    assert_eq!(
+                        format!("{:?}", unsafe { diff_avx512(&ea, dt, &eb, dt, 1e-6) }),
+                        want
+                    );
+                    assert_eq!(format!("{:?}", unsafe { identical_avx512(&ea, dt) }), same);
+                    copies += 1;
+                }
+                eprintln!("{dt:?}: {copies} SIMD copies checked");
+            }
+            if !matches!(dt, DType::BF16 | DType::F16) {
+                continue;
+            }
+            let rounding = dt.rounding().unwrap();
+            let mut want_d = vec![0f32; n];
+            let want_s = delta_f32_generic(&ea, dt, &eb, dt, &mut want_d, rounding.0, rounding.1);
+            let mut want_fd = vec![0f32; n];
+            let want_f = format!(
+                "{:?}",
+                diff_delta_generic(
+                    &ea,
+                    dt,
+                    &eb,
+                    dt,
+                    1e-6,
+                    &mut want_fd,
+                    rounding.0,
+                    rounding.1,
+                    2 * BLOCK
+                )
+            );
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            #[cfg(target_arch = "x86_64")]
+            {
+                type Delta =
+                    unsafe fn(&[u8], DType, &[u8], DType, &mut [f32], i32, i32) -> (f64, f64);
+                type Fused = unsafe fn(
+                    &[u8],
+                    DType,
+                    &[u8],
+                    DType,
+                    f64,
+                    &mut [f32],
+                    i32,
+                    i32,
+                    usize,
+                ) -> (Accum, Vec<(f64, f64)>);
+                let mut copies: Vec<(Delta, Fused)> = Vec::new();
+                if std::arch::is_x86_feature_detected!("avx2") {
+                    copies.push((delta_f32_avx2, diff_delta_avx2));
+                }
+                if avx512() {
+                    copies.push((delta_f32_avx512, diff_delta_avx512));
+                }
+                for (delta, fused) in copies {
+                    let mut d = vec![0f32; n];
+                    // SAFETY: only copies whose features the CPU has were pushed.
+                    let st = unsafe { delta(&ea, dt, &eb, dt, &mut d, rounding.0, rounding.1) };
+                    assert_eq!(
+                        (st.0.to_bits(), st.1.to_bits()),
+                        (want_s.0.to_bits(), want_s.1.to_bits())
+                    );
+                    assert_eq!(bits(&d), bits(&want_d));
+                    let mut fd = vec![0f32; n];
+                    // SAFETY: as above.
+                    let got = unsafe {
+                        fused(
+                            &ea,
+                            dt,
+                            &eb,
+                            dt,
+                            1e-6,
+                            &mut fd,
+                            rounding.0,
+                            rounding.1,
+                            2 * BLOCK,
+                        )
+                    };
+                    assert_eq!(format!("{got:?}"), want_f);
+                    assert_eq!(bits(&fd), bits(&want_fd));
+                }
+            }
+        }
+    }
 
     /// The fused pass gives the bits of `diff` and of `delta_f32` chunk by chunk, on a
     /// window with a ragged last block, non-finite values and both 16-bit dtypes.

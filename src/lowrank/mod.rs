@@ -81,10 +81,10 @@ pub trait DeltaRows: Sync {
     fn single_precision(&self) -> bool {
         false
     }
-    /// Whether the range sketch may round Δ to bf16 (8 significant bits): true when one
-    /// side is stored with at most bf16's precision, so that Δ's own storage rounding is
-    /// at least about that of bf16(Δ) ([`tiles`]). It then runs on AMX tiles where the
-    /// CPU has them ([`rsvd::Products`]).
+    /// Whether the range sketch may round Δ to bf16 (8 significant bits): true when the
+    /// fine-tuned side, whose rounding sets the noise floor, is stored with at most
+    /// bf16's precision ([`tiles`]). It then runs on AMX tiles where the CPU has them
+    /// ([`rsvd::Products`]).
     fn bf16_products(&self) -> bool {
         false
     }

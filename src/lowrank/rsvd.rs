@@ -19,12 +19,11 @@
 //! rounding is at the f32 product error, so f32 products would bury the floor the
 //! detector compares against). The range sketch of a streamed Δ (Y = ΔΩ and the ΔZ of
 //! power iterations, used only through their column space) runs on AMX tiles with Δ in
-//! bf16 where the CPU has them and one side is stored in bf16 or fp8
+//! bf16 where the CPU has them and the fine-tuned side is stored in bf16 or fp8
 //! ([`DeltaRows::bf16_products`], [`super::tiles`]); the products whose values are
 //! reported (B = QᵀΔ, the refinement's ΔV) stay f32, so the identity above is exact
-//! whatever the sketch ran in. The small dense steps — the QR of Y (m × l), the SVD of
-//! B (l × n) — always
-//! run in f64; they cost O((m + n)·l²), nothing next to the products when they run at
+//! whatever the sketch ran in. The small dense steps — the QR of Y (m × l), the SVD
+//! of B (l × n) — always run in f64; they cost O((m + n)·l²), nothing next to the products when they run at
 //! the matmul rate: the QRs are CholeskyQR2 and the SVDs of tall sketches the SVD of
 //! their l × l R (`cholesky_qr`, `tall_svd`), Householder only where Y is too
 //! ill-conditioned for the Gram matrix.
@@ -283,30 +282,9 @@ impl<'a> Operator<'a> {
         m.saturating_mul(n).saturating_mul(size) <= opts.dense_budget_bytes
     }
 
-    /// Rows per block of a streamed Δ with n columns, as [`Self::new`] cuts them. On
-    /// tiles a block is twice `block_bytes` (Δ is in bf16 there) and whole 32-row panels
-    /// of them ([`super::tiles`]), up to 32 rows of at most 8 × `block_bytes`.
+    /// Rows per block of a streamed Δ with n columns, as [`Self::new`] cuts them.
     pub fn rows_per_block(opts: &LowRankOptions, n: usize, products: Products) -> usize {
-        let size = products.element_bytes();
-        let n = n.max(1);
-        match products {
-            Products::Tiles(_) => {
-                let rows = 2 * opts.block_bytes / (size * n);
-                if rows >= 32 {
-                    rows / 32 * 32
-                } else if 32 * size * n <= 8 * opts.block_bytes {
-                    32
-                } else {
-                    rows.max(1)
-                }
-            }
-            _ => (opts.block_bytes / (size * n)).max(1),
-        }
-    }
-
-    /// The precision of the products.
-    pub fn products(&self) -> Products {
-        self.products
+        (opts.block_bytes / (products.element_bytes() * n.max(1))).max(1)
     }
 
     /// The precision the products so far ran in.

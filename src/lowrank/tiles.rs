@@ -4,23 +4,24 @@
 //! 16 × 16 f32 accumulators, `TDPBF16PS`: C += A·B with every product of two bf16 values
 //! exact in f32 and the sums in f32. On the machine of BENCHMARKS.md (Xeon, AVX-512 and
 //! AMX) the tile product Y = ΔX of width 32 took 0.19–0.27 ns per element of Δ with Δ's
-//! tiles in memory, against ~0.7 ns for faer's f32 matmul, which is compute-bound there.
+//! tiles in memory, against ~0.7 ns for faer's f32 matmul.
 //!
 //! **Only where the sketch finds a range.** Y = ΔΩ (and Y = ΔZ of a power iteration) is
 //! only used through its column space: Q = qr(Y) is then applied to Δ exactly
 //! (B = QᵀΔ in f32, [`super::rsvd`]), and ‖Δ − QQᵀΔ‖²_F = ‖Δ‖²_F − ‖QᵀΔ‖²_F holds for any
 //! orthonormal Q, so the spectrum, the residuals and the factors stay those of the exact
 //! Δ. Rounding Δ and X to bf16 (8 significant bits) only perturbs which subspace the
-//! sketch finds, by about 2⁻⁹ relative, far below the noise that decides it:
-//! the range of a merged LoRA's Δ is set by its σ_r against the storage rounding's
-//! σ_{r+1}, itself ~2⁻⁹ of the weights. The products that measure (B = QᵀΔ, the
+//! sketch finds, by about 2⁻⁹ of Δ, below the noise that decides it when |Δ| ≪ |W| (the
+//! range of a merged LoRA's Δ is set by its σ_r against the storage rounding's
+//! σ_{r+1}, itself ~2⁻⁹ of the weights); hence only for a fine-tuned side stored in bf16
+//! or fp8, whose rounding sets that noise floor. The products that measure (B = QᵀΔ, the
 //! refinement's ΔV whose singular values are reported) stay in f32: rounding Δ there
 //! shifted a merged LoRA's reported rank-16 residual by 1 % against the one measured on
 //! Δ (a 5 % LoRA on Gaussian bf16 weights: 1 % of Δ's elements are not exact in bf16,
 //! where |Δ| > |W|).
 //!
-//! Used for streamed Δ: each row block is converted while it is in cache, after the
-//! diff or the stage's read decoded it. A held Δ is read from memory at each product,
+//! Used for streamed Δ: each row block (1 MiB of f32) is converted right after the diff
+//! or the stage's read decoded it, 32 rows at a time. A held Δ is read from memory at each product,
 //! and converting it there (0.45–0.6 ns per element, bound by memory) cost as much as
 //! the tile product saved, so its products stay on faer.
 //!
@@ -32,7 +33,11 @@
 //! The kernel needs the CPU's AMX-TILE, AMX-BF16 and AVX512-BF16 (for the conversions)
 //! and the kernel's permission to use the tile state (Linux `arch_prctl`
 //! `ARCH_REQ_XCOMP_PERM`, asked once): [`Tiles::get`] checks all of it once. Elsewhere
-//! the products stay in f32 on faer.
+//! the products stay in f32 on faer. The permission is for the whole process and makes
+//! Linux's signal frames larger: afterwards the kernel refuses an alternate signal stack
+//! (`sigaltstack`) too small for the tile state, which matters to a host process (Python)
+//! that installs small ones after weightdiff ran; `WEIGHTDIFF_TILES=0` avoids the request.
+//! bf16 conversion and `TDPBF16PS` flush subnormal values (below 1.2·10⁻³⁸) to zero.
 
 use faer::MatRef;
 
@@ -61,7 +66,8 @@ fn pad(x: usize, t: usize) -> usize {
 }
 
 /// X (n × l) as the right operand of Δ·X, rounded to bf16 and packed in the VNNI layout
-/// once per product: n padded to 32 (the depth of a tile product), l to 16.
+/// once per product: n padded to 32 (the depth of a tile product), l to 32 (the kernel
+/// computes 2 × 2 tiles of 16 × 16 at a time).
 pub struct Right {
     x: Vec<u16>,
     n: usize,
@@ -73,7 +79,7 @@ pub struct Right {
 impl Right {
     pub fn new(_: Tiles, x: MatRef<'_, f64>) -> Right {
         let (n, l) = (x.nrows(), x.ncols());
-        let (np, lp) = (pad(n, 32), pad(l, 16));
+        let (np, lp) = (pad(n, 32), pad(l, 32));
         let mut packed = vec![0u16; np * lp];
         for j in 0..l {
             for i in 0..n {
@@ -105,22 +111,11 @@ impl Right {
             c.resize(32 * self.lp, 0.0);
             for p0 in (0..k).step_by(32) {
                 let p1 = (p0 + 32).min(k);
-                let mt = (p1 - p0).div_ceil(16);
-                // SAFETY: `Tiles` proves the CPU features; `rows_bf16` sizes `a` to mt·16
-                // rows of np values (zero-padded), `c` holds 32 rows of lp, X np × lp.
+                // SAFETY: `Tiles` proves the CPU features; `rows_bf16` sizes `a` to 32 rows
+                // of np values (zero-padded), `c` holds 32 rows of lp, X np × lp.
                 unsafe {
-                    amx::rows_bf16(&rows[p0 * n..p1 * n], n, np, mt * 16, a);
-                    let part =
-                        amx::Part::tiled_a(a.as_ptr(), np / 32, self.x.as_ptr(), self.lp * 4);
-                    amx::gemm(
-                        c.as_mut_ptr(),
-                        self.lp * 4,
-                        mt,
-                        self.lp / 16,
-                        np / 32,
-                        &[part],
-                        false,
-                    );
+                    amx::rows_bf16(&rows[p0 * n..p1 * n], n, np, 32, a);
+                    amx::panel(a, np / 32, &self.x, self.lp, c);
                 }
                 for i in p0..p1 {
                     y[(r0 + i) * l..][..l].copy_from_slice(&c[(i - p0) * self.lp..][..l]);
@@ -170,13 +165,17 @@ mod amx {
     /// Whether the CPU has AMX-TILE, AMX-BF16 and AVX512-BF16 (and BW), the OS saves the tile state (XCR0 bits 17 and 18), and Linux grants
     /// this process the tile data (`ARCH_REQ_XCOMP_PERM`, XFEATURE 18).
     pub(super) fn request() -> bool {
-        if !(std::arch::is_x86_feature_detected!("avx512bf16")
+        if !(std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bf16")
             && std::arch::is_x86_feature_detected!("avx512bw")
             && std::arch::is_x86_feature_detected!("xsave"))
         {
             return false;
         }
-        let leaf7 = __cpuid_count(7, 0);
+        // `unsafe` for the Rust versions before `__cpuid_count` became safe (rust-version).
+        #[allow(unused_unsafe)]
+        // SAFETY: CPUID leaf 7 exists on every CPU with AVX-512.
+        let leaf7 = unsafe { __cpuid_count(7, 0) };
         let (amx_bf16, amx_tile) = (leaf7.edx & (1 << 22) != 0, leaf7.edx & (1 << 24) != 0);
         // SAFETY: OSXSAVE is implied by the AVX-512 detection above (std checks it).
         let xcr0 = unsafe { _xgetbv(0) };
@@ -205,131 +204,74 @@ mod amx {
         false
     }
 
-    /// One operand pair of a product C += A·B, by where its tiles are: A tile (i, k) at
-    /// `a + i·a_m + k·a_k` with its 16 rows `a_row` bytes apart, B tile (k, j) (VNNI) at
-    /// `b + k·b_k + j·b_n` with its 16 pair rows `b_row` bytes apart.
-    pub(super) struct Part {
-        pub a: *const u8,
-        pub a_row: usize,
-        pub a_m: usize,
-        pub a_k: usize,
-        pub b: *const u8,
-        pub b_row: usize,
-        pub b_k: usize,
-        pub b_n: usize,
-    }
-
-    impl Part {
-        /// A as one of [`rows_bf16`]'s tiled layouts of `ks` K steps, B row-major VNNI
-        /// with pair rows `b_row` bytes apart.
-        pub(super) fn tiled_a(a: *const u16, ks: usize, b: *const u16, b_row: usize) -> Part {
-            Part {
-                a: a.cast(),
-                a_row: 64,
-                a_m: ks * 1024,
-                a_k: 1024,
-                b: b.cast(),
-                b_row,
-                b_k: 16 * b_row,
-                b_n: 64,
-            }
-        }
-    }
-
-    macro_rules! tile {
-        (load $t:literal, $p:expr, $s:expr) => {
-            asm!(concat!("tileloadd tmm", $t, ", [{p} + {s}*1]"),
-                p = in(reg) $p, s = in(reg) $s, options(nostack, readonly, preserves_flags))
-        };
-        (store $t:literal, $p:expr, $s:expr) => {
-            asm!(concat!("tilestored [{p} + {s}*1], tmm", $t),
-                p = in(reg) $p, s = in(reg) $s, options(nostack, preserves_flags))
-        };
-        (zero $t:literal) => {
-            asm!(concat!("tilezero tmm", $t), options(nostack, nomem, preserves_flags))
-        };
-        (dot $c:literal, $a:literal, $b:literal) => {
-            asm!(concat!("tdpbf16ps tmm", $c, ", tmm", $a, ", tmm", $b),
-                options(nostack, nomem, preserves_flags))
-        };
-    }
-
-    /// C (`mt`·16 × `nt`·16 f32, rows `ldc` bytes apart) = or += Σ over `parts` of
-    /// A (`mt`·16 × `ks`·32 bf16) · B (`ks`·32 × `nt`·16 bf16, VNNI), in 2 × 2 blocks of
-    /// tiles (1-wide at an odd edge).
+    /// C (32 × `lp` f32, row-major) = A·X for one 32-row panel of Δ: A (32 × `ks`·32
+    /// bf16) in [`rows_bf16`]'s tiled layout, X (`ks`·32 × `lp`) in the VNNI layout of
+    /// [`super::Right`], `lp` a multiple of 32.
+    ///
+    /// Each 2 × 2 block of 16 × 16 tiles is one `asm!` statement that configures the
+    /// tiles, runs the K loop (two A tiles, two X tiles, four `TDPBF16PS`), stores C and
+    /// releases the tiles: no tile register or configuration lives across statements,
+    /// and all eight tile registers are declared clobbered.
     ///
     /// # Safety
-    /// The CPU has AMX-BF16 and this process its permission ([`request`]); every tile
-    /// of A, B and C is inside its buffer.
-    pub(super) unsafe fn gemm(
-        c: *mut f32,
-        ldc: usize,
-        mt: usize,
-        nt: usize,
-        ks: usize,
-        parts: &[Part],
-        accumulate: bool,
-    ) {
-        unsafe {
-            asm!("ldtilecfg [{}]", in(reg) &CONFIG, options(nostack, readonly, preserves_flags));
-            let c = c.cast::<u8>();
-            for ti in (0..mt).step_by(2) {
-                let two_m = ti + 1 < mt;
-                for tj in (0..nt).step_by(2) {
-                    let two_n = tj + 1 < nt;
-                    let ct = |i: usize, j: usize| c.add((ti + i) * 16 * ldc + (tj + j) * 64);
-                    if accumulate {
-                        tile!(load 0, ct(0, 0), ldc);
-                        if two_n {
-                            tile!(load 1, ct(0, 1), ldc);
-                        }
-                        if two_m {
-                            tile!(load 2, ct(1, 0), ldc);
-                        }
-                        if two_m && two_n {
-                            tile!(load 3, ct(1, 1), ldc);
-                        }
-                    } else {
-                        tile!(zero 0);
-                        tile!(zero 1);
-                        tile!(zero 2);
-                        tile!(zero 3);
-                    }
-                    // K outer: the operand the parts share is loaded from L1 after the
-                    // first part.
-                    for k in 0..ks {
-                        for p in parts {
-                            let at = |i: usize| p.a.add((ti + i) * p.a_m + k * p.a_k);
-                            let bt = |j: usize| p.b.add(k * p.b_k + (tj + j) * p.b_n);
-                            tile!(load 4, at(0), p.a_row);
-                            tile!(load 6, bt(0), p.b_row);
-                            tile!(dot 0, 4, 6);
-                            if two_n {
-                                tile!(load 7, bt(1), p.b_row);
-                                tile!(dot 1, 4, 7);
-                            }
-                            if two_m {
-                                tile!(load 5, at(1), p.a_row);
-                                tile!(dot 2, 5, 6);
-                                if two_n {
-                                    tile!(dot 3, 5, 7);
-                                }
-                            }
-                        }
-                    }
-                    tile!(store 0, ct(0, 0), ldc);
-                    if two_n {
-                        tile!(store 1, ct(0, 1), ldc);
-                    }
-                    if two_m {
-                        tile!(store 2, ct(1, 0), ldc);
-                    }
-                    if two_m && two_n {
-                        tile!(store 3, ct(1, 1), ldc);
-                    }
-                }
+    /// The CPU has AMX-BF16 and this process its permission ([`request`]); `a` holds
+    /// 32·`ks`·32 values, `x` `ks`·32·`lp`, `c` 32·`lp`.
+    pub(super) unsafe fn panel(a: &[u16], ks: usize, x: &[u16], lp: usize, c: &mut [f32]) {
+        assert!(ks > 0 && lp.is_multiple_of(32));
+        assert!(a.len() >= 32 * ks * 32 && x.len() >= ks * 32 * lp && c.len() >= 32 * lp);
+        // Bytes: a row of X's pairs and of C (lp values of 4 bytes each).
+        let row = lp * 4;
+        for tj in (0..lp / 16).step_by(2) {
+            // SAFETY: every tile read or written lies in `a`, `x` or `c` (sizes asserted
+            // above): A tiles at a + i·ks·1 KiB + k·1 KiB, rows 64 bytes apart; X tiles
+            // at x + k·16·row + tj·64 (+ 64), rows `row` apart; C tiles at
+            // c + (i·16·row) + tj·64 (+ 64), rows `row` apart.
+            unsafe {
+                let a0 = a.as_ptr().cast::<u8>();
+                let a1 = a0.add(ks * 1024);
+                let b0 = x.as_ptr().cast::<u8>().add(tj * 64);
+                let c0 = c.as_mut_ptr().cast::<u8>().add(tj * 64);
+                let c2 = c0.add(16 * row);
+                asm!(
+                    "ldtilecfg [{cfg}]",
+                    "tilezero tmm0",
+                    "tilezero tmm1",
+                    "tilezero tmm2",
+                    "tilezero tmm3",
+                    "2:",
+                    "tileloadd tmm4, [{a0} + {sixty_four}*1]",
+                    "tileloadd tmm5, [{a1} + {sixty_four}*1]",
+                    "tileloadd tmm6, [{b0} + {row}*1]",
+                    "tileloadd tmm7, [{b0} + {row}*1 + 64]",
+                    "tdpbf16ps tmm0, tmm4, tmm6",
+                    "tdpbf16ps tmm1, tmm4, tmm7",
+                    "tdpbf16ps tmm2, tmm5, tmm6",
+                    "tdpbf16ps tmm3, tmm5, tmm7",
+                    "add {a0}, 1024",
+                    "add {a1}, 1024",
+                    "add {b0}, {b_step}",
+                    "dec {k}",
+                    "jnz 2b",
+                    "tilestored [{c0} + {row}*1], tmm0",
+                    "tilestored [{c0} + {row}*1 + 64], tmm1",
+                    "tilestored [{c2} + {row}*1], tmm2",
+                    "tilestored [{c2} + {row}*1 + 64], tmm3",
+                    "tilerelease",
+                    cfg = in(reg) &CONFIG,
+                    a0 = inout(reg) a0 => _,
+                    a1 = inout(reg) a1 => _,
+                    b0 = inout(reg) b0 => _,
+                    k = inout(reg) ks => _,
+                    sixty_four = in(reg) 64usize,
+                    row = in(reg) row,
+                    b_step = in(reg) 16 * row,
+                    c0 = in(reg) c0,
+                    c2 = in(reg) c2,
+                    out("tmm0") _, out("tmm1") _, out("tmm2") _, out("tmm3") _,
+                    out("tmm4") _, out("tmm5") _, out("tmm6") _, out("tmm7") _,
+                    options(nostack),
+                );
             }
-            asm!("tilerelease", options(nostack, nomem, preserves_flags));
         }
     }
 
@@ -394,21 +336,7 @@ mod amx {
     pub(super) fn request() -> bool {
         false
     }
-    pub(super) struct Part;
-    impl Part {
-        pub(super) fn tiled_a(_: *const u16, _: usize, _: *const u16, _: usize) -> Part {
-            Part
-        }
-    }
-    pub(super) unsafe fn gemm(
-        _: *mut f32,
-        _: usize,
-        _: usize,
-        _: usize,
-        _: usize,
-        _: &[Part],
-        _: bool,
-    ) {
+    pub(super) unsafe fn panel(_: &[u16], _: usize, _: &[u16], _: usize, _: &mut [f32]) {
         unreachable!("no tiles on this architecture")
     }
     pub(super) unsafe fn rows_bf16(_: &[f32], _: usize, _: usize, _: usize, _: &mut Vec<u16>) {

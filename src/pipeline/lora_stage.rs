@@ -65,7 +65,7 @@ const CHUNK: usize = 1 << 18;
 /// (re-reading and decoding a streamed Δ was half of a `compare` of a full fine-tune of
 /// the qwen3-32b shape, BENCHMARKS.md):
 /// - a Δ the analysis holds in memory: all of it, decoded to f32 ([`CHUNK`]s);
-/// - a streamed Δ: the first product of the sketch, (ΔΩ)ᵀ, block by block of the rows
+/// - a streamed Δ: the first product of the sketch, ΔΩ, block by block of the rows
 ///   the stage's own pass would use ([`lowrank::rsvd::RowProduct`]); the diff then
 ///   cuts this tensor's windows at those blocks ([`Capture::window_elements`]).
 pub(super) struct Capture<'a> {
@@ -510,11 +510,11 @@ fn f32_products((da, db): (DType, DType)) -> bool {
     narrow(da) && narrow(db)
 }
 
-/// Whether the range sketch of such a pair may round Δ to bf16: one side is stored in
-/// bf16 or fp8, with at most bf16's 8 significant bits ([`lowrank::tiles`]).
+/// Whether the range sketch of such a pair may round Δ to bf16: the fine-tuned side,
+/// whose rounding sets the noise floor, is stored in bf16 or fp8, with at most bf16's 8
+/// significant bits ([`lowrank::tiles`]).
 fn bf16_products((da, db): (DType, DType)) -> bool {
-    let coarse = |d: DType| matches!(d, DType::BF16 | DType::F8E4M3 | DType::F8E5M2);
-    f32_products((da, db)) && (coarse(da) || coarse(db))
+    f32_products((da, db)) && matches!(db, DType::BF16 | DType::F8E4M3 | DType::F8E5M2)
 }
 
 /// What is extracted from a modified 2-D tensor that becomes a LoRA module: nothing

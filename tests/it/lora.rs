@@ -232,8 +232,11 @@ fn bf16_products(tiles_streamed: bool) -> weightdiff::lowrank::rsvd::Precision {
 
 fn check_bf16_extraction(c: &weightdiff::comparison::Comparison, tiles: bool) {
     let l = c.lora.as_ref().unwrap();
+    // Four attention projections in each of two layers, all of rank 8.
+    assert_eq!(l.extracted.len(), 8);
     for e in &l.extracted {
         let s = &l.spectra.iter().find(|(n, _)| n == &e.tensor).unwrap().1;
+        assert_eq!(s.detected_rank, Some(8), "{}", e.module);
         let (m, n) = (s.shape[0] as f64, s.shape[1] as f64);
         // floor = σ·(√m + √n) for element noise σ; the whole noise has norm σ·√(mn).
         let noise_rel = s.noise_floor / (m.sqrt() + n.sqrt()) * (m * n).sqrt() / s.frobenius_norm;
