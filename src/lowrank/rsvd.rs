@@ -339,19 +339,7 @@ impl<'a> Operator<'a> {
             (None, _) => {
                 self.tiles_used |= tiles.is_some();
                 let mut p = RowProduct::new(tiles, x, self.src.nrows());
-                let (mut f2, mut var) = (0.0, 0.0);
-                for_each_row_block::<f32>(
-                    self.src,
-                    self.block_rows,
-                    self.cancel,
-                    |r0, rows, st| {
-                        f2 += st.0;
-                        var += st.1;
-                        p.add(r0, rows);
-                    },
-                )?;
-                self.reads += 1;
-                self.stats.get_or_insert((f2, var));
+                self.pass::<f32>(|r0, rows| p.add(r0, rows))?;
                 Ok(p.finish())
             }
         }
@@ -389,15 +377,8 @@ impl<'a> Operator<'a> {
         let (m, n) = (self.src.nrows(), self.src.ncols());
         let xt = cast::<T>(x.transpose());
         let mut yt = Mat::<T>::zeros(x.ncols(), m);
-        let (mut f2, mut var) = (0.0, 0.0);
         debug_assert_eq!(xt.ncols(), n);
-        for_each_row_block::<T>(self.src, self.block_rows, self.cancel, |r0, rows, st| {
-            f2 += st.0;
-            var += st.1;
-            sketch_block(yt.as_mut(), xt.as_ref(), r0, rows);
-        })?;
-        self.reads += 1;
-        self.stats.get_or_insert((f2, var));
+        self.pass::<T>(|r0, rows| sketch_block(yt.as_mut(), xt.as_ref(), r0, rows))?;
         Ok(widen(yt.transpose()))
     }
 
@@ -405,11 +386,8 @@ impl<'a> Operator<'a> {
         let n = self.src.ncols();
         let q = cast::<T>(q);
         let mut z = Mat::<T>::zeros(n, q.ncols());
-        let (mut f2, mut var) = (0.0, 0.0);
-        for_each_row_block::<T>(self.src, self.block_rows, self.cancel, |r0, rows, st| {
+        self.pass::<T>(|r0, rows| {
             let blk = MatRef::from_row_major_slice(rows, rows.len() / n, n);
-            f2 += st.0;
-            var += st.1;
             let k = blk.nrows();
             matmul(
                 z.as_mut(),
@@ -420,9 +398,21 @@ impl<'a> Operator<'a> {
                 Par::Seq,
             );
         })?;
+        Ok(widen(z.as_ref()))
+    }
+
+    /// One streamed pass over Δ: `f(first_row, rows)` on each row block, counted as a
+    /// read, with Δ's sums kept from the first pass.
+    fn pass<T: Real>(&mut self, mut f: impl FnMut(usize, &[T])) -> Result<()> {
+        let (mut f2, mut var) = (0.0, 0.0);
+        for_each_row_block::<T>(self.src, self.block_rows, self.cancel, |r0, rows, st| {
+            f2 += st.0;
+            var += st.1;
+            f(r0, rows);
+        })?;
         self.reads += 1;
         self.stats.get_or_insert((f2, var));
-        Ok(widen(z.as_ref()))
+        Ok(())
     }
 }
 
