@@ -25,17 +25,12 @@ pub fn diff(a: &[u8], da: DType, b: &[u8], db: DType, threshold: f64) -> Accum {
         b.len() / db.size(),
         "windows of different element counts"
     );
-    #[cfg(target_arch = "x86_64")]
-    if avx512() {
-        // SAFETY: the CPU supports AVX-512 F/BW/VL, checked just above.
-        return unsafe { diff_avx512(a, da, b, db, threshold) };
-    }
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU supports AVX2, checked just above.
-        return unsafe { diff_avx2(a, da, b, db, threshold) };
-    }
-    diff_generic(a, da, b, db, threshold)
+    diff_simd(a, da, b, db, threshold)
+}
+
+simd_copies! {
+    fn diff_simd / diff_avx2 / diff_avx512
+        = diff_generic(a: &[u8], da: DType, b: &[u8], db: DType, threshold: f64) -> Accum;
 }
 
 /// Whether the AVX-512 copies of the kernels can run (F, BW, VL, and the AVX2, FMA and
@@ -53,17 +48,12 @@ pub(crate) fn avx512() -> bool {
 /// Sums of a window of a tensor compared with itself (byte-identical pair): only Σa²
 /// and the non-finite counts need computing; every d-based sum is zero.
 pub fn identical(a: &[u8], da: DType) -> Accum {
-    #[cfg(target_arch = "x86_64")]
-    if avx512() {
-        // SAFETY: the CPU supports AVX-512, checked just above.
-        return unsafe { identical_avx512(a, da) };
-    }
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU supports AVX2, checked just above.
-        return unsafe { identical_avx2(a, da) };
-    }
-    identical_generic(a, da)
+    identical_simd(a, da)
+}
+
+simd_copies! {
+    fn identical_simd / identical_avx2 / identical_avx512
+        = identical_generic(a: &[u8], da: DType) -> Accum;
 }
 
 /// Δ = b − a decoded to f32 into `out` (non-finite differences as 0), for the low-rank
@@ -80,45 +70,13 @@ pub fn delta_f32(
     bits: i32,
     emin: i32,
 ) -> (f64, f64) {
-    #[cfg(target_arch = "x86_64")]
-    if avx512() {
-        // SAFETY: the CPU supports AVX-512, checked just above.
-        return unsafe { delta_f32_avx512(a, da, b, db, out, bits, emin) };
-    }
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU supports AVX2, checked just above.
-        return unsafe { delta_f32_avx2(a, da, b, db, out, bits, emin) };
-    }
-    delta_f32_generic(a, da, b, db, out, bits, emin)
+    delta_f32_simd(a, da, b, db, out, bits, emin)
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-unsafe fn delta_f32_avx512(
-    a: &[u8],
-    da: DType,
-    b: &[u8],
-    db: DType,
-    out: &mut [f32],
-    bits: i32,
-    emin: i32,
-) -> (f64, f64) {
-    delta_f32_generic(a, da, b, db, out, bits, emin)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn delta_f32_avx2(
-    a: &[u8],
-    da: DType,
-    b: &[u8],
-    db: DType,
-    out: &mut [f32],
-    bits: i32,
-    emin: i32,
-) -> (f64, f64) {
-    delta_f32_generic(a, da, b, db, out, bits, emin)
+simd_copies! {
+    fn delta_f32_simd / delta_f32_avx2 / delta_f32_avx512 = delta_f32_generic(
+        a: &[u8], da: DType, b: &[u8], db: DType, out: &mut [f32], bits: i32, emin: i32,
+    ) -> (f64, f64);
 }
 
 #[inline(always)]
@@ -211,51 +169,14 @@ pub fn diff_delta(
         chunk.is_multiple_of(BLOCK) || chunk >= n,
         "chunks of whole blocks"
     );
-    #[cfg(target_arch = "x86_64")]
-    if avx512() {
-        // SAFETY: the CPU supports AVX-512, checked just above.
-        return unsafe { diff_delta_avx512(a, da, b, db, threshold, out, bits, emin, chunk) };
-    }
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU supports AVX2, checked just above.
-        return unsafe { diff_delta_avx2(a, da, b, db, threshold, out, bits, emin, chunk) };
-    }
-    diff_delta_generic(a, da, b, db, threshold, out, bits, emin, chunk)
+    diff_delta_simd(a, da, b, db, threshold, out, bits, emin, chunk)
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn diff_delta_avx2(
-    a: &[u8],
-    da: DType,
-    b: &[u8],
-    db: DType,
-    threshold: f64,
-    out: &mut [f32],
-    bits: i32,
-    emin: i32,
-    chunk: usize,
-) -> (Accum, Vec<(f64, f64)>) {
-    diff_delta_generic(a, da, b, db, threshold, out, bits, emin, chunk)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn diff_delta_avx512(
-    a: &[u8],
-    da: DType,
-    b: &[u8],
-    db: DType,
-    threshold: f64,
-    out: &mut [f32],
-    bits: i32,
-    emin: i32,
-    chunk: usize,
-) -> (Accum, Vec<(f64, f64)>) {
-    diff_delta_generic(a, da, b, db, threshold, out, bits, emin, chunk)
+simd_copies! {
+    fn diff_delta_simd / diff_delta_avx2 / diff_delta_avx512 = diff_delta_generic(
+        a: &[u8], da: DType, b: &[u8], db: DType, threshold: f64, out: &mut [f32], bits: i32,
+        emin: i32, chunk: usize,
+    ) -> (Accum, Vec<(f64, f64)>);
 }
 
 /// `diff_f32`'s loop with [`delta_block`] on each block.
@@ -304,30 +225,6 @@ fn diff_delta_generic(
         }
     }
     (acc, sums)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-unsafe fn diff_avx512(a: &[u8], da: DType, b: &[u8], db: DType, threshold: f64) -> Accum {
-    diff_generic(a, da, b, db, threshold)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-unsafe fn identical_avx512(a: &[u8], da: DType) -> Accum {
-    identical_generic(a, da)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn diff_avx2(a: &[u8], da: DType, b: &[u8], db: DType, threshold: f64) -> Accum {
-    diff_generic(a, da, b, db, threshold)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn identical_avx2(a: &[u8], da: DType) -> Accum {
-    identical_generic(a, da)
 }
 
 #[inline(always)]

@@ -15,6 +15,45 @@
 //! (`nan_count`/`inf_count` count values in both tensors) and left out of every sum,
 //! of the max and of the changed count; means divide by the number of finite pairs.
 
+/// Compiles the kernel `$generic` twice more, with AVX2 (`$avx2`) and with AVX-512
+/// (`$avx512`) enabled, and defines `$simd`, which calls the widest copy the CPU runs
+/// (the scheme of [`fast`]'s module docs).
+macro_rules! simd_copies {
+    ($(#[$m:meta])* fn $simd:ident / $avx2:ident / $avx512:ident
+        = $generic:ident($($arg:ident: $ty:ty),* $(,)?) -> $ret:ty;) => {
+        $(#[$m])*
+        #[allow(clippy::too_many_arguments)]
+        fn $simd($($arg: $ty),*) -> $ret {
+            #[cfg(target_arch = "x86_64")]
+            {
+                if $crate::kernels::fast::avx512() {
+                    // SAFETY: the CPU has the AVX-512 copy's features, checked just above.
+                    return unsafe { $avx512($($arg),*) };
+                }
+                if std::arch::is_x86_feature_detected!("avx2") {
+                    // SAFETY: the CPU has AVX2, checked just above.
+                    return unsafe { $avx2($($arg),*) };
+                }
+            }
+            $generic($($arg),*)
+        }
+
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx2")]
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn $avx2($($arg: $ty),*) -> $ret {
+            $generic($($arg),*)
+        }
+
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn $avx512($($arg: $ty),*) -> $ret {
+            $generic($($arg),*)
+        }
+    };
+}
+
 pub mod fast;
 pub mod reference;
 
@@ -30,29 +69,12 @@ pub fn max_error_steps(wa: &[u8], da: DType, wb: &[u8], db: DType, steps: &[u8])
     if !is_f32_domain(da, db) {
         return max_error_steps_f64(wa, da, wb, db, steps);
     }
-    #[cfg(target_arch = "x86_64")]
-    if fast::avx512() {
-        // SAFETY: the CPU has AVX-512 (checked just above).
-        return unsafe { max_error_steps_avx512(wa, da, wb, db, steps) };
-    }
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU has AVX2 (checked just above).
-        return unsafe { max_error_steps_avx2(wa, da, wb, db, steps) };
-    }
-    max_error_steps_f32(wa, da, wb, db, steps)
+    max_error_steps_simd(wa, da, wb, db, steps)
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-unsafe fn max_error_steps_avx512(wa: &[u8], da: DType, wb: &[u8], db: DType, steps: &[u8]) -> f64 {
-    max_error_steps_f32(wa, da, wb, db, steps)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn max_error_steps_avx2(wa: &[u8], da: DType, wb: &[u8], db: DType, steps: &[u8]) -> f64 {
-    max_error_steps_f32(wa, da, wb, db, steps)
+simd_copies! {
+    fn max_error_steps_simd / max_error_steps_avx2 / max_error_steps_avx512
+        = max_error_steps_f32(wa: &[u8], da: DType, wb: &[u8], db: DType, steps: &[u8]) -> f64;
 }
 
 #[inline(always)]
