@@ -210,9 +210,13 @@ impl Shard {
         {
             return map.window(&self.path, offset, len).map(Window::InPlace);
         }
-        let mut buf = take_buffer(len_usize);
-        self.file.read_exact_at(&mut buf[..len_usize], offset)?;
-        Ok(Window::Pooled(buf, len_usize))
+        // The bytes start on a cache line: AMX tiles load them a 64-byte row at a time,
+        // and a row across two lines is two loads (`lowrank::tiles`).
+        let mut buf = take_buffer(len_usize + LINE - 1);
+        let start = buf.as_ptr().align_offset(LINE).min(LINE - 1);
+        self.file
+            .read_exact_at(&mut buf[start..start + len_usize], offset)?;
+        Ok(Window::Pooled(buf, start..start + len_usize))
     }
 }
 
@@ -251,6 +255,8 @@ impl std::str::FromStr for ReadMode {
 /// The diff holds at most two windows per thread (base and fine-tuned) and the stage
 /// two more, so four buffers suffice; larger ones are kept first.
 const POOLED_BUFFERS: usize = 4;
+/// A cache line: where a pooled window's bytes start.
+const LINE: usize = 64;
 /// Buffers larger than this are not kept (a gathered PyTorch tensor, a one-off whole
 /// matrix): resident memory stays bounded by threads × POOLED_BUFFERS × this.
 const POOLED_MAX_BYTES: usize = 32 << 20;
@@ -309,8 +315,8 @@ fn give_back(buf: Vec<u8>) {
 pub enum Window {
     InPlace(Mapped),
     Read(Vec<u8>),
-    /// The first `.1` bytes of a buffer of this thread's pool, given back on drop.
-    Pooled(Vec<u8>, usize),
+    /// Bytes `.1` of a buffer of this thread's pool, given back on drop.
+    Pooled(Vec<u8>, std::ops::Range<usize>),
     Shared(std::sync::Arc<Vec<u8>>, std::ops::Range<usize>),
     /// Bytes `.1` of decoded f32 values (an encoded tensor's window, `super::encoding`).
     Decoded(std::sync::Arc<Vec<f32>>, std::ops::Range<usize>),
@@ -342,7 +348,7 @@ impl Deref for Window {
         match self {
             Window::InPlace(m) => m.bytes(),
             Window::Read(v) => v,
-            Window::Pooled(v, len) => &v[..*len],
+            Window::Pooled(v, r) => &v[r.clone()],
             Window::Shared(v, r) => &v[r.clone()],
             Window::Decoded(v, r) => &bytemuck::cast_slice::<f32, u8>(v)[r.clone()],
         }
