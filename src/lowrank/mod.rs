@@ -88,6 +88,24 @@ pub trait DeltaRows: Sync {
     fn bf16_products(&self) -> bool {
         false
     }
+    /// Whether both sides are stored in bf16, so that [`Self::bf16_pair_rows`] gives
+    /// their rows: tile products can then take the stored values as they are
+    /// ([`tiles::Left`]).
+    fn bf16_pair(&self) -> bool {
+        false
+    }
+    /// For a [`Self::bf16_pair`] source: rows `r0..r1` of the base's and the fine-tuned
+    /// tensor's stored values (row-major, little-endian bf16 bytes), handed to
+    /// `f(base, finetuned)`. `None` when the source has no such rows.
+    fn bf16_pair_rows(
+        &self,
+        r0: usize,
+        r1: usize,
+        f: &mut dyn FnMut(&[u8], &[u8]),
+    ) -> Option<Result<()>> {
+        let _ = (r0, r1, f);
+        None
+    }
     /// All of Δ in f32 for a held Δ of a [`Self::single_precision`] source, when the
     /// source has a better way to fill it than by row blocks (the pipeline: Δ already
     /// decoded from the windows the diff read, handed over by swapping `out` with it).

@@ -22,7 +22,11 @@
 //! bf16 where the CPU has them and the fine-tuned side is stored in bf16 or fp8
 //! ([`DeltaRows::bf16_products`], [`super::tiles`]); the products whose values are
 //! reported (B = QᵀΔ, the refinement's ΔV) stay f32, so the identity above is exact
-//! whatever the sketch ran in. The small dense steps — the QR of Y (m × l), the SVD
+//! whatever the sketch ran in. When both sides are stored in bf16, the products with Δᵀ
+//! of a streamed Δ (B = QᵀΔ, and ΔᵀQ of power iterations) run on the tiles too, from
+//! the two sides' exact values, Δ never rounded ([`super::tiles::Left`]); B is then that
+//! of Q′, the orthonormal basis of Q's two-part bf16 rounding ([`Operator::project`]),
+//! so the identity holds for Q′. The small dense steps — the QR of Y (m × l), the SVD
 //! of B (l × n) — always run in f64; they cost O((m + n)·l²), nothing next to the products when they run at
 //! the matmul rate: the QRs are CholeskyQR2 and the SVDs of tall sketches the SVD of
 //! their l × l R (`cholesky_qr`, `tall_svd`), Householder only where Y is too
@@ -39,7 +43,7 @@
 //! When l reaches min(m, n) the randomized method buys nothing and the exact thin SVD of
 //! Δ is computed instead.
 
-use super::tiles::{Right, Tiles};
+use super::tiles::{Left, Right, Tiles};
 use super::{Cancel, DeltaRows, LowRankOptions, for_each_row_block};
 use crate::error::Result;
 use crate::rng::Gaussian;
@@ -100,6 +104,9 @@ pub enum Precision {
     /// The range sketch's products in bf16 on AMX tiles, the others in f32
     /// ([`super::tiles`]).
     F32Bf16Sketch,
+    /// As [`Self::F32Bf16Sketch`], and the products with Δᵀ on AMX tiles from both
+    /// sides' stored bf16 values, with Q in two bf16 parts ([`super::tiles::Left`]).
+    Bf16Pair,
 }
 
 impl Products {
@@ -170,6 +177,11 @@ pub struct Operator<'a> {
     held: Option<Held>,
     /// Whether a product ran on tiles.
     tiles_used: bool,
+    /// The tiles for the products with Δᵀ from both sides' bf16 values: a streamed Δ
+    /// of a [`DeltaRows::bf16_pair`] source whose rows are whole tiles.
+    pair: Option<Tiles>,
+    /// Whether such a product ran.
+    pair_used: bool,
     block_rows: usize,
     cancel: Cancel<'a>,
     /// Passes over the stored bytes so far.
@@ -190,6 +202,10 @@ impl Drop for Operator<'_> {
         }
     }
 }
+
+/// Fewest rows per read of the products on tiles from both sides' bf16 values
+/// ([`Operator::pair_tmul`]).
+const PAIR_ROWS: usize = 128;
 
 /// Elements per read when filling a held Δ: the read buffers (a few MiB) are then reused
 /// by the allocator instead of being fresh pages each time.
@@ -238,6 +254,8 @@ impl<'a> Operator<'a> {
             products,
             held: None,
             tiles_used: false,
+            pair: None,
+            pair_used: false,
             block_rows: Self::rows_per_block(opts, n, products),
             cancel,
             reads: 0,
@@ -272,6 +290,8 @@ impl<'a> Operator<'a> {
             op.held = Some(held);
             op.stats = Some(stats);
             op.reads = 1;
+        } else if src.bf16_pair() && Left::takes(n) {
+            op.pair = products.range_tiles();
         }
         Ok(op)
     }
@@ -289,10 +309,11 @@ impl<'a> Operator<'a> {
 
     /// The precision the products so far ran in.
     pub fn precision(&self) -> Precision {
-        match (self.products, self.tiles_used) {
-            (Products::F64, _) => Precision::F64,
-            (_, true) => Precision::F32Bf16Sketch,
-            (_, false) => Precision::F32,
+        match (self.products, self.tiles_used, self.pair_used) {
+            (Products::F64, ..) => Precision::F64,
+            (_, _, true) => Precision::Bf16Pair,
+            (_, true, false) => Precision::F32Bf16Sketch,
+            (_, false, false) => Precision::F32,
         }
     }
 
@@ -371,6 +392,81 @@ impl<'a> Operator<'a> {
             (None, Products::F64) => self.streamed_tmul::<f64>(q),
             (None, _) => self.streamed_tmul::<f32>(q),
         }
+    }
+
+    /// Δᵀ · q (n × l) of a range sketch (a power iteration: only its column space is
+    /// used): on tiles from both sides' bf16 values when they run, with q in two bf16
+    /// parts, else as [`Self::tmul`].
+    pub fn tmul_range(&mut self, q: MatRef<'_, f64>) -> Result<Mat<f64>> {
+        if let Some(t) = self.pair {
+            let left = Left::new(t, q);
+            if let Some(z) = self.pair_tmul(&left)? {
+                return Ok(z);
+            }
+        }
+        self.tmul(q)
+    }
+
+    /// (Q′, ΔᵀQ′) for an orthonormal q (m × l): Q′ = q and ΔᵀQ′ in the products'
+    /// precision ([`Self::tmul`]); or on tiles from both sides' bf16 values
+    /// ([`Left`]), Q′ the orthonormal basis of the span of q's two-part rounding Q̃
+    /// (Q̃ = Q′Lᵀ, L the Cholesky factor of Q̃ᵀQ̃, which is I to 2⁻¹⁶) and ΔᵀQ′ = ΔᵀQ̃·L⁻ᵀ.
+    /// Q′ spans the sketch's range to 2⁻¹⁷, and the products are those of an orthonormal
+    /// basis, so ‖Δ − Q′Q′ᵀΔ‖² = ‖Δ‖² − ‖Q′ᵀΔ‖² holds as for q (module docs).
+    pub fn project(&mut self, q: Mat<f64>) -> Result<(Mat<f64>, Mat<f64>)> {
+        if let Some(t) = self.pair {
+            let left = Left::new(t, q.as_ref());
+            if let Some(zt) = self.pair_tmul(&left)? {
+                let rounded = left.rounded();
+                let g = rounded.transpose() * &rounded;
+                if let Ok(llt) = g.llt(faer::Side::Lower) {
+                    let lower = llt.L();
+                    // X L⁻ᵀ for X = Q̃ and ΔᵀQ̃: solve L Xᵀ' = Xᵀ in place.
+                    let solve = |mut x: Mat<f64>| {
+                        faer::linalg::triangular_solve::solve_lower_triangular_in_place(
+                            lower,
+                            x.as_mut().transpose_mut(),
+                            Par::Seq,
+                        );
+                        x
+                    };
+                    return Ok((solve(rounded), solve(zt)));
+                }
+            }
+        }
+        let bt = self.tmul(q.as_ref())?;
+        Ok((q, bt))
+    }
+
+    /// ΔᵀQ̃ (n × l) on tiles, one pass over both sides' bf16 rows, for the Q̃ of `left`;
+    /// `None` when a side holds values that are not finite (the f32 products take
+    /// them as no change) or the source gives no such rows.
+    fn pair_tmul(&mut self, left: &Left) -> Result<Option<Mat<f64>>> {
+        let (m, n) = (self.src.nrows(), self.src.ncols());
+        if self.stats.is_none() {
+            return Ok(None);
+        }
+        let mut z = left.accumulator(n);
+        // At least 64 rows per read: the accumulators are read and written once per
+        // read, 256/rows bytes per element of Δ.
+        let step = self.block_rows.max(PAIR_ROWS);
+        let mut r0 = 0;
+        while r0 < m {
+            self.cancel.check()?;
+            let r1 = (r0 + step).min(m);
+            let read = self.src.bf16_pair_rows(r0, r1, &mut |base, ft| {
+                left.add_rows(r0, base, ft, n, &mut z)
+            });
+            match read {
+                Some(r) => r?,
+                None => return Ok(None),
+            }
+            r0 = r1;
+        }
+        self.reads += 1;
+        let zt = left.finish(&z, n);
+        self.pair_used |= zt.is_some();
+        Ok(zt)
     }
 
     fn streamed_mul<T: Real>(&mut self, x: MatRef<'_, f64>) -> Result<Mat<f64>> {
@@ -625,12 +721,11 @@ pub fn decompose(
     };
     for _ in 0..power_iters {
         let q = orthonormal(&y);
-        let z = orthonormal(&op.tmul(q.as_ref())?);
+        let z = orthonormal(&op.tmul_range(q.as_ref())?);
         y = op.mul_range(z.as_ref())?;
     }
-    let q = orthonormal(&y);
     // B = QᵀΔ = (ΔᵀQ)ᵀ
-    let bt = op.tmul(q.as_ref())?;
+    let (q, bt) = op.project(orthonormal(&y))?;
     // Bᵀ = X S Wᵀ (n × l, tall), so B = W S Xᵀ and Δ ≈ Q B = (Q W) S Xᵀ.
     let (x, s, w) = tall_svd(name, &bt)?;
     let (frob2, rounding_var_sum) = op.stats.expect("Δ was read");
@@ -682,7 +777,7 @@ pub fn refine(
 /// One more power iteration on a refined decomposition: V = qr(ΔᵀU), then
 /// [`refine`] with V (two products of the width of `d`).
 pub fn iterate(op: &mut Operator<'_>, name: &str, d: &Decomposition) -> Result<Decomposition> {
-    let v = orthonormal(&op.tmul(d.u.as_ref())?);
+    let v = orthonormal(&op.tmul_range(d.u.as_ref())?);
     let seeded = Decomposition {
         u: Mat::zeros(0, 0),
         s: Vec::new(),
@@ -807,6 +902,126 @@ mod tests {
                 assert!((x - y).abs() <= tol * r.s[0]);
             }
             assert!((rs.frob2 - r.frob2).abs() <= 1e-9 * r.frob2);
+        }
+    }
+
+    /// A pair of bf16 sides (base, fine-tuned), m × n row-major, as the pipeline gives
+    /// it: Δ decoded in f32 (non-finite as no change) and both sides' rows as stored.
+    struct PairRows {
+        base: Vec<half::bf16>,
+        ft: Vec<half::bf16>,
+        m: usize,
+        n: usize,
+    }
+
+    impl DeltaRows for PairRows {
+        fn nrows(&self) -> usize {
+            self.m
+        }
+        fn ncols(&self) -> usize {
+            self.n
+        }
+        fn read_rows(&self, r0: usize, r1: usize, out: &mut [f64]) -> Result<(f64, f64)> {
+            let mut f2 = 0.0;
+            for (o, (a, b)) in out.iter_mut().zip(
+                self.base[r0 * self.n..r1 * self.n]
+                    .iter()
+                    .zip(&self.ft[r0 * self.n..]),
+            ) {
+                let d = b.to_f32() - a.to_f32();
+                *o = if d.is_finite() { d as f64 } else { 0.0 };
+                f2 += *o * *o;
+            }
+            Ok((f2, 0.0))
+        }
+        fn single_precision(&self) -> bool {
+            true
+        }
+        fn bf16_products(&self) -> bool {
+            true
+        }
+        fn bf16_pair(&self) -> bool {
+            true
+        }
+        fn bf16_pair_rows(
+            &self,
+            r0: usize,
+            r1: usize,
+            f: &mut dyn FnMut(&[u8], &[u8]),
+        ) -> Option<Result<()>> {
+            let bytes = |v: &[half::bf16]| -> Vec<u8> {
+                v[r0 * self.n..r1 * self.n]
+                    .iter()
+                    .flat_map(|x| x.to_bits().to_le_bytes())
+                    .collect()
+            };
+            f(&bytes(&self.base), &bytes(&self.ft));
+            Some(Ok(()))
+        }
+    }
+
+    /// A streamed Δ of a bf16 pair on tiles (the products with Δᵀ from both sides'
+    /// values) gives the spectrum of the f32 products, to the f32 products' own rounding;
+    /// with an inf in one side (no change there for the f32 products) the products with
+    /// Δᵀ fall back to f32 and still agree.
+    #[test]
+    fn pair_products_give_the_f32_spectrum() {
+        if Tiles::get().is_none() {
+            eprintln!("no AMX tiles on this machine: the tile products are not used here");
+            return;
+        }
+        let (m, n, r) = (150, 96, 6);
+        let mut g = Gaussian::new(9, "pair", "test");
+        let u = Mat::<f64>::from_fn(m, r, |_, _| g.next());
+        let v = Mat::<f64>::from_fn(n, r, |_, _| g.next());
+        let bf = half::bf16::from_f64;
+        let base: Vec<half::bf16> = (0..m * n).map(|_| bf(g.next())).collect();
+        let ft: Vec<half::bf16> = (0..m * n)
+            .map(|k| {
+                let (i, j) = (k / n, k % n);
+                let d: f64 = (0..r).map(|t| u[(i, t)] * v[(j, t)]).sum();
+                bf(base[k].to_f64() + 0.02 * d)
+            })
+            .collect();
+        let mut with_inf = ft.clone();
+        with_inf[77 * n + 5] = half::bf16::INFINITY;
+        for (ft, pair) in [(ft, true), (with_inf, false)] {
+            let src = PairRows {
+                base: base.clone(),
+                ft,
+                m,
+                n,
+            };
+            let opts = LowRankOptions {
+                dense_budget_bytes: 0,
+                block_bytes: 4 * n * 50,
+                ..LowRankOptions::default()
+            };
+            let mut op = Operator::new(&src, &opts, Cancel::never()).unwrap();
+            let d = decompose(&mut op, "a", 8, 4, 1, 0).unwrap();
+            let want = if pair {
+                Precision::Bf16Pair
+            } else {
+                Precision::F32Bf16Sketch
+            };
+            assert_eq!(op.precision(), want);
+            let f32_opts = LowRankOptions {
+                tiles: false,
+                ..opts.clone()
+            };
+            let mut op = Operator::new(&src, &f32_opts, Cancel::never()).unwrap();
+            let e = decompose(&mut op, "a", 8, 4, 1, 0).unwrap();
+            assert_eq!(op.precision(), Precision::F32);
+            // The planted values to the f32 products' rounding; beyond them, rounding
+            // noise, whose Ritz values move with the subspace the sketch found (its range
+            // products run in bf16 either way but on different roundings of Δ).
+            for (i, (x, y)) in d.s.iter().zip(&e.s).enumerate() {
+                let tol = if i < r { 1e-6 * e.s[0] } else { 5e-3 * y };
+                assert!((x - y).abs() <= tol, "σ{i} (pair {pair}): {x} vs {y}");
+            }
+            // The basis of the tile products is orthonormal to f64 rounding.
+            let ortho = d.u.transpose() * &d.u - Mat::<f64>::identity(d.u.ncols(), d.u.ncols());
+            assert!(ortho.norm_max() < 1e-12, "{}", ortho.norm_max());
         }
     }
 

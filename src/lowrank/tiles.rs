@@ -1,4 +1,5 @@
-//! The range sketch's products with Δ on AMX tiles, in bf16 with f32 sums.
+//! Products with Δ on AMX tiles, in bf16 with f32 sums: the range sketch, and for a pair
+//! of bf16 sides the products with Δᵀ.
 //!
 //! Intel's AMX (Sapphire Rapids and later Xeons) multiplies 16 × 32 bf16 tiles into
 //! 16 × 16 f32 accumulators, `TDPBF16PS`: C += A·B with every product of two bf16 values
@@ -19,6 +20,20 @@
 //! shifted a merged LoRA's reported rank-16 residual by 1 % against the one measured on
 //! Δ (a 5 % LoRA on Gaussian bf16 weights: 1 % of Δ's elements are not exact in bf16,
 //! where |Δ| > |W|).
+//!
+//! **The products with Δᵀ from both sides' stored values.** When both sides are stored
+//! in bf16 (the common case: a bf16 model and its bf16 fine-tune), Δ = F − A is the
+//! difference of two exact tile operands, so QᵀΔ = QᵀF − QᵀA runs on tiles with Δ never
+//! rounded ([`Left`]): the rows come straight from the read buffers, Q is split into two
+//! bf16 parts (16 significant bits) and the basis re-orthonormalized afterwards
+//! ([`super::rsvd::Operator::project`]), so the products measure Δ exactly up to f32
+//! sums. Those sums run at the scale of the weights, |W|, not of Δ: their error,
+//! ~2⁻²⁴·|W| per term, is 2⁻¹⁵ of the rounding that storing F in bf16 put in Δ
+//! (2⁻⁹·|W|/√12), so it never shows above the noise floor the detector compares against.
+//! This is B = QᵀΔ of the sketch and ΔᵀQ of power iterations: on the 32B-shaped pair
+//! (BENCHMARKS.md) its σ agreed with the f32 products' to 1.1·10⁻⁷ relative. F and A
+//! must be finite (a non-finite value, which the f32 products take as no change, sends
+//! the product back to f32), and n a multiple of 32.
 //!
 //! Used for streamed Δ: each row block (1 MiB of f32) is converted right after the diff
 //! or the stage's read decoded it, 32 rows at a time. A held Δ is read from memory at each product,
@@ -123,6 +138,261 @@ impl Right {
             }
         });
     }
+}
+
+/// Q (m × l) as the left operand of QᵀΔ = Qᵀ·F − Qᵀ·A for a pair whose base A and
+/// fine-tuned F are both stored in bf16 ([`super::DeltaRows::bf16_pair_rows`]): their
+/// values are exact tile operands, so Δ is never rounded. Q is held as two bf16 parts,
+/// Q̃ = Q₁ + Q₂ with Q₁ = bf16(Q) and Q₂ = bf16(Q − Q₁) (16 significant bits, |Q − Q̃| ≤
+/// 2⁻¹⁷|Q|); the products are those of Q̃ ([`Self::rounded`]), which the caller
+/// re-orthonormalizes ([`super::rsvd`]).
+///
+/// Layout: `TDPBF16PS` contracts pairs of adjacent K values. A row of F or A, read as
+/// it is stored, is 16 pairs of adjacent columns, so a B tile is 16 rows of 32 columns
+/// straight from the read buffer; the A tile that contracts it over those 16 rows holds
+/// Q̃'s value of row p in slot 2p + e (e = 0 or 1) and zero in the other, and yields the
+/// even (e = 0) or odd (e = 1) columns. Four such tiles per part and l-group (±, even and
+/// odd): twice the tile products of a VNNI copy of the rows, but no copy (measured: the
+/// copy cost more than the products it saves). F and −A are summed into the same
+/// accumulators chunk by chunk, so their f32 sums cancel as they go, at the scale of a
+/// 16-row chunk of Qᵀ·W rather than of all m rows.
+pub struct Left {
+    /// Q₁ and Q₂, row-major m × lp, zero-padded.
+    parts: [Vec<u16>; 2],
+    m: usize,
+    l: usize,
+    lp: usize,
+}
+
+/// Columns of Z a kernel call sweeps: its accumulators for the strip (lp × 1024 f32)
+/// and the A tiles of a block stay in L2 (measured on the 32B shapes: 0.29–0.36 ns per
+/// element of Δ against 0.39–0.53 for whole rows).
+const STRIP: usize = 1024;
+/// 16-row chunks per accumulator load: two (0.29 ns per element) against one or four
+/// (0.38–0.39).
+const CHUNKS_PER_CALL: usize = 2;
+
+impl Left {
+    pub fn new(_: Tiles, q: MatRef<'_, f64>) -> Left {
+        let (m, l) = (q.nrows(), q.ncols());
+        let lp = pad(l, 32);
+        let mut parts = [vec![0u16; m * lp], vec![0u16; m * lp]];
+        for j in 0..l {
+            for i in 0..m {
+                let v = q[(i, j)];
+                let hi = half::bf16::from_f64(v);
+                let lo = half::bf16::from_f64(v - hi.to_f64());
+                parts[0][i * lp + j] = hi.to_bits();
+                parts[1][i * lp + j] = lo.to_bits();
+            }
+        }
+        Left { parts, m, l, lp }
+    }
+
+    /// Q̃ = Q₁ + Q₂, the matrix whose products [`Self::add_rows`] computes (exact in f64).
+    pub fn rounded(&self) -> faer::Mat<f64> {
+        let v = |p: usize, i: usize, j: usize| {
+            half::bf16::from_bits(self.parts[p][i * self.lp + j]).to_f64()
+        };
+        faer::Mat::from_fn(self.m, self.l, |i, j| v(0, i, j) + v(1, i, j))
+    }
+
+    /// The accumulator of Z = Q̃ᵀΔ for Δ with n columns: lp × n f32, zero.
+    pub fn accumulator(&self, n: usize) -> Accumulator {
+        let mut z = Lines::default();
+        z.zeroed(self.lp * n * 4);
+        Accumulator(z)
+    }
+
+    /// Whether [`Self::add_rows`] takes rows of n columns (whole B tiles: n a multiple of 32).
+    pub fn takes(n: usize) -> bool {
+        n > 0 && n.is_multiple_of(32)
+    }
+
+    /// Adds Q̃[r0..r0 + k]ᵀ·(F − A) for rows `r0..r0 + k` of both sides (`base`, `ft`:
+    /// k rows of n bf16 values each, little-endian bytes) to `z` ([`Self::accumulator`]).
+    pub fn add_rows(&self, r0: usize, base: &[u8], ft: &[u8], n: usize, z: &mut Accumulator) {
+        assert!(Self::takes(n) && base.len() == ft.len() && base.len().is_multiple_of(2 * n));
+        let k = base.len() / (2 * n);
+        let z = z.0.f32s_mut();
+        assert!(r0 + k <= self.m && z.len() == self.lp * n);
+        PAIR_SCRATCH.with(|s| {
+            let mut s = s.borrow_mut();
+            let PairScratch { a, tail } = &mut *s;
+            let whole = k / 16 * 16;
+            if whole > 0 {
+                let a = self.a_tiles(r0, whole, a);
+                // SAFETY: `Tiles` (taken by `new`) proves the CPU features and the
+                // permission; `a` holds the A tiles of `whole` rows, both sides `whole`
+                // rows of n values, `z` lp × n.
+                unsafe {
+                    self.sweep(
+                        a,
+                        whole / 16,
+                        &base[..whole * 2 * n],
+                        &ft[..whole * 2 * n],
+                        n,
+                        z,
+                    )
+                };
+            }
+            if whole < k {
+                // The last rows, zero-padded to a chunk.
+                let rows = (k - whole) * 2 * n;
+                tail.zeroed(2 * 32 * n);
+                let (tb, tf) = tail.bytes_mut().split_at_mut(32 * n);
+                tb[..rows].copy_from_slice(&base[whole * 2 * n..]);
+                tf[..rows].copy_from_slice(&ft[whole * 2 * n..]);
+                let a = self.a_tiles(r0 + whole, k - whole, a);
+                // SAFETY: as above, for one chunk of 16 rows (`tail`'s sides).
+                unsafe { self.sweep(a, 1, tb, tf, n, z) };
+            }
+        });
+    }
+
+    /// The A tiles of rows `r0..r0 + k` (zero beyond k, padded to whole 16-row chunks),
+    /// per group pair and chunk: 16 tiles of 1 KiB, index ((g·2 + part)·2 + sign)·2 +
+    /// parity for the pair's two l-groups g.
+    fn a_tiles<'s>(&self, r0: usize, k: usize, lines: &'s mut Lines) -> &'s [u16] {
+        let chunks = k.div_ceil(16);
+        let pairs = self.lp / 32;
+        lines.zeroed(pairs * chunks * 16 * 1024);
+        let out = lines.u16s_mut();
+        for gp in 0..pairs {
+            for c in 0..chunks {
+                let base = (gp * chunks + c) * 16 * 512;
+                for p in 0..16.min(k - c * 16) {
+                    let row = r0 + c * 16 + p;
+                    for g in 0..2 {
+                        for part in 0..2 {
+                            let q = &self.parts[part][row * self.lp + (gp * 2 + g) * 16..][..16];
+                            for sign in 0..2 {
+                                for e in 0..2 {
+                                    let t = base + (((g * 2 + part) * 2 + sign) * 2 + e) * 512;
+                                    for (i, &v) in q.iter().enumerate() {
+                                        // The sign bit of bf16 negates exactly.
+                                        out[t + i * 32 + 2 * p + e] = v ^ ((sign as u16) << 15);
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Z += the products of `chunks` 16-row chunks of both sides with their A tiles `a`.
+    ///
+    /// # Safety
+    /// As [`amx::pair_strip`]; `a` from [`Self::a_tiles`] for those chunks, `base` and
+    /// `ft` chunks·16 rows of n values, `z` lp × n.
+    unsafe fn sweep(
+        &self,
+        a: &[u16],
+        chunks: usize,
+        base: &[u8],
+        ft: &[u8],
+        n: usize,
+        z: &mut [f32],
+    ) {
+        assert!(a.len() >= self.lp / 32 * chunks * 16 * 512);
+        assert!(base.len() >= chunks * 16 * 2 * n && ft.len() == base.len());
+        let zs = n * 4;
+        for j0 in (0..n).step_by(STRIP) {
+            let cols = STRIP.min(n - j0);
+            for c0 in (0..chunks).step_by(CHUNKS_PER_CALL) {
+                let nch = CHUNKS_PER_CALL.min(chunks - c0);
+                for gp in 0..self.lp / 32 {
+                    let rows = c0 * 16 * 2 * n + j0 * 2;
+                    // SAFETY: the call reads nch chunks of A tiles from the pair's
+                    // chunk c0, nch·16 rows of both sides from row c0·16, columns j0..
+                    // j0 + cols, and reads and writes Z rows 32·gp.. (+32) at those
+                    // columns: all inside the slices (asserted above).
+                    unsafe {
+                        amx::pair_strip(
+                            a.as_ptr().add((gp * chunks + c0) * 16 * 512),
+                            nch,
+                            ft.as_ptr().add(rows),
+                            base.as_ptr().add(rows),
+                            2 * n,
+                            z.as_mut_ptr().add(gp * 32 * n + j0).cast(),
+                            zs,
+                            cols / 32,
+                        )
+                    };
+                }
+            }
+        }
+    }
+
+    /// ΔᵀQ̃ (n × l) from the accumulator `z`, undoing the even/odd order of its columns;
+    /// `None` when a value is not finite (a side held inf or NaN, which the f32 products
+    /// treat as no change: the caller redoes the product there).
+    pub fn finish(&self, z: &Accumulator, n: usize) -> Option<faer::Mat<f64>> {
+        let z = z.0.f32s();
+        if z.iter().any(|v| !v.is_finite()) {
+            return None;
+        }
+        // Column j of Δ is at column (j / 32)·32 + (j % 2)·16 + (j % 32) / 2 of Z.
+        let col = |j: usize| (j / 32) * 32 + (j % 2) * 16 + (j % 32) / 2;
+        Some(faer::Mat::from_fn(n, self.l, |j, i| {
+            z[i * n + col(j)] as f64
+        }))
+    }
+}
+
+/// Z = Q̃ᵀΔ of [`Left`] as it is summed (lp × n f32, aligned).
+pub struct Accumulator(Lines);
+
+/// 64 bytes on a 64-byte boundary: tiles whose rows straddle cache lines load two lines
+/// a row (A tiles and accumulators 16 bytes off their lines took 2.4x the time of
+/// aligned ones, in a C copy of [`amx::pair_strip`]).
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Line([u8; 64]);
+
+// SAFETY: 64 bytes with no padding (size = align = 64), any bit pattern valid.
+unsafe impl bytemuck::Zeroable for Line {}
+// SAFETY: as above; `Copy` and `'static`.
+unsafe impl bytemuck::Pod for Line {}
+
+/// A buffer of whole [`Line`]s, viewed as bytes, u16 or f32.
+#[derive(Default)]
+struct Lines(Vec<Line>);
+
+impl Lines {
+    /// At least `bytes` zero bytes (whole lines).
+    fn zeroed(&mut self, bytes: usize) {
+        self.0.clear();
+        self.0.resize(bytes.div_ceil(64), Line([0; 64]));
+    }
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        bytemuck::cast_slice_mut(&mut self.0)
+    }
+    fn u16s_mut(&mut self) -> &mut [u16] {
+        bytemuck::cast_slice_mut(&mut self.0)
+    }
+    fn f32s(&self) -> &[f32] {
+        bytemuck::cast_slice(&self.0)
+    }
+    fn f32s_mut(&mut self) -> &mut [f32] {
+        bytemuck::cast_slice_mut(&mut self.0)
+    }
+}
+
+/// Per-thread buffers of [`Left`], kept from block to block.
+#[derive(Default)]
+struct PairScratch {
+    /// A tiles of a block.
+    a: Lines,
+    /// The last rows of both sides, zero-padded to a chunk.
+    tail: Lines,
+}
+
+thread_local! {
+    static PAIR_SCRATCH: std::cell::RefCell<PairScratch> = std::cell::RefCell::default();
 }
 
 /// Per-thread conversion buffers, kept from product to product.
@@ -275,6 +545,161 @@ mod amx {
         }
     }
 
+    /// What [`pair_strip`] reads besides its registers: the tile configuration, then
+    /// the chunk count and the pointer steps.
+    #[repr(C, align(64))]
+    struct PairParams {
+        cfg: Config,
+        /// Chunks per column step.
+        chunks: u64,
+        /// Bytes the A pointer moves over those chunks.
+        a_back: u64,
+        /// Bytes between chunks of a side (16 rows).
+        chunk_step: u64,
+        /// Bytes a side's pointer moves over those chunks.
+        side_back: u64,
+    }
+
+    /// For `cols32` steps of 32 columns: Z (two l-groups of 16 rows, `zs` bytes apart)
+    /// += Σ over `chunks` chunks of 16 rows of the 16 A tiles at `a` (per chunk, in
+    /// [`super::Left`]'s order) times the B tiles of F at `ft` and A at `base` (rows
+    /// `rs` bytes apart), the accumulators of a column step (4 tiles: 2 groups × even
+    /// and odd columns) loaded once and stored once. One `asm!` for the whole strip:
+    /// configuration, both loops, release.
+    ///
+    /// # Safety
+    /// The CPU has AMX-BF16 and this process its permission ([`request`]); `a` holds
+    /// chunks·16 KiB, both sides chunks·16 rows of `rs` bytes from which the columns
+    /// 0..cols32·32 are read, Z 32 rows of `zs` bytes with cols32·32 f32 read and written.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn pair_strip(
+        a: *const u16,
+        chunks: usize,
+        ft: *const u8,
+        base: *const u8,
+        rs: usize,
+        z: *mut u8,
+        zs: usize,
+        cols32: usize,
+    ) {
+        assert!(chunks > 0 && cols32 > 0);
+        let params = PairParams {
+            cfg: Config { ..CONFIG },
+            chunks: chunks as u64,
+            a_back: (chunks * 16 * 1024) as u64,
+            chunk_step: (16 * rs) as u64,
+            side_back: (chunks * 16 * rs) as u64,
+        };
+        // SAFETY: the caller's contract; every address below is inside the regions it
+        // names (A: chunk c at a + c·16 KiB, tile t at + t·1 KiB, rows 64 bytes apart;
+        // sides: chunk c at + c·16·rs, column step s at + s·64; Z: group g at
+        // z + g·16·zs, column step s at + s·128, even tile + 0, odd + 64).
+        unsafe {
+            asm!(
+                "ldtilecfg [{p}]",
+                "2:",
+                // Prefetch both sides' rows PREFETCH bytes ahead: 16·chunks rows of each
+                // are as many streams, more than the hardware prefetchers follow.
+                "mov {c}, [{p} + 64]",
+                "shl {c}, 4",
+                "lea {t}, [{f} + {ahead}]",
+                "lea {u}, [{b} + {ahead}]",
+                "4:",
+                "prefetcht0 [{t}]",
+                "prefetcht0 [{u}]",
+                "add {t}, {rs}",
+                "add {u}, {rs}",
+                "dec {c}",
+                "jnz 4b",
+                "mov {c}, {zs}",
+                "shl {c}, 4",
+                "add {c}, {z}",
+                "tileloadd tmm0, [{z} + {zs}*1]",
+                "tileloadd tmm1, [{z} + {zs}*1 + 64]",
+                "tileloadd tmm2, [{c} + {zs}*1]",
+                "tileloadd tmm3, [{c} + {zs}*1 + 64]",
+                "mov {c}, [{p} + 64]",
+                "3:",
+                "tileloadd tmm6, [{f} + {rs}*1]",
+                "tileloadd tmm7, [{b} + {rs}*1]",
+                // Group 0 into tmm0 (even) and tmm1 (odd): parts 0 and 1 of F, then of −A.
+                "tileloadd tmm4, [{a} + {s64}*1 + 0*1024]",
+                "tdpbf16ps tmm0, tmm4, tmm6",
+                "tileloadd tmm5, [{a} + {s64}*1 + 1*1024]",
+                "tdpbf16ps tmm1, tmm5, tmm6",
+                "tileloadd tmm4, [{a} + {s64}*1 + 4*1024]",
+                "tdpbf16ps tmm0, tmm4, tmm6",
+                "tileloadd tmm5, [{a} + {s64}*1 + 5*1024]",
+                "tdpbf16ps tmm1, tmm5, tmm6",
+                "tileloadd tmm4, [{a} + {s64}*1 + 2*1024]",
+                "tdpbf16ps tmm0, tmm4, tmm7",
+                "tileloadd tmm5, [{a} + {s64}*1 + 3*1024]",
+                "tdpbf16ps tmm1, tmm5, tmm7",
+                "tileloadd tmm4, [{a} + {s64}*1 + 6*1024]",
+                "tdpbf16ps tmm0, tmm4, tmm7",
+                "tileloadd tmm5, [{a} + {s64}*1 + 7*1024]",
+                "tdpbf16ps tmm1, tmm5, tmm7",
+                // Group 1 into tmm2 and tmm3.
+                "tileloadd tmm4, [{a} + {s64}*1 + 8*1024]",
+                "tdpbf16ps tmm2, tmm4, tmm6",
+                "tileloadd tmm5, [{a} + {s64}*1 + 9*1024]",
+                "tdpbf16ps tmm3, tmm5, tmm6",
+                "tileloadd tmm4, [{a} + {s64}*1 + 12*1024]",
+                "tdpbf16ps tmm2, tmm4, tmm6",
+                "tileloadd tmm5, [{a} + {s64}*1 + 13*1024]",
+                "tdpbf16ps tmm3, tmm5, tmm6",
+                "tileloadd tmm4, [{a} + {s64}*1 + 10*1024]",
+                "tdpbf16ps tmm2, tmm4, tmm7",
+                "tileloadd tmm5, [{a} + {s64}*1 + 11*1024]",
+                "tdpbf16ps tmm3, tmm5, tmm7",
+                "tileloadd tmm4, [{a} + {s64}*1 + 14*1024]",
+                "tdpbf16ps tmm2, tmm4, tmm7",
+                "tileloadd tmm5, [{a} + {s64}*1 + 15*1024]",
+                "tdpbf16ps tmm3, tmm5, tmm7",
+                "add {a}, 16384",
+                "add {f}, [{p} + 80]",
+                "add {b}, [{p} + 80]",
+                "dec {c}",
+                "jnz 3b",
+                "sub {a}, [{p} + 72]",
+                "sub {f}, [{p} + 88]",
+                "sub {b}, [{p} + 88]",
+                "add {f}, 64",
+                "add {b}, 64",
+                "mov {c}, {zs}",
+                "shl {c}, 4",
+                "add {c}, {z}",
+                "tilestored [{z} + {zs}*1], tmm0",
+                "tilestored [{z} + {zs}*1 + 64], tmm1",
+                "tilestored [{c} + {zs}*1], tmm2",
+                "tilestored [{c} + {zs}*1 + 64], tmm3",
+                "add {z}, 128",
+                "dec {nj}",
+                "jnz 2b",
+                "tilerelease",
+                p = in(reg) &params,
+                a = inout(reg) a => _,
+                f = inout(reg) ft => _,
+                b = inout(reg) base => _,
+                z = inout(reg) z => _,
+                zs = in(reg) zs,
+                rs = in(reg) rs,
+                s64 = in(reg) 64usize,
+                nj = inout(reg) cols32 => _,
+                c = out(reg) _,
+                t = out(reg) _,
+                u = out(reg) _,
+                ahead = const PREFETCH,
+                out("tmm0") _, out("tmm1") _, out("tmm2") _, out("tmm3") _,
+                out("tmm4") _, out("tmm5") _, out("tmm6") _, out("tmm7") _,
+                options(nostack),
+            );
+        }
+    }
+
+    /// Bytes ahead of the current column step that [`pair_strip`] prefetches.
+    const PREFETCH: usize = 256;
+
     /// The mask of the first `r` of 16 lanes.
     fn lanes(r: usize) -> u16 {
         if r >= 16 { u16::MAX } else { (1u16 << r) - 1 }
@@ -342,6 +767,19 @@ mod amx {
     pub(super) unsafe fn rows_bf16(_: &[f32], _: usize, _: usize, _: usize, _: &mut Vec<u16>) {
         unreachable!("no tiles on this architecture")
     }
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn pair_strip(
+        _: *const u16,
+        _: usize,
+        _: *const u8,
+        _: *const u8,
+        _: usize,
+        _: *mut u8,
+        _: usize,
+        _: usize,
+    ) {
+        unreachable!("no tiles on this architecture")
+    }
 }
 
 #[cfg(test)]
@@ -349,6 +787,67 @@ mod tests {
     use super::*;
     use crate::rng::Gaussian;
     use faer::Mat;
+
+    /// QᵀΔ from both sides' bf16 values, against f64 products of Q̃ (its two-part
+    /// rounding) with F − A: within what f32 sums of the sides leave, Σ|Q̃|(|F| + |A|)·2⁻²⁰
+    /// per element, for ragged rows (blocks not whole chunks), l not whole tiles, and n
+    /// across strips; Q̃ within 2⁻¹⁷ of Q; a side holding inf gives `None`.
+    #[test]
+    fn pair_products_match_f64() {
+        let Some(t) = Tiles::get() else {
+            eprintln!("no AMX tiles on this machine: the tile products are not used here");
+            return;
+        };
+        let mut g = Gaussian::new(11, "tiles", "pair");
+        for (m, n, l) in [(37, 64, 24), (70, 1056, 32), (129, 2080, 40), (16, 32, 80)] {
+            let bf = |x: f64| half::bf16::from_f64(x);
+            let base: Vec<half::bf16> = (0..m * n).map(|_| bf(g.next())).collect();
+            let ft: Vec<half::bf16> = base
+                .iter()
+                .map(|w| bf(w.to_f64() + 0.01 * g.next()))
+                .collect();
+            let bytes = |v: &[half::bf16]| {
+                v.iter()
+                    .flat_map(|x| x.to_bits().to_le_bytes())
+                    .collect::<Vec<u8>>()
+            };
+            let (bb, fb) = (bytes(&base), bytes(&ft));
+            let q = Mat::<f64>::from_fn(m, l, |_, _| g.next() / (m as f64).sqrt());
+            let left = Left::new(t, q.as_ref());
+            let qr = left.rounded();
+            for i in 0..m {
+                for j in 0..l {
+                    assert!((qr[(i, j)] - q[(i, j)]).abs() <= q[(i, j)].abs() * 2f64.powi(-17));
+                }
+            }
+            let mut z = left.accumulator(n);
+            let cut = (m / 2) | 1;
+            left.add_rows(0, &bb[..cut * 2 * n], &fb[..cut * 2 * n], n, &mut z);
+            left.add_rows(cut, &bb[cut * 2 * n..], &fb[cut * 2 * n..], n, &mut z);
+            let zt = left.finish(&z, n).expect("finite");
+            for j in 0..n {
+                for c in 0..l {
+                    let (mut want, mut abs) = (0.0, 0.0);
+                    for i in 0..m {
+                        let (a, f) = (base[i * n + j].to_f64(), ft[i * n + j].to_f64());
+                        want += qr[(i, c)] * (f - a);
+                        abs += qr[(i, c)].abs() * (f.abs() + a.abs());
+                    }
+                    let e = (zt[(j, c)] - want).abs();
+                    assert!(
+                        e <= abs * 2f64.powi(-20),
+                        "Z[{j},{c}] ({m}x{n}x{l}): {e} of {abs}"
+                    );
+                }
+            }
+            let mut bad = fb.clone();
+            bad[2 * (m / 2 * n + 3) + 1] = 0x7f;
+            bad[2 * (m / 2 * n + 3)] = 0x80;
+            let mut z = left.accumulator(n);
+            left.add_rows(0, &bb, &bad, n, &mut z);
+            assert!(left.finish(&z, n).is_none(), "inf in a side");
+        }
+    }
 
     /// Ragged shapes (not whole tiles, odd rows, one 16-wide edge), in two blocks of rows
     /// as a streamed pass gives them, against f64 products of bf16(Δ) and bf16(X): within

@@ -460,6 +460,25 @@ impl DeltaRows for PairDelta<'_> {
         self.captured?.take_sketch(l)
     }
 
+    fn bf16_pair(&self) -> bool {
+        self.dtypes() == (DType::BF16, DType::BF16)
+    }
+
+    fn bf16_pair_rows(
+        &self,
+        r0: usize,
+        r1: usize,
+        f: &mut dyn FnMut(&[u8], &[u8]),
+    ) -> Option<Result<()>> {
+        if !self.bf16_pair() {
+            return None;
+        }
+        Some(self.windows(r0, r1).and_then(|(wa, wb)| {
+            f(&wa, &wb);
+            self.intact(&wa, &wb)
+        }))
+    }
+
     fn read_all_f32(
         &self,
         out: &mut Vec<f32>,

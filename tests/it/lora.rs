@@ -219,14 +219,16 @@ fn extraction_reconstructs_to_the_storage_noise() {
     }
 }
 
-/// The precision the products of a bf16 pair ran in: the range sketch of a streamed Δ
-/// on tiles when allowed and this CPU has them (so CI on such a CPU runs that path),
-/// else everything in f32.
-fn bf16_products(tiles_streamed: bool) -> weightdiff::lowrank::rsvd::Precision {
-    if tiles_streamed && weightdiff::lowrank::tiles::Tiles::get().is_some() {
-        Precision::F32Bf16Sketch
-    } else {
+/// The precision the products of a streamed (or not) Δ of a bf16 pair with n columns
+/// ran in: on tiles when allowed and this CPU has them (so CI on such a CPU runs that
+/// path), the products with Δᵀ too when the rows are whole tiles; else all in f32.
+fn bf16_products(tiles_streamed: bool, n: usize) -> weightdiff::lowrank::rsvd::Precision {
+    if !(tiles_streamed && weightdiff::lowrank::tiles::Tiles::get().is_some()) {
         Precision::F32
+    } else if weightdiff::lowrank::tiles::Left::takes(n) {
+        Precision::Bf16Pair
+    } else {
+        Precision::F32Bf16Sketch
     }
 }
 
@@ -266,7 +268,7 @@ fn check_bf16_extraction(c: &weightdiff::comparison::Comparison, tiles: bool) {
         let method = if s.method == Method::Exact {
             Precision::F64
         } else {
-            bf16_products(tiles)
+            bf16_products(tiles, s.shape[1])
         };
         assert_eq!(s.products, method, "{}", e.module);
     }
@@ -369,7 +371,7 @@ fn derived_as_measured(pair: &BuiltPair, tiles: bool) {
             "{}: measured {r}, derived {e}",
             x.module
         );
-        assert_eq!(s.products, bf16_products(tiles), "{}", x.module);
+        assert_eq!(s.products, bf16_products(tiles, s.shape[1]), "{}", x.module);
         assert_eq!(
             spectrum(&lh, &x.tensor).products,
             Precision::F32,
