@@ -70,36 +70,48 @@ pub fn delta_f32(
     bits: i32,
     emin: i32,
 ) -> (f64, f64) {
-    delta_f32_simd(a, da, b, db, out, bits, emin)
+    assert_eq!(out.len(), a.len() / da.size(), "Δ of every element");
+    delta_f32_simd(a, da, b, db, Some(out), bits, emin)
+}
+
+/// The sums of [`delta_f32`] alone, with the same bits, for a product that takes the
+/// two sides' values as they are (`lowrank::tiles::Right::mul_pair_rows`).
+pub fn delta_sums(a: &[u8], da: DType, b: &[u8], db: DType, bits: i32, emin: i32) -> (f64, f64) {
+    delta_f32_simd(a, da, b, db, None, bits, emin)
 }
 
 simd_copies! {
     fn delta_f32_simd / delta_f32_avx2 / delta_f32_avx512 = delta_f32_generic(
-        a: &[u8], da: DType, b: &[u8], db: DType, out: &mut [f32], bits: i32, emin: i32,
+        a: &[u8], da: DType, b: &[u8], db: DType, out: Option<&mut [f32]>, bits: i32,
+        emin: i32,
     ) -> (f64, f64);
 }
 
+/// `out`: where Δ goes, or `None` for the sums alone (Δ of each block then stays in a
+/// block of scratch).
 #[inline(always)]
 fn delta_f32_generic(
     a: &[u8],
     da: DType,
     b: &[u8],
     db: DType,
-    out: &mut [f32],
+    mut out: Option<&mut [f32]>,
     bits: i32,
     emin: i32,
 ) -> (f64, f64) {
     let (sa, sb) = (da.size(), db.size());
-    let (mut ta, mut tb) = ([0f32; BLOCK], [0f32; BLOCK]);
+    let n = a.len() / sa;
+    let (mut ta, mut tb, mut scratch) = ([0f32; BLOCK], [0f32; BLOCK], [0f32; BLOCK]);
     let (mut f2, mut var) = (0.0f64, 0.0f64);
-    for ((o, ca), cb) in out
-        .chunks_mut(BLOCK)
-        .zip(a.chunks(BLOCK * sa))
-        .zip(b.chunks(BLOCK * sb))
-    {
-        let (xa, xb) = (&mut ta[..o.len()], &mut tb[..o.len()]);
-        decode_f32(da, ca, xa);
-        decode_f32(db, cb, xb);
+    for start in (0..n).step_by(BLOCK) {
+        let k = BLOCK.min(n - start);
+        let (xa, xb) = (&mut ta[..k], &mut tb[..k]);
+        decode_f32(da, &a[start * sa..(start + k) * sa], xa);
+        decode_f32(db, &b[start * sb..(start + k) * sb], xb);
+        let o = match out.as_deref_mut() {
+            Some(o) => &mut o[start..start + k],
+            None => &mut scratch[..k],
+        };
         let (bf2, bvar) = delta_block(xa, xb, o, bits, emin);
         f2 += bf2;
         var += bvar;
@@ -160,9 +172,38 @@ pub fn diff_delta(
     (bits, emin): (i32, i32),
     chunk: usize,
 ) -> (Accum, Vec<(f64, f64)>) {
+    assert_eq!(out.len(), a.len() / da.size(), "Δ of every element");
+    diff_and_sums(a, da, b, db, threshold, Some(out), (bits, emin), chunk)
+}
+
+/// [`diff_delta`] without Δ: the same [`Accum`] and sums, with the same bits, for a
+/// product that takes the two sides' values as they are.
+pub fn diff_sums(
+    a: &[u8],
+    da: DType,
+    b: &[u8],
+    db: DType,
+    threshold: f64,
+    rounding: (i32, i32),
+    chunk: usize,
+) -> (Accum, Vec<(f64, f64)>) {
+    diff_and_sums(a, da, b, db, threshold, None, rounding, chunk)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn diff_and_sums(
+    a: &[u8],
+    da: DType,
+    b: &[u8],
+    db: DType,
+    threshold: f64,
+    out: Option<&mut [f32]>,
+    (bits, emin): (i32, i32),
+    chunk: usize,
+) -> (Accum, Vec<(f64, f64)>) {
     let n = a.len() / da.size();
     assert!(
-        n == b.len() / db.size() && n == out.len() && super::is_f32_domain(da, db),
+        n == b.len() / db.size() && super::is_f32_domain(da, db),
         "windows of different element counts, or not f32-domain"
     );
     assert!(
@@ -174,8 +215,8 @@ pub fn diff_delta(
 
 simd_copies! {
     fn diff_delta_simd / diff_delta_avx2 / diff_delta_avx512 = diff_delta_generic(
-        a: &[u8], da: DType, b: &[u8], db: DType, threshold: f64, out: &mut [f32], bits: i32,
-        emin: i32, chunk: usize,
+        a: &[u8], da: DType, b: &[u8], db: DType, threshold: f64, out: Option<&mut [f32]>,
+        bits: i32, emin: i32, chunk: usize,
     ) -> (Accum, Vec<(f64, f64)>);
 }
 
@@ -188,12 +229,13 @@ fn diff_delta_generic(
     b: &[u8],
     db: DType,
     threshold: f64,
-    out: &mut [f32],
+    mut out: Option<&mut [f32]>,
     bits: i32,
     emin: i32,
     chunk: usize,
 ) -> (Accum, Vec<(f64, f64)>) {
     let thr = threshold_f32(threshold);
+    let mut scratch = [0f32; BLOCK];
     let (sa, sb) = (da.size(), db.size());
     let n = a.len() / sa;
     let mut xa = [0f32; BLOCK];
@@ -216,7 +258,11 @@ fn diff_delta_generic(
         } else {
             careful_f32(&xa[..k], &xb[..k], threshold, &mut acc);
         }
-        let (f2, var) = delta_block(&xa[..k], &xb[..k], &mut out[start..start + k], bits, emin);
+        let o = match out.as_deref_mut() {
+            Some(o) => &mut o[start..start + k],
+            None => &mut scratch[..k],
+        };
+        let (f2, var) = delta_block(&xa[..k], &xb[..k], o, bits, emin);
         cur.0 += f2;
         cur.1 += var;
         start += k;
@@ -534,7 +580,8 @@ mod tests {
             }
             let rounding = dt.rounding().unwrap();
             let mut want_d = vec![0f32; n];
-            let want_s = delta_f32_generic(&ea, dt, &eb, dt, &mut want_d, rounding.0, rounding.1);
+            let want_s =
+                delta_f32_generic(&ea, dt, &eb, dt, Some(&mut want_d), rounding.0, rounding.1);
             let mut want_fd = vec![0f32; n];
             let want_f = format!(
                 "{:?}",
@@ -544,7 +591,7 @@ mod tests {
                     &eb,
                     dt,
                     1e-6,
-                    &mut want_fd,
+                    Some(&mut want_fd),
                     rounding.0,
                     rounding.1,
                     2 * BLOCK
@@ -553,15 +600,22 @@ mod tests {
             let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
             #[cfg(target_arch = "x86_64")]
             {
-                type Delta =
-                    unsafe fn(&[u8], DType, &[u8], DType, &mut [f32], i32, i32) -> (f64, f64);
+                type Delta = unsafe fn(
+                    &[u8],
+                    DType,
+                    &[u8],
+                    DType,
+                    Option<&mut [f32]>,
+                    i32,
+                    i32,
+                ) -> (f64, f64);
                 type Fused = unsafe fn(
                     &[u8],
                     DType,
                     &[u8],
                     DType,
                     f64,
-                    &mut [f32],
+                    Option<&mut [f32]>,
                     i32,
                     i32,
                     usize,
@@ -576,7 +630,8 @@ mod tests {
                 for (delta, fused) in copies {
                     let mut d = vec![0f32; n];
                     // SAFETY: only copies whose features the CPU has were pushed.
-                    let st = unsafe { delta(&ea, dt, &eb, dt, &mut d, rounding.0, rounding.1) };
+                    let st =
+                        unsafe { delta(&ea, dt, &eb, dt, Some(&mut d), rounding.0, rounding.1) };
                     assert_eq!(
                         (st.0.to_bits(), st.1.to_bits()),
                         (want_s.0.to_bits(), want_s.1.to_bits())
@@ -591,7 +646,7 @@ mod tests {
                             &eb,
                             dt,
                             1e-6,
-                            &mut fd,
+                            Some(&mut fd),
                             rounding.0,
                             rounding.1,
                             2 * BLOCK,
@@ -605,7 +660,8 @@ mod tests {
     }
 
     /// The fused pass gives the bits of `diff` and of `delta_f32` chunk by chunk, on a
-    /// window with a ragged last block, non-finite values and both 16-bit dtypes.
+    /// window with a ragged last block, non-finite values and both 16-bit dtypes; so do
+    /// the same passes without Δ (`diff_sums`, `delta_sums`).
     #[test]
     fn diff_delta_equals_diff_and_delta_chunk_by_chunk() {
         let mut g = crate::rng::Gaussian::new(7, "k", "test");
@@ -624,6 +680,8 @@ mod tests {
                     format!("{acc:?}"),
                     format!("{:?}", diff(&ea, dt, &eb, dt, 1e-6))
                 );
+                let alone = diff_sums(&ea, dt, &eb, dt, 1e-6, rounding, chunk);
+                assert_eq!(format!("{alone:?}"), format!("{:?}", (acc, &sums)));
                 assert_eq!(sums.len(), n.div_ceil(chunk));
                 let size = dt.size();
                 for (c, got) in sums.iter().enumerate() {
@@ -640,6 +698,18 @@ mod tests {
                     );
                     assert_eq!(got.0.to_bits(), st.0.to_bits());
                     assert_eq!(got.1.to_bits(), st.1.to_bits());
+                    let alone = delta_sums(
+                        &ea[c0 * size..c1 * size],
+                        dt,
+                        &eb[c0 * size..c1 * size],
+                        dt,
+                        rounding.0,
+                        rounding.1,
+                    );
+                    assert_eq!(
+                        (alone.0.to_bits(), alone.1.to_bits()),
+                        (st.0.to_bits(), st.1.to_bits())
+                    );
                     let same = out[c0..c1]
                         .iter()
                         .zip(&want)

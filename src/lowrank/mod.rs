@@ -96,14 +96,17 @@ pub trait DeltaRows: Sync {
     }
     /// For a [`Self::bf16_pair`] source: rows `r0..r1` of the base's and the fine-tuned
     /// tensor's stored values (row-major, little-endian bf16 bytes), handed to
-    /// `f(base, finetuned)`. `None` when the source has no such rows.
+    /// `f(base, finetuned)`, and when `sums` the (Σ Δ², Σ rounding variance) of those
+    /// rows with the bits [`Self::read_rows_f32`] gives them (else zeros). `None` when
+    /// the source has no such rows.
     fn bf16_pair_rows(
         &self,
         r0: usize,
         r1: usize,
+        sums: bool,
         f: &mut dyn FnMut(&[u8], &[u8]),
-    ) -> Option<Result<()>> {
-        let _ = (r0, r1, f);
+    ) -> Option<Result<(f64, f64)>> {
+        let _ = (r0, r1, sums, f);
         None
     }
     /// All of Δ in f32 for a held Δ of a [`Self::single_precision`] source, when the

@@ -22,9 +22,9 @@
 //! bf16 where the CPU has them and the fine-tuned side is stored in bf16 or fp8
 //! ([`DeltaRows::bf16_products`], [`super::tiles`]); the products whose values are
 //! reported (B = QᵀΔ, the refinement's ΔV) stay f32, so the identity above is exact
-//! whatever the sketch ran in. When both sides are stored in bf16, the products with Δᵀ
-//! of a streamed Δ (B = QᵀΔ, and ΔᵀQ of power iterations) run on the tiles too, from
-//! the two sides' exact values, Δ never rounded ([`super::tiles::Left`]); B is then that
+//! whatever the sketch ran in. When both sides are stored in bf16, the range sketch and
+//! the products with Δᵀ of a streamed Δ (B = QᵀΔ, and ΔᵀQ of power iterations) run on
+//! the tiles from the two sides' exact values, Δ never rounded ([`super::tiles::Left`]); B is then that
 //! of Q′, the orthonormal basis of Q's two-part bf16 rounding ([`Operator::project`]),
 //! so the identity holds for Q′. The small dense steps — the QR of Y (m × l), the SVD
 //! of B (l × n) — always run in f64; they cost O((m + n)·l²), nothing next to the products when they run at
@@ -104,8 +104,10 @@ pub enum Precision {
     /// The range sketch's products in bf16 on AMX tiles, the others in f32
     /// ([`super::tiles`]).
     F32Bf16Sketch,
-    /// As [`Self::F32Bf16Sketch`], and the products with Δᵀ on AMX tiles from both
-    /// sides' stored bf16 values, with Q in two bf16 parts ([`super::tiles::Left`]).
+    /// The products of a streamed Δ with two bf16 sides on AMX tiles from the sides'
+    /// stored values, Δ never rounded, with f32 sums: the range sketch with X in bf16
+    /// ([`super::tiles::Right::mul_pair_rows`]), the products with Δᵀ with Q in two bf16
+    /// parts ([`super::tiles::Left`]); the refinement's ΔV in f32.
     Bf16Pair,
 }
 
@@ -360,8 +362,17 @@ impl<'a> Operator<'a> {
             (None, _) => {
                 self.tiles_used |= tiles.is_some();
                 let mut p = RowProduct::new(tiles, x, self.src.nrows());
+                if self.pair.is_some() && p.takes_pairs() {
+                    let done = self.pair_pass(|r0, base, ft| p.add_pair(r0, base, ft))?;
+                    if let Some(y) = done.then(|| p.finish()).flatten() {
+                        self.pair_used = true;
+                        return Ok(y);
+                    }
+                    // A side held inf or NaN, which the f32 products take as no change.
+                    p = RowProduct::new(tiles, x, self.src.nrows());
+                }
                 self.pass::<f32>(|r0, rows| p.add(r0, rows))?;
-                Ok(p.finish())
+                Ok(p.finish().expect("rows of Δ were added in f32"))
             }
         }
     }
@@ -454,12 +465,11 @@ impl<'a> Operator<'a> {
         while r0 < m {
             self.cancel.check()?;
             let r1 = (r0 + step).min(m);
-            let read = self.src.bf16_pair_rows(r0, r1, &mut |base, ft| {
+            let read = self.src.bf16_pair_rows(r0, r1, false, &mut |base, ft| {
                 left.add_rows(r0, base, ft, n, &mut z)
             });
-            match read {
-                Some(r) => r?,
-                None => return Ok(None),
+            if read.transpose()?.is_none() {
+                return Ok(None);
             }
             r0 = r1;
         }
@@ -495,6 +505,34 @@ impl<'a> Operator<'a> {
             );
         })?;
         Ok(widen(z.as_ref()))
+    }
+
+    /// One streamed pass over both sides' bf16 rows ([`DeltaRows::bf16_pair_rows`]):
+    /// `f(first_row, base, finetuned)` on each row block (the blocks of [`Self::pass`],
+    /// and its sums), counted as a read. `false` when the source gives no such rows.
+    fn pair_pass(&mut self, mut f: impl FnMut(usize, &[u8], &[u8])) -> Result<bool> {
+        let m = self.src.nrows();
+        let (mut f2, mut var) = (0.0, 0.0);
+        let mut r0 = 0;
+        while r0 < m {
+            self.cancel.check()?;
+            let r1 = (r0 + self.block_rows.max(1)).min(m);
+            match self
+                .src
+                .bf16_pair_rows(r0, r1, true, &mut |base, ft| f(r0, base, ft))
+            {
+                Some(st) => {
+                    let st = st?;
+                    f2 += st.0;
+                    var += st.1;
+                }
+                None => return Ok(false),
+            }
+            r0 = r1;
+        }
+        self.reads += 1;
+        self.stats.get_or_insert((f2, var));
+        Ok(true)
     }
 
     /// One streamed pass over Δ: `f(first_row, rows)` on each row block, counted as a
@@ -621,6 +659,8 @@ pub struct RowProduct {
     kind: RowKind,
     m: usize,
     l: usize,
+    /// Rows were added as both sides' values ([`Self::add_pair`]).
+    pairs: bool,
 }
 
 enum RowKind {
@@ -644,7 +684,12 @@ impl RowProduct {
                 yt: Mat::zeros(l, m),
             },
         };
-        RowProduct { kind, m, l }
+        RowProduct {
+            kind,
+            m,
+            l,
+            pairs: false,
+        }
     }
 
     /// For the Ω of width `l` that [`decompose`] draws for an m × n Δ named `name`.
@@ -667,12 +712,29 @@ impl RowProduct {
         }
     }
 
-    /// Y (m × l).
-    pub fn finish(self) -> Mat<f64> {
+    /// Whether [`Self::add_pair`] runs: on tiles, for rows of whole tiles.
+    pub fn takes_pairs(&self) -> bool {
+        matches!(&self.kind, RowKind::Tiles { x, .. } if x.takes_pairs())
+    }
+
+    /// Adds the rows `r0..` of Δ = F − A given as both sides' stored bf16 values
+    /// ([`Right::mul_pair_rows`]); only when [`Self::takes_pairs`].
+    pub fn add_pair(&mut self, r0: usize, base: &[u8], ft: &[u8]) {
+        self.pairs = true;
+        match &mut self.kind {
+            RowKind::Tiles { x, y } => x.mul_pair_rows(base, ft, r0, y),
+            RowKind::Faer { .. } => unreachable!("pairs are taken on tiles only"),
+        }
+    }
+
+    /// Y (m × l); `None` when rows were added as both sides' values and a value of Y
+    /// is not finite (a side held inf or NaN, which the f32 rows of Δ take as no change).
+    pub fn finish(self) -> Option<Mat<f64>> {
         let (m, l) = (self.m, self.l);
         match self.kind {
-            RowKind::Faer { yt, .. } => widen(yt.transpose()),
-            RowKind::Tiles { y, .. } => Mat::from_fn(m, l, |i, j| y[i * l + j] as f64),
+            RowKind::Faer { yt, .. } => Some(widen(yt.transpose())),
+            RowKind::Tiles { y, .. } => (!self.pairs || y.iter().all(|v| v.is_finite()))
+                .then(|| Mat::from_fn(m, l, |i, j| y[i * l + j] as f64)),
         }
     }
 }
@@ -947,8 +1009,9 @@ mod tests {
             &self,
             r0: usize,
             r1: usize,
+            sums: bool,
             f: &mut dyn FnMut(&[u8], &[u8]),
-        ) -> Option<Result<()>> {
+        ) -> Option<Result<(f64, f64)>> {
             let bytes = |v: &[half::bf16]| -> Vec<u8> {
                 v[r0 * self.n..r1 * self.n]
                     .iter()
@@ -956,7 +1019,12 @@ mod tests {
                     .collect()
             };
             f(&bytes(&self.base), &bytes(&self.ft));
-            Some(Ok(()))
+            let mut st = (0.0, 0.0);
+            if sums {
+                let mut d = vec![0.0; (r1 - r0) * self.n];
+                st = self.read_rows(r0, r1, &mut d).ok()?;
+            }
+            Some(Ok(st))
         }
     }
 

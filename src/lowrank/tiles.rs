@@ -21,9 +21,11 @@
 //! Δ (a 5 % LoRA on Gaussian bf16 weights: 1 % of Δ's elements are not exact in bf16,
 //! where |Δ| > |W|).
 //!
-//! **The products with Δᵀ from both sides' stored values.** When both sides are stored
-//! in bf16 (the common case: a bf16 model and its bf16 fine-tune), Δ = F − A is the
-//! difference of two exact tile operands, so QᵀΔ = QᵀF − QᵀA runs on tiles with Δ never
+//! **Products from both sides' stored values.** When both sides are stored in bf16 (the
+//! common case: a bf16 model and its bf16 fine-tune), Δ = F − A is the difference of two
+//! exact tile operands. The range sketch is then F·X̃ − A·X̃ ([`Right::mul_pair_rows`]),
+//! from the rows the diff or the stage read, with no conversion pass and no Δ written;
+//! and QᵀΔ = QᵀF − QᵀA runs on tiles with Δ never
 //! rounded ([`Left`]): the rows come straight from the read buffers, Q is split into two
 //! bf16 parts (16 significant bits) and the basis re-orthonormalized afterwards
 //! ([`super::rsvd::Operator::project`]), so the products measure Δ exactly up to f32
@@ -35,7 +37,8 @@
 //! must be finite (a non-finite value, which the f32 products take as no change, sends
 //! the product back to f32), and n a multiple of 32.
 //!
-//! Used for streamed Δ: each row block (1 MiB of f32) is converted right after the diff
+//! Otherwise (a side in f16 or fp8), for streamed Δ: each row block (1 MiB of f32) is
+//! converted right after the diff
 //! or the stage's read decoded it, 32 rows at a time. A held Δ is read from memory at each product,
 //! and converting it there (0.45–0.6 ns per element, bound by memory) cost as much as
 //! the tile product saved, so its products stay on faer.
@@ -84,7 +87,9 @@ fn pad(x: usize, t: usize) -> usize {
 /// once per product: n padded to 32 (the depth of a tile product), l to 32 (the kernel
 /// computes 2 × 2 tiles of 16 × 16 at a time).
 pub struct Right {
-    x: Vec<u16>,
+    /// X and −X, packed (np × lp values each, aligned).
+    x: Lines,
+    neg: Lines,
     n: usize,
     l: usize,
     /// l padded to whole tiles.
@@ -95,19 +100,74 @@ impl Right {
     pub fn new(_: Tiles, x: MatRef<'_, f64>) -> Right {
         let (n, l) = (x.nrows(), x.ncols());
         let (np, lp) = (pad(n, 32), pad(l, 32));
-        let mut packed = vec![0u16; np * lp];
+        let (mut packed, mut neg) = (Lines::default(), Lines::default());
+        packed.zeroed(np * lp * 2);
+        neg.zeroed(np * lp * 2);
+        let (p, q) = (packed.u16s_mut(), neg.u16s_mut());
         for j in 0..l {
             for i in 0..n {
-                packed[(i / 2) * 2 * lp + 2 * j + (i & 1)] =
-                    half::bf16::from_f32(x[(i, j)] as f32).to_bits();
+                let at = (i / 2) * 2 * lp + 2 * j + (i & 1);
+                p[at] = half::bf16::from_f32(x[(i, j)] as f32).to_bits();
+                // The sign bit of bf16 negates exactly.
+                q[at] = p[at] ^ 0x8000;
             }
         }
         Right {
             x: packed,
+            neg,
             n,
             l,
             lp,
         }
+    }
+
+    /// Whether [`Self::mul_pair_rows`] takes this X's rows of Δ (n columns: whole tiles).
+    pub fn takes_pairs(&self) -> bool {
+        Left::takes(self.n)
+    }
+
+    /// As [`Self::mul_rows`] for Δ = F − A of a pair stored in bf16 on both sides, from
+    /// their stored values (`base`, `ft`: k rows of n bf16 values each, little-endian
+    /// bytes; [`super::DeltaRows::bf16_pair_rows`]): Y = F·X̃ − A·X̃, X̃ = bf16(X), with Δ
+    /// never rounded and no conversion pass. Each 16-row tile of A is read from the rows
+    /// where they lie; a last group of fewer than 16 rows is a tile of fewer rows.
+    pub fn mul_pair_rows(&self, base: &[u8], ft: &[u8], r0: usize, y: &mut [f32]) {
+        let (n, l) = (self.n, self.l);
+        assert!(self.takes_pairs() && base.len() == ft.len() && base.len().is_multiple_of(2 * n));
+        let k = base.len() / (2 * n);
+        assert!(y.len() >= (r0 + k) * l);
+        let row = 2 * n;
+        SCRATCH.with(|s| {
+            let mut s = s.borrow_mut();
+            let c = &mut s.c;
+            c.resize(32 * self.lp, 0.0);
+            for p0 in (0..k).step_by(32) {
+                let rows = 32.min(k - p0);
+                for tj in (0..self.lp / 16).step_by(2) {
+                    // SAFETY: `Tiles` (taken by `new`) proves the CPU features and the
+                    // permission; the call reads `rows` rows of n values of both sides
+                    // from row p0, X's and −X's column tiles tj, tj + 1 (np × lp each),
+                    // and writes `rows` rows of 32 f32 of `c` (32 × lp) at column 16·tj.
+                    unsafe {
+                        amx::pair_rows(
+                            ft[p0 * row..].as_ptr(),
+                            base[p0 * row..].as_ptr(),
+                            row,
+                            n / 32,
+                            self.x.bytes().as_ptr().add(tj * 64),
+                            self.neg.bytes().as_ptr().add(tj * 64),
+                            self.lp * 4,
+                            c.as_mut_ptr().add(tj * 16).cast(),
+                            self.lp * 4,
+                            rows,
+                        )
+                    };
+                }
+                for i in 0..rows {
+                    y[(r0 + p0 + i) * l..][..l].copy_from_slice(&c[i * self.lp..][..l]);
+                }
+            }
+        });
     }
 
     /// Rows `r0..` of Y = Δ·X for the rows of Δ given in `rows` (row-major, n columns):
@@ -130,7 +190,7 @@ impl Right {
                 // of np values (zero-padded), `c` holds 32 rows of lp, X np × lp.
                 unsafe {
                     amx::rows_bf16(&rows[p0 * n..p1 * n], n, np, 32, a);
-                    amx::panel(a, np / 32, &self.x, self.lp, c);
+                    amx::panel(a, np / 32, self.x.u16s(), self.lp, c);
                 }
                 for i in p0..p1 {
                     y[(r0 + i) * l..][..l].copy_from_slice(&c[(i - p0) * self.lp..][..l]);
@@ -368,8 +428,14 @@ impl Lines {
         self.0.clear();
         self.0.resize(bytes.div_ceil(64), Line([0; 64]));
     }
+    fn bytes(&self) -> &[u8] {
+        bytemuck::cast_slice(&self.0)
+    }
     fn bytes_mut(&mut self) -> &mut [u8] {
         bytemuck::cast_slice_mut(&mut self.0)
+    }
+    fn u16s(&self) -> &[u16] {
+        bytemuck::cast_slice(&self.0)
     }
     fn u16s_mut(&mut self) -> &mut [u16] {
         bytemuck::cast_slice_mut(&mut self.0)
@@ -697,6 +763,148 @@ mod amx {
         }
     }
 
+    /// C (`rows` ≤ 32 rows of 32 f32, `cs` bytes apart) = F·X̃ − A·X̃ for `rows` rows of
+    /// both sides (`ft`, `base`: rows `rs` bytes apart, `ks` steps of 32 values) and two
+    /// column tiles of X̃ and −X̃ (`x`, `xn`: VNNI rows `xs` bytes apart). The rows are
+    /// one or two groups of 16 (the last one shorter): the tiles of A and C are configured
+    /// with the group's rows, so no row beyond `rows` is read or written.
+    ///
+    /// # Safety
+    /// The CPU has AMX-BF16 and this process its permission ([`request`]); both sides
+    /// hold `rows` rows of `ks`·64 bytes, X̃ and −X̃ `ks`·16 rows of `xs` bytes with 128
+    /// bytes from their start read, C `rows` rows of 128 bytes.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn pair_rows(
+        ft: *const u8,
+        base: *const u8,
+        rs: usize,
+        ks: usize,
+        x: *const u8,
+        xn: *const u8,
+        xs: usize,
+        c: *mut u8,
+        cs: usize,
+        rows: usize,
+    ) {
+        assert!(ks > 0 && (1..=32).contains(&rows));
+        let (r1, r2) = (rows.min(16), rows.saturating_sub(16));
+        // Tiles 0–1: C of group 1, 2–3: C of group 2, 4: A of group 1, 5: A of group 2,
+        // 6–7: X̃ (or −X̃).
+        let mut cfg = Config { ..CONFIG };
+        cfg.rows = [
+            r1 as u8, r1 as u8, r2 as u8, r2 as u8, r1 as u8, r2 as u8, 16, 16, 0, 0, 0, 0, 0, 0,
+            0, 0,
+        ];
+        for t in [2, 3, 5] {
+            if r2 == 0 {
+                cfg.rows[t] = 0;
+                cfg.colsb[t] = 0;
+            }
+        }
+        let c2 = c.wrapping_add(16 * cs);
+        let (f2, b2) = (ft.wrapping_add(16 * rs), base.wrapping_add(16 * rs));
+        // SAFETY: the caller's contract; every tile read or written lies in the regions
+        // it names (group 2's rows only when r2 > 0, its tiles unused otherwise).
+        unsafe {
+            if r2 > 0 {
+                asm!(
+                    "ldtilecfg [{cfg}]",
+                    "tilezero tmm0",
+                    "tilezero tmm1",
+                    "tilezero tmm2",
+                    "tilezero tmm3",
+                    "2:",
+                    "tileloadd tmm6, [{x} + {xs}*1]",
+                    "tileloadd tmm7, [{x} + {xs}*1 + 64]",
+                    "tileloadd tmm4, [{f} + {rs}*1]",
+                    "tileloadd tmm5, [{f2} + {rs}*1]",
+                    "tdpbf16ps tmm0, tmm4, tmm6",
+                    "tdpbf16ps tmm1, tmm4, tmm7",
+                    "tdpbf16ps tmm2, tmm5, tmm6",
+                    "tdpbf16ps tmm3, tmm5, tmm7",
+                    "tileloadd tmm6, [{xn} + {xs}*1]",
+                    "tileloadd tmm7, [{xn} + {xs}*1 + 64]",
+                    "tileloadd tmm4, [{b} + {rs}*1]",
+                    "tileloadd tmm5, [{b2} + {rs}*1]",
+                    "tdpbf16ps tmm0, tmm4, tmm6",
+                    "tdpbf16ps tmm1, tmm4, tmm7",
+                    "tdpbf16ps tmm2, tmm5, tmm6",
+                    "tdpbf16ps tmm3, tmm5, tmm7",
+                    "add {f}, 64",
+                    "add {f2}, 64",
+                    "add {b}, 64",
+                    "add {b2}, 64",
+                    "add {x}, {xstep}",
+                    "add {xn}, {xstep}",
+                    "dec {k}",
+                    "jnz 2b",
+                    "tilestored [{c} + {cs}*1], tmm0",
+                    "tilestored [{c} + {cs}*1 + 64], tmm1",
+                    "tilestored [{c2} + {cs}*1], tmm2",
+                    "tilestored [{c2} + {cs}*1 + 64], tmm3",
+                    "tilerelease",
+                    cfg = in(reg) &cfg,
+                    f = inout(reg) ft => _,
+                    f2 = inout(reg) f2 => _,
+                    b = inout(reg) base => _,
+                    b2 = inout(reg) b2 => _,
+                    x = inout(reg) x => _,
+                    xn = inout(reg) xn => _,
+                    xs = in(reg) xs,
+                    xstep = in(reg) 16 * xs,
+                    rs = in(reg) rs,
+                    k = inout(reg) ks => _,
+                    c = in(reg) c,
+                    c2 = in(reg) c2,
+                    cs = in(reg) cs,
+                    out("tmm0") _, out("tmm1") _, out("tmm2") _, out("tmm3") _,
+                    out("tmm4") _, out("tmm5") _, out("tmm6") _, out("tmm7") _,
+                    options(nostack),
+                );
+            } else {
+                asm!(
+                    "ldtilecfg [{cfg}]",
+                    "tilezero tmm0",
+                    "tilezero tmm1",
+                    "2:",
+                    "tileloadd tmm6, [{x} + {xs}*1]",
+                    "tileloadd tmm7, [{x} + {xs}*1 + 64]",
+                    "tileloadd tmm4, [{f} + {rs}*1]",
+                    "tdpbf16ps tmm0, tmm4, tmm6",
+                    "tdpbf16ps tmm1, tmm4, tmm7",
+                    "tileloadd tmm6, [{xn} + {xs}*1]",
+                    "tileloadd tmm7, [{xn} + {xs}*1 + 64]",
+                    "tileloadd tmm4, [{b} + {rs}*1]",
+                    "tdpbf16ps tmm0, tmm4, tmm6",
+                    "tdpbf16ps tmm1, tmm4, tmm7",
+                    "add {f}, 64",
+                    "add {b}, 64",
+                    "add {x}, {xstep}",
+                    "add {xn}, {xstep}",
+                    "dec {k}",
+                    "jnz 2b",
+                    "tilestored [{c} + {cs}*1], tmm0",
+                    "tilestored [{c} + {cs}*1 + 64], tmm1",
+                    "tilerelease",
+                    cfg = in(reg) &cfg,
+                    f = inout(reg) ft => _,
+                    b = inout(reg) base => _,
+                    x = inout(reg) x => _,
+                    xn = inout(reg) xn => _,
+                    xs = in(reg) xs,
+                    xstep = in(reg) 16 * xs,
+                    rs = in(reg) rs,
+                    k = inout(reg) ks => _,
+                    c = in(reg) c,
+                    cs = in(reg) cs,
+                    out("tmm0") _, out("tmm1") _, out("tmm2") _, out("tmm3") _,
+                    out("tmm4") _, out("tmm5") _, out("tmm6") _, out("tmm7") _,
+                    options(nostack),
+                );
+            }
+        }
+    }
+
     /// Bytes ahead of the current column step that [`pair_strip`] prefetches.
     const PREFETCH: usize = 256;
 
@@ -768,6 +976,21 @@ mod amx {
         unreachable!("no tiles on this architecture")
     }
     #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn pair_rows(
+        _: *const u8,
+        _: *const u8,
+        _: usize,
+        _: usize,
+        _: *const u8,
+        _: *const u8,
+        _: usize,
+        _: *mut u8,
+        _: usize,
+        _: usize,
+    ) {
+        unreachable!("no tiles on this architecture")
+    }
+    #[allow(clippy::too_many_arguments)]
     pub(super) unsafe fn pair_strip(
         _: *const u16,
         _: usize,
@@ -787,6 +1010,52 @@ mod tests {
     use super::*;
     use crate::rng::Gaussian;
     use faer::Mat;
+
+    /// Y = ΔX from both sides' bf16 values, against f64 products of F − A with bf16(X):
+    /// within what f32 sums of the sides leave, Σ|X̃|(|F| + |A|)·2⁻²⁰ per element, for
+    /// blocks of rows that end in groups of fewer than 16 and of 16–32, l not whole tiles.
+    #[test]
+    fn pair_rows_match_f64() {
+        let Some(t) = Tiles::get() else {
+            eprintln!("no AMX tiles on this machine: the tile products are not used here");
+            return;
+        };
+        let mut g = Gaussian::new(13, "tiles", "pair rows");
+        let bf = |x: f64| half::bf16::from_f64(x);
+        for (m, n, l) in [(37, 64, 24), (70, 96, 32), (129, 1024, 40), (5, 32, 16)] {
+            let base: Vec<half::bf16> = (0..m * n).map(|_| bf(g.next())).collect();
+            let ft: Vec<half::bf16> = base
+                .iter()
+                .map(|w| bf(w.to_f64() + 0.01 * g.next()))
+                .collect();
+            let bytes = |v: &[half::bf16]| -> Vec<u8> {
+                v.iter().flat_map(|x| x.to_bits().to_le_bytes()).collect()
+            };
+            let (bb, fb) = (bytes(&base), bytes(&ft));
+            let x = Mat::<f64>::from_fn(n, l, |_, _| g.next());
+            let right = Right::new(t, x.as_ref());
+            let mut y = vec![0f32; m * l];
+            let cut = m / 3 + 1;
+            right.mul_pair_rows(&bb[..cut * 2 * n], &fb[..cut * 2 * n], 0, &mut y);
+            right.mul_pair_rows(&bb[cut * 2 * n..], &fb[cut * 2 * n..], cut, &mut y);
+            for i in 0..m {
+                for j in 0..l {
+                    let (mut want, mut abs) = (0.0, 0.0);
+                    for c in 0..n {
+                        let (a, f) = (base[i * n + c].to_f64(), ft[i * n + c].to_f64());
+                        let xr = bf(x[(c, j)]).to_f64();
+                        want += (f - a) * xr;
+                        abs += xr.abs() * (f.abs() + a.abs());
+                    }
+                    let e = (y[i * l + j] as f64 - want).abs();
+                    assert!(
+                        e <= abs * 2f64.powi(-20),
+                        "Y[{i},{j}] ({m}x{n}x{l}): {e} of {abs}"
+                    );
+                }
+            }
+        }
+    }
 
     /// QᵀΔ from both sides' bf16 values, against f64 products of Q̃ (its two-part
     /// rounding) with F − A: within what f32 sums of the sides leave, Σ|Q̃|(|F| + |A|)·2⁻²⁰

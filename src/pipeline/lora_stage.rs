@@ -233,14 +233,24 @@ impl<'a> Capture<'a> {
                     seconds,
                     ..
                 } = st;
-                let rows = &mut buf[..len];
-                let (acc, s) =
-                    kernels::fast::diff_delta(wa, da, wb, db, threshold, rows, rounding, len);
+                let product = product.as_mut()?;
+                // Both sides in bf16: the product takes their values as they are, and Δ
+                // is not written (the stage's own pass does the same, `Operator`).
+                let pairs = (da, db) == (DType::BF16, DType::BF16) && product.takes_pairs();
+                let (acc, s) = if pairs {
+                    kernels::fast::diff_sums(wa, da, wb, db, threshold, rounding, len)
+                } else {
+                    let rows = &mut buf[..len];
+                    kernels::fast::diff_delta(wa, da, wb, db, threshold, rows, rounding, len)
+                };
                 let (f2, var) = s.first().copied().unwrap_or_default();
                 sums[start / block] = Some((f2, var / 12.0));
-                let product = product.as_mut()?;
                 let t0 = std::time::Instant::now();
-                product.add(start / n, rows);
+                if pairs {
+                    product.add_pair(start / n, wa, wb);
+                } else {
+                    product.add(start / n, &buf[..len]);
+                }
                 *seconds += t0.elapsed().as_secs_f64();
                 Some(acc)
             }
@@ -307,7 +317,7 @@ impl<'a> Capture<'a> {
         }
         let total = Self::total(&st)?;
         st.buf = Vec::new();
-        Some((st.product.take()?.finish(), total))
+        Some((st.product.take()?.finish()?, total))
     }
 }
 
@@ -318,6 +328,14 @@ impl Drop for Capture<'_> {
             self.pool.give(std::mem::take(&mut st.buf));
         }
     }
+}
+
+/// The sums of [`delta_chunk`] of two bf16 windows, with its bits, without Δ (for the
+/// products that take both sides' values as they are).
+fn pair_sums(a: &[u8], b: &[u8]) -> (f64, f64) {
+    let (bits, emin) = DType::BF16.rounding().expect("bf16 rounds");
+    let (f2, var) = kernels::fast::delta_sums(a, DType::BF16, b, DType::BF16, bits, emin);
+    (f2, var / 12.0)
 }
 
 /// Δ of one chunk in f32 and its sums (Σ Δ², Σ ulp²/12), the same computation whether
@@ -468,14 +486,21 @@ impl DeltaRows for PairDelta<'_> {
         &self,
         r0: usize,
         r1: usize,
+        sums: bool,
         f: &mut dyn FnMut(&[u8], &[u8]),
-    ) -> Option<Result<()>> {
+    ) -> Option<Result<(f64, f64)>> {
         if !self.bf16_pair() {
             return None;
         }
         Some(self.windows(r0, r1).and_then(|(wa, wb)| {
+            let st = if sums {
+                pair_sums(&wa, &wb)
+            } else {
+                (0.0, 0.0)
+            };
             f(&wa, &wb);
-            self.intact(&wa, &wb)
+            self.intact(&wa, &wb)?;
+            Ok(st)
         }))
     }
 
