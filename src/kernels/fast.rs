@@ -77,6 +77,11 @@ pub fn delta_f32(
 /// The sums of [`delta_f32`] alone, with the same bits, for a product that takes the
 /// two sides' values as they are (`lowrank::tiles::Right::mul_pair_rows`).
 pub fn delta_sums(a: &[u8], da: DType, b: &[u8], db: DType, bits: i32, emin: i32) -> (f64, f64) {
+    assert_eq!(
+        a.len() / da.size(),
+        b.len() / db.size(),
+        "windows of different element counts"
+    );
     delta_f32_simd(a, da, b, db, None, bits, emin)
 }
 

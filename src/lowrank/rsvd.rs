@@ -205,9 +205,13 @@ impl Drop for Operator<'_> {
     }
 }
 
-/// Fewest rows per read of the products on tiles from both sides' bf16 values
-/// ([`Operator::pair_tmul`]).
+/// Rows per read of the products with Δᵀ on tiles from both sides' bf16 values
+/// ([`Operator::pair_tmul`]), at least the streamed blocks' rows: 64, 128 and 256 measured
+/// alike on p32 (BENCHMARKS.md).
 const PAIR_ROWS: usize = 128;
+/// Bytes per side of those reads at most, so that their buffers stay in the read pool
+/// (`checkpoint::shard`, 32 MiB): wider rows are read fewer at a time.
+const PAIR_READ_BYTES: usize = 16 << 20;
 
 /// Elements per read when filling a held Δ: the read buffers (a few MiB) are then reused
 /// by the allocator instead of being fresh pages each time.
@@ -368,6 +372,7 @@ impl<'a> Operator<'a> {
                         self.pair_used = true;
                         return Ok(y);
                     }
+                    self.pair_failed();
                     // A side held inf or NaN, which the f32 products take as no change.
                     p = RowProduct::new(tiles, x, self.src.nrows());
                 }
@@ -412,6 +417,7 @@ impl<'a> Operator<'a> {
         if let Some(t) = self.pair {
             let left = Left::new(t, q);
             if let Some(z) = self.pair_tmul(&left)? {
+                self.pair_used = true;
                 return Ok(z);
             }
         }
@@ -441,8 +447,11 @@ impl<'a> Operator<'a> {
                         );
                         x
                     };
+                    self.pair_used = true;
                     return Ok((solve(rounded), solve(zt)));
                 }
+                // Q̃ᵀQ̃ is I to 2⁻¹⁶: a failed factorization means a sketch that was not
+                // finite; the f32 product below decides.
             }
         }
         let bt = self.tmul(q.as_ref())?;
@@ -451,16 +460,20 @@ impl<'a> Operator<'a> {
 
     /// ΔᵀQ̃ (n × l) on tiles, one pass over both sides' bf16 rows, for the Q̃ of `left`;
     /// `None` when a side holds values that are not finite (the f32 products take
-    /// them as no change) or the source gives no such rows.
+    /// them as no change) or the source gives no such rows: the products of this Δ then
+    /// stay off the pair path ([`Self::pair_failed`]).
     fn pair_tmul(&mut self, left: &Left) -> Result<Option<Mat<f64>>> {
         let (m, n) = (self.src.nrows(), self.src.ncols());
         if self.stats.is_none() {
             return Ok(None);
         }
         let mut z = left.accumulator(n);
-        // At least 64 rows per read: the accumulators are read and written once per
-        // read, 256/rows bytes per element of Δ.
-        let step = self.block_rows.max(PAIR_ROWS);
+        // PAIR_ROWS rows per read where they fit PAIR_READ_BYTES: the accumulators are
+        // read and written once per read, 256/rows bytes per element of Δ.
+        let step = PAIR_ROWS
+            .min(PAIR_READ_BYTES / (2 * n).max(1))
+            .max(self.block_rows)
+            .max(1);
         let mut r0 = 0;
         while r0 < m {
             self.cancel.check()?;
@@ -469,14 +482,23 @@ impl<'a> Operator<'a> {
                 left.add_rows(r0, base, ft, n, &mut z)
             });
             if read.transpose()?.is_none() {
+                self.pair_failed();
                 return Ok(None);
             }
             r0 = r1;
         }
         self.reads += 1;
         let zt = left.finish(&z, n);
-        self.pair_used |= zt.is_some();
+        if zt.is_none() {
+            self.pair_failed();
+        }
         Ok(zt)
+    }
+
+    /// A pair product met a value that is not finite (or no rows): every later product
+    /// of this Δ runs in f32, one pass each instead of a pair pass first.
+    fn pair_failed(&mut self) {
+        self.pair = None;
     }
 
     fn streamed_mul<T: Real>(&mut self, x: MatRef<'_, f64>) -> Result<Mat<f64>> {
@@ -1080,6 +1102,8 @@ mod tests {
             let mut op = Operator::new(&src, &f32_opts, Cancel::never()).unwrap();
             let e = decompose(&mut op, "a", 8, 4, 1, 0).unwrap();
             assert_eq!(op.precision(), Precision::F32);
+            // A fallback costs one pair pass, not one per product.
+            assert_eq!(d.reads, e.reads + usize::from(!pair), "reads (pair {pair})");
             // The planted values to the f32 products' rounding; beyond them, rounding
             // noise, whose Ritz values move with the subspace the sketch found (its range
             // products run in bf16 either way but on different roundings of Δ).

@@ -35,7 +35,8 @@
 //! This is B = QᵀΔ of the sketch and ΔᵀQ of power iterations: on the 32B-shaped pair
 //! (BENCHMARKS.md) its σ agreed with the f32 products' to 1.1·10⁻⁷ relative. F and A
 //! must be finite (a non-finite value, which the f32 products take as no change, sends
-//! the product back to f32), and n a multiple of 32.
+//! the product back to f32), and n a multiple of 32. Subnormal values (below
+//! 1.2·10⁻³⁸, in weights or in Q) count as zero there, as everywhere on the tiles.
 //!
 //! Otherwise (a side in f16 or fp8), for streamed Δ: each row block (1 MiB of f32) is
 //! converted right after the diff
@@ -78,6 +79,17 @@ impl Tiles {
     }
 }
 
+/// `x`, or zero when it is subnormal: `TDPBF16PS` reads subnormal inputs as zero, and
+/// [`Left::rounded`] must be what the tiles multiply by.
+fn normal(x: half::bf16) -> half::bf16 {
+    // Exponent field zero, mantissa not: subnormal (±0 stays as it is).
+    if x.to_bits() & 0x7f80 == 0 {
+        half::bf16::ZERO
+    } else {
+        x
+    }
+}
+
 /// Padded size: a multiple of `t`.
 fn pad(x: usize, t: usize) -> usize {
     x.div_ceil(t) * t
@@ -107,7 +119,7 @@ impl Right {
         for j in 0..l {
             for i in 0..n {
                 let at = (i / 2) * 2 * lp + 2 * j + (i & 1);
-                p[at] = half::bf16::from_f32(x[(i, j)] as f32).to_bits();
+                p[at] = normal(half::bf16::from_f32(x[(i, j)] as f32)).to_bits();
                 // The sign bit of bf16 negates exactly.
                 q[at] = p[at] ^ 0x8000;
             }
@@ -240,8 +252,8 @@ impl Left {
         for j in 0..l {
             for i in 0..m {
                 let v = q[(i, j)];
-                let hi = half::bf16::from_f64(v);
-                let lo = half::bf16::from_f64(v - hi.to_f64());
+                let hi = normal(half::bf16::from_f64(v));
+                let lo = normal(half::bf16::from_f64(v - hi.to_f64()));
                 parts[0][i * lp + j] = hi.to_bits();
                 parts[1][i * lp + j] = lo.to_bits();
             }
@@ -359,6 +371,7 @@ impl Left {
     ) {
         assert!(a.len() >= self.lp / 32 * chunks * 16 * 512);
         assert!(base.len() >= chunks * 16 * 2 * n && ft.len() == base.len());
+        assert!(Self::takes(n) && z.len() == self.lp * n);
         let zs = n * 4;
         for j0 in (0..n).step_by(STRIP) {
             let cols = STRIP.min(n - j0);
@@ -1022,7 +1035,14 @@ mod tests {
         };
         let mut g = Gaussian::new(13, "tiles", "pair rows");
         let bf = |x: f64| half::bf16::from_f64(x);
-        for (m, n, l) in [(37, 64, 24), (70, 96, 32), (129, 1024, 40), (5, 32, 16)] {
+        for (m, n, l) in [
+            (37, 64, 24),
+            (70, 96, 32),
+            (129, 1024, 40),
+            (5, 32, 16),
+            (70, 64, 1),
+            (40, 32, 65),
+        ] {
             let base: Vec<half::bf16> = (0..m * n).map(|_| bf(g.next())).collect();
             let ft: Vec<half::bf16> = base
                 .iter()
@@ -1068,7 +1088,16 @@ mod tests {
             return;
         };
         let mut g = Gaussian::new(11, "tiles", "pair");
-        for (m, n, l) in [(37, 64, 24), (70, 1056, 32), (129, 2080, 40), (16, 32, 80)] {
+        // (m, n, l, the first block's rows): blocks ending mid-chunk, one of exactly three
+        // chunks, one row, l of 1 and 65.
+        for (m, n, l, cut) in [
+            (37, 64, 24, 19),
+            (70, 1056, 32, 35),
+            (129, 2080, 40, 65),
+            (16, 32, 80, 9),
+            (50, 1024, 65, 48),
+            (5, 32, 1, 1),
+        ] {
             let bf = |x: f64| half::bf16::from_f64(x);
             let base: Vec<half::bf16> = (0..m * n).map(|_| bf(g.next())).collect();
             let ft: Vec<half::bf16> = base
@@ -1090,7 +1119,6 @@ mod tests {
                 }
             }
             let mut z = left.accumulator(n);
-            let cut = (m / 2) | 1;
             left.add_rows(0, &bb[..cut * 2 * n], &fb[..cut * 2 * n], n, &mut z);
             left.add_rows(cut, &bb[cut * 2 * n..], &fb[cut * 2 * n..], n, &mut z);
             let zt = left.finish(&z, n).expect("finite");
