@@ -700,6 +700,62 @@ fn analyses_during_the_diff_equal_the_stage_after_it() {
     }
 }
 
+/// A fine-tuned weight that is +inf in a streamed bf16 pair: the products from both
+/// sides' values meet a non-finite result and that tensor's products fall back to f32,
+/// which takes the element as no change; the merged LoRA is still found there, the
+/// other matrices keep the pair products, and the analyses during the diff still equal
+/// the stage's own.
+#[test]
+fn an_infinite_weight_sends_its_tensor_back_to_f32_products() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = lora_and_noise_spec(8, ALL, None, "embed_tokens|lm_head|norm");
+    let pair = build_pair(&spec, dir.path()).unwrap();
+    let target = "model.layers.0.self_attn.q_proj.weight";
+    set_bf16(&pair.finetuned, target, 37, 0x7f80);
+    let mut streamed = extract(8, None);
+    streamed.lowrank.dense_budget_bytes = 0;
+    let c = run(&pair, &streamed);
+    let l = c.lora.as_ref().unwrap();
+    let (_, s) = l.spectra.iter().find(|(n, _)| n == target).unwrap();
+    assert_eq!(s.detected_rank, Some(8));
+    let tiles = weightdiff::lowrank::tiles::Tiles::get().is_some();
+    let expect = if tiles {
+        Precision::F32Bf16Sketch
+    } else {
+        Precision::F32
+    };
+    assert_eq!(s.products, expect);
+    let (_, other) = l
+        .spectra
+        .iter()
+        .find(|(n, _)| n == "model.layers.0.self_attn.k_proj.weight")
+        .unwrap();
+    assert_eq!(other.products, bf16_products(true, other.shape[1]));
+    during_equals_after(&pair, &streamed);
+}
+
+/// Overwrites element `index` of `tensor` with the bf16 `bits`, in whichever
+/// safetensors file of `dir` holds it.
+fn set_bf16(dir: &std::path::Path, tensor: &str, index: usize, bits: u16) {
+    for e in std::fs::read_dir(dir).unwrap() {
+        let path = e.unwrap().path();
+        if path.extension().is_none_or(|x| x != "safetensors") {
+            continue;
+        }
+        let mut bytes = std::fs::read(&path).unwrap();
+        let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+        let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+        if let Some(t) = header.get(tensor) {
+            assert_eq!(t["dtype"], "BF16");
+            let at = 8 + n + t["data_offsets"][0].as_u64().unwrap() as usize + 2 * index;
+            bytes[at..at + 2].copy_from_slice(&bits.to_le_bytes());
+            std::fs::write(&path, bytes).unwrap();
+            return;
+        }
+    }
+    panic!("{tensor} not found in {}", dir.display());
+}
+
 fn during_equals_after(pair: &BuiltPair, lo: &LoraOptions) {
     use weightdiff::pipeline::{DuringDiff, analyze_lora_after, compare_during};
     let b = Checkpoint::open(&pair.base).unwrap();
