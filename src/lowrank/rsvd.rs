@@ -367,7 +367,8 @@ impl<'a> Operator<'a> {
                 self.tiles_used |= tiles.is_some();
                 let mut p = RowProduct::new(tiles, x, self.src.nrows());
                 if self.pair.is_some() && p.takes_pairs() {
-                    let done = self.pair_pass(|r0, base, ft| p.add_pair(r0, base, ft))?;
+                    let step = self.block_rows;
+                    let done = self.pair_pass(step, |r0, base, ft| p.add_pair(r0, base, ft))?;
                     if let Some(y) = done.then(|| p.finish()).flatten() {
                         self.pair_used = true;
                         return Ok(y);
@@ -463,7 +464,8 @@ impl<'a> Operator<'a> {
     /// them as no change) or the source gives no such rows: the products of this Δ then
     /// stay off the pair path ([`Self::pair_failed`]).
     fn pair_tmul(&mut self, left: &Left) -> Result<Option<Mat<f64>>> {
-        let (m, n) = (self.src.nrows(), self.src.ncols());
+        let n = self.src.ncols();
+        // Never the first pass: Δ's sums come from the f32 pass's blocks.
         if self.stats.is_none() {
             return Ok(None);
         }
@@ -472,23 +474,12 @@ impl<'a> Operator<'a> {
         // read and written once per read, 256/rows bytes per element of Δ.
         let step = PAIR_ROWS
             .min(PAIR_READ_BYTES / (2 * n).max(1))
-            .max(self.block_rows)
-            .max(1);
-        let mut r0 = 0;
-        while r0 < m {
-            self.cancel.check()?;
-            let r1 = (r0 + step).min(m);
-            let read = self.src.bf16_pair_rows(r0, r1, false, &mut |base, ft| {
-                left.add_rows(r0, base, ft, n, &mut z)
-            });
-            if read.transpose()?.is_none() {
-                self.pair_failed();
-                return Ok(None);
-            }
-            r0 = r1;
-        }
-        self.reads += 1;
-        let zt = left.finish(&z, n);
+            .max(self.block_rows);
+        let zt = if self.pair_pass(step, |r0, base, ft| left.add_rows(r0, base, ft, n, &mut z))? {
+            left.finish(&z, n)
+        } else {
+            None
+        };
         if zt.is_none() {
             self.pair_failed();
         }
@@ -530,18 +521,22 @@ impl<'a> Operator<'a> {
     }
 
     /// One streamed pass over both sides' bf16 rows ([`DeltaRows::bf16_pair_rows`]):
-    /// `f(first_row, base, finetuned)` on each row block (the blocks of [`Self::pass`],
-    /// and its sums), counted as a read. `false` when the source gives no such rows.
-    fn pair_pass(&mut self, mut f: impl FnMut(usize, &[u8], &[u8])) -> Result<bool> {
+    /// `f(first_row, base, finetuned)` on each block of `step` rows, counted as a read;
+    /// Δ's sums are taken when this is the first pass (then with [`Self::pass`]'s blocks,
+    /// `step` = `block_rows`, so they have its bits). `false` when the source gives no
+    /// such rows.
+    fn pair_pass(&mut self, step: usize, mut f: impl FnMut(usize, &[u8], &[u8])) -> Result<bool> {
         let m = self.src.nrows();
+        let step = step.max(1);
+        let sums = self.stats.is_none();
         let (mut f2, mut var) = (0.0, 0.0);
         let mut r0 = 0;
         while r0 < m {
             self.cancel.check()?;
-            let r1 = (r0 + self.block_rows.max(1)).min(m);
+            let r1 = (r0 + step).min(m);
             match self
                 .src
-                .bf16_pair_rows(r0, r1, true, &mut |base, ft| f(r0, base, ft))
+                .bf16_pair_rows(r0, r1, sums, &mut |base, ft| f(r0, base, ft))
             {
                 Some(st) => {
                     let st = st?;

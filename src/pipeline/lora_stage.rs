@@ -215,15 +215,7 @@ impl<'a> Capture<'a> {
                 if !start.is_multiple_of(block) || (len != block && start + len != self.len) {
                     return None;
                 }
-                // Both sides in bf16: the product takes their values as they are, and Δ
-                // is not written (the stage's own pass does the same, `Operator`).
-                let pairs = (da, db) == (DType::BF16, DType::BF16)
-                    && products.range_tiles().is_some()
-                    && lowrank::tiles::Left::takes(*n);
                 if st.product.is_none() {
-                    if !pairs {
-                        st.buf = vec![0.0; block.min(self.len)];
-                    }
                     st.sums = vec![None; m.div_ceil(*block_rows)];
                     st.product = Some(lowrank::rsvd::RowProduct::omega(
                         products.range_tiles(),
@@ -241,7 +233,12 @@ impl<'a> Capture<'a> {
                     ..
                 } = st;
                 let product = product.as_mut()?;
-                debug_assert_eq!(pairs, product.takes_pairs());
+                // Both sides in bf16: the product takes their values as they are, and Δ
+                // is not written (the stage's own pass does the same, `Operator`).
+                let pairs = (da, db) == (DType::BF16, DType::BF16) && product.takes_pairs();
+                if !pairs && buf.is_empty() {
+                    *buf = vec![0.0; block.min(self.len)];
+                }
                 let (acc, s) = if pairs {
                     kernels::fast::diff_sums(wa, da, wb, db, threshold, rounding, len)
                 } else {
