@@ -23,6 +23,8 @@ pub const JOURNAL_FILE: &str = ".weightdiff-journal.jsonl";
 /// fsync (milliseconds on many filesystems) far from every tensor.
 pub const SYNC_EVERY: usize = 32;
 const VERSION: u32 = 1;
+/// The low-rank journal's format: 2 since its factors are stored in their own dtype.
+const LOWRANK_VERSION: u32 = 2;
 
 #[derive(Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
@@ -209,8 +211,9 @@ pub fn remove(dir: &Path) -> Result<()> {
 
 /// File names of the low-rank stage's journal: JSON lines (header, then one line per
 /// finished matrix: its spectrum and its factors' metadata) and the factors themselves,
-/// appended as raw little-endian f64 (B then A) to a sidecar at the offset each line
-/// names. A matrix counts as finished only once its line is complete, and its line is
+/// appended as raw little-endian values of their storage dtype (B then A; the factors
+/// hold values of that dtype, so this is lossless and a quarter of f64's bytes for bf16)
+/// to a sidecar at the offset each line names. A matrix counts as finished only once its line is complete, and its line is
 /// written after its factors, so a kill at any point leaves a readable prefix.
 pub const LOWRANK_JOURNAL_FILE: &str = ".weightdiff-lowrank-journal.jsonl";
 pub const LOWRANK_FACTORS_FILE: &str = ".weightdiff-lowrank-factors.bin";
@@ -239,6 +242,9 @@ struct FactorsMeta {
     residual_stored: f64,
     /// Byte offset of B (m·rank values) then A (rank·n values) in the sidecar.
     offset: u64,
+    /// The dtype of those values in the sidecar: `dtype`, or F64 for a dtype that
+    /// [`crate::checkpoint::dtype::encode`] does not write.
+    stored: crate::checkpoint::dtype::DType,
 }
 
 /// What a finished matrix contributes on resume.
@@ -286,7 +292,7 @@ impl LowRankJournal {
             factors_len: 0,
         };
         j.line(&LowRankLine::Header {
-            version: VERSION,
+            version: LOWRANK_VERSION,
             fingerprint: fp.hash.clone(),
         })?;
         for (name, (spectrum, factors)) in &done {
@@ -319,10 +325,7 @@ impl LowRankJournal {
             None => None,
             Some(f) => {
                 let offset = self.factors_len;
-                let mut bytes = Vec::with_capacity((f.b.len() + f.a.len()) * 8);
-                for v in f.b.iter().chain(&f.a) {
-                    bytes.extend_from_slice(&v.to_le_bytes());
-                }
+                let (stored, bytes) = stored_factors(f);
                 self.factors
                     .write_all(&bytes)
                     .map_err(|e| Error::io(&self.factors_path, "cannot write journal", e))?;
@@ -335,6 +338,7 @@ impl LowRankJournal {
                     residual: f.residual,
                     residual_stored: f.residual_stored,
                     offset,
+                    stored,
                 })
             }
         };
@@ -360,6 +364,21 @@ impl LowRankJournal {
     }
 }
 
+/// The sidecar bytes of `f`'s B then A, in its dtype when that can be written (the
+/// factors hold values of it, [`crate::lowrank::extract::Factors`]), else in f64.
+fn stored_factors(
+    f: &crate::lowrank::extract::Factors,
+) -> (crate::checkpoint::dtype::DType, Vec<u8>) {
+    use crate::checkpoint::dtype::{DType, encode};
+    let dtype = match encode(f.dtype, &[]) {
+        Some(_) => f.dtype,
+        None => DType::F64,
+    };
+    let mut bytes = encode(dtype, &f.b).expect("a dtype encode writes");
+    bytes.extend(encode(dtype, &f.a).expect("a dtype encode writes"));
+    (dtype, bytes)
+}
+
 /// The finished matrices of a low-rank journal written for `fp`; `None` when there is
 /// none or it was written for other inputs or options (the stage then starts over).
 fn read_lowrank(
@@ -372,7 +391,7 @@ fn read_lowrank(
         LowRankLine::Header {
             version,
             fingerprint,
-        } if version == VERSION && fingerprint == fp.hash => {}
+        } if version == LOWRANK_VERSION && fingerprint == fp.hash => {}
         _ => return None,
     }
     let bin = std::fs::read(factors_path).ok()?;
@@ -393,11 +412,9 @@ fn read_lowrank(
             Some(f) => {
                 let (nb, na) = (f.m * f.rank, f.rank * f.n);
                 let start = usize::try_from(f.offset).ok()?;
-                let bytes = bin.get(start..start + (nb + na) * 8)?;
-                let vals: Vec<f64> = bytes
-                    .chunks_exact(8)
-                    .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")))
-                    .collect();
+                let bytes = bin.get(start..start + (nb + na) * f.stored.size())?;
+                let mut vals = vec![0f64; nb + na];
+                crate::checkpoint::dtype::decode_f64(f.stored, bytes, &mut vals);
                 Some(crate::lowrank::extract::Factors {
                     rank: f.rank,
                     b: vals[..nb].to_vec(),
@@ -451,8 +468,9 @@ mod lowrank_tests {
         let fp = Fingerprint::new("inputs and options".into());
         let f = Factors {
             rank: 1,
+            // Values of the dtype, as extraction leaves them.
             b: vec![1.5, -2.25],
-            a: vec![0.1, 0.2, f64::MIN_POSITIVE],
+            a: vec![0.125, -0.1875, f32::MIN_POSITIVE as f64],
             m: 2,
             n: 3,
             dtype: DType::BF16,
