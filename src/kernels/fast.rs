@@ -33,6 +33,72 @@ simd_copies! {
         = diff_generic(a: &[u8], da: DType, b: &[u8], db: DType, threshold: f64) -> Accum;
 }
 
+/// Σ (d − p)² of two rows of equal length (the residual of stored LoRA factors against a
+/// held Δ, `lowrank::extract`): in the rows' precision over chunks of 256 values in 16
+/// lanes, each chunk's total added in f64, so that every copy gives the same bits.
+pub fn squared_error<T: SquaredError>(d: &[T], p: &[T]) -> f64 {
+    assert_eq!(d.len(), p.len(), "rows of different lengths");
+    T::simd(d, p)
+}
+
+/// f32 or f64: the element types of [`squared_error`].
+pub trait SquaredError: Copy {
+    #[doc(hidden)]
+    fn simd(d: &[Self], p: &[Self]) -> f64;
+}
+
+impl SquaredError for f32 {
+    fn simd(d: &[f32], p: &[f32]) -> f64 {
+        squared_error_f32(d, p)
+    }
+}
+
+impl SquaredError for f64 {
+    fn simd(d: &[f64], p: &[f64]) -> f64 {
+        squared_error_f64(d, p)
+    }
+}
+
+simd_copies! {
+    fn squared_error_f32 / squared_error_f32_avx2 / squared_error_f32_avx512
+        = squared_error_f32_generic(d: &[f32], p: &[f32]) -> f64;
+}
+
+simd_copies! {
+    fn squared_error_f64 / squared_error_f64_avx2 / squared_error_f64_avx512
+        = squared_error_f64_generic(d: &[f64], p: &[f64]) -> f64;
+}
+
+macro_rules! squared_error_body {
+    ($name:ident, $t:ty) => {
+        #[inline(always)]
+        fn $name(d: &[$t], p: &[$t]) -> f64 {
+            let mut total = 0.0;
+            for (dc, pc) in d.chunks(256).zip(p.chunks(256)) {
+                // LANES independent partial sums: one running sum is a chain of adds the
+                // compiler may not reorder (one element per add latency); these vectorize.
+                let mut acc = [0.0 as $t; LANES];
+                let (dh, dt) = dc.split_at(dc.len() - dc.len() % LANES);
+                let (ph, pt) = pc.split_at(dh.len());
+                for (dl, pl) in dh.chunks_exact(LANES).zip(ph.chunks_exact(LANES)) {
+                    for l in 0..LANES {
+                        let e = dl[l] - pl[l];
+                        acc[l] += e * e;
+                    }
+                }
+                for (&d, &p) in dt.iter().zip(pt) {
+                    let e = d - p;
+                    acc[0] += e * e;
+                }
+                total += acc.iter().map(|&x| x as f64).sum::<f64>();
+            }
+            total
+        }
+    };
+}
+squared_error_body!(squared_error_f32_generic, f32);
+squared_error_body!(squared_error_f64_generic, f64);
+
 /// Whether the AVX-512 copies of the kernels can run (F, BW, VL, and the AVX2, FMA and
 /// F16C every such CPU has).
 #[cfg(target_arch = "x86_64")]

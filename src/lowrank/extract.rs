@@ -86,43 +86,22 @@ pub fn choose_rank(s: &[f64], frob2: f64, rule: RankRule, max_rank: Option<usize
 /// Rounds a value to `dtype` and back (the value the adapter file will hold).
 pub fn round_to(dtype: DType, v: f64) -> f64 {
     match dtype {
-        DType::BF16 => half::bf16::from_f64(v).to_f64(),
+        DType::BF16 => crate::checkpoint::dtype::bf16_from_f64(v).to_f64(),
         DType::F16 => half::f16::from_f64(v).to_f64(),
         DType::F32 => v as f32 as f64,
         _ => v,
     }
 }
 
-/// `values` rounded to `dtype` and back, as [`round_to`] each.
+/// `values` rounded as [`round_to`] rounds each, with the dtype matched once.
 fn rounded(dtype: DType, values: &[f64]) -> Vec<f64> {
     match dtype {
-        // One integer add on the f64 bits (`bf16_round`) instead of `half`'s branchy
-        // conversion, which was 3 % of a `compare` of the all-linear 0.6b pair; it is also
-        // correctly rounded where `half` is not (`half` breaks ties on the high 32 bits
-        // only, so a value just above halfway by less than 2⁻³² ulp rounds to even).
-        DType::BF16 => values.iter().map(|&v| bf16_round(v)).collect(),
+        DType::BF16 => values
+            .iter()
+            .map(|&v| crate::checkpoint::dtype::bf16_from_f64(v).to_f64())
+            .collect(),
         _ => values.iter().map(|&v| round_to(dtype, v)).collect(),
     }
-}
-
-/// `v` rounded to the nearest bf16 (ties to even) and back, for `v` within f32's normal
-/// range and below bf16's largest value; [`round_to`] otherwise (subnormals, overflow,
-/// NaN).
-#[inline]
-fn bf16_round(v: f64) -> f64 {
-    let a = v.abs();
-    // f32's normal range: bf16's exponents are f32's, so its significand is f64's top 7
-    // bits after the leading one and the rounding is one integer add on the f64 bits.
-    if !(a >= f32::MIN_POSITIVE as f64 && a < 3.0e38) {
-        return round_to(DType::BF16, v);
-    }
-    let bits = v.to_bits();
-    // Keep 1 + 7 significand bits of f64's 52: drop the low 45, to nearest even.
-    const DROP: u32 = 45;
-    let half = 1u64 << (DROP - 1);
-    let odd = (bits >> DROP) & 1;
-    let r = (bits + half - 1 + odd) & !((1u64 << DROP) - 1);
-    f64::from_bits(r)
 }
 
 /// Builds the factors for `target` and their stored residual against Δ (measured on the
@@ -262,8 +241,6 @@ pub fn stored_residual(
 
 /// Rows per block of the residual check: the B·A block (rows × n) stays in cache.
 const RESIDUAL_BLOCK_ELEMENTS: usize = 1 << 16;
-/// Partial sums of the residual loop (two AVX registers of f32, four of f64).
-const LANES: usize = 16;
 
 /// Σ (Δ − B·A)² over rows r0.. of `rows` (row-major, k × n).
 struct Residual<T: Real> {
@@ -306,26 +283,9 @@ impl<T: Real> Residual<T> {
                     .try_as_col_major()
                     .expect("a fresh matrix has unit row stride")
                     .as_slice();
-                // Sums in T over at most 256 elements, then f64. LANES independent
-                // partial sums: a single running sum is a dependency chain the compiler
-                // may not reorder, so it ran one element per add latency (17 % of the
-                // stage on the 0.6b pair); these vectorize.
-                for (dc, pc) in row.chunks(256).zip(col.chunks(256)) {
-                    let mut acc = [T::of(0.0); LANES];
-                    let (dh, dt) = dc.split_at(dc.len() - dc.len() % LANES);
-                    let (ph, pt) = pc.split_at(dh.len());
-                    for (d8, p8) in dh.chunks_exact(LANES).zip(ph.chunks_exact(LANES)) {
-                        for l in 0..LANES {
-                            let e = d8[l] - p8[l];
-                            acc[l] += e * e;
-                        }
-                    }
-                    for (&d, &p) in dt.iter().zip(pt) {
-                        let e = d - p;
-                        acc[0] += e * e;
-                    }
-                    err2 += acc.iter().map(|x| x.to()).sum::<f64>();
-                }
+                // The kernel's AVX-512 copy: this loop compiled for the baseline target
+                // (SSE2) was 8 % of a `compare` of the all-linear 0.6b pair.
+                err2 += T::squared_error(row, col);
             }
             i0 = i1;
         }
@@ -363,77 +323,6 @@ fn streamed_residual2<T: Real>(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// The nearest bf16 to a finite, normal-range `v` (ties to even), by comparing the two
-    /// neighbours (their distances to `v` are exact in f64).
-    fn nearest_bf16(v: f64) -> f64 {
-        let t = f64::from_bits(v.to_bits() & !((1u64 << 45) - 1));
-        let u = f64::from_bits(t.to_bits() + (1u64 << 45));
-        let (dt, du) = ((v - t).abs(), (u - v).abs());
-        if dt < du || (dt == du && (t.to_bits() >> 45) & 1 == 0) {
-            t
-        } else {
-            u
-        }
-    }
-
-    #[test]
-    fn bf16_rounding_of_f64_is_to_nearest_even() {
-        let mut x = 0x9e37_79b9_7f4a_7c15u64;
-        let mut values = vec![
-            0.0,
-            -0.0,
-            1.0,
-            -1.0,
-            1.00390625,
-            1.005859375,
-            1.0078125,
-            3.0e38,
-            3.39e38,
-            3.4e38,
-            1e39,
-            -1e39,
-            1.2e-38,
-            1.1754943508222875e-38,
-            1e-40,
-            1e-45,
-            f64::INFINITY,
-            f64::NAN,
-            f64::MIN_POSITIVE,
-            65504.0,
-            0.1,
-            0.2,
-        ];
-        for _ in 0..200_000 {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            // Random bits across the exponents that matter, exact halfway cases, and
-            // halfway in the high word with low bits set (where `half` rounds to even).
-            let v =
-                f64::from_bits((x & 0x800f_ffff_ffff_ffff) | ((0x380 + (x >> 52) % 0x100) << 52));
-            let halfway = v.to_bits() & !((1u64 << 45) - 1) | (1u64 << 44);
-            values.extend([v, f64::from_bits(halfway), f64::from_bits(halfway | 1)]);
-        }
-        for v in values {
-            let got = bf16_round(v);
-            let normal = v.abs() >= f32::MIN_POSITIVE as f64 && v.abs() < 3.0e38;
-            let want = if normal {
-                nearest_bf16(v)
-            } else {
-                round_to(DType::BF16, v)
-            };
-            assert!(
-                got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan()),
-                "{v:e}: {got:e} vs {want:e}"
-            );
-            // A bf16 value; and `half`'s own rounding wherever it sees every bit.
-            assert_eq!(round_to(DType::BF16, got).to_bits(), got.to_bits(), "{v:e}");
-            if v.to_bits() as u32 == 0 {
-                assert_eq!(got.to_bits(), round_to(DType::BF16, v).to_bits(), "{v:e}");
-            }
-        }
-    }
 
     #[test]
     fn rank_rules_pick_the_documented_rank() {

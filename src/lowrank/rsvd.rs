@@ -56,6 +56,8 @@ pub trait Real: faer::traits::RealField + Copy + Send + Sync + 'static {
     fn to(self) -> f64;
     /// Reads rows `r0..r1` of Δ in this precision (see [`DeltaRows`]).
     fn read(src: &dyn DeltaRows, r0: usize, r1: usize, out: &mut [Self]) -> Result<(f64, f64)>;
+    /// Σ (d − p)² ([`crate::kernels::fast::squared_error`]).
+    fn squared_error(d: &[Self], p: &[Self]) -> f64;
 }
 
 impl Real for f32 {
@@ -68,6 +70,9 @@ impl Real for f32 {
     fn read(src: &dyn DeltaRows, r0: usize, r1: usize, out: &mut [f32]) -> Result<(f64, f64)> {
         src.read_rows_f32(r0, r1, out)
     }
+    fn squared_error(d: &[f32], p: &[f32]) -> f64 {
+        crate::kernels::fast::squared_error(d, p)
+    }
 }
 
 impl Real for f64 {
@@ -79,6 +84,9 @@ impl Real for f64 {
     }
     fn read(src: &dyn DeltaRows, r0: usize, r1: usize, out: &mut [f64]) -> Result<(f64, f64)> {
         src.read_rows(r0, r1, out)
+    }
+    fn squared_error(d: &[f64], p: &[f64]) -> f64 {
+        crate::kernels::fast::squared_error(d, p)
     }
 }
 
