@@ -37,6 +37,7 @@
 
 pub mod detect;
 pub mod extract;
+pub mod pair_fma;
 pub mod rsvd;
 pub mod tiles;
 

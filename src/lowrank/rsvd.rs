@@ -26,7 +26,9 @@
 //! the products with Δᵀ of a streamed Δ (B = QᵀΔ, and ΔᵀQ of power iterations) run on
 //! the tiles from the two sides' exact values, Δ never rounded ([`super::tiles::Left`]); B is then that
 //! of Q′, the orthonormal basis of Q's two-part bf16 rounding ([`Operator::project`]),
-//! so the identity holds for Q′. The small dense steps — the QR of Y (m × l), the SVD
+//! so the identity holds for Q′. Without the tiles, on AVX-512, those products with Δᵀ run in
+//! f32 from the two sides' stored values instead of a decoded f32 copy of Δ
+//! ([`super::pair_fma`]; the same Δ, the f32 products' precision). The small dense steps — the QR of Y (m × l), the SVD
 //! of B (l × n) — always run in f64; they cost O((m + n)·l²), nothing next to the products when they run at
 //! the matmul rate: the QRs are CholeskyQR2 and the SVDs of tall sketches the SVD of
 //! their l × l R (`cholesky_qr`, `tall_svd`), Householder only where Y is too
@@ -43,6 +45,7 @@
 //! When l reaches min(m, n) the randomized method buys nothing and the exact thin SVD of
 //! Δ is computed instead.
 
+use super::pair_fma::{Fma, PairTmul};
 use super::tiles::{Left, Right, Tiles};
 use super::{Cancel, DeltaRows, LowRankOptions, for_each_row_block};
 use crate::error::Result;
@@ -192,6 +195,10 @@ pub struct Operator<'a> {
     pair: Option<Tiles>,
     /// Whether such a product ran.
     pair_used: bool,
+    /// The AVX-512 kernel for the products with Δᵀ from both sides' bf16 values, where
+    /// the tiles do not run ([`super::pair_fma`]): a streamed Δ of a
+    /// [`DeltaRows::bf16_pair`] source with f32 products.
+    fma: Option<Fma>,
     block_rows: usize,
     cancel: Cancel<'a>,
     /// Passes over the stored bytes so far.
@@ -270,6 +277,7 @@ impl<'a> Operator<'a> {
             tiles_used: false,
             pair: None,
             pair_used: false,
+            fma: None,
             block_rows: Self::rows_per_block(opts, n, products),
             cancel,
             reads: 0,
@@ -304,8 +312,13 @@ impl<'a> Operator<'a> {
             op.held = Some(held);
             op.stats = Some(stats);
             op.reads = 1;
-        } else if src.bf16_pair() && Left::takes(n) {
-            op.pair = products.range_tiles();
+        } else if src.bf16_pair() {
+            if Left::takes(n) {
+                op.pair = products.range_tiles();
+            }
+            if op.pair.is_none() && !matches!(products, Products::F64) && PairTmul::takes(n) {
+                op.fma = Fma::get();
+            }
         }
         Ok(op)
     }
@@ -415,8 +428,39 @@ impl<'a> Operator<'a> {
             (Some(Held::F32(b)), _) => Ok(held_tmul::<f32>(b, self.src, q)),
             (Some(Held::F64(b)), _) => Ok(held_tmul::<f64>(b, self.src, q)),
             (None, Products::F64) => self.streamed_tmul::<f64>(q),
-            (None, _) => self.streamed_tmul::<f32>(q),
+            (None, _) => match self.fma_tmul(q)? {
+                Some(z) => Ok(z),
+                None => self.streamed_tmul::<f32>(q),
+            },
         }
+    }
+
+    /// Δᵀ · q in f32 from both sides' bf16 values with the AVX-512 kernel
+    /// ([`super::pair_fma`]), one pass; `None` when it does not run here, on the first
+    /// pass (Δ's sums come from the f32 pass's blocks), or when a side holds values that
+    /// are not finite (then never again for this Δ).
+    fn fma_tmul(&mut self, q: MatRef<'_, f64>) -> Result<Option<Mat<f64>>> {
+        let Some(fma) = self.fma else {
+            return Ok(None);
+        };
+        if self.stats.is_none() {
+            return Ok(None);
+        }
+        let n = self.src.ncols();
+        let mut p = PairTmul::new(fma, q, n);
+        // As for the tiles: the accumulators are read and written once per read.
+        let step = PAIR_ROWS
+            .min(PAIR_READ_BYTES / (2 * n).max(1))
+            .max(self.block_rows);
+        let z = if self.pair_pass(step, |r0, base, ft| p.add_rows(r0, base, ft))? {
+            p.finish()
+        } else {
+            None
+        };
+        if z.is_none() {
+            self.fma = None;
+        }
+        Ok(z)
     }
 
     /// Δᵀ · q (n × l) of a range sketch (a power iteration: only its column space is
