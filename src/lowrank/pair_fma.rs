@@ -10,7 +10,9 @@
 //! differ by an f32 exactly unless their exponents are 16 apart), and multiplied at once
 //! by 16 columns of Q:
 //!
-//!   Zᵀ[c][j] += Σ_r Q[r][c] · Δ[r][j]
+//! ```text
+//!   Zᵀ(c, j) += Σ_r Q(r, c) · Δ(r, j)
+//! ```
 //!
 //! with 16 accumulators of 16 columns j each held in registers over a block of rows. That
 //! is one FMA per element of Δ per column of Q, as many as faer's product, with half the
