@@ -190,6 +190,39 @@ fn delta_f32_generic(
     (f2, var)
 }
 
+/// The sums of [`delta_block`] without writing Δ: each lane's terms in the same order, so
+/// the same bits, in one pass instead of a store and a second loop (the diff's kernel
+/// when a product takes both sides' values as they are).
+#[inline(always)]
+fn delta_block_sums(xa: &[f32], xb: &[f32], bits: i32, emin: i32) -> (f64, f64) {
+    let (mut sq, mut ulp2) = ([0f32; LANES], [0f32; LANES]);
+    let ulp_sq = |y: f32| {
+        let field = (((y.to_bits() >> 23) & 0xff) as i32).max(emin + 127);
+        f32::from_bits(((2 * field - 127 - 2 * bits).max(1) as u32) << 23)
+    };
+    let finite = |d: f32| if d.is_finite() { d } else { 0.0 };
+    let (xs, ys) = (xa.chunks_exact(LANES), xb.chunks_exact(LANES));
+    let (xr, yr) = (xs.remainder(), ys.remainder());
+    for (x, y) in xs.zip(ys) {
+        let x: &[f32; LANES] = x.try_into().expect("exact chunk");
+        let y: &[f32; LANES] = y.try_into().expect("exact chunk");
+        for i in 0..LANES {
+            let d = finite(y[i] - x[i]);
+            sq[i] += d * d;
+            ulp2[i] += ulp_sq(y[i]);
+        }
+    }
+    for (&x, &y) in xr.iter().zip(yr) {
+        let d = finite(y - x);
+        sq[0] += d * d;
+        ulp2[0] += ulp_sq(y);
+    }
+    (
+        sq.iter().map(|&v| v as f64).sum::<f64>(),
+        ulp2.iter().map(|&v| v as f64).sum::<f64>(),
+    )
+}
+
 /// One block of [`delta_f32`]: `o` = xb − xa (non-finite as 0) and its (Σ Δ², Σ ulp(b)²),
 /// the f32 lanes of the block summed in f64. Shared with [`diff_delta`], so that Δ taken
 /// during the diff has the bits of Δ read by the low-rank stage.
@@ -306,7 +339,6 @@ fn diff_delta_generic(
     chunk: usize,
 ) -> (Accum, Vec<(f64, f64)>) {
     let thr = threshold_f32(threshold);
-    let mut scratch = [0f32; BLOCK];
     let (sa, sb) = (da.size(), db.size());
     let n = a.len() / sa;
     let mut xa = [0f32; BLOCK];
@@ -329,11 +361,10 @@ fn diff_delta_generic(
         } else {
             careful_f32(&xa[..k], &xb[..k], threshold, &mut acc);
         }
-        let o = match out.as_deref_mut() {
-            Some(o) => &mut o[start..start + k],
-            None => &mut scratch[..k],
+        let (f2, var) = match out.as_deref_mut() {
+            Some(o) => delta_block(&xa[..k], &xb[..k], &mut o[start..start + k], bits, emin),
+            None => delta_block_sums(&xa[..k], &xb[..k], bits, emin),
         };
-        let (f2, var) = delta_block(&xa[..k], &xb[..k], o, bits, emin);
         cur.0 += f2;
         cur.1 += var;
         start += k;

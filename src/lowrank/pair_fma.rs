@@ -1,6 +1,8 @@
-//! The products with Δᵀ of a streamed Δ whose two sides are stored in bf16 (B = QᵀΔ, and
-//! the ΔᵀQ of power iterations), in f32 with AVX-512 FMAs straight from both sides' stored
-//! values, for CPUs without AMX tiles ([`super::tiles::Left`] does the same there).
+//! The products of a streamed Δ whose two sides are stored in bf16, straight from both
+//! sides' stored values, for CPUs with AVX-512 but without AMX tiles ([`super::tiles`]
+//! does the same there): the products with Δᵀ (B = QᵀΔ, and the ΔᵀQ of power
+//! iterations) in f32 with FMAs ([`PairTmul`]), and the range sketch Y = ΔX in bf16 with
+//! f32 sums where the CPU has AVX-512 BF16 ([`PairRange`]).
 //!
 //! The f32 path decodes each row block of Δ into an f32 buffer
 //! (`kernels::fast::delta_f32`, 9 % of the CPU time of a `compare` of the 32B-shaped pair on
@@ -21,6 +23,15 @@
 //! result non-finite: the product is then redone on the f32 path, which takes such values
 //! as no change.
 
+//! **The range sketch** is only used through its column space, so Δ may be rounded to
+//! bf16 there, as on the tiles (the reasons in [`super::tiles`]). `VDPBF16PS` multiplies
+//! 32 bf16 pairs into 16 f32 sums, twice the FMA's 16 products per instruction: per pair
+//! of columns (j, j + 1), the bf16 pair (Δ(i, j), Δ(i, j + 1)) of a row broadcast against
+//! X's rows j and j + 1 interleaved (32 columns of X in two registers) adds to Y(i, ·).
+//! [`RANGE_ROWS`] rows share X's registers; their Δ is decoded and rounded 128 columns at
+//! a time into a tile in L1. X (Ω's signs, exact in bf16, or a power iteration's basis)
+//! is rounded to bf16 once per product. Only for X of width ≤ 32, the screen's.
+
 use faer::{Mat, MatRef};
 
 /// Proof that the AVX-512 kernel runs on this CPU ([`Fma::get`]).
@@ -34,6 +45,25 @@ impl Fma {
         #[cfg(target_arch = "x86_64")]
         if crate::kernels::fast::avx512() {
             return Some(Fma(()));
+        }
+        None
+    }
+}
+
+/// Proof that the bf16 dot-product kernel ([`PairRange`]) runs on this CPU.
+#[derive(Clone, Copy, Debug)]
+pub struct Bf16Dot(());
+
+impl Bf16Dot {
+    /// The kernel when the CPU has AVX-512 BF16 (and [`Fma`]'s set), unless
+    /// `WEIGHTDIFF_TILES=0` keeps every product in f32 ([`super::tiles::ENV`]).
+    pub fn get() -> Option<Bf16Dot> {
+        #[cfg(target_arch = "x86_64")]
+        if Fma::get().is_some()
+            && std::arch::is_x86_feature_detected!("avx512bf16")
+            && std::env::var(super::tiles::ENV).map_or(true, |v| v != "0")
+        {
+            return Some(Bf16Dot(()));
         }
         None
     }
@@ -106,6 +136,193 @@ impl PairTmul {
             .iter()
             .all(|v| v.is_finite())
             .then(|| Mat::from_fn(n, self.l, |j, c| zt[c * n + j] as f64))
+    }
+}
+
+/// Rows of Δ per group of accumulators of [`PairRange`]: 12 × 2 registers of 16 f32
+/// sums, with X's two and a broadcast, of the 32 AVX-512 registers.
+pub const RANGE_ROWS: usize = 12;
+/// Columns of Δ rounded at a time by [`PairRange`]: 12 rows × 128 bf16 = 3 KiB, in L1 with
+/// the 8 KiB of X's rows they meet and the 6 KiB of stored rows they come from.
+const RANGE_COLS: usize = 128;
+/// Columns of Y, padded: two registers.
+const RANGE_WIDTH: usize = 2 * W;
+
+/// Y = ΔX (m × l, l ≤ 32) of a bf16 pair in bf16 with f32 sums, block of rows by block
+/// of rows.
+pub struct PairRange {
+    /// X (n × l) rounded to bf16, rows j and j + 1 interleaved: for each pair of rows,
+    /// 32 columns × 2 values; columns past l zero.
+    x: Vec<u16>,
+    l: usize,
+    n: usize,
+}
+
+impl PairRange {
+    /// Whether an X of width `l` for rows of `n` columns is taken.
+    pub fn takes(n: usize, l: usize) -> bool {
+        n > 0 && n.is_multiple_of(2 * W) && l <= RANGE_WIDTH
+    }
+
+    /// For X (n × l) ([`Self::takes`]), given in f32 or f64.
+    pub fn new<T: Copy + Into<f64>>(_: Bf16Dot, x: MatRef<'_, T>) -> PairRange {
+        let (n, l) = (x.nrows(), x.ncols());
+        assert!(Self::takes(n, l), "an X of {n} × {l}");
+        let mut xv = vec![0u16; n * RANGE_WIDTH];
+        for c in 0..l {
+            for j in 0..n {
+                let v = half::bf16::from_f64(x[(j, c)].into());
+                // Subnormals count as zero in `VDPBF16PS`; so they do here.
+                let v = if v.to_bits() & 0x7f80 == 0 {
+                    half::bf16::ZERO
+                } else {
+                    v
+                };
+                xv[(j / 2) * 2 * RANGE_WIDTH + 2 * c + (j & 1)] = v.to_bits();
+            }
+        }
+        PairRange { x: xv, l, n }
+    }
+
+    /// Y's rows for the rows of Δ = F − A given as both sides' stored values (row-major,
+    /// little-endian bf16 bytes, whole rows): `y` gets rows × l values, row-major.
+    pub fn rows(&self, base: &[u8], ft: &[u8], y: &mut [f32]) {
+        let n = self.n;
+        assert_eq!(base.len(), ft.len(), "sides of different lengths");
+        assert_eq!(base.len() % (2 * n), 0, "whole rows of {n} bf16 values");
+        let rows = base.len() / (2 * n);
+        assert_eq!(y.len(), rows * self.l, "rows × l values of Y");
+        let mut wide = vec![0f32; rows * RANGE_WIDTH];
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: a `Bf16Dot` (required by `new`) proves the CPU's features; the slices'
+        // lengths were checked above and in `new`.
+        unsafe {
+            range_rows_avx512(base, ft, n, &self.x, &mut wide)
+        };
+        for (yr, wr) in y
+            .chunks_exact_mut(self.l)
+            .zip(wide.chunks_exact(RANGE_WIDTH))
+        {
+            yr.copy_from_slice(&wr[..self.l]);
+        }
+    }
+}
+
+/// y(i, c) = Σ_j bf16(F(i, j) − A(i, j))·x(j, c) for the rows of `base` (A) and `ft` (F),
+/// x in [`PairRange`]'s layout; `y` rows × 32.
+///
+/// # Safety
+/// The CPU must have the features enabled here; `base` and `ft` hold whole rows of n
+/// bf16 values, n a multiple of 32, `x` n × 32 values and `y` rows × 32.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c,avx512bf16")]
+unsafe fn range_rows_avx512(base: &[u8], ft: &[u8], n: usize, x: &[u16], y: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let rows = base.len() / (2 * n);
+    debug_assert!(x.len() == n * RANGE_WIDTH && y.len() == rows * RANGE_WIDTH);
+    let (a, f, xp, yp) = (base.as_ptr(), ft.as_ptr(), x.as_ptr(), y.as_mut_ptr());
+    // bf16(Δ) of up to RANGE_ROWS rows × RANGE_COLS columns, as pairs (u32).
+    let mut tile = [0u32; RANGE_ROWS * RANGE_COLS / 2];
+    for j0 in (0..n).step_by(RANGE_COLS) {
+        let cols = RANGE_COLS.min(n - j0);
+        let mut i0 = 0;
+        while i0 < rows {
+            let k = RANGE_ROWS.min(rows - i0);
+            // SAFETY (pointer arithmetic below): i0 + r < rows, j0 + j + 32 ≤ n.
+            for r in 0..k {
+                for j in (0..cols).step_by(2 * W) {
+                    let at = ((i0 + r) * n + j0 + j) * 2;
+                    let (f0, f1, a0, a1) = unsafe {
+                        (
+                            _mm256_loadu_si256(f.add(at).cast()),
+                            _mm256_loadu_si256(f.add(at + 32).cast()),
+                            _mm256_loadu_si256(a.add(at).cast()),
+                            _mm256_loadu_si256(a.add(at + 32).cast()),
+                        )
+                    };
+                    let d0 = _mm512_sub_ps(widen(f0), widen(a0));
+                    let d1 = _mm512_sub_ps(widen(f1), widen(a1));
+                    // Element e < 16 from d0 (column j + e), the rest from d1: columns in
+                    // order, so each 32-bit lane holds the pair (j + 2p, j + 2p + 1).
+                    // SAFETY: both are 512 bits of plain data.
+                    let pairs: __m512i = unsafe {
+                        std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(d1, d0))
+                    };
+                    unsafe {
+                        _mm512_storeu_si512(
+                            tile.as_mut_ptr().add(r * RANGE_COLS / 2 + j / 2).cast(),
+                            pairs,
+                        )
+                    };
+                }
+            }
+            // SAFETY: rows i0..i0 + k are in the tile, the block and y.
+            unsafe {
+                let yr = yp.add(i0 * RANGE_WIDTH);
+                if k == RANGE_ROWS {
+                    dot_rows::<RANGE_ROWS>(&tile, 0, xp, j0, cols, yr);
+                } else {
+                    for r in 0..k {
+                        dot_rows::<1>(&tile, r, xp, j0, cols, yr.add(r * RANGE_WIDTH));
+                    }
+                }
+            }
+            i0 += k;
+        }
+    }
+}
+
+/// y(r + i, ·) += Σ_p tile(r + i, p)·x(j0/2 + p, ·) for K rows, 2·K accumulators.
+///
+/// # Safety
+/// As [`range_rows_avx512`]: rows r..r + K of the tile are decoded, `x` holds the pairs of
+/// rows j0/2.. and `y` K rows of 32 values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c,avx512bf16")]
+#[inline]
+unsafe fn dot_rows<const K: usize>(
+    tile: &[u32; RANGE_ROWS * RANGE_COLS / 2],
+    r: usize,
+    x: *const u16,
+    j0: usize,
+    cols: usize,
+    y: *mut f32,
+) {
+    use std::arch::x86_64::*;
+    debug_assert!(r + K <= RANGE_ROWS && cols <= RANGE_COLS);
+    let t = tile.as_ptr();
+    let mut acc = [[_mm512_setzero_ps(); 2]; K];
+    // SAFETY (pointer arithmetic): i < K rows of y; pairs p < cols/2 of the tile and x.
+    for (i, acc) in acc.iter_mut().enumerate() {
+        *acc = unsafe {
+            [
+                _mm512_loadu_ps(y.add(i * RANGE_WIDTH)),
+                _mm512_loadu_ps(y.add(i * RANGE_WIDTH + W)),
+            ]
+        };
+    }
+    for p in 0..cols / 2 {
+        let xr = unsafe { x.add((j0 / 2 + p) * 2 * RANGE_WIDTH) };
+        let (x0, x1): (__m512bh, __m512bh) = unsafe {
+            (
+                std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(xr.cast())),
+                std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(
+                    xr.add(RANGE_WIDTH).cast(),
+                )),
+            )
+        };
+        for (i, acc) in acc.iter_mut().enumerate() {
+            let d = _mm512_set1_epi32(unsafe { *t.add((r + i) * RANGE_COLS / 2 + p) } as i32);
+            let d = unsafe { std::mem::transmute::<__m512i, __m512bh>(d) };
+            acc[0] = _mm512_dpbf16_ps(acc[0], d, x0);
+            acc[1] = _mm512_dpbf16_ps(acc[1], d, x1);
+        }
+    }
+    for (i, acc) in acc.iter().enumerate() {
+        unsafe {
+            _mm512_storeu_ps(y.add(i * RANGE_WIDTH), acc[0]);
+            _mm512_storeu_ps(y.add(i * RANGE_WIDTH + W), acc[1]);
+        }
     }
 }
 
@@ -206,6 +423,32 @@ mod tests {
                     "({j}, {c}): {} vs {want}",
                     z[(j, c)]
                 );
+            }
+        }
+        // The range sketch in bf16 of 25 rows (two groups of 12 and one), n = 48 → 64
+        // columns, against the f64 product of bf16(Δ) and bf16(X).
+        if let Some(dot) = Bf16Dot::get() {
+            let n2 = 64;
+            let a2: Vec<half::bf16> = (0..25 * n2).map(|_| half::bf16::from_f64(next())).collect();
+            let f2: Vec<half::bf16> = a2
+                .iter()
+                .map(|&x| half::bf16::from_f64(x.to_f64() + 0.01 * next()))
+                .collect();
+            let x = Mat::<f64>::from_fn(n2, l, |_, _| next());
+            let r = PairRange::new(dot, x.as_ref());
+            let mut y = vec![0f32; 25 * l];
+            r.rows(&bytes(&a2), &bytes(&f2), &mut y);
+            let bf = |v: f64| half::bf16::from_f64(v).to_f64();
+            for i in 0..25 {
+                for c in 0..l {
+                    let want: f64 = (0..n2)
+                        .map(|j| {
+                            let d = (f2[i * n2 + j].to_f32() - a2[i * n2 + j].to_f32()) as f64;
+                            bf(x[(j, c)]) * bf(d)
+                        })
+                        .sum();
+                    assert!((y[i * l + c] as f64 - want).abs() < 1e-5, "Y({i}, {c})");
+                }
             }
         }
         // A side holding inf: no result, the f32 path redoes it.

@@ -27,8 +27,9 @@
 //! the tiles from the two sides' exact values, Δ never rounded ([`super::tiles::Left`]); B is then that
 //! of Q′, the orthonormal basis of Q's two-part bf16 rounding ([`Operator::project`]),
 //! so the identity holds for Q′. Without the tiles, on AVX-512, those products with Δᵀ run in
-//! f32 from the two sides' stored values instead of a decoded f32 copy of Δ
-//! ([`super::pair_fma`]; the same Δ, the f32 products' precision). The small dense steps — the QR of Y (m × l), the SVD
+//! f32 from the two sides' stored values instead of a decoded f32 copy of Δ (the same Δ,
+//! the f32 products' precision), and with AVX-512 BF16 the range sketch of width ≤ 32 in
+//! bf16 with f32 sums, as on the tiles ([`super::pair_fma`]). The small dense steps — the QR of Y (m × l), the SVD
 //! of B (l × n) — always run in f64; they cost O((m + n)·l²), nothing next to the products when they run at
 //! the matmul rate: the QRs are CholeskyQR2 and the SVDs of tall sketches the SVD of
 //! their l × l R (`cholesky_qr`, `tall_svd`), Householder only where Y is too
@@ -45,7 +46,7 @@
 //! When l reaches min(m, n) the randomized method buys nothing and the exact thin SVD of
 //! Δ is computed instead.
 
-use super::pair_fma::{Fma, PairTmul};
+use super::pair_fma::{Bf16Dot, Fma, PairRange, PairTmul};
 use super::tiles::{Left, Right, Tiles};
 use super::{Cancel, DeltaRows, LowRankOptions, for_each_row_block};
 use crate::error::Result;
@@ -103,6 +104,9 @@ pub enum Products {
     /// f32 on faer, and the range sketch of a streamed Δ in bf16 with f32 sums on AMX
     /// tiles ([`super::tiles`]).
     Tiles(Tiles),
+    /// f32 on faer, and the range sketch of a streamed Δ of two bf16 sides in bf16 with
+    /// f32 sums by AVX-512 BF16 dot products ([`super::pair_fma::PairRange`]).
+    Bf16Dot(Bf16Dot),
 }
 
 /// The precision the products with one Δ ran in, as the reports name it.
@@ -112,8 +116,8 @@ pub enum Precision {
     F64,
     #[default]
     F32,
-    /// The range sketch's products in bf16 on AMX tiles, the others in f32
-    /// ([`super::tiles`]).
+    /// The range sketch's products in bf16 with f32 sums (on AMX tiles, [`super::tiles`],
+    /// or by AVX-512 BF16 dot products, [`super::pair_fma`]), the others in f32.
     F32Bf16Sketch,
     /// The products of a streamed Δ with two bf16 sides on AMX tiles from the sides'
     /// stored values, Δ never rounded, with f32 sums: the range sketch with X in bf16
@@ -129,7 +133,10 @@ impl Products {
     pub fn choose(single: bool, bf16: bool) -> Products {
         match (single, bf16.then(Tiles::get).flatten()) {
             (true, Some(t)) => Products::Tiles(t),
-            (true, None) => Products::F32,
+            (true, None) => match bf16.then(Bf16Dot::get).flatten() {
+                Some(d) => Products::Bf16Dot(d),
+                None => Products::F32,
+            },
             (false, _) => Products::F64,
         }
     }
@@ -147,11 +154,19 @@ impl Products {
         }
     }
 
+    /// The bf16 dot products, for a streamed bf16 pair's range sketch.
+    pub fn range_dot(self) -> Option<Bf16Dot> {
+        match self {
+            Products::Bf16Dot(d) => Some(d),
+            _ => None,
+        }
+    }
+
     /// Bytes per element of Δ as held and read.
     fn element_bytes(self) -> usize {
         match self {
             Products::F64 => 8,
-            Products::F32 | Products::Tiles(_) => 4,
+            Products::F32 | Products::Tiles(_) | Products::Bf16Dot(_) => 4,
         }
     }
 }
@@ -370,33 +385,40 @@ impl<'a> Operator<'a> {
 
     /// Δ · x (m × l) in f32 or f64: the products whose values are reported.
     pub fn mul(&mut self, x: MatRef<'_, f64>) -> Result<Mat<f64>> {
-        self.product(x, None)
+        self.product(x, None, None)
     }
 
     /// Δ · x (m × l) of the range sketch (only its column space is used): on tiles for a
     /// streamed Δ when they run ([`super::tiles`]), else as [`Self::mul`].
     pub fn mul_range(&mut self, x: MatRef<'_, f64>) -> Result<Mat<f64>> {
-        self.product(x, self.products.range_tiles())
+        self.product(x, self.products.range_tiles(), self.products.range_dot())
     }
 
-    fn product(&mut self, x: MatRef<'_, f64>, tiles: Option<Tiles>) -> Result<Mat<f64>> {
+    fn product(
+        &mut self,
+        x: MatRef<'_, f64>,
+        tiles: Option<Tiles>,
+        dot: Option<Bf16Dot>,
+    ) -> Result<Mat<f64>> {
         match (self.held.as_ref(), self.products) {
             (Some(Held::F32(b)), _) => Ok(held_mul::<f32>(b, self.src, x)),
             (Some(Held::F64(b)), _) => Ok(held_mul::<f64>(b, self.src, x)),
             (None, Products::F64) => self.streamed_mul::<f64>(x),
             (None, _) => {
                 self.tiles_used |= tiles.is_some();
-                let mut p = RowProduct::new(tiles, x, self.src.nrows());
-                if self.pair.is_some() && p.takes_pairs() {
+                let mut p = RowProduct::new(tiles, dot, x, self.src.nrows());
+                if (self.pair.is_some() || self.fma.is_some()) && p.takes_pairs() {
                     let step = self.block_rows;
                     let done = self.pair_pass(step, |r0, base, ft| p.add_pair(r0, base, ft))?;
                     if let Some(y) = done.then(|| p.finish()).flatten() {
-                        self.pair_used = true;
+                        // On tiles, a pair product; by dot products, a bf16 range sketch.
+                        self.pair_used |= tiles.is_some();
+                        self.tiles_used |= dot.is_some();
                         return Ok(y);
                     }
                     self.pair_failed();
                     // A side held inf or NaN, which the f32 products take as no change.
-                    p = RowProduct::new(tiles, x, self.src.nrows());
+                    p = RowProduct::new(tiles, None, x, self.src.nrows());
                 }
                 self.pass::<f32>(|r0, rows| p.add(r0, rows))?;
                 Ok(p.finish().expect("rows of Δ were added in f32"))
@@ -417,8 +439,10 @@ impl<'a> Operator<'a> {
         }
         self.reads += 1;
         self.stats.get_or_insert(st);
-        // The source sketched with the same choice of products ([`RowProduct::omega`]).
-        self.tiles_used |= self.products.range_tiles().is_some();
+        // The source sketched with the same choice of products ([`RowProduct::omega`]),
+        // from the pair's values when it has them (the dot products need them).
+        self.tiles_used |= self.products.range_tiles().is_some()
+            || (self.products.range_dot().is_some() && self.fma.is_some());
         Some(y)
     }
 
@@ -542,6 +566,7 @@ impl<'a> Operator<'a> {
     /// of this Δ runs in f32, one pass each instead of a pair pass first.
     fn pair_failed(&mut self) {
         self.pair = None;
+        self.fma = None;
     }
 
     fn streamed_mul<T: Real>(&mut self, x: MatRef<'_, f64>) -> Result<Mat<f64>> {
@@ -733,15 +758,27 @@ pub struct RowProduct {
 }
 
 enum RowKind {
-    /// Xᵀ (l × n) and (ΔX)ᵀ (l × m).
-    Faer { xt: Mat<f32>, yt: Mat<f32> },
+    /// Xᵀ (l × n) and (ΔX)ᵀ (l × m); with `dot`, rows given as two bf16 sides go to the
+    /// dot products ([`PairRange`], made at the first such rows).
+    Faer {
+        xt: Mat<f32>,
+        yt: Mat<f32>,
+        dot: Option<Bf16Dot>,
+        range: Option<PairRange>,
+    },
     /// X packed for the tiles, and Y row-major.
     Tiles { x: Right, y: Vec<f32> },
 }
 
 impl RowProduct {
-    /// For X (n × l) and m rows of Δ: on `tiles` (a range sketch) or in f32 on faer.
-    pub fn new(tiles: Option<Tiles>, x: MatRef<'_, f64>, m: usize) -> RowProduct {
+    /// For X (n × l) and m rows of Δ: on `tiles` (a range sketch) or in f32 on faer, and
+    /// with `dot` (a range sketch) rows of two bf16 sides by bf16 dot products.
+    pub fn new(
+        tiles: Option<Tiles>,
+        dot: Option<Bf16Dot>,
+        x: MatRef<'_, f64>,
+        m: usize,
+    ) -> RowProduct {
         let l = x.ncols();
         let kind = match tiles {
             Some(t) => RowKind::Tiles {
@@ -751,6 +788,8 @@ impl RowProduct {
             None => RowKind::Faer {
                 xt: cast::<f32>(x.transpose()),
                 yt: Mat::zeros(l, m),
+                dot: dot.filter(|_| PairRange::takes(x.nrows(), l)),
+                range: None,
             },
         };
         RowProduct {
@@ -764,35 +803,52 @@ impl RowProduct {
     /// For the Ω of width `l` that [`decompose`] draws for an m × n Δ named `name`.
     pub fn omega(
         tiles: Option<Tiles>,
+        dot: Option<Bf16Dot>,
         seed: u64,
         name: &str,
         (m, n): (usize, usize),
         l: usize,
     ) -> Self {
         let signs = omega_signs(seed, name, n, l);
-        Self::new(tiles, MatRef::from_column_major_slice(&signs, n, l), m)
+        Self::new(tiles, dot, MatRef::from_column_major_slice(&signs, n, l), m)
     }
 
     /// Adds the rows `r0..` of Δ given in `rows` (row-major).
     pub fn add(&mut self, r0: usize, rows: &[f32]) {
         match &mut self.kind {
-            RowKind::Faer { xt, yt } => sketch_block(yt.as_mut(), xt.as_ref(), r0, rows),
+            RowKind::Faer { xt, yt, .. } => sketch_block(yt.as_mut(), xt.as_ref(), r0, rows),
             RowKind::Tiles { x, y } => x.mul_rows(rows, r0, y),
         }
     }
 
-    /// Whether [`Self::add_pair`] runs: on tiles, for rows of whole tiles.
+    /// Whether [`Self::add_pair`] runs: on tiles, for rows of whole tiles; by bf16 dot
+    /// products ([`PairRange`]) for X of width ≤ 32.
     pub fn takes_pairs(&self) -> bool {
-        matches!(&self.kind, RowKind::Tiles { x, .. } if x.takes_pairs())
+        match &self.kind {
+            RowKind::Tiles { x, .. } => x.takes_pairs(),
+            RowKind::Faer { dot, .. } => dot.is_some(),
+        }
     }
 
     /// Adds the rows `r0..` of Δ = F − A given as both sides' stored bf16 values
-    /// ([`Right::mul_pair_rows`]); only when [`Self::takes_pairs`].
+    /// ([`Right::mul_pair_rows`], [`PairRange`]); only when [`Self::takes_pairs`].
     pub fn add_pair(&mut self, r0: usize, base: &[u8], ft: &[u8]) {
         self.pairs = true;
         match &mut self.kind {
             RowKind::Tiles { x, y } => x.mul_pair_rows(base, ft, r0, y),
-            RowKind::Faer { .. } => unreachable!("pairs are taken on tiles only"),
+            RowKind::Faer { xt, yt, dot, range } => {
+                let dot = dot.expect("pairs are taken by the dot products");
+                let range = range.get_or_insert_with(|| PairRange::new(dot, xt.transpose()));
+                let (l, n) = (xt.nrows(), xt.ncols());
+                let rows = base.len() / (2 * n).max(1);
+                let mut y = vec![0f32; rows * l];
+                range.rows(base, ft, &mut y);
+                for (i, yr) in y.chunks_exact(l).enumerate() {
+                    for (c, &v) in yr.iter().enumerate() {
+                        yt[(c, r0 + i)] = v;
+                    }
+                }
+            }
         }
     }
 
@@ -801,7 +857,9 @@ impl RowProduct {
     pub fn finish(self) -> Option<Mat<f64>> {
         let (m, l) = (self.m, self.l);
         match self.kind {
-            RowKind::Faer { yt, .. } => Some(widen(yt.transpose())),
+            RowKind::Faer { yt, .. } => (!self.pairs
+                || yt.col_iter().all(|c| c.iter().all(|v| v.is_finite())))
+            .then(|| widen(yt.transpose())),
             RowKind::Tiles { y, .. } => (!self.pairs || y.iter().all(|v| v.is_finite()))
                 .then(|| Mat::from_fn(m, l, |i, j| y[i * l + j] as f64)),
         }

@@ -219,6 +219,7 @@ impl<'a> Capture<'a> {
                     st.sums = vec![None; m.div_ceil(*block_rows)];
                     st.product = Some(lowrank::rsvd::RowProduct::omega(
                         products.range_tiles(),
+                        products.range_dot(),
                         *seed,
                         name,
                         (*m, *n),

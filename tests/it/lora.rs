@@ -221,14 +221,23 @@ fn extraction_reconstructs_to_the_storage_noise() {
 
 /// The precision the products of a streamed (or not) Δ of a bf16 pair with n columns
 /// ran in: on tiles when allowed and this CPU has them (so CI on such a CPU runs that
-/// path), the products with Δᵀ too when the rows are whole tiles; else all in f32.
+/// path), the products with Δᵀ too when the rows are whole tiles; without tiles, the
+/// range sketch by AVX-512 BF16 dot products where the CPU has them; else all in f32.
 fn bf16_products(tiles_streamed: bool, n: usize) -> weightdiff::lowrank::rsvd::Precision {
-    if !(tiles_streamed && weightdiff::lowrank::tiles::Tiles::get().is_some()) {
+    use weightdiff::lowrank::{pair_fma, tiles};
+    if !tiles_streamed {
         Precision::F32
-    } else if weightdiff::lowrank::tiles::Left::takes(n) {
-        Precision::Bf16Pair
-    } else {
+    } else if tiles::Tiles::get().is_some() {
+        if tiles::Left::takes(n) {
+            Precision::Bf16Pair
+        } else {
+            Precision::F32Bf16Sketch
+        }
+    } else if pair_fma::Bf16Dot::get().is_some() && pair_fma::PairRange::takes(n, 32) {
+        // Without AMX: the screen's range sketch by bf16 dot products.
         Precision::F32Bf16Sketch
+    } else {
+        Precision::F32
     }
 }
 
