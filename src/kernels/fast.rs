@@ -158,8 +158,7 @@ simd_copies! {
     ) -> (f64, f64);
 }
 
-/// `out`: where Δ goes, or `None` for the sums alone (Δ of each block then stays in a
-/// block of scratch).
+/// `out`: where Δ goes, or `None` for the sums alone.
 #[inline(always)]
 fn delta_f32_generic(
     a: &[u8],
@@ -172,55 +171,66 @@ fn delta_f32_generic(
 ) -> (f64, f64) {
     let (sa, sb) = (da.size(), db.size());
     let n = a.len() / sa;
-    let (mut ta, mut tb, mut scratch) = ([0f32; BLOCK], [0f32; BLOCK], [0f32; BLOCK]);
+    let (mut ta, mut tb) = ([0f32; BLOCK], [0f32; BLOCK]);
     let (mut f2, mut var) = (0.0f64, 0.0f64);
     for start in (0..n).step_by(BLOCK) {
         let k = BLOCK.min(n - start);
         let (xa, xb) = (&mut ta[..k], &mut tb[..k]);
         decode_f32(da, &a[start * sa..(start + k) * sa], xa);
         decode_f32(db, &b[start * sb..(start + k) * sb], xb);
-        let o = match out.as_deref_mut() {
-            Some(o) => &mut o[start..start + k],
-            None => &mut scratch[..k],
+        let (bf2, bvar) = match out.as_deref_mut() {
+            Some(o) => delta_block(xa, xb, &mut o[start..start + k], bits, emin),
+            None => delta_block_sums(xa, xb, bits, emin),
         };
-        let (bf2, bvar) = delta_block(xa, xb, o, bits, emin);
         f2 += bf2;
         var += bvar;
     }
     (f2, var)
 }
 
-/// The sums of [`delta_block`] without writing Δ: each lane's terms in the same order, so
-/// the same bits, in one pass instead of a store and a second loop (the diff's kernel
-/// when a product takes both sides' values as they are).
+/// (Σ Δ², Σ ulp(b)²) of one block, Δ = xb − xa with non-finite differences as 0, without
+/// writing Δ: what [`delta_block`] returns, and all the diff's kernel needs when a product
+/// takes both sides' values as they are.
 #[inline(always)]
 fn delta_block_sums(xa: &[f32], xb: &[f32], bits: i32, emin: i32) -> (f64, f64) {
+    // LANES lanes each over exact chunks, so that the sums vectorize; f32 within a
+    // block, then f64.
     let (mut sq, mut ulp2) = ([0f32; LANES], [0f32; LANES]);
-    let ulp_sq = |y: f32| {
-        let field = (((y.to_bits() >> 23) & 0xff) as i32).max(emin + 127);
-        f32::from_bits(((2 * field - 127 - 2 * bits).max(1) as u32) << 23)
-    };
-    let finite = |d: f32| if d.is_finite() { d } else { 0.0 };
     let (xs, ys) = (xa.chunks_exact(LANES), xb.chunks_exact(LANES));
     let (xr, yr) = (xs.remainder(), ys.remainder());
     for (x, y) in xs.zip(ys) {
         let x: &[f32; LANES] = x.try_into().expect("exact chunk");
         let y: &[f32; LANES] = y.try_into().expect("exact chunk");
         for i in 0..LANES {
-            let d = finite(y[i] - x[i]);
+            let d = finite_or_zero(y[i] - x[i]);
             sq[i] += d * d;
-            ulp2[i] += ulp_sq(y[i]);
+            ulp2[i] += ulp_sq(y[i], bits, emin);
         }
     }
     for (&x, &y) in xr.iter().zip(yr) {
-        let d = finite(y - x);
+        let d = finite_or_zero(y - x);
         sq[0] += d * d;
-        ulp2[0] += ulp_sq(y);
+        ulp2[0] += ulp_sq(y, bits, emin);
     }
     (
         sq.iter().map(|&v| v as f64).sum::<f64>(),
         ulp2.iter().map(|&v| v as f64).sum::<f64>(),
     )
+}
+
+/// A difference as Δ holds it: non-finite differences count as no change.
+#[inline(always)]
+fn finite_or_zero(d: f32) -> f32 {
+    if d.is_finite() { d } else { 0.0 }
+}
+
+/// ulp(y)² = 2^(2(e − bits)) of a value y of a dtype with `bits` stored mantissa bits and
+/// smallest normal exponent `emin`, built as the f32 whose exponent field is
+/// 2e − 2·bits + 127 (flushed to 2^-126 below that).
+#[inline(always)]
+fn ulp_sq(y: f32, bits: i32, emin: i32) -> f32 {
+    let field = (((y.to_bits() >> 23) & 0xff) as i32).max(emin + 127);
+    f32::from_bits(((2 * field - 127 - 2 * bits).max(1) as u32) << 23)
 }
 
 /// One block of [`delta_f32`]: `o` = xb − xa (non-finite as 0) and its (Σ Δ², Σ ulp(b)²),
@@ -229,36 +239,9 @@ fn delta_block_sums(xa: &[f32], xb: &[f32], bits: i32, emin: i32) -> (f64, f64) 
 #[inline(always)]
 fn delta_block(xa: &[f32], xb: &[f32], o: &mut [f32], bits: i32, emin: i32) -> (f64, f64) {
     for ((o, &x), &y) in o.iter_mut().zip(xa).zip(xb) {
-        let d = y - x;
-        *o = if d.is_finite() { d } else { 0.0 };
+        *o = finite_or_zero(y - x);
     }
-    // LANES lanes each over exact chunks, so that the sums vectorize; f32 within a
-    // block, then f64.
-    let (mut sq, mut ulp2) = ([0f32; LANES], [0f32; LANES]);
-    // ulp² = 2^(2(e − bits)), built as the f32 whose exponent field is 2e − 2·bits + 127
-    // (flushed to 2^-126 below that).
-    let ulp_sq = |y: f32| {
-        let field = (((y.to_bits() >> 23) & 0xff) as i32).max(emin + 127);
-        f32::from_bits(((2 * field - 127 - 2 * bits).max(1) as u32) << 23)
-    };
-    let (xs, ys) = (o.chunks_exact(LANES), xb.chunks_exact(LANES));
-    let (xr, yr) = (xs.remainder(), ys.remainder());
-    for (x, y) in xs.zip(ys) {
-        let x: &[f32; LANES] = x.try_into().expect("exact chunk");
-        let y: &[f32; LANES] = y.try_into().expect("exact chunk");
-        for i in 0..LANES {
-            sq[i] += x[i] * x[i];
-            ulp2[i] += ulp_sq(y[i]);
-        }
-    }
-    for (&x, &y) in xr.iter().zip(yr) {
-        sq[0] += x * x;
-        ulp2[0] += ulp_sq(y);
-    }
-    (
-        sq.iter().map(|&v| v as f64).sum::<f64>(),
-        ulp2.iter().map(|&v| v as f64).sum::<f64>(),
-    )
+    delta_block_sums(xa, xb, bits, emin)
 }
 
 /// [`diff`] and [`delta_f32`] of an f32-domain window pair in one pass over its bytes:

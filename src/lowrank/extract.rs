@@ -93,17 +93,6 @@ pub fn round_to(dtype: DType, v: f64) -> f64 {
     }
 }
 
-/// `values` rounded as [`round_to`] rounds each, with the dtype matched once.
-fn rounded(dtype: DType, values: &[f64]) -> Vec<f64> {
-    match dtype {
-        DType::BF16 => values
-            .iter()
-            .map(|&v| crate::checkpoint::dtype::bf16_from_f64(v).to_f64())
-            .collect(),
-        _ => values.iter().map(|&v| round_to(dtype, v)).collect(),
-    }
-}
-
 /// Builds the factors for `target` and their stored residual against Δ (measured on the
 /// held Δ, or derived from the sketch for a streamed one: `derived_stored_residual`).
 pub fn factors(
@@ -130,8 +119,8 @@ pub fn factors(
         }
     }
     let residual = super::residual(&d.s, k, d.frob2);
-    let bq = rounded(target.dtype, &b);
-    let aq = rounded(target.dtype, &a);
+    let bq: Vec<f64> = b.iter().map(|&x| round_to(target.dtype, x)).collect();
+    let aq: Vec<f64> = a.iter().map(|&x| round_to(target.dtype, x)).collect();
     let kept: f64 = d.s.iter().take(k).map(|x| x * x).sum();
     let derivable = d.frob2 > 0.0 && (d.frob2 - kept) >= DERIVED_MIN_RESIDUAL2 * d.frob2;
     let residual_stored = if op.held().is_none() && derivable {
@@ -239,19 +228,17 @@ pub fn stored_residual(
         None if op.src().single_precision() => match super::pair_fma::Fma::get() {
             Some(fma) => {
                 let r = FmaResidual::new(fma, b, a, rank, m, n);
-                let mut err2 = 0.0;
-                for_each_row_block::<f32>(
-                    op.src(),
-                    op.block_rows(),
-                    op.cancel(),
-                    |r0, rows, _| err2 += r.add(r0, rows),
-                )?;
-                op.reads += 1;
-                err2
+                streamed_residual2::<f32>(op, |r0, rows| r.add(r0, rows))?
             }
-            None => streamed_residual2::<f32>(op, b, a, rank)?,
+            None => {
+                let r = Residual::<f32>::new(b, a, rank, m, n);
+                streamed_residual2::<f32>(op, |r0, rows| r.add(r0, rows))?
+            }
         },
-        None => streamed_residual2::<f64>(op, b, a, rank)?,
+        None => {
+            let r = Residual::<f64>::new(b, a, rank, m, n);
+            streamed_residual2::<f64>(op, |r0, rows| r.add(r0, rows))?
+        }
     };
     Ok((err2 / frob2).sqrt())
 }
@@ -449,17 +436,15 @@ fn held_residual2<T: Real>(
     Residual::<T>::new(b, a, rank, m, n).add(0, buf)
 }
 
+/// Σ `add(r0, rows)` over one streamed pass of Δ's row blocks (the residual of the
+/// stored factors, [`Residual`] or [`FmaResidual`]).
 fn streamed_residual2<T: Real>(
     op: &mut Operator<'_>,
-    b: &[f64],
-    a: &[f64],
-    rank: usize,
+    add: impl Fn(usize, &[T]) -> f64,
 ) -> Result<f64> {
-    let (m, n) = (op.src().nrows(), op.src().ncols());
-    let r = Residual::<T>::new(b, a, rank, m, n);
     let mut err2 = 0.0;
     for_each_row_block::<T>(op.src(), op.block_rows(), op.cancel(), |r0, rows, _| {
-        err2 += r.add(r0, rows)
+        err2 += add(r0, rows)
     })?;
     op.reads += 1;
     Ok(err2)
@@ -475,13 +460,8 @@ mod tests {
             eprintln!("no AVX-512 here: the residual kernel is not tested on this CPU");
             return;
         };
-        let mut s = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = || {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s >> 11) as f64 / (1u64 << 53) as f64 - 0.5
-        };
+        let mut g = crate::rng::Gaussian::new(7, "extract", "test");
+        let mut next = || g.next();
         // Whole and partial groups of rows and registers of columns.
         for (m, n, rank) in [(19, 40, 5), (16, 32, 16), (9, 7, 3), (1, 16, 1)] {
             let b: Vec<f64> = (0..m * rank).map(|_| next()).collect();
