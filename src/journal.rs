@@ -213,8 +213,9 @@ pub fn remove(dir: &Path) -> Result<()> {
 /// finished matrix: its spectrum and its factors' metadata) and the factors themselves,
 /// appended as raw little-endian values of their storage dtype (B then A; the factors
 /// hold values of that dtype, so this is lossless and a quarter of f64's bytes for bf16)
-/// to a sidecar at the offset each line names. A matrix counts as finished only once its line is complete, and its line is
-/// written after its factors, so a kill at any point leaves a readable prefix.
+/// to a sidecar at the offset each line names. A matrix counts as finished only once its
+/// line is complete, and its line is written after its factors, so a kill at any point
+/// leaves a readable prefix.
 pub const LOWRANK_JOURNAL_FILE: &str = ".weightdiff-lowrank-journal.jsonl";
 pub const LOWRANK_FACTORS_FILE: &str = ".weightdiff-lowrank-factors.bin";
 

@@ -10,10 +10,10 @@ fn main() -> std::process::ExitCode {
 /// OS. The low-rank stage allocates, per matrix, sketches of m × 32 f64 and the like (39 MB
 /// each for a 151936-row embedding); glibc maps blocks above its mmap threshold (at most
 /// 32 MiB) afresh and trims its heaps when they are freed, so each matrix faulted its
-/// pages in again: 166 k page faults in a `compare` of the 32B-shaped pair, 82 k with
-/// these settings, 5 % less CPU time (BENCHMARKS.md). Peak RSS is the stage's working set
-/// either way. One arena: the workers allocate little outside their reused buffers, and
-/// per-thread arenas each kept their own freed blocks.
+/// pages in again: 166 k page faults in a `compare` of the 32B-shaped pair, 86 k with
+/// these settings, 5 % less CPU time, peak RSS 322 → 349 MiB (BENCHMARKS.md). One arena:
+/// the workers allocate little outside their reused buffers, and per-thread arenas each
+/// kept their own freed blocks.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 fn keep_freed_memory() {
     // SAFETY: mallopt only sets the allocator's parameters; it runs before any other

@@ -146,7 +146,7 @@ pub const RANGE_ROWS: usize = 12;
 /// the 8 KiB of X's rows they meet and the 6 KiB of stored rows they come from.
 const RANGE_COLS: usize = 128;
 /// Columns of Y, padded: two registers.
-const RANGE_WIDTH: usize = 2 * W;
+pub const RANGE_WIDTH: usize = 2 * W;
 
 /// Y = ΔX (m × l, l ≤ 32) of a bf16 pair in bf16 with f32 sums, block of rows by block
 /// of rows.
@@ -154,7 +154,6 @@ pub struct PairRange {
     /// X (n × l) rounded to bf16, rows j and j + 1 interleaved: for each pair of rows,
     /// 32 columns × 2 values; columns past l zero.
     x: Vec<u16>,
-    l: usize,
     n: usize,
 }
 
@@ -181,30 +180,25 @@ impl PairRange {
                 xv[(j / 2) * 2 * RANGE_WIDTH + 2 * c + (j & 1)] = v.to_bits();
             }
         }
-        PairRange { x: xv, l, n }
+        PairRange { x: xv, n }
     }
 
     /// Y's rows for the rows of Δ = F − A given as both sides' stored values (row-major,
-    /// little-endian bf16 bytes, whole rows): `y` gets rows × l values, row-major.
-    pub fn rows(&self, base: &[u8], ft: &[u8], y: &mut [f32]) {
+    /// little-endian bf16 bytes, whole rows): rows × [`RANGE_WIDTH`] values, row-major,
+    /// the columns past l zero.
+    pub fn rows(&self, base: &[u8], ft: &[u8]) -> Vec<f32> {
         let n = self.n;
         assert_eq!(base.len(), ft.len(), "sides of different lengths");
         assert_eq!(base.len() % (2 * n), 0, "whole rows of {n} bf16 values");
         let rows = base.len() / (2 * n);
-        assert_eq!(y.len(), rows * self.l, "rows × l values of Y");
-        let mut wide = vec![0f32; rows * RANGE_WIDTH];
+        let mut y = vec![0f32; rows * RANGE_WIDTH];
         #[cfg(target_arch = "x86_64")]
         // SAFETY: a `Bf16Dot` (required by `new`) proves the CPU's features; the slices'
         // lengths were checked above and in `new`.
         unsafe {
-            range_rows_avx512(base, ft, n, &self.x, &mut wide)
+            range_rows_avx512(base, ft, n, &self.x, &mut y)
         };
-        for (yr, wr) in y
-            .chunks_exact_mut(self.l)
-            .zip(wide.chunks_exact(RANGE_WIDTH))
-        {
-            yr.copy_from_slice(&wr[..self.l]);
-        }
+        y
     }
 }
 
@@ -389,13 +383,8 @@ mod tests {
             return;
         };
         let (m, n, l) = (37, 48, 20);
-        let mut s = 0x2545_f491_4f6c_dd1du64;
-        let mut next = || {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s >> 11) as f64 / (1u64 << 53) as f64 - 0.5
-        };
+        let mut g = crate::rng::Gaussian::new(7, "pair_fma", "test");
+        let mut next = || g.next();
         let a: Vec<half::bf16> = (0..m * n).map(|_| half::bf16::from_f64(next())).collect();
         let f: Vec<half::bf16> = a
             .iter()
@@ -436,8 +425,7 @@ mod tests {
                 .collect();
             let x = Mat::<f64>::from_fn(n2, l, |_, _| next());
             let r = PairRange::new(dot, x.as_ref());
-            let mut y = vec![0f32; 25 * l];
-            r.rows(&bytes(&a2), &bytes(&f2), &mut y);
+            let y = r.rows(&bytes(&a2), &bytes(&f2));
             let bf = |v: f64| half::bf16::from_f64(v).to_f64();
             for i in 0..25 {
                 for c in 0..l {
@@ -447,7 +435,10 @@ mod tests {
                             bf(x[(j, c)]) * bf(d)
                         })
                         .sum();
-                    assert!((y[i * l + c] as f64 - want).abs() < 1e-5, "Y({i}, {c})");
+                    assert!(
+                        (y[i * RANGE_WIDTH + c] as f64 - want).abs() < 1e-5,
+                        "Y({i}, {c})"
+                    );
                 }
             }
         }

@@ -385,21 +385,21 @@ impl<'a> Operator<'a> {
 
     /// Δ · x (m × l) in f32 or f64: the products whose values are reported.
     pub fn mul(&mut self, x: MatRef<'_, f64>) -> Result<Mat<f64>> {
-        self.product(x, None, None)
+        self.product(x, false)
     }
 
     /// Δ · x (m × l) of the range sketch (only its column space is used): on tiles for a
     /// streamed Δ when they run ([`super::tiles`]), else as [`Self::mul`].
     pub fn mul_range(&mut self, x: MatRef<'_, f64>) -> Result<Mat<f64>> {
-        self.product(x, self.products.range_tiles(), self.products.range_dot())
+        self.product(x, true)
     }
 
-    fn product(
-        &mut self,
-        x: MatRef<'_, f64>,
-        tiles: Option<Tiles>,
-        dot: Option<Bf16Dot>,
-    ) -> Result<Mat<f64>> {
+    /// Δ · x; `range`: a range sketch, which may run on the tiles or the bf16 dot products.
+    fn product(&mut self, x: MatRef<'_, f64>, range: bool) -> Result<Mat<f64>> {
+        let (tiles, dot) = match range {
+            true => (self.products.range_tiles(), self.products.range_dot()),
+            false => (None, None),
+        };
         match (self.held.as_ref(), self.products) {
             (Some(Held::F32(b)), _) => Ok(held_mul::<f32>(b, self.src, x)),
             (Some(Held::F64(b)), _) => Ok(held_mul::<f64>(b, self.src, x)),
@@ -439,10 +439,12 @@ impl<'a> Operator<'a> {
         }
         self.reads += 1;
         self.stats.get_or_insert(st);
-        // The source sketched with the same choice of products ([`RowProduct::omega`]),
-        // from the pair's values when it has them (the dot products need them).
+        // The source sketched with the same choice of products ([`RowProduct::omega`]);
+        // the dot products only where it had both sides' bf16 rows to give them.
         self.tiles_used |= self.products.range_tiles().is_some()
-            || (self.products.range_dot().is_some() && self.fma.is_some());
+            || (self.products.range_dot().is_some()
+                && self.src.bf16_pair()
+                && PairRange::takes(self.src.ncols(), l));
         Some(y)
     }
 
@@ -470,12 +472,8 @@ impl<'a> Operator<'a> {
         if self.stats.is_none() {
             return Ok(None);
         }
-        let n = self.src.ncols();
-        let mut p = PairTmul::new(fma, q, n);
-        // As for the tiles: the accumulators are read and written once per read.
-        let step = PAIR_ROWS
-            .min(PAIR_READ_BYTES / (2 * n).max(1))
-            .max(self.block_rows);
+        let mut p = PairTmul::new(fma, q, self.src.ncols());
+        let step = self.pair_read_rows();
         let z = if self.pair_pass(step, |r0, base, ft| p.add_rows(r0, base, ft))? {
             p.finish()
         } else {
@@ -546,11 +544,7 @@ impl<'a> Operator<'a> {
             return Ok(None);
         }
         let mut z = left.accumulator(n);
-        // PAIR_ROWS rows per read where they fit PAIR_READ_BYTES: the accumulators are
-        // read and written once per read, 256/rows bytes per element of Δ.
-        let step = PAIR_ROWS
-            .min(PAIR_READ_BYTES / (2 * n).max(1))
-            .max(self.block_rows);
+        let step = self.pair_read_rows();
         let zt = if self.pair_pass(step, |r0, base, ft| left.add_rows(r0, base, ft, n, &mut z))? {
             left.finish(&z, n)
         } else {
@@ -560,6 +554,16 @@ impl<'a> Operator<'a> {
             self.pair_failed();
         }
         Ok(zt)
+    }
+
+    /// Rows per read of the products with Δᵀ from both sides' bf16 values ([`Left`],
+    /// [`PairTmul`]): [`PAIR_ROWS`] where they fit [`PAIR_READ_BYTES`], and at least a
+    /// streamed block. The accumulators are read and written once per read, 256/rows
+    /// bytes per element of Δ.
+    fn pair_read_rows(&self) -> usize {
+        PAIR_ROWS
+            .min(PAIR_READ_BYTES / (2 * self.src.ncols()).max(1))
+            .max(self.block_rows)
     }
 
     /// A pair product met a value that is not finite (or no rows): every later product
@@ -839,12 +843,9 @@ impl RowProduct {
             RowKind::Faer { xt, yt, dot, range } => {
                 let dot = dot.expect("pairs are taken by the dot products");
                 let range = range.get_or_insert_with(|| PairRange::new(dot, xt.transpose()));
-                let (l, n) = (xt.nrows(), xt.ncols());
-                let rows = base.len() / (2 * n).max(1);
-                let mut y = vec![0f32; rows * l];
-                range.rows(base, ft, &mut y);
-                for (i, yr) in y.chunks_exact(l).enumerate() {
-                    for (c, &v) in yr.iter().enumerate() {
+                let y = range.rows(base, ft);
+                for (i, yr) in y.chunks_exact(super::pair_fma::RANGE_WIDTH).enumerate() {
+                    for (c, &v) in yr[..xt.nrows()].iter().enumerate() {
                         yt[(c, r0 + i)] = v;
                     }
                 }
