@@ -39,9 +39,10 @@
 //! to hold (see [`crate::lowrank::LowRankOptions::dense_budget_bytes`]), it is never
 //! materialized: each product streams row blocks of Δ decoded from the stored bytes, at
 //! the cost of one read of the tensor per product (2q + 2 reads; the residual of the
-//! stored factors is then derived from the sketch, `extract::derived_stored_residual`,
-//! not measured by one more read); a held Δ is read once, in the product
-//! precision, into a buffer each worker thread reuses from tensor to tensor.
+//! stored factors is derived from the sketch, `extract::derived_stored_residual`, not
+//! measured by one more read, unless the derivation would cancel); a held Δ is read
+//! once, in the product precision, into a buffer each worker thread reuses from tensor
+//! to tensor.
 //!
 //! When l reaches min(m, n) the randomized method buys nothing and the exact thin SVD of
 //! Δ is computed instead.
