@@ -326,33 +326,53 @@ pub fn decode_f64(d: DType, bytes: &[u8], out: &mut [f64]) {
 /// and non-finite values go to `half`.
 #[inline]
 pub fn bf16_from_f64(v: f64) -> half::bf16 {
+    match bf16_normal(v) {
+        // Exact in f32: 8 significant bits in its normal range.
+        Some(r) => half::bf16::from_bits(((r as f32).to_bits() >> 16) as u16),
+        None => half::bf16::from_f64(v),
+    }
+}
+
+/// `v` rounded to the nearest bf16 and back: `bf16_from_f64(v).to_f64()`, without the
+/// trip through the 16-bit value in f32's normal range.
+#[inline]
+pub fn round_bf16(v: f64) -> f64 {
+    bf16_normal(v).unwrap_or_else(|| half::bf16::from_f64(v).to_f64())
+}
+
+/// The nearest bf16 to `v` (ties to even) as an f64, when `v` is in f32's normal range
+/// with room for rounding up.
+#[inline]
+fn bf16_normal(v: f64) -> Option<f64> {
     let a = v.abs();
     // Below bf16's largest finite value (3.39e38) with room for rounding up.
     if !(a >= f32::MIN_POSITIVE as f64 && a < 3.0e38) {
-        return half::bf16::from_f64(v);
+        return None;
     }
     // bf16 keeps 7 of f64's 52 significand bits: drop 45, to nearest even.
     const DROP: u32 = 45;
     let bits = v.to_bits();
     let r = (bits + (1 << (DROP - 1)) - 1 + ((bits >> DROP) & 1)) & !((1u64 << DROP) - 1);
-    // Exact in f32: 8 significant bits in its normal range.
-    half::bf16::from_bits(((f64::from_bits(r) as f32).to_bits() >> 16) as u16)
+    Some(f64::from_bits(r))
 }
 
 /// Little-endian bytes of `values` stored as `dtype`, rounded to nearest even; `None`
 /// for a dtype weightdiff never writes (integers, booleans, FP8).
 pub fn encode(dtype: DType, values: &[f64]) -> Option<Vec<u8>> {
-    let mut out = Vec::with_capacity(values.len() * dtype.size());
-    for &v in values {
-        match dtype {
-            DType::BF16 => out.extend_from_slice(&bf16_from_f64(v).to_le_bytes()),
-            DType::F16 => out.extend_from_slice(&half::f16::from_f64(v).to_le_bytes()),
-            DType::F32 => out.extend_from_slice(&(v as f32).to_le_bytes()),
-            DType::F64 => out.extend_from_slice(&v.to_le_bytes()),
-            _ => return None,
+    fn each<const N: usize>(values: &[f64], f: impl Fn(f64) -> [u8; N]) -> Vec<u8> {
+        let mut out = vec![0u8; values.len() * N];
+        for (o, &v) in out.chunks_exact_mut(N).zip(values) {
+            o.copy_from_slice(&f(v));
         }
+        out
     }
-    Some(out)
+    Some(match dtype {
+        DType::BF16 => each(values, |v| bf16_from_f64(v).to_le_bytes()),
+        DType::F16 => each(values, |v| half::f16::from_f64(v).to_le_bytes()),
+        DType::F32 => each(values, |v| (v as f32).to_le_bytes()),
+        DType::F64 => each(values, |v| v.to_le_bytes()),
+        _ => return None,
+    })
 }
 
 #[cfg(test)]
@@ -412,6 +432,7 @@ mod tests {
         }
         for v in values {
             let got = bf16_from_f64(v).to_f64();
+            assert_eq!(round_bf16(v).to_bits(), got.to_bits(), "{v:e}");
             let normal = v.abs() >= f32::MIN_POSITIVE as f64 && v.abs() < 3.0e38;
             let want = if normal {
                 nearest_bf16(v)

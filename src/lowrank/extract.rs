@@ -86,7 +86,7 @@ pub fn choose_rank(s: &[f64], frob2: f64, rule: RankRule, max_rank: Option<usize
 /// Rounds a value to `dtype` and back (the value the adapter file will hold).
 pub fn round_to(dtype: DType, v: f64) -> f64 {
     match dtype {
-        DType::BF16 => crate::checkpoint::dtype::bf16_from_f64(v).to_f64(),
+        DType::BF16 => crate::checkpoint::dtype::round_bf16(v),
         DType::F16 => half::f16::from_f64(v).to_f64(),
         DType::F32 => v as f32 as f64,
         _ => v,
@@ -119,8 +119,8 @@ pub fn factors(
         }
     }
     let residual = super::residual(&d.s, k, d.frob2);
-    let bq: Vec<f64> = b.iter().map(|&x| round_to(target.dtype, x)).collect();
-    let aq: Vec<f64> = a.iter().map(|&x| round_to(target.dtype, x)).collect();
+    let round = |v: &[f64]| -> Vec<f64> { v.iter().map(|&x| round_to(target.dtype, x)).collect() };
+    let (bq, aq) = (round(&b), round(&a));
     let kept: f64 = d.s.iter().take(k).map(|x| x * x).sum();
     let derivable = d.frob2 > 0.0 && (d.frob2 - kept) >= DERIVED_MIN_RESIDUAL2 * d.frob2;
     let residual_stored = if derivable {
