@@ -2,7 +2,9 @@
 //! sides' stored values, for CPUs with AVX-512 but without AMX tiles ([`super::tiles`]
 //! does the same there): the products with Δᵀ (B = QᵀΔ, and the ΔᵀQ of power
 //! iterations) in f32 with FMAs ([`PairTmul`]), and the range sketch Y = ΔX in bf16 with
-//! f32 sums where the CPU has AVX-512 BF16 ([`PairRange`]).
+//! f32 sums where the CPU has AVX-512 BF16 ([`PairRange`]). Both also take Δ in f32 (a
+//! held Δ); `lowrank::rsvd` uses the range sketch there, faer's ΔᵀQ being as fast as
+//! [`PairTmul`] on an f32 Δ (`examples/sketch_rate`).
 //!
 //! The f32 path decodes each row block of Δ into an f32 buffer
 //! (`kernels::fast::delta_f32`, 9 % of the CPU time of a `compare` of the 32B-shaped pair on
@@ -122,7 +124,38 @@ impl PairTmul {
         // SAFETY: an `Fma` (required by `new`) proves the CPU has AVX-512; the lengths
         // of every slice the kernel reads and writes were checked above and in `new`.
         unsafe {
-            add_rows_avx512(base, ft, n, q, self.lp, &mut self.zt)
+            add_rows_avx512::<true>(
+                base.as_ptr(),
+                ft.as_ptr(),
+                rows,
+                n,
+                q,
+                self.lp,
+                &mut self.zt,
+            )
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        unreachable!("no Fma off x86_64: {q:?}");
+    }
+
+    /// Adds the rows `r0..` of Δ given in f32 (row-major, whole rows): a held Δ.
+    pub fn add_f32_rows(&mut self, r0: usize, delta: &[f32]) {
+        let n = self.n;
+        assert_eq!(delta.len() % n, 0, "whole rows of {n} values");
+        let rows = delta.len() / n;
+        let q = &self.q[r0 * self.lp..(r0 + rows) * self.lp];
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as in `add_rows`; `delta` holds rows × n f32 values.
+        unsafe {
+            add_rows_avx512::<false>(
+                std::ptr::null(),
+                delta.as_ptr().cast(),
+                rows,
+                n,
+                q,
+                self.lp,
+                &mut self.zt,
+            )
         };
         #[cfg(not(target_arch = "x86_64"))]
         unreachable!("no Fma off x86_64: {q:?}");
@@ -196,25 +229,82 @@ impl PairRange {
         // SAFETY: a `Bf16Dot` (required by `new`) proves the CPU's features; the slices'
         // lengths were checked above and in `new`.
         unsafe {
-            range_rows_avx512(base, ft, n, &self.x, &mut y)
+            range_rows_avx512::<true>(base.as_ptr(), ft.as_ptr(), rows, n, &self.x, &mut y)
+        };
+        y
+    }
+
+    /// The same for rows of Δ given in f32 (row-major, whole rows: a held Δ), rounded
+    /// to bf16 as the stored pair's are.
+    pub fn rows_f32(&self, delta: &[f32]) -> Vec<f32> {
+        let n = self.n;
+        assert_eq!(delta.len() % n, 0, "whole rows of {n} values");
+        let rows = delta.len() / n;
+        let mut y = vec![0f32; rows * RANGE_WIDTH];
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as in `rows`; `delta` holds rows × n f32 values.
+        unsafe {
+            range_rows_avx512::<false>(
+                std::ptr::null(),
+                delta.as_ptr().cast(),
+                rows,
+                n,
+                &self.x,
+                &mut y,
+            )
         };
         y
     }
 }
 
-/// y(i, c) = Σ_j bf16(F(i, j) − A(i, j))·x(j, c) for the rows of `base` (A) and `ft` (F),
-/// x in [`PairRange`]'s layout; `y` rows × 32.
+/// 16 values of Δ from element `at` on: F − A of two rows of bf16 (`PAIR`; `a`, `f`
+/// their bytes), or the f32 values at `f` (`a` unused).
 ///
 /// # Safety
-/// The CPU must have the features enabled here; `base` and `ft` hold whole rows of n
-/// bf16 values, n a multiple of 32, `x` n × 32 values and `y` rows × 32.
+/// The CPU must have the features enabled here; elements at..at + 16 exist.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+#[inline]
+unsafe fn delta16<const PAIR: bool>(
+    a: *const u8,
+    f: *const u8,
+    at: usize,
+) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    // SAFETY: the caller's.
+    unsafe {
+        if PAIR {
+            let (fr, ar) = (
+                _mm256_loadu_si256(f.add(2 * at).cast()),
+                _mm256_loadu_si256(a.add(2 * at).cast()),
+            );
+            _mm512_sub_ps(widen(fr), widen(ar))
+        } else {
+            _mm512_loadu_ps(f.cast::<f32>().add(at))
+        }
+    }
+}
+
+/// y(i, c) = Σ_j bf16(Δ(i, j))·x(j, c) for `rows` rows of Δ ([`delta16`]: F − A of the
+/// bf16 rows at `a` and `f` when `PAIR`, else the f32 rows at `f`), x in [`PairRange`]'s
+/// layout; `y` rows × 32.
+///
+/// # Safety
+/// The CPU must have the features enabled here; `a` and `f` hold `rows` whole rows of n
+/// values, n a multiple of 32, `x` n × 32 values and `y` rows × 32.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c,avx512bf16")]
-unsafe fn range_rows_avx512(base: &[u8], ft: &[u8], n: usize, x: &[u16], y: &mut [f32]) {
+unsafe fn range_rows_avx512<const PAIR: bool>(
+    a: *const u8,
+    f: *const u8,
+    rows: usize,
+    n: usize,
+    x: &[u16],
+    y: &mut [f32],
+) {
     use std::arch::x86_64::*;
-    let rows = base.len() / (2 * n);
     debug_assert!(x.len() == n * RANGE_WIDTH && y.len() == rows * RANGE_WIDTH);
-    let (a, f, xp, yp) = (base.as_ptr(), ft.as_ptr(), x.as_ptr(), y.as_mut_ptr());
+    let (xp, yp) = (x.as_ptr(), y.as_mut_ptr());
     // bf16(Δ) of up to RANGE_ROWS rows × RANGE_COLS columns, as pairs (u32).
     let mut tile = [0u32; RANGE_ROWS * RANGE_COLS / 2];
     for j0 in (0..n).step_by(RANGE_COLS) {
@@ -225,17 +315,9 @@ unsafe fn range_rows_avx512(base: &[u8], ft: &[u8], n: usize, x: &[u16], y: &mut
             // SAFETY (pointer arithmetic below): i0 + r < rows, j0 + j + 32 ≤ n.
             for r in 0..k {
                 for j in (0..cols).step_by(2 * W) {
-                    let at = ((i0 + r) * n + j0 + j) * 2;
-                    let (f0, f1, a0, a1) = unsafe {
-                        (
-                            _mm256_loadu_si256(f.add(at).cast()),
-                            _mm256_loadu_si256(f.add(at + 32).cast()),
-                            _mm256_loadu_si256(a.add(at).cast()),
-                            _mm256_loadu_si256(a.add(at + 32).cast()),
-                        )
-                    };
-                    let d0 = _mm512_sub_ps(widen(f0), widen(a0));
-                    let d1 = _mm512_sub_ps(widen(f1), widen(a1));
+                    let at = (i0 + r) * n + j0 + j;
+                    let (d0, d1) =
+                        unsafe { (delta16::<PAIR>(a, f, at), delta16::<PAIR>(a, f, at + W)) };
                     // Element e < 16 from d0 (column j + e), the rest from d1: columns in
                     // order, so each 32-bit lane holds the pair (j + 2p, j + 2p + 1).
                     // SAFETY: both are 512 bits of plain data.
@@ -328,20 +410,28 @@ fn widen(x: std::arch::x86_64::__m256i) -> std::arch::x86_64::__m512 {
     _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(x)))
 }
 
-/// zt[c][j] += Σ_r q[r][c]·(F[r][j] − A[r][j]) over the rows of `base` (A) and `ft` (F),
-/// for the lp columns c of `q` (rows of lp values) and the n columns j.
+/// zt[c][j] += Σ_r q[r][c]·Δ[r][j] over `rows` rows of Δ ([`delta16`]: F − A of the
+/// bf16 rows at `a` and `f` when `PAIR`, else the f32 rows at `f`), for the lp columns c
+/// of `q` (rows of lp values) and the n columns j.
 ///
 /// # Safety
-/// The CPU must have the features enabled here; `base` and `ft` hold whole rows of n
-/// bf16 values, `q` lp values per row of them, `zt` lp × n values; n and lp are multiples
-/// of [`W`].
+/// The CPU must have the features enabled here; `a` and `f` hold `rows` whole rows of n
+/// values, `q` lp values per row of them, `zt` lp × n values; n and lp are multiples of
+/// [`W`].
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-unsafe fn add_rows_avx512(base: &[u8], ft: &[u8], n: usize, q: &[f32], lp: usize, zt: &mut [f32]) {
+unsafe fn add_rows_avx512<const PAIR: bool>(
+    a: *const u8,
+    f: *const u8,
+    rows: usize,
+    n: usize,
+    q: &[f32],
+    lp: usize,
+    zt: &mut [f32],
+) {
     use std::arch::x86_64::*;
-    let rows = base.len() / (2 * n);
     debug_assert!(q.len() == rows * lp && zt.len() == lp * n);
-    let (a, f, q, z) = (base.as_ptr(), ft.as_ptr(), q.as_ptr(), zt.as_mut_ptr());
+    let (q, z) = (q.as_ptr(), zt.as_mut_ptr());
     for g in (0..lp).step_by(W) {
         // Consecutive strips of 16 columns share the rows' cache lines: the second half
         // of each line is read while the block's rows are still in L1.
@@ -352,14 +442,7 @@ unsafe fn add_rows_avx512(base: &[u8], ft: &[u8], n: usize, q: &[f32], lp: usize
                 *acc = unsafe { _mm512_loadu_ps(z.add((g + c) * n + j)) };
             }
             for r in 0..rows {
-                let at = (r * n + j) * 2;
-                let (fr, ar) = unsafe {
-                    (
-                        _mm256_loadu_si256(f.add(at).cast()),
-                        _mm256_loadu_si256(a.add(at).cast()),
-                    )
-                };
-                let d = _mm512_sub_ps(widen(fr), widen(ar));
+                let d = unsafe { delta16::<PAIR>(a, f, r * n + j) };
                 let qr = unsafe { q.add(r * lp + g) };
                 for (c, acc) in acc.iter_mut().enumerate() {
                     *acc = _mm512_fmadd_ps(d, _mm512_set1_ps(unsafe { *qr.add(c) }), *acc);
@@ -400,6 +483,16 @@ mod tests {
         p.add_rows(0, &ab[..split], &fb[..split]);
         p.add_rows(20, &ab[split..], &fb[split..]);
         let z = p.finish().expect("finite");
+        // The same Δ given in f32 (a held Δ) gives the same bits.
+        let delta: Vec<f32> = f
+            .iter()
+            .zip(&a)
+            .map(|(f, a)| f.to_f32() - a.to_f32())
+            .collect();
+        let mut p = PairTmul::new(fma, q.as_ref(), n);
+        p.add_f32_rows(0, &delta[..20 * n]);
+        p.add_f32_rows(20, &delta[20 * n..]);
+        assert_eq!(p.finish().expect("finite"), z);
         for j in 0..n {
             for c in 0..l {
                 let want: f64 = (0..m)
@@ -426,6 +519,12 @@ mod tests {
             let x = Mat::<f64>::from_fn(n2, l, |_, _| next());
             let r = PairRange::new(dot, x.as_ref());
             let y = r.rows(&bytes(&a2), &bytes(&f2));
+            let delta: Vec<f32> = f2
+                .iter()
+                .zip(&a2)
+                .map(|(f, a)| f.to_f32() - a.to_f32())
+                .collect();
+            assert_eq!(r.rows_f32(&delta), y);
             let bf = |v: f64| half::bf16::from_f64(v).to_f64();
             for i in 0..25 {
                 for c in 0..l {

@@ -29,7 +29,8 @@
 //! so the identity holds for Q′. Without the tiles, on AVX-512, those products with Δᵀ run in
 //! f32 from the two sides' stored values instead of a decoded f32 copy of Δ (the same Δ,
 //! the f32 products' precision), and with AVX-512 BF16 the range sketch of width ≤ 32 in
-//! bf16 with f32 sums, as on the tiles ([`super::pair_fma`]). The small dense steps — the QR of Y (m × l), the SVD
+//! bf16 with f32 sums, as on the tiles ([`super::pair_fma`]); that range sketch also
+//! runs on a held f32 Δ whose source allows bf16 ([`DeltaRows::bf16_products`]). The small dense steps — the QR of Y (m × l), the SVD
 //! of B (l × n) — always run in f64; they cost O((m + n)·l²), nothing next to the products when they run at
 //! the matmul rate: the QRs are CholeskyQR2 and the SVDs of tall sketches the SVD of
 //! their l × l R (`cholesky_qr`, `tall_svd`), Householder only where Y is too
@@ -47,7 +48,7 @@
 //! When l reaches min(m, n) the randomized method buys nothing and the exact thin SVD of
 //! Δ is computed instead.
 
-use super::pair_fma::{Bf16Dot, Fma, PairRange, PairTmul};
+use super::pair_fma::{Bf16Dot, Fma, PairRange, PairTmul, RANGE_WIDTH};
 use super::tiles::{Left, Right, Tiles};
 use super::{Cancel, DeltaRows, LowRankOptions, for_each_row_block};
 use crate::error::Result;
@@ -402,7 +403,13 @@ impl<'a> Operator<'a> {
             false => (None, None),
         };
         match (self.held.as_ref(), self.products) {
-            (Some(Held::F32(b)), _) => Ok(held_mul::<f32>(b, self.src, x)),
+            (Some(Held::F32(b)), _) => match dot.and_then(|d| held_range_dot(d, b, x)) {
+                Some(y) => {
+                    self.tiles_used = true;
+                    Ok(y)
+                }
+                None => Ok(held_mul::<f32>(b, self.src, x)),
+            },
             (Some(Held::F64(b)), _) => Ok(held_mul::<f64>(b, self.src, x)),
             (None, Products::F64) => self.streamed_mul::<f64>(x),
             (None, _) => {
@@ -658,6 +665,24 @@ fn held_mul<T: Real>(buf: &[T], src: &dyn DeltaRows, x: MatRef<'_, f64>) -> Mat<
 fn held_tmul<T: Real>(buf: &[T], src: &dyn DeltaRows, q: MatRef<'_, f64>) -> Mat<f64> {
     let d = MatRef::from_row_major_slice(buf, src.nrows(), src.ncols());
     widen((d.transpose() * cast::<T>(q)).as_ref())
+}
+
+/// The range sketch Δx of a held f32 Δ (m × n) by [`PairRange`]'s bf16 dot products, Δ
+/// rounded to bf16 as for a streamed pair (0.19–0.24 ns per element against faer's 0.29
+/// at width 32 on the AMD EPYC of BENCHMARKS.md, `examples/sketch_rate`); `None` when
+/// the shapes do not suit it or a value is not finite.
+fn held_range_dot(dot: Bf16Dot, buf: &[f32], x: MatRef<'_, f64>) -> Option<Mat<f64>> {
+    let (n, l) = (x.nrows(), x.ncols());
+    let m = buf.len() / n.max(1);
+    if !PairRange::takes(n, l) || m * n != buf.len() {
+        return None;
+    }
+    // All rows in one call: whole groups of `RANGE_ROWS` (chunks of 21 rows measured
+    // 1.4x slower for n = 3072, `examples/sketch_rate`).
+    let y = PairRange::new(dot, x).rows_f32(buf);
+    y.iter()
+        .all(|v| v.is_finite())
+        .then(|| Mat::from_fn(m, l, |i, c| y[i * RANGE_WIDTH + c] as f64))
 }
 
 /// An orthonormal basis of the columns of a tall `y` (m × l, m ≥ l): its Q of `y = QR`.

@@ -215,20 +215,22 @@ fn extraction_reconstructs_to_the_storage_noise() {
             opts.lowrank.dense_budget_bytes = b;
         }
         let c = run(&pair, &opts);
-        check_bf16_extraction(&c, tiles && budget.is_some());
+        check_bf16_extraction(&c, tiles);
     }
 }
 
-/// The precision the products of a streamed (or not) Δ of a bf16 pair with n columns
-/// ran in: on tiles when allowed and this CPU has them (so CI on such a CPU runs that
-/// path), the products with Δᵀ too when the rows are whole tiles; without tiles, the
-/// range sketch by AVX-512 BF16 dot products where the CPU has them; else all in f32.
-fn bf16_products(tiles_streamed: bool, n: usize) -> weightdiff::lowrank::rsvd::Precision {
-    use weightdiff::lowrank::{pair_fma, tiles};
-    if !tiles_streamed {
+/// The precision the products of a Δ of a bf16 pair with n columns ran in, `held` or
+/// streamed, with `tiles` allowed ([`LowRankOptions::tiles`]): a streamed Δ on tiles when
+/// this CPU has them (so CI on such a CPU runs that path), the products with Δᵀ too when
+/// the rows are whole tiles; without tiles, the range sketch of a streamed or held Δ by
+/// AVX-512 BF16 dot products where the CPU has them; else all in f32.
+fn bf16_products(tiles: bool, held: bool, n: usize) -> weightdiff::lowrank::rsvd::Precision {
+    use weightdiff::lowrank::{pair_fma, tiles::Tiles};
+    // On an AMX host a held Δ stays on faer.
+    if !tiles || (held && Tiles::get().is_some()) {
         Precision::F32
-    } else if tiles::Tiles::get().is_some() {
-        if tiles::Left::takes(n) {
+    } else if Tiles::get().is_some() {
+        if weightdiff::lowrank::tiles::Left::takes(n) {
             Precision::Bf16Pair
         } else {
             Precision::F32Bf16Sketch
@@ -277,7 +279,7 @@ fn check_bf16_extraction(c: &weightdiff::comparison::Comparison, tiles: bool) {
         let method = if s.method == Method::Exact {
             Precision::F64
         } else {
-            bf16_products(tiles, s.shape[1])
+            bf16_products(tiles, s.path == DeltaPath::InMemory, s.shape[1])
         };
         assert_eq!(s.products, method, "{}", e.module);
     }
@@ -435,8 +437,9 @@ fn derived_as_measured(pair: &BuiltPair, rank: usize, tiles: bool, tol: f64, ref
             );
             assert!(f.residual_stored >= f.residual, "{}", e.module);
         }
-        assert_eq!(s.products, bf16_products(tiles, s.shape[1]), "{}", x.module);
-        assert_eq!(sh.products, Precision::F32, "{}", x.module);
+        let n = s.shape[1];
+        assert_eq!(s.products, bf16_products(tiles, false, n), "{}", x.module);
+        assert_eq!(sh.products, bf16_products(tiles, true, n), "{}", x.module);
         // A held Δ is read once. A streamed one's passes come in pairs (Y and B, then two
         // per power iteration), and a refinement adds one (ΔV): a residual pass would
         // change the parity.
@@ -790,7 +793,7 @@ fn an_infinite_weight_sends_its_tensor_back_to_f32_products() {
         .iter()
         .find(|(n, _)| n == "model.layers.0.self_attn.k_proj.weight")
         .unwrap();
-    assert_eq!(other.products, bf16_products(true, other.shape[1]));
+    assert_eq!(other.products, bf16_products(true, false, other.shape[1]));
     during_equals_after(&pair, &streamed);
 }
 
