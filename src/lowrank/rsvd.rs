@@ -30,11 +30,16 @@
 //! f32 from the two sides' stored values instead of a decoded f32 copy of Δ (the same Δ,
 //! the f32 products' precision), and with AVX-512 BF16 the range sketch of width ≤ 32 in
 //! bf16 with f32 sums, as on the tiles ([`super::pair_fma`]); that range sketch also
-//! runs on a held f32 Δ whose source allows bf16 ([`DeltaRows::bf16_products`]). The small dense steps — the QR of Y (m × l), the SVD
-//! of B (l × n) — always run in f64; they cost O((m + n)·l²), nothing next to the products when they run at
-//! the matmul rate: the QRs are CholeskyQR2 and the SVDs of tall sketches the SVD of
-//! their l × l R (`cholesky_qr`, `tall_svd`), Householder only where Y is too
-//! ill-conditioned for the Gram matrix.
+//! runs on a held f32 Δ whose source allows bf16 ([`DeltaRows::bf16_products`]).
+//!
+//! The small dense steps — the QR of Y (m × l), the SVD of B (l × n) — always run in
+//! f64. They cost O((m + n)·l²) against the products' O(m·n·l), but at f64's rate on
+//! thin matrices they were still about a sixth of the CPU time of a `compare` of the
+//! 0.6b all-linear pair (BENCHMARKS.md). The QRs are CholeskyQR2 and the SVDs of tall
+//! sketches the SVD of their l × l R (`cholesky_qr`, `tall_svd`), Householder only where
+//! Y is too ill-conditioned for the Gram matrix; with f32 products, a sketch with
+//! cond ≤ 10³ takes both from its Gram matrix's eigen-decomposition instead
+//! (`gram_svd`: 2.5x fewer flops, accurate to ~10⁻¹⁰ where the products leave ~10⁻⁷).
 //!
 //! Memory beyond Δ itself: Ω, Y, Z, Q, B and the factors, O((m + n)·l). When Δ is too large
 //! to hold (see [`crate::lowrank::LowRankOptions::dense_budget_bytes`]), it is never
@@ -349,6 +354,12 @@ impl<'a> Operator<'a> {
     /// Rows per block of a streamed Δ with n columns, as [`Self::new`] cuts them.
     pub fn rows_per_block(opts: &LowRankOptions, n: usize, products: Products) -> usize {
         (opts.block_bytes / (products.element_bytes() * n.max(1))).max(1)
+    }
+
+    /// Whether the small dense steps may take the Gram matrix's eigen-decomposition
+    /// ([`gram_svd`]): the products are f32 (or coarser).
+    fn gram(&self) -> bool {
+        !matches!(self.products, Products::F64)
     }
 
     /// The precision the products so far ran in.
@@ -685,12 +696,51 @@ fn held_range_dot(dot: Bf16Dot, buf: &[f32], x: MatRef<'_, f64>) -> Option<Mat<f
         .then(|| Mat::from_fn(m, l, |i, c| y[i * RANGE_WIDTH + c] as f64))
 }
 
-/// An orthonormal basis of the columns of a tall `y` (m × l, m ≥ l): its Q of `y = QR`.
-fn orthonormal(y: &Mat<f64>) -> Mat<f64> {
+/// An orthonormal basis of the columns of a tall `y` (m × l, m ≥ l): the U of
+/// [`gram_svd`] when `gram` allows it and Y is well conditioned, else the Q of `y = QR`.
+fn orthonormal(y: &Mat<f64>, gram: bool) -> Mat<f64> {
+    if let Some((u, ..)) = gram.then(|| gram_svd(y)).flatten() {
+        return u;
+    }
     match cholesky_qr(y) {
         Some((q, _)) => q,
         None => y.qr().compute_thin_Q(),
     }
+}
+
+/// [`gram_svd`] runs only where every singular value of Y is at least this fraction of
+/// the largest (cond(Y) ≤ 10³).
+const GRAM_MIN_RATIO: f64 = 1e-3;
+
+/// The thin SVD of a tall `y` (m × l) from its Gram matrix: G = YᵀY = V Λ Vᵀ (faer's
+/// symmetric eigensolver, l × l), S = Λ^½, U = Y·(V S⁻¹). One Gram product and one
+/// product with m rows, 4·m·l² flops, where [`tall_svd`]'s CholeskyQR2 and Q·U_R take
+/// 10·m·l² (0.23 against 0.54 ms for 3072 × 32 here). The eigenvalues carry an absolute
+/// error of ~u·λ₁, so sᵢ is off by ~u·(s₁/sᵢ)²/2 relative and U's columns are orthonormal
+/// to ~u·cond(Y)²: below 10⁻¹⁰ for cond(Y) ≤ 10³ ([`GRAM_MIN_RATIO`]), where the f32
+/// products Y came from ([`Products`]) leave ~10⁻⁷. So it serves only those; products in
+/// f64 (an f32 checkpoint's rounding is at that level) keep CholeskyQR2. `None` when Y
+/// is worse conditioned, empty, wider than tall or not finite.
+fn gram_svd(y: &Mat<f64>) -> Option<(Mat<f64>, Vec<f64>, Mat<f64>)> {
+    let l = y.ncols();
+    if y.nrows() < l || l == 0 {
+        return None;
+    }
+    let g = y.transpose() * y;
+    let evd = g.self_adjoint_eigen(faer::Side::Lower).ok()?;
+    // Non-decreasing: reversed, the largest first.
+    let lambda: Vec<f64> = evd.S().column_vector().iter().rev().copied().collect();
+    let (top, least) = (lambda[0], lambda[l - 1]);
+    if !(top.is_finite() && top > 0.0 && least >= GRAM_MIN_RATIO * GRAM_MIN_RATIO * top) {
+        return None;
+    }
+    let s: Vec<f64> = lambda.iter().map(|x| x.sqrt()).collect();
+    let ev = evd.U();
+    let v = Mat::from_fn(l, l, |i, j| ev[(i, l - 1 - j)]);
+    let scaled = Mat::from_fn(l, l, |i, j| v[(i, j)] / s[j]);
+    let u = y * &scaled;
+    let finite = u.col_iter().all(|c| c.iter().all(|x| x.is_finite()));
+    finite.then_some((u, s, v))
 }
 
 /// CholeskyQR2 (Fukaya, Nakatsukasa, Yanagisawa & Yamamoto, 2014): `y = QR` from the
@@ -747,10 +797,14 @@ fn cholesky_qr(y: &Mat<f64>) -> Option<(Mat<f64>, Mat<f64>)> {
     Some((q, r2 * r1))
 }
 
-/// The thin SVD of a tall `y` (m × l, m ≥ l): CholeskyQR2 and the SVD of the l × l R,
+/// The thin SVD of a tall `y` (m × l, m ≥ l): [`gram_svd`] when `gram` (products in
+/// f32) allows it and Y is well conditioned; else CholeskyQR2 and the SVD of the l × l R,
 /// y = Q R = (Q U_R) S V_Rᵀ, at O(m·l²) matmul flops instead of a bidiagonalization of
 /// all m rows; faer's thin SVD when [`cholesky_qr`] declines Y. Returns (U, s, V).
-fn tall_svd(name: &str, y: &Mat<f64>) -> Result<(Mat<f64>, Vec<f64>, Mat<f64>)> {
+fn tall_svd(name: &str, y: &Mat<f64>, gram: bool) -> Result<(Mat<f64>, Vec<f64>, Mat<f64>)> {
+    if let Some(usv) = gram.then(|| gram_svd(y)).flatten() {
+        return Ok(usv);
+    }
     let values = |s: faer::diag::DiagRef<'_, f64>| s.column_vector().iter().copied().collect();
     if let Some((q, r)) = cholesky_qr(y) {
         let svd = r.thin_svd().map_err(|e| svd_failed(name, e))?;
@@ -936,14 +990,14 @@ pub fn decompose(
         }
     };
     for _ in 0..power_iters {
-        let q = orthonormal(&y);
-        let z = orthonormal(&op.tmul_range(q.as_ref())?);
+        let q = orthonormal(&y, op.gram());
+        let z = orthonormal(&op.tmul_range(q.as_ref())?, op.gram());
         y = op.mul_range(z.as_ref())?;
     }
     // B = QᵀΔ = (ΔᵀQ)ᵀ
-    let (q, bt) = op.project(orthonormal(&y))?;
+    let (q, bt) = op.project(orthonormal(&y, op.gram()))?;
     // Bᵀ = X S Wᵀ (n × l, tall), so B = W S Xᵀ and Δ ≈ Q B = (Q W) S Xᵀ.
-    let (x, s, w) = tall_svd(name, &bt)?;
+    let (x, s, w) = tall_svd(name, &bt, op.gram())?;
     let (frob2, rounding_var_sum) = op.stats.expect("Δ was read");
     Ok(Decomposition {
         u: &q * &w,
@@ -976,7 +1030,7 @@ pub fn refine(
     let w = w.min(d.v.ncols());
     let vw = d.v.as_ref().subcols(0, w);
     let y = op.mul(vw)?;
-    let (u, s, w) = tall_svd(name, &y)?;
+    let (u, s, w) = tall_svd(name, &y, op.gram())?;
     Ok(Decomposition {
         u,
         s,
@@ -993,7 +1047,7 @@ pub fn refine(
 /// One more power iteration on a refined decomposition: V = qr(ΔᵀU), then
 /// [`refine`] with V (two products of the width of `d`).
 pub fn iterate(op: &mut Operator<'_>, name: &str, d: &Decomposition) -> Result<Decomposition> {
-    let v = orthonormal(&op.tmul_range(d.u.as_ref())?);
+    let v = orthonormal(&op.tmul_range(d.u.as_ref())?, op.gram());
     let seeded = Decomposition {
         u: Mat::zeros(0, 0),
         s: Vec::new(),
@@ -1267,7 +1321,7 @@ mod tests {
             let (q, r) = cholesky_qr(y).expect("well enough conditioned");
             assert!(ortho_err(&q) < 1e-13, "{}", ortho_err(&q));
             assert!((&q * &r - y).norm_max() < 1e-12 * y.norm_max());
-            let (u, s, v) = tall_svd("c", y).unwrap();
+            let (u, s, v) = tall_svd("c", y, false).unwrap();
             let us = Mat::<f64>::from_fn(m, l, |i, j| u[(i, j)] * s[j]);
             assert!((us * v.transpose() - y).norm_max() < 1e-12 * y.norm_max());
             assert!(s.windows(2).all(|w| w[0] >= w[1]));
@@ -1277,7 +1331,23 @@ mod tests {
         let b = Mat::<f64>::from_fn(8, l, |_, _| g.next());
         let low = &a * &b;
         assert!(cholesky_qr(&low).is_none());
-        assert!(ortho_err(&orthonormal(&low)) < 1e-12);
+        assert!(ortho_err(&orthonormal(&low, false)) < 1e-12);
+        assert!(ortho_err(&orthonormal(&low, true)) < 1e-12);
+        // From the Gram matrix: for cond(Y) ≤ 10³ the values of CholeskyQR2's SVD to
+        // u·cond², U orthonormal to the same; declined beyond (cond 10⁶ here) and for Δ
+        // of rank 8.
+        let mild = Mat::<f64>::from_fn(m, l, |i, j| x[(i, j)] * 10f64.powf(-2.0 * j as f64 / 23.0));
+        let (u, s, v) = gram_svd(&mild).expect("cond ~ 100");
+        let (_, s2, _) = tall_svd("c", &mild, false).unwrap();
+        assert!(ortho_err(&u) < 1e-10, "{}", ortho_err(&u));
+        assert!(ortho_err(&v) < 1e-13);
+        for (a, b) in s.iter().zip(&s2) {
+            assert!((a - b).abs() < 1e-10 * b, "{a} vs {b}");
+        }
+        let us = Mat::<f64>::from_fn(m, l, |i, j| u[(i, j)] * s[j]);
+        assert!((us * v.transpose() - &mild).norm_max() < 1e-10 * mild.norm_max());
+        assert!(gram_svd(&scaled).is_none());
+        assert!(gram_svd(&low).is_none());
     }
 
     #[test]
