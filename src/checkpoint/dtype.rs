@@ -340,20 +340,47 @@ pub fn round_bf16(v: f64) -> f64 {
     bf16_normal(v).unwrap_or_else(|| half::bf16::from_f64(v).to_f64())
 }
 
-/// The nearest bf16 to `v` (ties to even) as an f64, when `v` is in f32's normal range
-/// with room for rounding up.
+/// [`round_bf16`] of every value, in place. One branch-free pass that rounds the values
+/// in f32's normal range and leaves the others, then `half` for those (none, for the
+/// factors of a delta), so that the loop has no call in it.
+pub fn round_bf16_slice(values: &mut [f64]) {
+    let mut others = false;
+    for v in values.iter_mut() {
+        let normal = in_bf16_normal_range(*v);
+        others |= !normal;
+        *v = if normal { bf16_nearest(*v) } else { *v };
+    }
+    if others {
+        // Values rounded above are bf16 values already, which `half` returns unchanged.
+        for v in values.iter_mut().filter(|v| !in_bf16_normal_range(**v)) {
+            *v = half::bf16::from_f64(*v).to_f64();
+        }
+    }
+}
+
+/// Whether `v` is in f32's normal range with room for rounding up to bf16.
 #[inline]
-fn bf16_normal(v: f64) -> Option<f64> {
+fn in_bf16_normal_range(v: f64) -> bool {
     let a = v.abs();
     // Below bf16's largest finite value (3.39e38) with room for rounding up.
-    if !(a >= f32::MIN_POSITIVE as f64 && a < 3.0e38) {
-        return None;
-    }
+    a >= f32::MIN_POSITIVE as f64 && a < 3.0e38
+}
+
+/// The nearest bf16 to `v` (ties to even) as an f64, for `v` in that range.
+#[inline]
+fn bf16_nearest(v: f64) -> f64 {
     // bf16 keeps 7 of f64's 52 significand bits: drop 45, to nearest even.
     const DROP: u32 = 45;
     let bits = v.to_bits();
     let r = (bits + (1 << (DROP - 1)) - 1 + ((bits >> DROP) & 1)) & !((1u64 << DROP) - 1);
-    Some(f64::from_bits(r))
+    f64::from_bits(r)
+}
+
+/// The nearest bf16 to `v` (ties to even) as an f64, when `v` is in f32's normal range
+/// with room for rounding up.
+#[inline]
+fn bf16_normal(v: f64) -> Option<f64> {
+    in_bf16_normal_range(v).then(|| bf16_nearest(v))
 }
 
 /// Little-endian bytes of `values` stored as `dtype`, rounded to nearest even; `None`
@@ -367,7 +394,22 @@ pub fn encode(dtype: DType, values: &[f64]) -> Option<Vec<u8>> {
         out
     }
     Some(match dtype {
-        DType::BF16 => each(values, |v| bf16_from_f64(v).to_le_bytes()),
+        DType::BF16 => {
+            // As `round_bf16_slice`: a branch-free pass, then `half` for the rest.
+            let mut out = each(values, |v| {
+                // Exact in f32 (8 significant bits in its normal range); garbage for the
+                // values the second pass rewrites.
+                (((bf16_nearest(v) as f32).to_bits() >> 16) as u16).to_le_bytes()
+            });
+            if !values.iter().all(|&v| in_bf16_normal_range(v)) {
+                for (o, &v) in out.chunks_exact_mut(2).zip(values) {
+                    if !in_bf16_normal_range(v) {
+                        o.copy_from_slice(&half::bf16::from_f64(v).to_le_bytes());
+                    }
+                }
+            }
+            out
+        }
         DType::F16 => each(values, |v| half::f16::from_f64(v).to_le_bytes()),
         DType::F32 => each(values, |v| (v as f32).to_le_bytes()),
         DType::F64 => each(values, |v| v.to_le_bytes()),
@@ -430,9 +472,18 @@ mod tests {
             let halfway = v.to_bits() & !((1u64 << 45) - 1) | (1u64 << 44);
             values.extend([v, f64::from_bits(halfway), f64::from_bits(halfway | 1)]);
         }
-        for v in values {
+        let mut rounded = values.clone();
+        round_bf16_slice(&mut rounded);
+        let bytes = encode(DType::BF16, &values).unwrap();
+        for (i, &v) in values.iter().enumerate() {
             let got = bf16_from_f64(v).to_f64();
             assert_eq!(round_bf16(v).to_bits(), got.to_bits(), "{v:e}");
+            assert_eq!(rounded[i].to_bits(), got.to_bits(), "{v:e}");
+            assert_eq!(
+                bytes[2 * i..2 * i + 2],
+                bf16_from_f64(v).to_le_bytes(),
+                "{v:e}"
+            );
             let normal = v.abs() >= f32::MIN_POSITIVE as f64 && v.abs() < 3.0e38;
             let want = if normal {
                 nearest_bf16(v)

@@ -119,7 +119,14 @@ pub fn factors(
         }
     }
     let residual = super::residual(&d.s, k, d.frob2);
-    let round = |v: &[f64]| -> Vec<f64> { v.iter().map(|&x| round_to(target.dtype, x)).collect() };
+    let round = |v: &[f64]| -> Vec<f64> {
+        let mut r = v.to_vec();
+        match target.dtype {
+            DType::BF16 => crate::checkpoint::dtype::round_bf16_slice(&mut r),
+            dtype => r.iter_mut().for_each(|x| *x = round_to(dtype, *x)),
+        }
+        r
+    };
     let (bq, aq) = (round(&b), round(&a));
     let kept: f64 = d.s.iter().take(k).map(|x| x * x).sum();
     let derivable = d.frob2 > 0.0 && (d.frob2 - kept) >= DERIVED_MIN_RESIDUAL2 * d.frob2;
