@@ -366,13 +366,16 @@ fn in_bf16_normal_range(v: f64) -> bool {
     a >= f32::MIN_POSITIVE as f64 && a < 3.0e38
 }
 
-/// The nearest bf16 to `v` (ties to even) as an f64, for `v` in that range.
+/// The nearest bf16 to `v` (ties to even) as an f64, for `v` in that range; any bits
+/// for other values (the slice functions compute it for every value, branch-free).
 #[inline]
 fn bf16_nearest(v: f64) -> f64 {
-    // bf16 keeps 7 of f64's 52 significand bits: drop 45, to nearest even.
+    // bf16 keeps 7 of f64's 52 significand bits: drop 45, to nearest even. Wrapping: a
+    // NaN with a full payload would carry out of the sign bit.
     const DROP: u32 = 45;
     let bits = v.to_bits();
-    let r = (bits + (1 << (DROP - 1)) - 1 + ((bits >> DROP) & 1)) & !((1u64 << DROP) - 1);
+    let up = ((1u64 << (DROP - 1)) - 1).wrapping_add((bits >> DROP) & 1);
+    let r = bits.wrapping_add(up) & !((1u64 << DROP) - 1);
     f64::from_bits(r)
 }
 
@@ -456,6 +459,10 @@ mod tests {
             1e-45,
             f64::INFINITY,
             f64::NAN,
+            -f64::from_bits(u64::MAX >> 1),
+            f64::from_bits(u64::MAX),
+            2.999e38,
+            -2.999e38,
             f64::MIN_POSITIVE,
             65504.0,
             0.1,

@@ -129,11 +129,12 @@ pub fn factors(
     };
     let (bq, aq) = (round(&b), round(&a));
     let kept: f64 = d.s.iter().take(k).map(|x| x * x).sum();
-    let derivable = d.frob2 > 0.0 && (d.frob2 - kept) >= DERIVED_MIN_RESIDUAL2 * d.frob2;
-    let residual_stored = if derivable {
-        derived_stored_residual(d, k, &b, &a, &bq, &aq, rank, m, n)
-    } else {
-        stored_residual(op, &bq, &aq, rank, d.frob2)?
+    let derived = derivable(d.frob2, kept, target.dtype, m, n)
+        .then(|| derived_stored_residual(d, k, &b, &a, &bq, &aq, rank, m, n))
+        .flatten();
+    let residual_stored = match derived {
+        Some(r) => r,
+        None => stored_residual(op, &bq, &aq, rank, d.frob2)?,
     };
     Ok(Factors {
         rank,
@@ -151,14 +152,44 @@ pub fn factors(
 /// ‖R‖² = ‖Δ‖² − Σ_{i≤k} sᵢ² is at least this fraction of ‖Δ‖²: the sᵢ come from f32
 /// products whose rounding leaves an absolute error of ~3e-8·‖Δ‖² in Σ sᵢ² (measured on
 /// the test pairs), so below this the cancellation would cost more than ~1e-5 of the
-/// residual and the residual is measured by one more pass instead (16 products per
-/// element of Δ for rank 16, as many as a sketch). A full fine-tune (‖R‖² ≈ ‖Δ‖² at
-/// rank 16) and a merged LoRA over bf16 weights (‖R‖² the rounding noise, 0.4–0.7 % of
-/// ‖Δ‖² on the benchmark pairs) are derived; the derived residuals were within 6e-6 of
-/// the measured ones on all 196 matrices of the 0.6b pair and 1.1e-6 on the seven of
-/// the 32B-shaped one (BENCHMARKS.md). A LoRA large against its weights, whose rounding
-/// noise is a smaller part of Δ, is measured.
+/// residual; and only when the cross term it drops is small enough
+/// ([`DERIVED_MAX_DROPPED`]). Otherwise the residual is measured by one more pass (16
+/// products per element of Δ for rank 16, as many as a sketch).
+///
+/// A full fine-tune (‖R‖² ≈ ‖Δ‖² at rank 16) and a merged LoRA over bf16 weights of a
+/// model's size (‖R‖² the rounding noise, 0.4–0.7 % of ‖Δ‖² on the benchmark pairs) are
+/// derived: within 6e-6 of the measured residuals on all 196 matrices of the 0.6b pair
+/// and 1.1e-6 on the seven of a 32B-shaped one (BENCHMARKS.md). A LoRA large against its
+/// weights (its rounding noise a smaller part of Δ) and small matrices are measured.
 pub const DERIVED_MIN_RESIDUAL2: f64 = 2e-3;
+
+/// The largest estimated size, relative to ‖R‖², of the cross term that
+/// `derived_stored_residual` drops, ⟨BᵀR, δA⟩ or ⟨RÂᵀ, δB⟩: it pairs the factors'
+/// rounding errors (each ~c relative to its entry, c = 2^-mantissa/√12 of the storage
+/// dtype) with R, zero-mean over the m·n terms, so it is ~c·(‖P‖/‖R‖)/√(m·n) with
+/// ‖P‖² = ‖Δ‖² − ‖R‖². That estimate is conservative by about 10x: on rank-8 LoRAs of
+/// 64 × 128 matrices with ‖P‖/‖R‖ ≈ 13 it predicts 3e-4 where 2e-5 was measured, on the
+/// 0.6b pair's 1024-row matrices 3e-5 where ≤ 6e-6 was.
+pub const DERIVED_MAX_DROPPED: f64 = 1e-4;
+
+/// Whether the stored residual of factors in `dtype` of an m × n Δ with ‖Δ‖² = `frob2`
+/// and ‖P‖² = `kept` is derived rather than measured ([`DERIVED_MIN_RESIDUAL2`],
+/// [`DERIVED_MAX_DROPPED`]).
+pub fn derivable(frob2: f64, kept: f64, dtype: DType, m: usize, n: usize) -> bool {
+    let r2 = frob2 - kept;
+    if !(frob2 > 0.0 && r2 >= DERIVED_MIN_RESIDUAL2 * frob2) {
+        return false;
+    }
+    let mantissa = match dtype {
+        DType::BF16 => 7,
+        DType::F16 => 10,
+        DType::F32 => 23,
+        _ => 52,
+    };
+    let c = 2f64.powi(-mantissa) / 12f64.sqrt();
+    let dropped = c * (kept.max(0.0) / r2).sqrt() / ((m * n) as f64).sqrt();
+    dropped <= DERIVED_MAX_DROPPED
+}
 
 /// ‖Δ − B̂Â‖_F / ‖Δ‖_F for the stored (rounded) factors B̂ = B + δB, Â = A + δA,
 /// derived from what the sketch already computed instead of one more pass over Δ (a
@@ -179,8 +210,10 @@ pub const DERIVED_MIN_RESIDUAL2: f64 = 2e-3;
 ///   second-order ⟨R, δB·δA⟩ is left of the first. The other is dropped: it pairs the
 ///   rounding errors of the factors (zero-mean, ≤ ulp/2 per entry, uncorrelated with R)
 ///   with a part of Δ the sketch left out, so its size is ~‖R·Â ᵀ‖_F·ulp_B/√12 (or
-///   ‖BᵀR‖_F·ulp_A/√12), against ‖R‖² — below 1e-6 relative on the pairs of BENCHMARKS.md,
-///   and at most 2‖R‖_F·√s₁·max(‖δB‖_F, ‖δA‖_F) (Cauchy–Schwarz, ‖A‖₂ = ‖B‖₂ = √s₁).
+///   ‖BᵀR‖_F·ulp_A/√12), against ‖R‖² — the estimate of [`DERIVED_MAX_DROPPED`], at
+///   most 2‖R‖_F·√s₁·max(‖δB‖_F, ‖δA‖_F) (Cauchy–Schwarz, ‖A‖₂ = ‖B‖₂ = √s₁).
+///
+/// `None` (measure instead) when a stored factor or the correction is not finite.
 #[allow(clippy::too_many_arguments)]
 fn derived_stored_residual(
     d: &Decomposition,
@@ -192,9 +225,12 @@ fn derived_stored_residual(
     rank: usize,
     m: usize,
     n: usize,
-) -> f64 {
+) -> Option<f64> {
     if d.frob2 <= 0.0 {
-        return 0.0;
+        return Some(0.0);
+    }
+    if !bq.iter().chain(aq).all(|x| x.is_finite()) {
+        return None;
     }
     let kept: f64 = d.s.iter().take(k).map(|x| x * x).sum();
     let r2 = (d.frob2 - kept).max(0.0);
@@ -212,7 +248,9 @@ fn derived_stored_residual(
     let e2 = tr(db.transpose() * &db, aqm * aqm.transpose())
         + tr(bm.transpose() * bm, &da * da.transpose())
         + 2.0 * tr(bm.transpose() * &db, aqm * da.transpose());
-    ((r2 + e2.max(0.0)) / d.frob2).sqrt()
+    // NaN or inf (a factor beyond the dtype's range) is measured instead.
+    e2.is_finite()
+        .then(|| ((r2 + e2.max(0.0)) / d.frob2).sqrt())
 }
 
 /// ‖Δ − B·A‖_F / ‖Δ‖_F, from Δ in memory when the operator holds it, else streaming

@@ -258,7 +258,7 @@ impl PairRange {
 }
 
 /// 16 values of Δ from element `at` on: F − A of two rows of bf16 (`PAIR`; `a`, `f`
-/// their bytes), or the f32 values at `f` (`a` unused).
+/// their bytes), or the f32 values at `f` (`a` unused, never read).
 ///
 /// # Safety
 /// The CPU must have the features enabled here; elements at..at + 16 exist.
@@ -290,8 +290,9 @@ unsafe fn delta16<const PAIR: bool>(
 /// layout; `y` rows × 32.
 ///
 /// # Safety
-/// The CPU must have the features enabled here; `a` and `f` hold `rows` whole rows of n
-/// values, n a multiple of 32, `x` n × 32 values and `y` rows × 32.
+/// The CPU must have the features enabled here; `f` (and `a` when `PAIR`; else unused,
+/// may be null) hold `rows` whole rows of n values, n a multiple of 32, `x` n × 32
+/// values and `y` rows × 32.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c,avx512bf16")]
 unsafe fn range_rows_avx512<const PAIR: bool>(
@@ -415,9 +416,9 @@ fn widen(x: std::arch::x86_64::__m256i) -> std::arch::x86_64::__m512 {
 /// of `q` (rows of lp values) and the n columns j.
 ///
 /// # Safety
-/// The CPU must have the features enabled here; `a` and `f` hold `rows` whole rows of n
-/// values, `q` lp values per row of them, `zt` lp × n values; n and lp are multiples of
-/// [`W`].
+/// The CPU must have the features enabled here; `f` (and `a` when `PAIR`; else unused,
+/// may be null) hold `rows` whole rows of n values, `q` lp values per row of them, `zt`
+/// lp × n values; n and lp are multiples of [`W`].
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
 unsafe fn add_rows_avx512<const PAIR: bool>(

@@ -414,13 +414,15 @@ impl<'a> Operator<'a> {
             false => (None, None),
         };
         match (self.held.as_ref(), self.products) {
-            (Some(Held::F32(b)), _) => match dot.and_then(|d| held_range_dot(d, b, x)) {
-                Some(y) => {
-                    self.tiles_used = true;
-                    Ok(y)
+            (Some(Held::F32(b)), _) => {
+                match dot.and_then(|d| held_range_dot(d, b, self.src.nrows(), x)) {
+                    Some(y) => {
+                        self.tiles_used = true;
+                        Ok(y)
+                    }
+                    None => Ok(held_mul::<f32>(b, self.src, x)),
                 }
-                None => Ok(held_mul::<f32>(b, self.src, x)),
-            },
+            }
             (Some(Held::F64(b)), _) => Ok(held_mul::<f64>(b, self.src, x)),
             (None, Products::F64) => self.streamed_mul::<f64>(x),
             (None, _) => {
@@ -682,9 +684,8 @@ fn held_tmul<T: Real>(buf: &[T], src: &dyn DeltaRows, q: MatRef<'_, f64>) -> Mat
 /// rounded to bf16 as for a streamed pair (0.19–0.24 ns per element against faer's 0.29
 /// at width 32 on the AMD EPYC of BENCHMARKS.md, `examples/sketch_rate`); `None` when
 /// the shapes do not suit it or a value is not finite.
-fn held_range_dot(dot: Bf16Dot, buf: &[f32], x: MatRef<'_, f64>) -> Option<Mat<f64>> {
+fn held_range_dot(dot: Bf16Dot, buf: &[f32], m: usize, x: MatRef<'_, f64>) -> Option<Mat<f64>> {
     let (n, l) = (x.nrows(), x.ncols());
-    let m = buf.len() / n.max(1);
     if !PairRange::takes(n, l) || m * n != buf.len() {
         return None;
     }
