@@ -374,9 +374,7 @@ pub fn tensor_bytes(
     if finetuned {
         // Edits apply to the stored base, as a merge does on a loaded checkpoint: the
         // delta then carries one rounding (of the fine-tuned value), not two.
-        for v in &mut values {
-            *v = crate::lowrank::extract::round_to(spec.dtype, *v);
-        }
+        crate::lowrank::extract::round_slice(spec.dtype, &mut values);
         match edit_of(spec, name, kind) {
             Some(Edit::Lora { .. }) => {
                 let l = spec.lora.as_ref().expect("lora edit implies lora spec");

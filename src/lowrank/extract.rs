@@ -93,6 +93,15 @@ pub fn round_to(dtype: DType, v: f64) -> f64 {
     }
 }
 
+/// [`round_to`] of every value, in place; bf16 by its branch-free slice loop
+/// ([`crate::checkpoint::dtype::round_bf16_slice`], the same bits).
+pub fn round_slice(dtype: DType, values: &mut [f64]) {
+    match dtype {
+        DType::BF16 => crate::checkpoint::dtype::round_bf16_slice(values),
+        dtype => values.iter_mut().for_each(|x| *x = round_to(dtype, *x)),
+    }
+}
+
 /// Builds the factors for `target` and their stored residual against Δ (derived from the
 /// sketch, `derived_stored_residual`, or measured where that would cancel).
 pub fn factors(
@@ -121,16 +130,13 @@ pub fn factors(
     let residual = super::residual(&d.s, k, d.frob2);
     let round = |v: &[f64]| -> Vec<f64> {
         let mut r = v.to_vec();
-        match target.dtype {
-            DType::BF16 => crate::checkpoint::dtype::round_bf16_slice(&mut r),
-            dtype => r.iter_mut().for_each(|x| *x = round_to(dtype, *x)),
-        }
+        round_slice(target.dtype, &mut r);
         r
     };
     let (bq, aq) = (round(&b), round(&a));
     let kept: f64 = d.s.iter().take(k).map(|x| x * x).sum();
     let derived = derivable(d.frob2, kept, target.dtype, m, n)
-        .then(|| derived_stored_residual(d, k, &b, &a, &bq, &aq, rank, m, n))
+        .then(|| derived_stored_residual(d, kept, &b, &a, &bq, &aq, rank, m, n))
         .flatten();
     let residual_stored = match derived {
         Some(r) => r,
@@ -213,11 +219,12 @@ pub fn derivable(frob2: f64, kept: f64, dtype: DType, m: usize, n: usize) -> boo
 ///   ‖BᵀR‖_F·ulp_A/√12), against ‖R‖² — the estimate of [`DERIVED_MAX_DROPPED`], at
 ///   most 2‖R‖_F·√s₁·max(‖δB‖_F, ‖δA‖_F) (Cauchy–Schwarz, ‖A‖₂ = ‖B‖₂ = √s₁).
 ///
-/// `None` (measure instead) when a stored factor or the correction is not finite.
+/// `kept` is Σ_{i≤k} sᵢ². `None` (measure instead) when a stored factor or the correction
+/// is not finite.
 #[allow(clippy::too_many_arguments)]
 fn derived_stored_residual(
     d: &Decomposition,
-    k: usize,
+    kept: f64,
     b: &[f64],
     a: &[f64],
     bq: &[f64],
@@ -232,7 +239,6 @@ fn derived_stored_residual(
     if !bq.iter().chain(aq).all(|x| x.is_finite()) {
         return None;
     }
-    let kept: f64 = d.s.iter().take(k).map(|x| x * x).sum();
     let r2 = (d.frob2 - kept).max(0.0);
     // B, δB: m × rank row-major; A, δA: rank × n row-major.
     let bm = faer::MatRef::from_row_major_slice(b, m, rank);
