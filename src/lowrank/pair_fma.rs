@@ -433,10 +433,13 @@ unsafe fn add_rows_avx512<const PAIR: bool>(
     use std::arch::x86_64::*;
     debug_assert!(q.len() == rows * lp && zt.len() == lp * n);
     let (q, z) = (q.as_ptr(), zt.as_mut_ptr());
-    for g in (0..lp).step_by(W) {
-        // Consecutive strips of 16 columns share the rows' cache lines: the second half
-        // of each line is read while the block's rows are still in L1.
-        for j in (0..n).step_by(W) {
+    // Each strip of 16 columns of the block's rows (32 bytes of each side's rows) is read
+    // from wherever the block is once and stays in L1 for every group of Q's columns;
+    // the next strip reads the second half of the same cache lines. With the groups
+    // outside, a block larger than L2 (128 rows of 25 600 columns: 13 MB) was read once
+    // per group from L3 or memory (user time of a p32 `compare` −5 %, BENCHMARKS.md).
+    for j in (0..n).step_by(W) {
+        for g in (0..lp).step_by(W) {
             // SAFETY (all pointer arithmetic below): g + c < lp, j + 16 ≤ n, r < rows.
             let mut acc = [_mm512_setzero_ps(); W];
             for (c, acc) in acc.iter_mut().enumerate() {
