@@ -15,7 +15,7 @@
 //! (`nan_count`/`inf_count` count values in both tensors) and left out of every sum,
 //! of the max and of the changed count; means divide by the number of finite pairs.
 
-/// Compiles the kernel `$generic` twice more, with AVX2 (`$avx2`) and with AVX-512
+/// Compiles the kernel `$generic` twice more, with AVX2 and FMA (`$avx2`) and with AVX-512
 /// (`$avx512`) enabled, and defines `$simd`, which calls the widest copy the CPU runs
 /// (the scheme of [`fast`]'s module docs).
 macro_rules! simd_copies {
@@ -30,8 +30,10 @@ macro_rules! simd_copies {
                     // SAFETY: the CPU has the AVX-512 copy's features, checked just above.
                     return unsafe { $avx512($($arg),*) };
                 }
-                if std::arch::is_x86_feature_detected!("avx2") {
-                    // SAFETY: the CPU has AVX2, checked just above.
+                if std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+                {
+                    // SAFETY: the CPU has AVX2 and FMA, checked just above.
                     return unsafe { $avx2($($arg),*) };
                 }
             }
@@ -39,7 +41,7 @@ macro_rules! simd_copies {
         }
 
         #[cfg(target_arch = "x86_64")]
-        #[target_feature(enable = "avx2")]
+        #[target_feature(enable = "avx2,fma")]
         #[allow(clippy::too_many_arguments)]
         unsafe fn $avx2($($arg: $ty),*) -> $ret {
             $generic($($arg),*)
