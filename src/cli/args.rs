@@ -56,7 +56,7 @@ pub enum Command {
         after_help = "Examples:\n  weightdiff inspect ./Qwen3-0.6B\n  weightdiff inspect Qwen/Qwen3-0.6B@main --json"
     )]
     Inspect {
-        /// Model directory, .safetensors or .bin file, or hub id (ORG/NAME[@REVISION]).
+        /// Model directory, .safetensors or .bin file, or hub id (`ORG/NAME[@REVISION]`).
         model: PathBuf,
         /// Print JSON on stdout instead of a table.
         #[arg(long)]
@@ -99,7 +99,7 @@ pub enum Command {
 #[derive(Debug, Args)]
 pub struct CompareArgs {
     /// Base model: a Hugging Face directory, a .safetensors or pytorch_model.bin file,
-    /// or a hub id (ORG/NAME[@REVISION]) resolved through the Hugging Face cache.
+    /// or a hub id (`ORG/NAME[@REVISION]`) resolved through the Hugging Face cache.
     pub base: PathBuf,
     /// Fine-tuned model(s), given like the base. With several, each gets its own directory under the output
     /// directory, plus trajectory.json across them; each base tensor is read once.
