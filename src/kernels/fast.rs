@@ -116,6 +116,13 @@ pub(crate) fn avx512() -> bool {
         && std::arch::is_x86_feature_detected!("f16c")
 }
 
+/// Whether the AVX2 copies of the kernels can run (AVX2 and FMA: the copies add with a
+/// fused multiply-add, module docs).
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn avx2() -> bool {
+    std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+}
+
 /// Sums of a window of a tensor compared with itself (byte-identical pair): only Σa²
 /// and the non-finite counts need computing; every d-based sum is zero.
 pub fn identical(a: &[u8], da: DType) -> Accum {
@@ -647,9 +654,7 @@ mod tests {
             {
                 let mut copies = 0;
                 // SAFETY: each copy runs only where the CPU has its features.
-                if std::arch::is_x86_feature_detected!("avx2")
-                    && std::arch::is_x86_feature_detected!("fma")
-                {
+                if avx2() {
                     assert_eq!(
                         format!("{:?}", unsafe { diff_avx2(&ea, dt, &eb, dt, 1e-6) }),
                         want
@@ -713,9 +718,7 @@ mod tests {
                     usize,
                 ) -> (Accum, Vec<(f64, f64)>);
                 let mut copies: Vec<(Delta, Fused)> = Vec::new();
-                if std::arch::is_x86_feature_detected!("avx2")
-                    && std::arch::is_x86_feature_detected!("fma")
-                {
+                if avx2() {
                     copies.push((delta_f32_avx2, diff_delta_avx2));
                 }
                 if avx512() {

@@ -30,10 +30,8 @@ macro_rules! simd_copies {
                     // SAFETY: the CPU has the AVX-512 copy's features, checked just above.
                     return unsafe { $avx512($($arg),*) };
                 }
-                if std::arch::is_x86_feature_detected!("avx2")
-                    && std::arch::is_x86_feature_detected!("fma")
-                {
-                    // SAFETY: the CPU has AVX2 and FMA, checked just above.
+                if $crate::kernels::fast::avx2() {
+                    // SAFETY: the CPU has the AVX2 copy's features, checked just above.
                     return unsafe { $avx2($($arg),*) };
                 }
             }

@@ -437,7 +437,7 @@ unsafe fn add_rows_avx512<const PAIR: bool>(
     // from wherever the block is once and stays in L1 for every group of Q's columns;
     // the next strip reads the second half of the same cache lines. With the groups
     // outside, a block larger than L2 (128 rows of 25 600 columns: 13 MB) was read once
-    // per group from L3 or memory (user time of a p32 `compare` −5 %, BENCHMARKS.md).
+    // per group from L3 or memory (user time of a p32 `compare` −5 % on a Xeon, BENCHMARKS.md).
     for j in (0..n).step_by(W) {
         for g in (0..lp).step_by(W) {
             // SAFETY (all pointer arithmetic below): g + c < lp, j + 16 ≤ n, r < rows.
