@@ -23,8 +23,10 @@ pub const JOURNAL_FILE: &str = ".weightdiff-journal.jsonl";
 /// fsync (milliseconds on many filesystems) far from every tensor.
 pub const SYNC_EVERY: usize = 32;
 const VERSION: u32 = 1;
-/// The low-rank journal's format: 2 since its factors are stored in their own dtype.
-const LOWRANK_VERSION: u32 = 2;
+/// The low-rank journal's format: 2 since its factors are stored in their own dtype, 3
+/// since a screen's B may come from its first pass (`lowrank::rsvd::decompose`), which
+/// changes the last bits of the results an older journal holds.
+const LOWRANK_VERSION: u32 = 3;
 
 #[derive(Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
@@ -459,6 +461,7 @@ mod lowrank_tests {
             sketch_width: 2,
             power_iters: 0,
             reads: 1,
+            single_pass: false,
             time: 0.5,
         }
     }

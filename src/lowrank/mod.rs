@@ -9,7 +9,8 @@
 //! width l), so the width and the number of products set its cost. [`analyze`] first
 //! runs a narrow *screening* sketch: width l₁ = [`LowRankOptions::screen_rank`] +
 //! [`SCREEN_OVERSAMPLE`] (24 + 8), no power iterations, i.e. two products (Y = ΔΩ and
-//! B = QᵀΔ), and applies the rank rule of [`detect`] to its first `screen_rank` values.
+//! B = QᵀΔ, which for a streamed Δ with a well-conditioned Y come from one pass over it,
+//! [`rsvd`]), and applies the rank rule of [`detect`] to its first `screen_rank` values.
 //! The screen settles the tensor when a larger sketch could not change the verdict:
 //!
 //! - **a cliff was found** (rank r < `screen_rank`, σ_r/σ_{r+1} ≥ [`detect::MIN_GAP`]):
@@ -121,11 +122,12 @@ pub trait DeltaRows: Sync {
     }
     /// For a streamed [`Self::single_precision`] Δ: the first product of
     /// [`rsvd::decompose`], ΔΩ (m × l) for the Ω of width `l` it draws
-    /// ([`rsvd::RowProduct::omega`]), with (Σ Δ², Σ rounding variance), when the source
-    /// computed it already (the pipeline: from the windows the diff read, block by block
-    /// as the stage's own pass would, so the bits are the same). `None`: the stage
-    /// computes it.
-    fn sketched(&self, l: usize) -> Option<(faer::Mat<f64>, (f64, f64))> {
+    /// ([`rsvd::RowProduct::omega`]), and the cross product YᵀΔ when the first sketch
+    /// runs without power iterations ([`first_sketch`]), with (Σ Δ², Σ rounding
+    /// variance), when the source computed them already (the pipeline: from the windows
+    /// the diff read, block by block as the stage's own pass would, so the bits are the
+    /// same). `None`: the stage computes them.
+    fn sketched(&self, l: usize) -> Option<(rsvd::Sketch, (f64, f64))> {
         let _ = l;
         None
     }
@@ -338,6 +340,10 @@ pub struct TensorSpectrum {
     /// Passes over the tensor's stored bytes.
     #[serde(default)]
     pub reads: usize,
+    /// The screen's B = QᵀΔ came from the pass that computed Y = ΔΩ ([`rsvd::decompose`]),
+    /// not from a pass of its own.
+    #[serde(default)]
+    pub single_pass: bool,
     /// Seconds.
     pub time: f64,
 }
@@ -395,21 +401,23 @@ fn screens(opts: &LowRankOptions, full_k: usize, m: usize, n: usize) -> bool {
     k1 > 0 && k1 < full_k && k1 + SCREEN_OVERSAMPLE < m.min(n)
 }
 
-/// The width l of the first sketch [`analyze`] draws for an m × n Δ (its first product is
-/// ΔΩ with Ω of l columns, [`rsvd::RowProduct::omega`]), or `None` when it computes Δ's exact SVD.
-pub fn first_sketch_width(
+/// The first sketch [`analyze`] draws for an m × n Δ: its width l (the first product is
+/// ΔΩ with Ω of l columns, [`rsvd::RowProduct::omega`]) and whether it runs no power
+/// iterations, so that B comes from the same pass's YᵀΔ where Y allows it
+/// ([`rsvd::decompose`]); `None` when it computes Δ's exact SVD.
+pub fn first_sketch(
     opts: &LowRankOptions,
     extract: bool,
     m: usize,
     n: usize,
-) -> Option<usize> {
+) -> Option<(usize, bool)> {
     let full_k = full_rank(opts, extract);
-    let (k, oversample) = if screens(opts, full_k, m, n) {
-        (opts.screen_rank, SCREEN_OVERSAMPLE)
+    let (k, oversample, iters) = if screens(opts, full_k, m, n) {
+        (opts.screen_rank, SCREEN_OVERSAMPLE, 0)
     } else {
-        (full_k, opts.oversample)
+        (full_k, opts.oversample, opts.power_iters)
     };
-    rsvd::sketch_width(k, oversample, m, n)
+    rsvd::sketch_width(k, oversample, m, n).map(|l| (l, iters == 0))
 }
 
 pub fn analyze(
@@ -518,6 +526,7 @@ pub fn analyze(
         },
         power_iters: d.power_iters,
         reads: op.reads,
+        single_pass: op.single_pass,
         time: t0.elapsed().as_secs_f64(),
     };
     Ok((spectrum, factors))

@@ -8,6 +8,13 @@
 //!    step keeps small singular directions from drowning in rounding).
 //! 3. Q = qr(Y); B = QᵀΔ ∈ ℝ^{l×n}; B = Ũ S Vᵀ (exact thin SVD); U = QŨ.
 //!
+//! Without power iterations (the screen, [`super`]) a streamed Δ is read once, not twice:
+//! Q = Y·M for an l × l M, so B = MᵀYᵀΔ, and YᵀΔ = Σ_blocks Y_bᵀΔ_b is summed in the same
+//! pass as Y, each block of rows of Δ multiplied by its own rows of Y while still in
+//! cache (Yu, Gu, Li, Liu & Li, IJCAI 2017). That is the same B in exact arithmetic; its
+//! rounding error is cond(Y) times the second pass's, so it runs where cond(Y) ≤ 100
+//! ([`single_pass_b`]): a full fine-tune's sketch (cond ≈ 1), not a merged LoRA's.
+//!
 //! Δ ≈ U S Vᵀ, and for the rank-k truncation ‖Δ − U_k S_k V_kᵀ‖²_F = ‖Δ‖²_F − Σ_{i≤k} sᵢ²
 //! exactly (the projection is orthogonal), so residuals reported from ‖Δ‖_F and the
 //! computed sᵢ are the true residuals of the factors we write.
@@ -44,7 +51,8 @@
 //! Memory beyond Δ itself: Ω, Y, Z, Q, B and the factors, O((m + n)·l). When Δ is too large
 //! to hold (see [`crate::lowrank::LowRankOptions::dense_budget_bytes`]), it is never
 //! materialized: each product streams row blocks of Δ decoded from the stored bytes, at
-//! the cost of one read of the tensor per product (2q + 2 reads; the residual of the
+//! the cost of one read of the tensor per product (2q + 2 reads, 1 for a single-pass
+//! screen; the residual of the
 //! stored factors is derived from the sketch, `extract::derived_stored_residual`, not
 //! measured by one more read, unless the derivation would cancel); a held Δ is read
 //! once, in the product precision, into a buffer each worker thread reuses from tensor
@@ -225,6 +233,8 @@ pub struct Operator<'a> {
     cancel: Cancel<'a>,
     /// Passes over the stored bytes so far.
     pub reads: usize,
+    /// A decomposition took B from its first pass ([`decompose`]).
+    pub single_pass: bool,
     /// ‖Δ‖²_F and Σ rounding variance, known after the first pass.
     pub stats: Option<(f64, f64)>,
 }
@@ -303,6 +313,7 @@ impl<'a> Operator<'a> {
             block_rows: Self::rows_per_block(opts, n, products),
             cancel,
             reads: 0,
+            single_pass: false,
             stats: None,
         };
         if fits {
@@ -450,12 +461,13 @@ impl<'a> Operator<'a> {
     /// The first product ΔΩ of [`decompose`] for Ω of width `l`, when the source has
     /// it already ([`DeltaRows::sketched`]; a streamed Δ only). It counts as a pass over
     /// Δ: the source made one to compute it.
-    fn sketched(&mut self, l: usize) -> Option<Mat<f64>> {
+    fn sketched(&mut self, l: usize) -> Option<Sketch> {
         if self.held.is_some() || matches!(self.products, Products::F64) {
             return None;
         }
-        let (y, st) = self.src.sketched(l)?;
-        if y.ncols() != l || y.nrows() != self.src.nrows() {
+        let (sketch, st) = self.src.sketched(l)?;
+        let (m, n) = (self.src.nrows(), self.src.ncols());
+        if sketch.y.ncols() != l || sketch.y.nrows() != m {
             return None;
         }
         self.reads += 1;
@@ -466,7 +478,37 @@ impl<'a> Operator<'a> {
             || (self.products.range_dot().is_some()
                 && self.src.bf16_pair()
                 && PairRange::takes(self.src.ncols(), l));
-        Some(y)
+        let cross = sketch.cross.filter(|z| z.nrows() == l && z.ncols() == n);
+        Some(Sketch { cross, ..sketch })
+    }
+
+    /// The first product of [`decompose`]: ΔΩ for its Ω of width `l`, from the source
+    /// when it computed it ([`Self::sketched`]), else by a pass of its own; with `cross`
+    /// and a streamed Δ whose rows are added in f32, also YᵀΔ in the same pass.
+    fn first_sketch(&mut self, name: &str, seed: u64, l: usize, cross: bool) -> Result<Sketch> {
+        if let Some(s) = self.sketched(l) {
+            return Ok(s);
+        }
+        let n = self.src.ncols();
+        let signs = omega_signs(seed, name, n, l);
+        let omega = MatRef::from_column_major_slice(&signs, n, l);
+        let streamed_f32 = self.held.is_none() && !matches!(self.products, Products::F64);
+        if !(cross && streamed_f32) {
+            let y = self.mul_range(omega)?;
+            return Ok(Sketch { y, cross: None });
+        }
+        let tiles = self.products.range_tiles();
+        let dot = self.products.range_dot();
+        let p = RowProduct::new(tiles, dot, omega, self.src.nrows());
+        if (self.pair.is_some() || self.fma.is_some()) && p.takes_pairs() {
+            // The rows come as both sides' values, which have no f32 rows for YᵀΔ.
+            let y = self.mul_range(omega)?;
+            return Ok(Sketch { y, cross: None });
+        }
+        self.tiles_used |= tiles.is_some();
+        let mut p = p.with_cross(n);
+        self.pass::<f32>(|r0, rows| p.add(r0, rows))?;
+        Ok(p.finish_sketch().expect("rows of Δ were added in f32"))
     }
 
     /// Δᵀ · q (n × l).
@@ -744,6 +786,35 @@ fn gram_svd(y: &Mat<f64>) -> Option<(Mat<f64>, Vec<f64>, Mat<f64>)> {
     finite.then_some((u, s, v))
 }
 
+/// The single-pass B of [`decompose`] runs only where every singular value of Y is at
+/// least this fraction of the largest (cond(Y) ≤ 100): its rounding error is cond(Y)
+/// times that of the second pass's f32 product (see [`single_pass_b`]).
+pub const SINGLE_PASS_MIN_RATIO: f64 = 1e-2;
+
+/// (Q, Bᵀ = ΔᵀQ) from Y and the cross product Z = YᵀΔ (l × n) summed in Y's own pass,
+/// without reading Δ again (Yu, Gu, Li, Liu & Li, "Single-pass PCA of large
+/// high-dimensional data", IJCAI 2017): with Q = Y·M orthonormal ([`gram_svd`]: Y = U S Vᵀ,
+/// Q = U, M = V S⁻¹), QᵀΔ = MᵀYᵀΔ = MᵀZ, so Bᵀ = ZᵀM. It is the same B as the second
+/// pass's in exact arithmetic, for whatever Y the first pass computed, since Z pairs that
+/// Y with the same rows of Δ. In floating point, Z's f32 sums err by ~u·‖Y‖·‖Δ‖ and M
+/// scales that by 1/σ_min(Y): the error of B is cond(Y) times the second pass's, so this
+/// runs for cond(Y) ≤ 1/[`SINGLE_PASS_MIN_RATIO`]. A full fine-tune's sketch has
+/// cond(Y) ≈ (1 + √(l/m))/(1 − √(l/m)), close to 1; a merged LoRA's is the ratio of its
+/// top singular value to the rounding noise's, far above, and takes the second pass.
+/// `None` when Y does not qualify.
+fn single_pass_b(y: &Mat<f64>, z: &Mat<f64>) -> Option<(Mat<f64>, Mat<f64>)> {
+    let (u, s, v) = gram_svd(y)?;
+    let l = s.len();
+    // gram_svd gives finite, positive values.
+    if z.nrows() != l || s[l - 1] < SINGLE_PASS_MIN_RATIO * s[0] {
+        return None;
+    }
+    let map = Mat::from_fn(l, l, |i, j| v[(i, j)] / s[j]);
+    let bt = z.transpose() * &map;
+    let finite = bt.col_iter().all(|c| c.iter().all(|x| x.is_finite()));
+    finite.then_some((u, bt))
+}
+
 /// CholeskyQR2 (Fukaya, Nakatsukasa, Yanagisawa & Yamamoto, 2014): `y = QR` from the
 /// Gram matrix, twice. One pass, G = YᵀY = LLᵀ, Q₁ = Y L⁻ᵀ, is a QR of Y whose loss of
 /// orthogonality grows with cond(Y)², ‖Q₁ᵀQ₁ − I‖ ≈ u·cond(Y)²; when that is below 1
@@ -840,6 +911,17 @@ pub struct RowProduct {
     l: usize,
     /// Rows were added as both sides' values ([`Self::add_pair`]).
     pairs: bool,
+    /// YᵀΔ (l × n), summed block by block as the rows of Δ are added, when asked for
+    /// ([`Self::with_cross`]): the single-pass B of [`decompose`].
+    cross: Option<Mat<f32>>,
+}
+
+/// The first product of a sketch, Y = ΔΩ (m × l), and when the same pass computed it
+/// the cross product YᵀΔ (l × n) that gives B = QᵀΔ without reading Δ again
+/// ([`decompose`]).
+pub struct Sketch {
+    pub y: Mat<f64>,
+    pub cross: Option<Mat<f64>>,
 }
 
 enum RowKind {
@@ -882,7 +964,15 @@ impl RowProduct {
             m,
             l,
             pairs: false,
+            cross: None,
         }
+    }
+
+    /// Also sums YᵀΔ (l × n, f32) over the rows given to [`Self::add`], for Δ of `n`
+    /// columns; rows given as both sides' values ([`Self::add_pair`]) drop it.
+    pub fn with_cross(mut self, n: usize) -> Self {
+        self.cross = Some(Mat::zeros(self.l, n));
+        self
     }
 
     /// For the Ω of width `l` that [`decompose`] draws for an m × n Δ named `name`.
@@ -901,8 +991,41 @@ impl RowProduct {
     /// Adds the rows `r0..` of Δ given in `rows` (row-major).
     pub fn add(&mut self, r0: usize, rows: &[f32]) {
         match &mut self.kind {
-            RowKind::Faer { xt, yt, .. } => sketch_block(yt.as_mut(), xt.as_ref(), r0, rows),
-            RowKind::Tiles { x, y } => x.mul_rows(rows, r0, y),
+            RowKind::Faer { xt, yt, .. } => {
+                sketch_block(yt.as_mut(), xt.as_ref(), r0, rows);
+                if let Some(z) = &mut self.cross {
+                    let n = z.ncols();
+                    let k = rows.len() / n.max(1);
+                    let blk = MatRef::from_row_major_slice(rows, k, n);
+                    // Z += Y_bᵀ Δ_b: the rows of Y just computed, with the rows of Δ
+                    // still in cache.
+                    matmul(
+                        z.as_mut(),
+                        Accum::Add,
+                        yt.as_ref().subcols(r0, k),
+                        blk,
+                        1.0f32,
+                        Par::Seq,
+                    );
+                }
+            }
+            RowKind::Tiles { x, y } => {
+                x.mul_rows(rows, r0, y);
+                if let Some(z) = &mut self.cross {
+                    let (l, n) = (self.l, z.ncols());
+                    let k = rows.len() / n.max(1);
+                    let blk = MatRef::from_row_major_slice(rows, k, n);
+                    let yb = MatRef::from_row_major_slice(&y[r0 * l..(r0 + k) * l], k, l);
+                    matmul(
+                        z.as_mut(),
+                        Accum::Add,
+                        yb.transpose(),
+                        blk,
+                        1.0f32,
+                        Par::Seq,
+                    );
+                }
+            }
         }
     }
 
@@ -919,6 +1042,7 @@ impl RowProduct {
     /// ([`Right::mul_pair_rows`], [`PairRange`]); only when [`Self::takes_pairs`].
     pub fn add_pair(&mut self, r0: usize, base: &[u8], ft: &[u8]) {
         self.pairs = true;
+        self.cross = None;
         match &mut self.kind {
             RowKind::Tiles { x, y } => x.mul_pair_rows(base, ft, r0, y),
             RowKind::Faer { xt, yt, dot, range } => {
@@ -937,14 +1061,22 @@ impl RowProduct {
     /// Y (m × l); `None` when rows were added as both sides' values and a value of Y
     /// is not finite (a side held inf or NaN, which the f32 rows of Δ take as no change).
     pub fn finish(self) -> Option<Mat<f64>> {
+        self.finish_sketch().map(|s| s.y)
+    }
+
+    /// Y with the cross product YᵀΔ when it was asked for and every row was added in
+    /// f32 ([`Self::with_cross`]); `None` as for [`Self::finish`].
+    pub fn finish_sketch(self) -> Option<Sketch> {
         let (m, l) = (self.m, self.l);
-        match self.kind {
+        let cross = self.cross.as_ref().map(|z| widen(z.as_ref()));
+        let y = match self.kind {
             RowKind::Faer { yt, .. } => (!self.pairs
                 || yt.col_iter().all(|c| c.iter().all(|v| v.is_finite())))
             .then(|| widen(yt.transpose())),
             RowKind::Tiles { y, .. } => (!self.pairs || y.iter().all(|v| v.is_finite()))
                 .then(|| Mat::from_fn(m, l, |i, j| y[i * l + j] as f64)),
-        }
+        }?;
+        Some(Sketch { y, cross })
     }
 }
 
@@ -978,25 +1110,41 @@ pub fn decompose(
     power_iters: usize,
     seed: u64,
 ) -> Result<Decomposition> {
+    decompose_passes(op, name, k, oversample, power_iters, seed, true)
+}
+
+/// [`decompose`], with B from Y's pass where it qualifies only when `single_pass`.
+fn decompose_passes(
+    op: &mut Operator<'_>,
+    name: &str,
+    k: usize,
+    oversample: usize,
+    power_iters: usize,
+    seed: u64,
+    single_pass: bool,
+) -> Result<Decomposition> {
     let (m, n) = (op.src.nrows(), op.src.ncols());
     let Some(l) = sketch_width(k, oversample, m, n) else {
         return exact(op, name);
     };
-    // Ω is drawn only when the source has not computed ΔΩ already.
-    let mut y = match op.sketched(l) {
-        Some(y) => y,
-        None => {
-            let signs = omega_signs(seed, name, n, l);
-            op.mul_range(MatRef::from_column_major_slice(&signs, n, l))?
-        }
-    };
+    let first = op.first_sketch(name, seed, l, single_pass && power_iters == 0)?;
+    let mut y = first.y;
     for _ in 0..power_iters {
         let q = orthonormal(&y, op.gram());
         let z = orthonormal(&op.tmul_range(q.as_ref())?, op.gram());
         y = op.mul_range(z.as_ref())?;
     }
-    // B = QᵀΔ = (ΔᵀQ)ᵀ
-    let (q, bt) = op.project(orthonormal(&y, op.gram()))?;
+    // B = QᵀΔ = (ΔᵀQ)ᵀ, from the first pass's YᵀΔ when Y is well conditioned, else by
+    // a pass of its own.
+    let cross = first.cross.filter(|_| power_iters == 0);
+    let one_pass = cross.and_then(|z| single_pass_b(&y, &z));
+    let (q, bt) = match one_pass {
+        Some(qb) => {
+            op.single_pass = true;
+            qb
+        }
+        None => op.project(orthonormal(&y, op.gram()))?,
+    };
     // Bᵀ = X S Wᵀ (n × l, tall), so B = W S Xᵀ and Δ ≈ Q B = (Q W) S Xᵀ.
     let (x, s, w) = tall_svd(name, &bt, op.gram())?;
     let (frob2, rounding_var_sum) = op.stats.expect("Δ was read");
@@ -1173,6 +1321,53 @@ mod tests {
                 assert!((x - y).abs() <= tol * r.s[0]);
             }
             assert!((rs.frob2 - r.frob2).abs() <= 1e-9 * r.frob2);
+        }
+    }
+
+    /// The single-pass B (Y's pass also sums YᵀΔ) gives the second pass's values to the
+    /// f32 products' rounding where Y qualifies, and is declined where Y is worse
+    /// conditioned than [`SINGLE_PASS_MIN_RATIO`] allows.
+    #[test]
+    fn single_pass_b_matches_the_second_pass() {
+        let (m, n, r) = (400, 300, 4);
+        let mut g = Gaussian::new(5, "single", "test");
+        let noise = Mat::<f64>::from_fn(m, n, |_, _| g.next() / (n as f64).sqrt());
+        let u = Mat::<f64>::from_fn(m, r, |_, _| g.next() / (m as f64).sqrt());
+        let v = Mat::<f64>::from_fn(n, r, |_, _| g.next() / (n as f64).sqrt());
+        let opts = LowRankOptions {
+            dense_budget_bytes: 0,
+            block_bytes: 4 * n * 7,
+            ..LowRankOptions::default()
+        };
+        // (LoRA scale, cond(Y) of about: 1.5, 9, 94, 940.)
+        for c in [0.0, 10.0, 100.0, 1000.0] {
+            let a = Mat::<f64>::from_fn(m, n, |i, j| {
+                noise[(i, j)] + c * (0..r).map(|t| u[(i, t)] * v[(j, t)]).sum::<f64>()
+            });
+            let src = MatrixRows { a, single: true };
+            let mut op1 = Operator::new(&src, &opts, Cancel::never()).unwrap();
+            let one = decompose(&mut op1, "a", 24, 8, 0, 0).unwrap();
+            let mut op2 = Operator::new(&src, &opts, Cancel::never()).unwrap();
+            let two = decompose_passes(&mut op2, "a", 24, 8, 0, 0, false).unwrap();
+            assert_eq!((two.reads, op2.single_pass), (2, false));
+            // The rounding error of the smallest values grows with cond(Y)²: measured
+            // 3e-8 at cond 1.5, 1.2e-7 at 9, 1.6e-5 at 94.
+            let worst = one
+                .s
+                .iter()
+                .zip(&two.s)
+                .map(|(x, y)| (x - y).abs() / y)
+                .fold(0.0, f64::max);
+            if c < 1000.0 {
+                assert_eq!((one.reads, op1.single_pass), (1, true), "scale {c}");
+                assert!(worst <= 1e-4, "scale {c}: {worst}");
+            } else {
+                assert_eq!((one.reads, op1.single_pass), (2, false), "scale {c}");
+                assert_eq!(one.s, two.s);
+            }
+            if c == 0.0 {
+                assert!(worst <= 1e-6, "{worst}");
+            }
         }
     }
 

@@ -88,6 +88,8 @@ enum Kind {
         n: usize,
         block_rows: usize,
         products: lowrank::rsvd::Products,
+        /// Also sum YᵀΔ, for B in the same pass ([`lowrank::first_sketch`]).
+        cross: bool,
     },
 }
 
@@ -210,6 +212,7 @@ impl<'a> Capture<'a> {
                 n,
                 block_rows,
                 products,
+                cross,
             } => {
                 let block = n * block_rows;
                 if !start.is_multiple_of(block) || (len != block && start + len != self.len) {
@@ -217,14 +220,21 @@ impl<'a> Capture<'a> {
                 }
                 if st.product.is_none() {
                     st.sums = vec![None; m.div_ceil(*block_rows)];
-                    st.product = Some(lowrank::rsvd::RowProduct::omega(
+                    let p = lowrank::rsvd::RowProduct::omega(
                         products.range_tiles(),
                         products.range_dot(),
                         *seed,
                         name,
                         (*m, *n),
                         *l,
-                    ));
+                    );
+                    // As the stage's pass: YᵀΔ only where the rows come in f32.
+                    let pairs = (da, db) == (DType::BF16, DType::BF16) && p.takes_pairs();
+                    st.product = Some(if *cross && !pairs {
+                        p.with_cross(*n)
+                    } else {
+                        p
+                    });
                 }
                 let Captured {
                     buf,
@@ -312,7 +322,7 @@ impl<'a> Capture<'a> {
 
     /// A sketch capture's ΔΩ for Ω of width `l`, with its sums; `None` unless every
     /// block was taken.
-    fn take_sketch(&self, width: usize) -> Option<(faer::Mat<f64>, (f64, f64))> {
+    fn take_sketch(&self, width: usize) -> Option<(lowrank::rsvd::Sketch, (f64, f64))> {
         let mut st = lock(&self.state);
         match self.kind {
             Kind::Sketch { l, .. } if l == width && !st.broken => {}
@@ -320,7 +330,7 @@ impl<'a> Capture<'a> {
         }
         let total = Self::total(&st)?;
         st.buf = Vec::new();
-        Some((st.product.take()?.finish()?, total))
+        Some((st.product.take()?.finish_sketch()?, total))
     }
 }
 
@@ -477,7 +487,7 @@ impl DeltaRows for PairDelta<'_> {
         Ok(st)
     }
 
-    fn sketched(&self, l: usize) -> Option<(faer::Mat<f64>, (f64, f64))> {
+    fn sketched(&self, l: usize) -> Option<(lowrank::rsvd::Sketch, (f64, f64))> {
         self.captured?.take_sketch(l)
     }
 
@@ -707,10 +717,12 @@ impl<'a> DuringDiff<'a> {
             Kind::Held
         } else {
             let extract = matrix_target(p, &self.opts, self.uniform_rank).is_some();
+            let (l, cross) = lowrank::first_sketch(lo, extract, m, n)?;
             Kind::Sketch {
                 name: p.name.clone(),
                 seed: lo.seed,
-                l: lowrank::first_sketch_width(lo, extract, m, n)?,
+                l,
+                cross,
                 m,
                 n,
                 block_rows: lowrank::rsvd::Operator::rows_per_block(lo, n, products),
