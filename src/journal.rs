@@ -328,9 +328,9 @@ impl LowRankJournal {
             None => None,
             Some(f) => {
                 let offset = self.factors_len;
-                let (stored, bytes) = stored_factors(f);
+                let (stored, bytes) = (f.encoding(), f.bytes());
                 self.factors
-                    .write_all(&bytes)
+                    .write_all(bytes)
                     .map_err(|e| Error::io(&self.factors_path, "cannot write journal", e))?;
                 self.factors_len += bytes.len() as u64;
                 Some(FactorsMeta {
@@ -367,21 +367,6 @@ impl LowRankJournal {
     }
 }
 
-/// The sidecar bytes of `f`'s B then A, in its dtype when that can be written (the
-/// factors hold values of it, [`crate::lowrank::extract::Factors`]), else in f64.
-fn stored_factors(
-    f: &crate::lowrank::extract::Factors,
-) -> (crate::checkpoint::dtype::DType, Vec<u8>) {
-    use crate::checkpoint::dtype::{DType, encode};
-    let dtype = match encode(f.dtype, &[]) {
-        Some(_) => f.dtype,
-        None => DType::F64,
-    };
-    let mut bytes = encode(dtype, &f.b).expect("a dtype encode writes");
-    bytes.extend(encode(dtype, &f.a).expect("a dtype encode writes"));
-    (dtype, bytes)
-}
-
 /// The finished matrices of a low-rank journal written for `fp`; `None` when there is
 /// none or it was written for other inputs or options (the stage then starts over).
 fn read_lowrank(
@@ -416,18 +401,12 @@ fn read_lowrank(
                 let (nb, na) = (f.m * f.rank, f.rank * f.n);
                 let start = usize::try_from(f.offset).ok()?;
                 let bytes = bin.get(start..start + (nb + na) * f.stored.size())?;
-                let mut vals = vec![0f64; nb + na];
-                crate::checkpoint::dtype::decode_f64(f.stored, bytes, &mut vals);
-                Some(crate::lowrank::extract::Factors {
-                    rank: f.rank,
-                    b: vals[..nb].to_vec(),
-                    a: vals[nb..].to_vec(),
-                    m: f.m,
-                    n: f.n,
-                    dtype: f.dtype,
-                    residual: f.residual,
-                    residual_stored: f.residual_stored,
-                })
+                let mut g = crate::lowrank::extract::Factors::from_bytes(
+                    f.rank, f.m, f.n, f.dtype, f.stored, bytes,
+                )?;
+                g.residual = f.residual;
+                g.residual_stored = f.residual_stored;
+                Some(g)
             }
         };
         done.insert(name, (*spectrum, factors));
@@ -470,17 +449,17 @@ mod lowrank_tests {
     fn a_resumed_low_rank_journal_returns_what_was_recorded_for_the_same_inputs_only() {
         let dir = tempfile::tempdir().unwrap();
         let fp = Fingerprint::new("inputs and options".into());
-        let f = Factors {
-            rank: 1,
-            // Values of the dtype, as extraction leaves them.
-            b: vec![1.5, -2.25],
-            a: vec![0.125, -0.1875, f32::MIN_POSITIVE as f64],
-            m: 2,
-            n: 3,
-            dtype: DType::BF16,
-            residual: 0.25,
-            residual_stored: 0.2500001,
-        };
+        // Values of the dtype, as extraction leaves them.
+        let mut f = Factors::new(
+            1,
+            2,
+            3,
+            DType::BF16,
+            &[1.5, -2.25],
+            &[0.125, -0.1875, f32::MIN_POSITIVE as f64],
+        );
+        f.residual = 0.25;
+        f.residual_stored = 0.2500001;
         {
             let (mut j, done) = LowRankJournal::open(dir.path(), &fp, false).unwrap();
             assert!(done.is_empty());
@@ -498,8 +477,8 @@ mod lowrank_tests {
         assert_eq!(s.singular_values, spectrum().singular_values);
         let g = g.as_ref().unwrap();
         assert_eq!(
-            (&g.b, &g.a, g.residual_stored),
-            (&f.b, &f.a, f.residual_stored)
+            (g.b(), g.a(), g.residual_stored),
+            (f.b(), f.a(), f.residual_stored)
         );
         assert!(done["w2"].1.is_none());
         // Recovered entries were rewritten: a second resume still has them.

@@ -96,12 +96,12 @@ pub fn write_part(
             tensors.push(f64_tensor(
                 format!("A/{}", e.tensor),
                 vec![f.rank, f.n],
-                &f.a,
+                &f.a(),
             ));
             tensors.push(f64_tensor(
                 format!("B/{}", e.tensor),
                 vec![f.m, f.rank],
-                &f.b,
+                &f.b(),
             ));
         }
         for (module, delta) in &p.bias_deltas {
@@ -226,15 +226,11 @@ fn read_part(dir: &Path) -> Result<Part> {
                     tensor: e.tensor.clone(),
                     module: e.module.clone(),
                     kind: e.kind,
-                    factors: Factors {
-                        rank: e.rank,
-                        b,
-                        a,
-                        m: e.m,
-                        n: e.n,
-                        dtype: e.dtype,
-                        residual: e.residual,
-                        residual_stored: e.residual_stored,
+                    factors: {
+                        let mut f = Factors::new(e.rank, e.m, e.n, e.dtype, &b, &a);
+                        f.residual = e.residual;
+                        f.residual_stored = e.residual_stored;
+                        f
                     },
                     bias: None,
                 });

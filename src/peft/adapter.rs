@@ -66,60 +66,66 @@ pub fn tensors(r: &LoraReport) -> Result<Vec<AdapterTensor>> {
         )));
     }
     let mut out = Vec::new();
-    let mut push = |key: String, dtype: DType, shape: Vec<usize>, values: &[f64]| {
+    let mut push = |key: String, dtype: DType, shape: Vec<usize>, bytes: Vec<u8>| {
         out.push(AdapterTensor {
             key,
             dtype,
             shape,
-            bytes: encode(dtype, values).expect("checked above: a float dtype"),
+            bytes,
         })
+    };
+    let encoded = |dtype: DType, values: &[f64]| -> Vec<u8> {
+        encode(dtype, values).expect("checked above: a float dtype")
     };
     for e in &r.extracted {
         let f = &e.factors;
         let p = format!("base_model.model.{}", e.module);
         match e.kind {
             ModuleKind::Linear => {
+                // Held in the dtype's bytes (checked above), written as they are.
                 push(
                     format!("{p}.lora_A.weight"),
                     f.dtype,
                     vec![f.rank, f.n],
-                    &f.a,
+                    f.a_bytes().to_vec(),
                 );
                 push(
                     format!("{p}.lora_B.weight"),
                     f.dtype,
                     vec![f.m, f.rank],
-                    &f.b,
+                    f.b_bytes().to_vec(),
                 );
             }
             ModuleKind::Conv1d => {
                 // Conv1D stores W as [in, out] and PEFT (fan_in_fan_out) adds (B·A)ᵀ:
                 // with Δ = B'A' as stored, lora_A = B'ᵀ [r, in] and lora_B = A'ᵀ [out, r].
-                let a = transpose(&f.b, f.m, f.rank);
-                let b = transpose(&f.a, f.rank, f.n);
-                push(format!("{p}.lora_A.weight"), f.dtype, vec![f.rank, f.m], &a);
-                push(format!("{p}.lora_B.weight"), f.dtype, vec![f.n, f.rank], &b);
+                let a = transpose(&f.b(), f.m, f.rank);
+                let b = transpose(&f.a(), f.rank, f.n);
+                let (a, b) = (encoded(f.dtype, &a), encoded(f.dtype, &b));
+                push(format!("{p}.lora_A.weight"), f.dtype, vec![f.rank, f.m], a);
+                push(format!("{p}.lora_B.weight"), f.dtype, vec![f.n, f.rank], b);
             }
             ModuleKind::Embedding => {
                 // PEFT's embedding LoRA: ΔW[vocab, hidden] = lora_embedding_Aᵀ · lora_embedding_Bᵀ.
-                let a = transpose(&f.b, f.m, f.rank);
-                let b = transpose(&f.a, f.rank, f.n);
+                let a = transpose(&f.b(), f.m, f.rank);
+                let b = transpose(&f.a(), f.rank, f.n);
                 push(
                     format!("{p}.lora_embedding_A"),
                     f.dtype,
                     vec![f.rank, f.m],
-                    &a,
+                    encoded(f.dtype, &a),
                 );
                 push(
                     format!("{p}.lora_embedding_B"),
                     f.dtype,
                     vec![f.n, f.rank],
-                    &b,
+                    encoded(f.dtype, &b),
                 );
             }
         }
         if let Some(bias) = &e.bias {
-            push(format!("{p}.lora_B.bias"), f.dtype, vec![bias.len()], bias);
+            let bytes = encoded(f.dtype, bias);
+            push(format!("{p}.lora_B.bias"), f.dtype, vec![bias.len()], bytes);
         }
     }
     for s in &r.saved {

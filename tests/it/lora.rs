@@ -308,19 +308,22 @@ fn streamed_and_in_memory_deltas_give_the_same_factors() {
     // A bf16 pair's products run in f32 (lowrank::rsvd): the two paths sum the blocks of
     // ΔᵀQ in different orders, so they agree to f32 rounding, far below the bf16 floor.
     for (x, y) in la.extracted.iter().zip(&lb.extracted) {
-        let scale = x.factors.b.iter().fold(0f64, |a, v| a.max(v.abs()))
-            * x.factors.a.iter().fold(0f64, |a, v| a.max(v.abs()));
+        let scale = x.factors.b().iter().fold(0f64, |a, v| a.max(v.abs()))
+            * x.factors.a().iter().fold(0f64, |a, v| a.max(v.abs()));
         assert!(
             (x.factors.residual - y.factors.residual).abs() < 1e-5,
             "{} vs {}",
             x.factors.residual,
             y.factors.residual
         );
-        let prod = |f: &weightdiff::lowrank::extract::Factors, i: usize, j: usize| {
-            (0..f.rank)
-                .map(|t| f.b[i * f.rank + t] * f.a[t * f.n + j])
+        // (B·A)_ij of factors given as (B, A, rank, n).
+        let values = |f: &weightdiff::lowrank::extract::Factors| (f.b(), f.a(), f.rank, f.n);
+        let prod = |(b, a, rank, n): &(Vec<f64>, Vec<f64>, usize, usize), i: usize, j: usize| {
+            (0..*rank)
+                .map(|t| b[i * rank + t] * a[t * n + j])
                 .sum::<f64>()
         };
+        let (xv, yv) = (values(&x.factors), values(&y.factors));
         // Measured on the held Δ, derived from the sketch for the streamed one.
         assert!(
             (x.factors.residual_stored - y.factors.residual_stored).abs()
@@ -330,7 +333,7 @@ fn streamed_and_in_memory_deltas_give_the_same_factors() {
             y.factors.residual_stored
         );
         for (i, j) in [(0, 0), (5, 17), (127, 127)] {
-            assert!((prod(&x.factors, i, j) - prod(&y.factors, i, j)).abs() < 1e-5 * scale);
+            assert!((prod(&xv, i, j) - prod(&yv, i, j)).abs() < 1e-5 * scale);
         }
     }
 }
@@ -409,12 +412,13 @@ fn exact_stored_residual(
             .collect()
     };
     let (base, ft) = (values(&pair.base), values(&pair.finetuned));
+    let (fb, fa) = (f.b(), f.a());
     let (mut err2, mut frob2) = (0.0, 0.0);
     for i in 0..f.m {
         for j in 0..f.n {
             let d = ft[i * f.n + j] - base[i * f.n + j];
             let p: f64 = (0..f.rank)
-                .map(|t| f.b[i * f.rank + t] * f.a[t * f.n + j])
+                .map(|t| fb[i * f.rank + t] * fa[t * f.n + j])
                 .sum();
             err2 += (d - p) * (d - p);
             frob2 += d * d;
@@ -899,8 +903,8 @@ fn during_equals_after(pair: &BuiltPair, lo: &LoraOptions) {
     for (x, y) in a.extracted.iter().zip(&l.extracted) {
         assert_eq!(x.tensor, y.tensor);
         assert_eq!(
-            (&x.factors.a, &x.factors.b),
-            (&y.factors.a, &y.factors.b),
+            (x.factors.a(), x.factors.b()),
+            (y.factors.a(), y.factors.b()),
             "{}",
             x.tensor
         );
