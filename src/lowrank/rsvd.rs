@@ -35,7 +35,8 @@
 //! of Q′, the orthonormal basis of Q's two-part bf16 rounding ([`Operator::project`]),
 //! so the identity holds for Q′. Without the tiles, on AVX-512, those products with Δᵀ run in
 //! f32 from the two sides' stored values instead of a decoded f32 copy of Δ (the same Δ,
-//! the f32 products' precision), and with AVX-512 BF16 the range sketch of width ≤ 32 in
+//! the f32 products' precision), a held f32 Δ's on the same FMA kernel
+//! (`held_fma_tmul`), and with AVX-512 BF16 the range sketch of width ≤ 32 in
 //! bf16 with f32 sums, as on the tiles ([`super::pair_fma`]); that range sketch also
 //! runs on a held f32 Δ whose source allows bf16 ([`DeltaRows::bf16_products`]).
 //!
@@ -514,7 +515,10 @@ impl<'a> Operator<'a> {
     /// Δᵀ · q (n × l).
     pub fn tmul(&mut self, q: MatRef<'_, f64>) -> Result<Mat<f64>> {
         match (self.held.as_ref(), self.products) {
-            (Some(Held::F32(b)), _) => Ok(held_tmul::<f32>(b, self.src, q)),
+            (Some(Held::F32(b)), _) => match held_fma_tmul(b, self.src.ncols(), q) {
+                Some(z) => Ok(z),
+                None => Ok(held_tmul::<f32>(b, self.src, q)),
+            },
             (Some(Held::F64(b)), _) => Ok(held_tmul::<f64>(b, self.src, q)),
             (None, Products::F64) => self.streamed_tmul::<f64>(q),
             (None, _) => match self.fma_tmul(q)? {
@@ -720,6 +724,28 @@ fn held_mul<T: Real>(buf: &[T], src: &dyn DeltaRows, x: MatRef<'_, f64>) -> Mat<
 fn held_tmul<T: Real>(buf: &[T], src: &dyn DeltaRows, q: MatRef<'_, f64>) -> Mat<f64> {
     let d = MatRef::from_row_major_slice(buf, src.nrows(), src.ncols());
     widen((d.transpose() * cast::<T>(q)).as_ref())
+}
+
+/// Rows of a held f32 Δ per call of [`PairTmul::add_f32_rows`]: its accumulators (ΔᵀQ,
+/// l × n) are read and written once per call, Q's rows and Δ's stay in L1 and L2 (16, 64
+/// and 256 rows: 0.60, 0.54 and 0.85 ns per element for 3072 × 1024 at l = 32,
+/// `examples/sketch_rate`).
+const HELD_TMUL_ROWS: usize = 64;
+
+/// Δᵀq of a held f32 Δ (n columns) by [`PairTmul`]'s FMAs on AVX-512: 0.54–0.60 ns per
+/// element against faer's 0.78–0.93 for the shapes of the 0.6b pair on the Xeon of
+/// BENCHMARKS.md. `None` without AVX-512, for n not a multiple of 16, or when a value is
+/// not finite (faer's product then decides).
+fn held_fma_tmul(buf: &[f32], n: usize, q: MatRef<'_, f64>) -> Option<Mat<f64>> {
+    let fma = Fma::get()?;
+    if !PairTmul::takes(n) || buf.len() != q.nrows() * n {
+        return None;
+    }
+    let mut p = PairTmul::new(fma, q, n);
+    for (i, rows) in buf.chunks(HELD_TMUL_ROWS * n).enumerate() {
+        p.add_f32_rows(i * HELD_TMUL_ROWS, rows);
+    }
+    p.finish()
 }
 
 /// The range sketch Δx of a held f32 Δ (m × n) by [`PairRange`]'s bf16 dot products, Δ
@@ -1367,6 +1393,34 @@ mod tests {
             }
             if c == 0.0 {
                 assert!(worst <= 1e-6, "{worst}");
+            }
+        }
+    }
+
+    /// A held Δ's Δᵀq by the FMA kernel, in chunks of rows with a partial last one,
+    /// agrees with faer's product to f32 rounding.
+    #[test]
+    fn held_fma_tmul_matches_faer() {
+        let (m, n, l) = (150, 96, 20);
+        let mut g = Gaussian::new(4, "held", "test");
+        let buf: Vec<f32> = (0..m * n).map(|_| g.next() as f32).collect();
+        let q = Mat::<f64>::from_fn(m, l, |_, _| g.next());
+        let Some(z) = held_fma_tmul(&buf, n, q.as_ref()) else {
+            eprintln!("no AVX-512 here: the held FMA product is not used");
+            return;
+        };
+        let src = MatrixRows {
+            a: Mat::zeros(m, n),
+            single: true,
+        };
+        let want = held_tmul::<f32>(&buf, &src, q.as_ref());
+        let scale = want.norm_max();
+        for j in 0..n {
+            for c in 0..l {
+                assert!(
+                    (z[(j, c)] - want[(j, c)]).abs() <= 1e-5 * scale,
+                    "({j}, {c})"
+                );
             }
         }
     }
