@@ -365,7 +365,9 @@ impl<'a> Operator<'a> {
 
     /// Rows per block of a streamed Δ with n columns, as [`Self::new`] cuts them.
     pub fn rows_per_block(opts: &LowRankOptions, n: usize, products: Products) -> usize {
-        (opts.block_bytes / (products.element_bytes() * n.max(1))).max(1)
+        let row = products.element_bytes() * n.max(1);
+        let floor = (super::MAX_BLOCK_BYTES / row).min(opts.min_block_rows);
+        (opts.block_bytes / row).max(floor).max(1)
     }
 
     /// Whether the small dense steps may take the Gram matrix's eigen-decomposition
@@ -1339,6 +1341,7 @@ mod tests {
             let streamed = LowRankOptions {
                 dense_budget_bytes: 0,
                 block_bytes: 8 * n * 7,
+                min_block_rows: 1,
                 ..opts.clone()
             };
             let rs = run(&src, 16, &streamed);
@@ -1363,6 +1366,7 @@ mod tests {
         let opts = LowRankOptions {
             dense_budget_bytes: 0,
             block_bytes: 4 * n * 7,
+            min_block_rows: 1,
             ..LowRankOptions::default()
         };
         // (LoRA scale, cond(Y) of about: 1.5, 9, 94, 940.)
@@ -1521,6 +1525,7 @@ mod tests {
             let opts = LowRankOptions {
                 dense_budget_bytes: 0,
                 block_bytes: 4 * n * 50,
+                min_block_rows: 1,
                 ..LowRankOptions::default()
             };
             let mut op = Operator::new(&src, &opts, Cancel::never()).unwrap();

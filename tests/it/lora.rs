@@ -293,6 +293,7 @@ fn streamed_and_in_memory_deltas_give_the_same_factors() {
     let mut streamed = extract(4, Some(DType::F32));
     streamed.lowrank.dense_budget_bytes = 0;
     streamed.lowrank.block_bytes = 8 * 128 * 10; // 10 rows per block
+    streamed.lowrank.min_block_rows = 1;
     let b = run(&pair, &streamed);
     let (la, lb) = (a.lora.unwrap(), b.lora.unwrap());
     assert!(
@@ -805,6 +806,7 @@ fn analyses_during_the_diff_equal_the_stage_after_it() {
     streamed.lowrank.dense_budget_bytes = 0;
     let mut ragged = streamed.clone();
     ragged.lowrank.block_bytes = 4 * 64 * 7;
+    ragged.lowrank.min_block_rows = 1;
     for lo in [held, streamed, ragged] {
         during_equals_after(&pair, &lo);
     }
