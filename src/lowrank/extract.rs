@@ -73,7 +73,11 @@ impl Factors {
         encoding: DType,
         bytes: &[u8],
     ) -> Option<Factors> {
-        let count = (m * rank + rank * n) * encoding.size();
+        // Checked: the shape comes from a file.
+        let count = m
+            .checked_add(n)?
+            .checked_mul(rank)?
+            .checked_mul(encoding.size())?;
         if encoding != Self::encoding_of(dtype) || bytes.len() != count {
             return None;
         }
@@ -232,7 +236,7 @@ pub fn factors(
     };
     let (bq, aq) = (round(&b), round(&a));
     let kept: f64 = d.s.iter().take(k).map(|x| x * x).sum();
-    let derived = derivable(d.frob2, kept, target.dtype, m, n)
+    let derived = derivable(d.frob2, kept, target.dtype, m, n, op.single_pass)
         .then(|| derived_stored_residual(d, kept, &b, &a, &bq, &aq, rank, m, n))
         .flatten();
     let residual_stored = match derived {
@@ -272,9 +276,24 @@ pub const DERIVED_MAX_DROPPED: f64 = 1e-4;
 /// Whether the stored residual of factors in `dtype` of an m × n Δ with ‖Δ‖² = `frob2`
 /// and ‖P‖² = `kept` is derived rather than measured ([`DERIVED_MIN_RESIDUAL2`],
 /// [`DERIVED_MAX_DROPPED`]).
-pub fn derivable(frob2: f64, kept: f64, dtype: DType, m: usize, n: usize) -> bool {
+/// `single_pass`: B came from Y's pass (`rsvd::single_pass_b`), whose error is up to
+/// cond(Y) ≤ 1/[`super::rsvd::SINGLE_PASS_MIN_RATIO`] times the second pass's, and Σ sᵢ²'s
+/// with it: the derivation then needs that much more residual not to cancel (a full
+/// fine-tune, ‖R‖² ≈ ‖Δ‖², still has it).
+pub fn derivable(
+    frob2: f64,
+    kept: f64,
+    dtype: DType,
+    m: usize,
+    n: usize,
+    single_pass: bool,
+) -> bool {
     let r2 = frob2 - kept;
-    if !(frob2 > 0.0 && r2 >= DERIVED_MIN_RESIDUAL2 * frob2) {
+    let margin = match single_pass {
+        true => 1.0 / super::rsvd::SINGLE_PASS_MIN_RATIO,
+        false => 1.0,
+    };
+    if !(frob2 > 0.0 && r2 >= margin * DERIVED_MIN_RESIDUAL2 * frob2) {
         return false;
     }
     let mantissa = match dtype {
@@ -290,7 +309,7 @@ pub fn derivable(frob2: f64, kept: f64, dtype: DType, m: usize, n: usize) -> boo
 
 /// ‖Δ − B̂Â‖_F / ‖Δ‖_F for the stored (rounded) factors B̂ = B + δB, Â = A + δA,
 /// derived from what the sketch already computed instead of one more pass over Δ (a
-/// third of the streamed passes of a full fine-tune, and for a held Δ 16 of the 104
+/// half of the streamed passes of a full fine-tune, and for a held Δ 16 of the 104
 /// products per element of a merged LoRA's analysis at rank 16).
 ///
 /// With P = BA = U_k S_k V_kᵀ, R = Δ − P and E = B̂Â − P = δB·Â + B·δA:

@@ -218,7 +218,8 @@ pub struct LowRankOptions {
     pub seed: u64,
     /// Deltas up to this many bytes (as f64) are held in memory; larger ones are streamed.
     pub dense_budget_bytes: usize,
-    /// Size of a streamed row block, in bytes of the product precision. 1 MiB: its read
+    /// Size of a streamed row block, in bytes of the product precision (at least
+    /// [`Self::min_block_rows`] rows). 1 MiB: its read
     /// buffers are reused by the allocator (16 MiB ones were fresh pages each time, ~2x
     /// the cost of a streamed pass on the 32B-shaped pair) and the block stays in cache.
     pub block_bytes: usize,
@@ -354,8 +355,8 @@ pub struct TensorSpectrum {
     /// Passes over the tensor's stored bytes.
     #[serde(default)]
     pub reads: usize,
-    /// The screen's B = QᵀΔ came from the pass that computed Y = ΔΩ ([`rsvd::decompose`]),
-    /// not from a pass of its own.
+    /// A sketch without power iterations (the screen's, as a rule) took B = QᵀΔ from the
+    /// pass that computed Y = ΔΩ ([`rsvd::decompose`]), not from a pass of its own.
     #[serde(default)]
     pub single_pass: bool,
     /// Seconds.

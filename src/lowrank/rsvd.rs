@@ -12,7 +12,7 @@
 //! Q = Y·M for an l × l M, so B = MᵀYᵀΔ, and YᵀΔ = Σ_blocks Y_bᵀΔ_b is summed in the same
 //! pass as Y, each block of rows of Δ multiplied by its own rows of Y while still in
 //! cache (Yu, Gu, Li, Liu & Li, IJCAI 2017). That is the same B in exact arithmetic; its
-//! rounding error is cond(Y) times the second pass's, so it runs where cond(Y) ≤ 100
+//! rounding error is cond(Y) times the second pass's, so it runs where cond(Y) ≤ 10
 //! ([`single_pass_b`]): a full fine-tune's sketch (cond ≈ 1), not a merged LoRA's.
 //!
 //! Δ ≈ U S Vᵀ, and for the rank-k truncation ‖Δ − U_k S_k V_kᵀ‖²_F = ‖Δ‖²_F − Σ_{i≤k} sᵢ²
@@ -815,9 +815,9 @@ fn gram_svd(y: &Mat<f64>) -> Option<(Mat<f64>, Vec<f64>, Mat<f64>)> {
 }
 
 /// The single-pass B of [`decompose`] runs only where every singular value of Y is at
-/// least this fraction of the largest (cond(Y) ≤ 100): its rounding error is cond(Y)
+/// least this fraction of the largest (cond(Y) ≤ 10): its rounding error is cond(Y)
 /// times that of the second pass's f32 product (see [`single_pass_b`]).
-pub const SINGLE_PASS_MIN_RATIO: f64 = 1e-2;
+pub const SINGLE_PASS_MIN_RATIO: f64 = 0.1;
 
 /// (Q, Bᵀ = ΔᵀQ) from Y and the cross product Z = YᵀΔ (l × n) summed in Y's own pass,
 /// without reading Δ again (Yu, Gu, Li, Liu & Li, "Single-pass PCA of large
@@ -997,10 +997,21 @@ impl RowProduct {
     }
 
     /// Also sums YᵀΔ (l × n, f32) over the rows given to [`Self::add`], for Δ of `n`
-    /// columns; rows given as both sides' values ([`Self::add_pair`]) drop it.
+    /// columns, in the order they are given; rows given as both sides' values
+    /// ([`Self::add_pair`]) drop it.
     pub fn with_cross(mut self, n: usize) -> Self {
         self.cross = Some(Mat::zeros(self.l, n));
         self
+    }
+
+    /// Whether YᵀΔ is being summed ([`Self::with_cross`]).
+    pub fn has_cross(&self) -> bool {
+        self.cross.is_some()
+    }
+
+    /// Stops summing YᵀΔ (Y is still computed).
+    pub fn drop_cross(&mut self) {
+        self.cross = None;
     }
 
     /// For the Ω of width `l` that [`decompose`] draws for an m × n Δ named `name`.
@@ -1164,7 +1175,7 @@ fn decompose_passes(
     }
     // B = QᵀΔ = (ΔᵀQ)ᵀ, from the first pass's YᵀΔ when Y is well conditioned, else by
     // a pass of its own.
-    let cross = first.cross.filter(|_| power_iters == 0);
+    let cross = first.cross.filter(|_| single_pass && power_iters == 0);
     let one_pass = cross.and_then(|z| single_pass_b(&y, &z));
     let (q, bt) = match one_pass {
         Some(qb) => {
@@ -1388,15 +1399,12 @@ mod tests {
                 .zip(&two.s)
                 .map(|(x, y)| (x - y).abs() / y)
                 .fold(0.0, f64::max);
-            if c < 1000.0 {
+            if c < 100.0 {
                 assert_eq!((one.reads, op1.single_pass), (1, true), "scale {c}");
-                assert!(worst <= 1e-4, "scale {c}: {worst}");
+                assert!(worst <= 1e-6, "scale {c}: {worst}");
             } else {
                 assert_eq!((one.reads, op1.single_pass), (2, false), "scale {c}");
                 assert_eq!(one.s, two.s);
-            }
-            if c == 0.0 {
-                assert!(worst <= 1e-6, "{worst}");
             }
         }
     }

@@ -107,6 +107,13 @@ struct Captured {
     /// Seconds of the sketch's products, counted in the analysis's time (Δ's decoding
     /// is the diff's own, shared).
     seconds: f64,
+    /// Sketch: the block the sums of YᵀΔ take next. Its f32 sums depend on the order of
+    /// the blocks, and the diff's workers may compare them out of order; the stage's own
+    /// pass adds them in row order.
+    next_block: usize,
+    /// A block came out of order while YᵀΔ was summed: the stage computes the sketch
+    /// itself, in row order, so that its bits never depend on the diff's schedule.
+    cross_lost: bool,
 }
 
 /// Buffers of captured deltas, reused from tensor to tensor: fresh pages cost ~20x more
@@ -241,9 +248,18 @@ impl<'a> Capture<'a> {
                     sums,
                     product,
                     seconds,
+                    next_block,
+                    cross_lost,
                     ..
                 } = st;
                 let product = product.as_mut()?;
+                let b = start / block;
+                if product.has_cross() && b != *next_block {
+                    // Y's rows are the same in any order; YᵀΔ's f32 sums are not.
+                    product.drop_cross();
+                    *cross_lost = true;
+                }
+                *next_block = b + 1;
                 // Both sides in bf16: the product takes their values as they are, and Δ
                 // is not written (the stage's own pass does the same, `Operator`).
                 let pairs = (da, db) == (DType::BF16, DType::BF16) && product.takes_pairs();
@@ -325,7 +341,7 @@ impl<'a> Capture<'a> {
     fn take_sketch(&self, width: usize) -> Option<(lowrank::rsvd::Sketch, (f64, f64))> {
         let mut st = lock(&self.state);
         match self.kind {
-            Kind::Sketch { l, .. } if l == width && !st.broken => {}
+            Kind::Sketch { l, .. } if l == width && !st.broken && !st.cross_lost => {}
             _ => return None,
         }
         let total = Self::total(&st)?;
@@ -606,7 +622,7 @@ fn matrix_target(
 /// its bytes are still in the page cache. After the diff, [`lora_parts`] takes these
 /// results instead of reading the matrix again.
 ///
-/// Why: the stage reads each matrix again (two to three passes). Run after the whole
+/// Why: the stage reads each matrix again (one to three passes). Run after the whole
 /// diff, those passes read from the disk again for a pair larger than memory, and the
 /// diff of a pair read from disk leaves the cores idle while the stage leaves the disk
 /// idle; run alongside, the reads hit the page cache and the two overlap.
@@ -1579,5 +1595,61 @@ pub fn assemble_lora(c: &Comparison, opts: &LoraOptions, mut parts: LoraParts) -
         lora_bias,
         target_modules,
         notes,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::checkpoint::dtype::encode;
+
+    /// A sketch capture sums YᵀΔ in the order its blocks come: in row order it hands the
+    /// stage the sketch with YᵀΔ; a block out of order (the diff's workers do not keep
+    /// a matrix's windows in order) leaves the sketch to the stage's own pass.
+    #[test]
+    fn a_sketch_capture_out_of_order_is_left_to_the_stage() {
+        let (m, n, rows) = (8, 16, 2);
+        let block = n * rows;
+        let base: Vec<f64> = (0..m * n).map(|i| (i % 7) as f64 * 0.25 - 0.5).collect();
+        let ft: Vec<f64> = base
+            .iter()
+            .enumerate()
+            .map(|(i, v)| v + ((i * 13) % 5) as f64 * 0.0625)
+            .collect();
+        let (a, b) = (
+            encode(DType::BF16, &base).unwrap(),
+            encode(DType::BF16, &ft).unwrap(),
+        );
+        let pool = BufferPool::default();
+        let capture = || Capture {
+            len: m * n,
+            dtypes: (DType::BF16, DType::BF16),
+            kind: Kind::Sketch {
+                name: "w".into(),
+                seed: 0,
+                l: 4,
+                m,
+                n,
+                block_rows: rows,
+                products: lowrank::rsvd::Products::F32,
+                cross: true,
+            },
+            pool: &pool,
+            state: Mutex::default(),
+        };
+        let window = |c: &Capture<'_>, k: usize| {
+            let (s, e) = (2 * k * block, 2 * (k + 1) * block);
+            assert!(
+                c.diff_window((k * block) as u64, &a[s..e], &b[s..e], 1e-6)
+                    .is_some()
+            );
+        };
+        let in_order = capture();
+        (0..m / rows).for_each(|k| window(&in_order, k));
+        let (sketch, _) = in_order.take_sketch(4).expect("every block, in order");
+        assert!(sketch.cross.is_some());
+        let shuffled = capture();
+        [0, 2, 1, 3].into_iter().for_each(|k| window(&shuffled, k));
+        assert!(shuffled.take_sketch(4).is_none());
     }
 }

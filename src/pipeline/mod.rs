@@ -5,9 +5,12 @@
 //! [`assemble_lora`]). This module holds their options and the progress they report.
 //!
 //! Every tensor pair is cut into windows of at most [`CompareOptions::window_bytes`]
-//! per side. Windows of all tensors are processed in parallel by a rayon pool; each
-//! window is read, reduced to an [`Accum`], and dropped, so resident memory is
-//! bounded by `threads × 2 × window_bytes` whatever the model size. Window results are
+//! per side, but for a matrix whose sketch the diff computes (`Capture`): its windows are
+//! the sketch's row blocks, at least 32 rows and up to 4 MiB per side
+//! ([`crate::lowrank::LowRankOptions::min_block_rows`]). Windows of all tensors are
+//! processed in parallel by a rayon pool; each window is read, reduced to an [`Accum`],
+//! and dropped, so resident memory is bounded by `threads × 2 × window_bytes` (that
+//! 4 MiB for such matrices) whatever the model size. Window results are
 //! merged per tensor in window order, so the numbers do not depend on the thread count.
 //!
 //! A tensor that fails (unreadable bytes, unsupported dtype, `--verify` disagreement)

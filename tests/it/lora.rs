@@ -461,6 +461,7 @@ fn derived_as_measured(pair: &BuiltPair, rank: usize, tiles: bool, tol: f64, ref
             DType::BF16,
             f.m,
             f.n,
+            s.single_pass,
         );
         for (e, what) in [(x, "held"), (y, "streamed")] {
             let f = &e.factors;
@@ -912,4 +913,36 @@ fn during_equals_after(pair: &BuiltPair, lo: &LoraOptions) {
         );
     }
     assert_eq!(a.verdict.kind, l.verdict.kind);
+}
+
+/// A full fine-tune's streamed screens take B from the pass that computes Y, during the
+/// diff and after it alike, with the same bits however the diff's workers order a
+/// matrix's windows (a block out of order sends the sketch back to the stage's own pass
+/// in row order): ragged blocks, several runs.
+#[test]
+fn single_pass_screens_during_the_diff_equal_the_stage_after_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = PairSpec {
+        shape: shape(),
+        noise: Some(NoiseEdit {
+            pattern: regex::Regex::new(r"proj\.weight$|embed_tokens|lm_head").unwrap(),
+            rel: 0.05,
+        }),
+        ..PairSpec::tiny()
+    };
+    let pair = build_pair(&spec, dir.path()).unwrap();
+    let mut lo = extract(4, Some(DType::BF16));
+    lo.lowrank.dense_budget_bytes = 0;
+    lo.lowrank.block_bytes = 4 * 64 * 3;
+    lo.lowrank.min_block_rows = 1;
+    for _ in 0..3 {
+        during_equals_after(&pair, &lo);
+    }
+    // Where the range sketch takes the rows of Δ in f32 (no tiles, no bf16 dot products).
+    let pairs = weightdiff::lowrank::tiles::Tiles::get().is_some()
+        || weightdiff::lowrank::pair_fma::Bf16Dot::get().is_some();
+    let c = run(&pair, &lo);
+    let l = c.lora.as_ref().unwrap();
+    let single = l.spectra.iter().filter(|(_, s)| s.single_pass).count();
+    assert_eq!(single > 0, !pairs, "{single} single-pass screens");
 }
